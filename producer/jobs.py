@@ -1,0 +1,236 @@
+"""The job contract, shared by producers and workers: job kinds, image references, typed results and
+errors, the wire serializer, and the Redis names we own.
+
+Nothing here imports TensorFlow or rq's worker side, so a backend service can depend on it alone.
+
+Wire format (what a non-Python producer writes; see README "Wire format"): an rq job hash whose ``data``
+field is the UTF-8 JSON array ``[func_name, null, [payload], {}]``, with ``func_name`` one of
+:data:`ALLOWED_FUNCTIONS` and ``payload`` an :class:`EmbedRequest` or :class:`VerifyRequest` as JSON.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import json
+from typing import Annotated, Any, Literal, Union
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+# --- Redis names -----------------------------------------------------------------------------------
+DEFAULT_QUEUE = "arcface"
+EMBED_FUNC = "worker.jobs.embed"
+VERIFY_FUNC = "worker.jobs.verify"
+ALLOWED_FUNCTIONS = frozenset({EMBED_FUNC, VERIFY_FUNC})
+ERROR_META_KEY = "error"  # job.meta[...] holds {"code", "message"} of a failed job
+SERIALIZER = "producer.jobs.JSONSerializer"  # dotted path, for `rq worker --serializer`
+JOB_CLASS = "producer.jobs.SafeJob"  # dotted path, for `rq worker --job-class`
+
+
+class JSONSerializer:
+    """rq serializer: UTF-8 JSON, never pickle. Used for job data, meta and results on both sides."""
+
+    @staticmethod
+    def dumps(obj: Any, *args: Any, **kwargs: Any) -> bytes:
+        return json.dumps(obj, separators=(",", ":")).encode("utf-8")
+
+    @staticmethod
+    def loads(data: bytes | str, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(data, bytes):
+            data = data.decode("utf-8")
+        return json.loads(data)
+
+
+# --- errors ----------------------------------------------------------------------------------------
+class ErrorCode(str, enum.Enum):
+    """Stable error codes a failed job carries (``job.meta['error']['code']``)."""
+
+    IMAGE_DECODE_ERROR = "image_decode_error"
+    IMAGE_TOO_LARGE = "image_too_large"
+    IMAGE_TOO_SMALL = "image_too_small"
+    PATH_NOT_ALLOWED = "path_not_allowed"
+    UNSUPPORTED_JOB = "unsupported_job"
+    INVALID_PAYLOAD = "invalid_payload"
+    UNKNOWN_MODEL = "unknown_model"
+    NO_FACE_DETECTED = "no_face_detected"
+    JOB_TIMEOUT = "job_timeout"
+    WORKER_DIED = "worker_died"
+    INTERNAL_ERROR = "internal_error"
+
+
+class JobError(BaseModel):
+    """A typed failure: a stable ``code`` and a message a person can act on."""
+
+    code: ErrorCode
+    message: str
+
+
+class JobFailure(Exception):
+    """Raised by worker code when one job cannot be done; carries the :class:`ErrorCode`."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(f"[{code.value}] {message}")
+        self.code = code
+        self.message = message
+
+    def to_error(self) -> JobError:
+        return JobError(code=self.code, message=self.message)
+
+
+# --- requests --------------------------------------------------------------------------------------
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ImageRef(_Strict):
+    """An image, inline (``data_b64``: base64 of the encoded file) or as ``path`` relative to the
+    workers' shared root. Exactly one of the two."""
+
+    data_b64: str | None = None
+    path: str | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "ImageRef":
+        if (self.data_b64 is None) == (self.path is None):
+            raise ValueError("an image needs exactly one of data_b64 or path")
+        return self
+
+    @classmethod
+    def inline(cls, data: bytes) -> "ImageRef":
+        return cls(data_b64=base64.b64encode(data).decode("ascii"))
+
+    def inline_bytes(self, limit: int) -> bytes:
+        """Decode the inline image; :class:`JobFailure` when it is not base64 or exceeds ``limit`` bytes."""
+        assert self.data_b64 is not None
+        if len(self.data_b64) > (limit * 4) // 3 + 4:
+            raise JobFailure(ErrorCode.IMAGE_TOO_LARGE, f"inline image is over the {limit}-byte limit")
+        try:
+            data = base64.b64decode(self.data_b64, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise JobFailure(ErrorCode.INVALID_PAYLOAD, f"image data_b64 is not valid base64: {exc}") from None
+        if len(data) > limit:
+            raise JobFailure(ErrorCode.IMAGE_TOO_LARGE, f"inline image has {len(data)} bytes, over the {limit}-byte limit")
+        return data
+
+
+class EmbedRequest(_Strict):
+    kind: Literal["embed"] = "embed"
+    image: ImageRef
+    model: str | None = None
+    ref: str | None = Field(default=None, max_length=1024, description="client reference, echoed back")
+
+
+class VerifyRequest(_Strict):
+    kind: Literal["verify"] = "verify"
+    a: ImageRef
+    b: ImageRef
+    model: str | None = None
+    threshold: float | None = Field(default=None, ge=0.0, le=2.0)
+    ref: str | None = Field(default=None, max_length=1024)
+
+
+JobRequest = Annotated[Union[EmbedRequest, VerifyRequest], Field(discriminator="kind")]
+_FUNC_FOR_KIND = {"embed": EMBED_FUNC, "verify": VERIFY_FUNC}
+
+
+def func_for(request: EmbedRequest | VerifyRequest) -> str:
+    """The rq function path that runs ``request``."""
+    return _FUNC_FOR_KIND[request.kind]
+
+
+def parse_request(func_name: str | None, args: Any, kwargs: Any) -> EmbedRequest | VerifyRequest:
+    """Validate an rq job's function and arguments against the contract (worker side).
+
+    Raises :class:`JobFailure` with ``unsupported_job`` for a function outside the allow-list and
+    ``invalid_payload`` for anything that is not exactly one valid request dict.
+    """
+    if func_name not in ALLOWED_FUNCTIONS:
+        raise JobFailure(ErrorCode.UNSUPPORTED_JOB, f"function {func_name!r} is not an ArcFace job; allowed: {sorted(ALLOWED_FUNCTIONS)}")
+    if kwargs or not isinstance(args, (list, tuple)) or len(args) != 1 or not isinstance(args[0], dict):
+        raise JobFailure(ErrorCode.INVALID_PAYLOAD, "job arguments must be exactly one JSON object (the request)")
+    model = EmbedRequest if func_name == EMBED_FUNC else VerifyRequest
+    try:
+        return model.model_validate(args[0])
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "payload"
+        raise JobFailure(ErrorCode.INVALID_PAYLOAD, f"{where}: {first['msg']}") from None
+
+
+# --- results ---------------------------------------------------------------------------------------
+class Timing(BaseModel):
+    """Observability fields: time in queue, the batch the job ran in, and the model's share."""
+
+    queued_ms: float = 0.0
+    batch_size: int = 1
+    preprocess_ms: float = 0.0
+    inference_ms: float = 0.0
+
+
+def encode_embedding(vector: np.ndarray) -> str:
+    """Base64 of little-endian float32: 2,732 characters for a 512-d embedding."""
+    return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+
+
+def decode_embedding(data: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(data), dtype="<f4").astype(np.float32)
+
+
+def cosine_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """``1 - a.b`` for L2-normalised embeddings (0 same direction, 1 orthogonal, 2 opposite)."""
+    return float(1.0 - np.dot(np.asarray(a, np.float64), np.asarray(b, np.float64)))
+
+
+class EmbedResult(BaseModel):
+    kind: Literal["embed"] = "embed"
+    embedding_b64: str = Field(description="L2-normalised embedding, base64 of little-endian float32")
+    dim: int
+    model: str
+    ref: str | None = None
+    timing: Timing = Field(default_factory=Timing)
+
+    @property
+    def embedding(self) -> np.ndarray:
+        """The embedding as a float32 numpy vector of length :attr:`dim`."""
+        return decode_embedding(self.embedding_b64)
+
+
+class VerifyResult(BaseModel):
+    kind: Literal["verify"] = "verify"
+    distance: float = Field(description="cosine distance 1 - a.b of the L2-normalised embeddings")
+    threshold: float
+    similar: bool = Field(description="distance <= threshold")
+    model: str
+    ref: str | None = None
+    timing: Timing = Field(default_factory=Timing)
+
+
+JobResult = Annotated[Union[EmbedResult, VerifyResult], Field(discriminator="kind")]
+
+
+def parse_result(value: Any) -> EmbedResult | VerifyResult:
+    """Turn a stored rq return value back into its typed result."""
+    if not isinstance(value, dict) or value.get("kind") not in ("embed", "verify"):
+        raise ValueError(f"not an ArcFace job result: {str(value)[:80]!r}")
+    return (EmbedResult if value["kind"] == "embed" else VerifyResult).model_validate(value)
+
+
+# --- the rq job class both sides use -------------------------------------------------------------------
+from rq.job import Job as _RqJob  # noqa: E402  (rq is a producer dependency; kept at the end for readability)
+
+
+class SafeJob(_RqJob):
+    """An rq ``Job`` that will only ever resolve our own job functions.
+
+    rq imports whatever dotted path a job names; a job hand-written into Redis could name ``os.system``.
+    Workers (ours and a plain ``rq worker --job-class producer.jobs.SafeJob``) use this class, so such a
+    job fails with ``unsupported_job`` before anything is imported.
+    """
+
+    @property
+    def func(self) -> Any:  # type: ignore[override]
+        if self.func_name not in ALLOWED_FUNCTIONS or self.instance is not None:
+            raise JobFailure(ErrorCode.UNSUPPORTED_JOB, f"function {self.func_name!r} is not an ArcFace job")
+        return super().func

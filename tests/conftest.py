@@ -1,0 +1,82 @@
+"""Shared fixtures: real files from ../shared, ArcFace weights written in deepface's format, real Redis."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("ARCFACE_SHARED_DIR", REPO.parent / "shared"))
+FACES = SHARED / "faces"
+SEED_MODEL_JSON = SHARED / "fixtures" / "seed-arcface" / "model.json"
+FACERES_SAVEDMODEL = SHARED / "models" / "faceres-embedding"
+PEOPLE = ["amy", "bernadette", "howard", "leonard", "penny", "raj", "sheldon", "stuart"]
+
+
+def face_paths() -> list[Path]:
+    """The 40 real crops, 8 people x 5, in a fixed order."""
+    return [FACES / p / f"{p}{i}.png" for p in PEOPLE for i in range(1, 6)]
+
+
+def randomise_statistics(model, seed: int = 0) -> None:
+    """Give BatchNorm/PReLU non-trivial values so a wrongly assigned tensor changes the output."""
+    rng = np.random.default_rng(seed)
+    for var in model.weights:
+        name = var.path
+        if "moving_variance" in name:
+            var.assign(rng.uniform(0.5, 1.5, var.shape).astype("f4"))
+        elif "moving_mean" in name or "beta" in name or "alpha" in name:
+            var.assign(rng.normal(0.0, 0.1, var.shape).astype("f4"))
+        elif "gamma" in name:
+            var.assign(rng.uniform(0.8, 1.2, var.shape).astype("f4"))
+
+
+def write_deepface_h5(model, path: Path, keras2_names: bool = True) -> Path:
+    """Save ``model``'s weights the way deepface's ``arcface_weights.h5`` is laid out (Keras 2
+    ``save_weights``: root ``layer_names``, per layer ``weight_names`` like ``conv1_bn/gamma:0``)."""
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        f.attrs["backend"] = b"tensorflow"
+        f.attrs["keras_version"] = b"2.8.0"
+        names = [layer.name for layer in model.layers]
+        f.attrs["layer_names"] = np.array([n.encode() for n in names])
+        for layer in model.layers:
+            g = f.create_group(layer.name)
+            wnames = []
+            for var in layer.weights:
+                short = var.name.split("/")[-1]
+                wname = f"{layer.name}/{short}:0" if keras2_names else f"{layer.name}/{short}"
+                wnames.append(wname.encode())
+                g.create_dataset(wname, data=np.asarray(var.numpy()))
+            g.attrs["weight_names"] = np.array(wnames)
+    return path
+
+
+@pytest.fixture(scope="session")
+def arcface_h5(tmp_path_factory) -> Path:
+    """A freshly initialised ArcFace (non-trivial BN statistics) saved in deepface's .h5 format."""
+    from worker.model import build_arcface
+
+    model = build_arcface()
+    randomise_statistics(model)
+    return write_deepface_h5(model, tmp_path_factory.mktemp("weights") / "arcface_weights.h5")
+
+
+@pytest.fixture(scope="session")
+def arcface_model(arcface_h5):
+    from worker.model import load_face_model
+
+    return load_face_model(arcface_h5)
+
+
+@pytest.fixture(scope="session")
+def engine(arcface_model):
+    from worker.engine import Engine
+
+    eng = Engine(arcface_model, allowed_batch_sizes=(1, 2, 4, 8, 16))
+    eng.warm_up()
+    return eng

@@ -1,0 +1,187 @@
+"""Finding and reading weight files: deepface's Keras HDF5 weights, the seed's TF.js layers model,
+and the download + cache of deepface's published file.
+
+Every reader returns ``{"layer/variable": ndarray}``; :func:`assign_weights` checks the whole set against
+the model (missing, unexpected, wrong shape: the first mismatch is named) before it touches a single
+variable, so a half-filled model is never served.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DEEPFACE_WEIGHTS_URL = "https://github.com/serengil/deepface_models/releases/download/v1.0/arcface_weights.h5"
+
+
+class WeightsError(RuntimeError):
+    """A weight file that cannot be used: wrong format, missing or extra tensors, wrong shapes."""
+
+
+# --- TF.js layers model ----------------------------------------------------------------------------
+_TFJS_DTYPES = {"float32": np.dtype("<f4"), "int32": np.dtype("<i4"), "bool": np.dtype("u1")}
+_TFJS_QUANT = {"uint8": np.dtype("u1"), "uint16": np.dtype("<u2"), "float16": np.dtype("<f2")}
+
+
+def _tfjs_entry_bytes(entry: dict[str, Any]) -> tuple[int, np.dtype]:
+    count = int(np.prod(entry["shape"], dtype=np.int64))
+    quant = entry.get("quantization")
+    if quant:
+        dtype = _TFJS_QUANT.get(quant["dtype"])
+        if dtype is None:
+            raise WeightsError(f"{entry['name']}: unsupported quantization dtype {quant['dtype']!r}")
+    else:
+        dtype = _TFJS_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise WeightsError(f"{entry['name']}: unsupported dtype {entry['dtype']!r}")
+    return count * dtype.itemsize, dtype
+
+
+def _dequantize(raw: np.ndarray, entry: dict[str, Any]) -> np.ndarray:
+    quant = entry.get("quantization")
+    if not quant:
+        return raw
+    if quant["dtype"] == "float16":
+        return raw.astype(np.float32)
+    # uint8/uint16 affine quantization: value = q * scale + min (tfjs-converter's layout).
+    return (raw.astype(np.float32) * np.float32(quant["scale"]) + np.float32(quant["min"])).astype(np.float32)
+
+
+def read_tfjs_weights(model_json: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """Read every tensor of a TF.js ``model.json`` weights manifest from its binary shards.
+
+    Shards are the files in each group's ``paths`` (next to ``model.json``), concatenated in order;
+    entries are consumed from that buffer in manifest order (little-endian; quantized entries are
+    expanded to float32). A short or over-long group is an error.
+    """
+    path = Path(model_json)
+    try:
+        manifest = json.loads(path.read_text())["weightsManifest"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise WeightsError(f"{path}: not a TF.js model.json with a weightsManifest ({exc})") from None
+    out: dict[str, np.ndarray] = {}
+    for gi, group in enumerate(manifest):
+        try:
+            buffer = b"".join((path.parent / p).read_bytes() for p in group["paths"])
+        except OSError as exc:
+            raise WeightsError(f"{path}: weight shard missing for group {gi}: {exc}") from None
+        offset = 0
+        for entry in group["weights"]:
+            nbytes, dtype = _tfjs_entry_bytes(entry)
+            if offset + nbytes > len(buffer):
+                raise WeightsError(f"{path}: shards of group {gi} end before tensor {entry['name']!r} (need {offset + nbytes} bytes, have {len(buffer)})")
+            raw = np.frombuffer(buffer, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset)
+            out[entry["name"]] = _dequantize(raw, entry).reshape(entry["shape"])
+            offset += nbytes
+        if offset != len(buffer):
+            raise WeightsError(f"{path}: group {gi} shards hold {len(buffer)} bytes but the manifest describes {offset}")
+    return out
+
+
+# --- Keras HDF5 weights ----------------------------------------------------------------------------
+def _attr_strings(value: Any) -> list[str]:
+    return [v.decode("utf8") if isinstance(v, bytes) else str(v) for v in value]
+
+
+def read_keras_h5_weights(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """Read a Keras HDF5 weights file into ``layer/variable`` names.
+
+    Understands the Keras 2 / tf-keras layout that deepface's ``arcface_weights.h5`` uses (root attribute
+    ``layer_names``, per layer ``weight_names`` such as ``conv1_bn/gamma:0``), the same inside a full-model
+    file (``model_weights`` group), and Keras 3's ``.weights.h5`` layout (``layers/<name>/vars/<i>``),
+    which stores variables by position, so it needs ``model`` to name them.
+    """
+    import h5py
+
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise WeightsError(f"{path}: not an HDF5 file ({exc})") from None
+    with f:
+        root = f["model_weights"] if "model_weights" in f else f
+        out: dict[str, np.ndarray] = {}
+        if "layer_names" in root.attrs:
+            for layer in _attr_strings(root.attrs["layer_names"]):
+                group = root[layer]
+                for wname in _attr_strings(group.attrs.get("weight_names", [])):
+                    var = wname.split("/")[-1].split(":")[0]
+                    out[f"{layer}/{var}"] = np.asarray(group[wname])
+            return out
+    raise WeightsError(f"{path}: HDF5 file holds no Keras weights (no 'layer_names' attribute); a Keras 3 .weights.h5 stores weights by position, not name: save the whole model as .keras instead")
+
+
+# --- assignment ------------------------------------------------------------------------------------
+def assign_weights(model: Any, weights: dict[str, np.ndarray], source: str) -> None:
+    """Check ``weights`` against every variable of ``model`` by name and shape, then assign them all.
+
+    Raises :class:`WeightsError` naming the first missing, unexpected or wrongly shaped tensor; in that
+    case no variable has been changed.
+    """
+    from worker.model import variable_names
+
+    variables = variable_names(model)
+    for name, var in variables.items():
+        if name not in weights:
+            raise WeightsError(f"{source}: no tensor for model variable {name!r} ({len(weights)} tensors in the file, {len(variables)} expected)")
+        if tuple(weights[name].shape) != tuple(var.shape):
+            raise WeightsError(f"{source}: tensor {name!r} has shape {tuple(weights[name].shape)}, the model needs {tuple(var.shape)}")
+    extra = sorted(set(weights) - set(variables))
+    if extra:
+        raise WeightsError(f"{source}: tensor {extra[0]!r} matches no model variable ({len(extra)} unexpected)")
+    for name, var in variables.items():
+        var.assign(weights[name].astype(np.float32, copy=False))
+
+
+# --- download + cache ------------------------------------------------------------------------------
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download(url: str, dest: Path, sha256: str | None = None, retries: int = 3, timeout_s: float = 30.0) -> Path:
+    """Download ``url`` to ``dest`` once: resumes a partial ``dest.part`` with an HTTP Range request,
+    retries with backoff, checks ``sha256`` when given, and moves the file into place atomically.
+
+    Returns ``dest`` at once if it already exists (and matches ``sha256``).
+    """
+    if dest.exists() and (sha256 is None or sha256_of(dest) == sha256.lower()):
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    last_error: Exception | None = None
+    for attempt in range(retries):
+        try:
+            have = part.stat().st_size if part.exists() else 0
+            request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+            with urllib.request.urlopen(request, timeout=timeout_s) as response:
+                mode = "ab" if have and response.status == 206 else "wb"
+                with part.open(mode) as out:
+                    while chunk := response.read(1 << 20):
+                        out.write(chunk)
+            if sha256 and (got := sha256_of(part)) != sha256.lower():
+                part.unlink()
+                raise WeightsError(f"{url}: downloaded file has sha256 {got}, expected {sha256}")
+            os.replace(part, dest)
+            return dest
+        except WeightsError:
+            raise
+        except (urllib.error.URLError, OSError, TimeoutError) as exc:
+            last_error = exc
+            if isinstance(exc, urllib.error.HTTPError) and exc.code == 416:  # Range past the end: start over
+                part.unlink(missing_ok=True)
+            time.sleep(min(2.0**attempt, 10.0))
+    raise WeightsError(
+        f"could not download ArcFace weights from {url} ({last_error}). Offline? Download the file elsewhere "
+        f"and set ARCFACE_MODEL_PATH to its local path (a deepface .h5, a TF.js model.json, or your own model)."
+    )
