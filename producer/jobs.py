@@ -14,6 +14,8 @@ import base64
 import binascii
 import enum
 import json
+import os
+from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import numpy as np
@@ -77,6 +79,25 @@ class JobFailure(Exception):
 
     def to_error(self) -> JobError:
         return JobError(code=self.code, message=self.message)
+
+
+def resolve_shared_path(root: Path | None, relative: str) -> Path:
+    """The file a path image names, refused (``path_not_allowed``) unless it lies inside ``root``.
+
+    Absolute paths, ``..`` components and symlinks that lead out of the root are all refused; the check
+    is made on the fully resolved path, so it holds on both the producer's and the worker's side.
+    """
+    if root is None:
+        raise JobFailure(ErrorCode.PATH_NOT_ALLOWED, "path images are disabled: no shared root is configured (ARCFACE_SHARED_ROOT)")
+    if not relative or os.path.isabs(relative) or relative.startswith(("/", "\\")):
+        raise JobFailure(ErrorCode.PATH_NOT_ALLOWED, f"image path {relative!r} must be relative to the shared root")
+    if ".." in Path(relative).parts or "\x00" in relative:
+        raise JobFailure(ErrorCode.PATH_NOT_ALLOWED, f"image path {relative!r} may not contain '..'")
+    base = Path(root).resolve()
+    target = (base / relative).resolve()
+    if not target.is_relative_to(base):
+        raise JobFailure(ErrorCode.PATH_NOT_ALLOWED, f"image path {relative!r} leads outside the shared root (symlink)")
+    return target
 
 
 # --- requests --------------------------------------------------------------------------------------

@@ -80,3 +80,33 @@ def engine(arcface_model):
     eng = Engine(arcface_model, allowed_batch_sizes=(1, 2, 4, 8, 16))
     eng.warm_up()
     return eng
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A real redis-server for the whole session, on its own port and data directory."""
+    from tests.redis_server import RedisServer
+
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def queue_name(request) -> str:
+    """A queue of this test's own, so tests sharing the session's server never see each other's jobs."""
+    import uuid
+
+    return f"t-{request.node.name[:40]}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture()
+def worker_env(monkeypatch, arcface_h5, redis_server, queue_name, tmp_path):
+    """Environment for worker/producer settings in this process: the test Redis, queue and weights."""
+    monkeypatch.setenv("ARCFACE_REDIS_URL", redis_server.url)
+    monkeypatch.setenv("ARCFACE_QUEUE", queue_name)
+    monkeypatch.setenv("ARCFACE_MODEL_PATH", str(arcface_h5))
+    monkeypatch.setenv("ARCFACE_ALLOWED_BATCH_SIZES", "1,2,4,8,16")
+    monkeypatch.setenv("ARCFACE_DATA_DIR", str(tmp_path / "data"))
+    return {"ARCFACE_REDIS_URL": redis_server.url, "ARCFACE_QUEUE": queue_name, "ARCFACE_MODEL_PATH": str(arcface_h5),
+            "ARCFACE_ALLOWED_BATCH_SIZES": "1,2,4,8,16", "ARCFACE_DATA_DIR": str(tmp_path / "data")}

@@ -1,0 +1,119 @@
+"""``arcface-producer``: enqueue jobs, wait for results, read status, from the shell.
+
+Exit codes: 0 done (or enqueued, without --wait), 1 the job failed, 2 bad usage or input, 3 timeout,
+4 Redis unreachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Sequence
+
+from producer.jobs import EmbedResult, VerifyResult
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT, EXIT_REDIS = 0, 1, 2, 3, 4
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="arcface-producer", description="Enqueue ArcFace jobs and read their results.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser, waits: bool = True) -> None:
+        sp.add_argument("--json", action="store_true", help="machine-readable output")
+        if waits:
+            sp.add_argument("--wait", action="store_true", help="wait for the result")
+            sp.add_argument("--timeout", type=float, default=None, help="seconds to wait (default from settings)")
+
+    e = sub.add_parser("embed", help="embed one image")
+    e.add_argument("image")
+    common(e)
+    v = sub.add_parser("verify", help="verify a pair of images")
+    v.add_argument("a")
+    v.add_argument("b")
+    v.add_argument("--threshold", type=float, default=None)
+    common(v)
+    for sp in (e, v):
+        sp.add_argument("--ref", default=None, help="client reference echoed in the result")
+        sp.add_argument("--model", default=None)
+        sp.add_argument("--path", action="store_true", help="send paths relative to the shared root instead of bytes")
+    r = sub.add_parser("result", help="wait for a job's result")
+    r.add_argument("job_id")
+    common(r)
+    s = sub.add_parser("status", help="a job's rq status")
+    s.add_argument("job_id")
+    common(s, waits=False)
+    return p
+
+
+def _print_result(job_id: str, result: EmbedResult | VerifyResult, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"job_id": job_id, "status": "finished", "result": result.model_dump(mode="json")}))
+    elif isinstance(result, EmbedResult):
+        head = ", ".join(f"{x:.4f}" for x in result.embedding[:4])
+        print(f"job {job_id} finished: {result.dim}-d embedding from {result.model} [{head}, ...] "
+              f"(batch {result.timing.batch_size}, inference {result.timing.inference_ms:.1f} ms)")
+    else:
+        verdict = "same person" if result.similar else "different people"
+        op = "<=" if result.similar else ">"
+        print(f"job {job_id} finished: {verdict}: distance {result.distance:.4f} {op} threshold {result.threshold:.2f} ({result.model})")
+
+
+def _fail(message: str, exit_code: int, as_json: bool, **extra: Any) -> int:
+    if as_json:
+        print(json.dumps({"error": message, **extra}))
+    else:
+        print(f"arcface-producer: {message}", file=sys.stderr)
+    return exit_code
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code."""
+    args = _parser().parse_args(argv)
+    from producer.client import FaceClient, InputError, JobFailed, JobNotFound, ResultTimeout
+    from producer.redisconn import RedisUnavailable
+    from producer.settings import ProducerSettings, configure_logging
+
+    import redis
+
+    settings = ProducerSettings()
+    configure_logging(settings)
+    as_json = args.json
+    try:
+        client = FaceClient(settings)
+        if args.command == "status":
+            status = client.status(args.job_id)
+            print(json.dumps({"job_id": args.job_id, "status": status}) if as_json else status)
+            return EXIT_OK
+        if args.command == "embed":
+            job_id = client.embed(args.image, ref=args.ref, model=args.model, as_path=args.path)
+        elif args.command == "verify":
+            job_id = client.verify(args.a, args.b, threshold=args.threshold, ref=args.ref, model=args.model, as_path=args.path)
+        else:
+            job_id, args.wait = args.job_id, True
+        if not args.wait:
+            print(json.dumps({"job_id": job_id, "status": "queued"}) if as_json else job_id)
+            return EXIT_OK
+        _print_result(job_id, client.result(job_id, args.timeout), as_json)
+        return EXIT_OK
+    except InputError as exc:
+        return _fail(str(exc), EXIT_USAGE, as_json, code=exc.code.value)
+    except JobNotFound as exc:
+        return _fail(str(exc), EXIT_USAGE, as_json)
+    except JobFailed as exc:
+        return _fail(str(exc), EXIT_FAILED, as_json, job_id=exc.job_id, code=exc.error.code.value)
+    except ResultTimeout as exc:
+        return _fail(str(exc), EXIT_TIMEOUT, as_json)
+    except (RedisUnavailable, redis.ConnectionError, redis.TimeoutError) as exc:
+        from producer.settings import redact
+
+        return _fail(redact(str(exc)), EXIT_REDIS, as_json)
+
+
+def main() -> None:
+    sys.exit(run())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""arcface-producer: exit codes, output, and a producer that works without TensorFlow installed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, face_paths
+from tests.redis_server import free_port
+
+# Runs the CLI with TensorFlow made unimportable, as in a producer-only install.
+NO_TF = """
+import sys, importlib.abc
+class _Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split('.')[0] in ('tensorflow', 'keras', 'worker'):
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked: producer-only environment)")
+sys.meta_path.insert(0, _Block())
+import producer, producer.client, producer.cli, producer.jobs, producer.settings, producer.redisconn
+assert not any(m.split('.')[0] in ('tensorflow', 'keras', 'worker') for m in sys.modules)
+from producer.cli import run
+sys.exit(run(sys.argv[1:]))
+"""
+
+
+def cli(env: dict, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", NO_TF, *args], env={**os.environ, **env}, cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_embed_then_result_without_tensorflow(worker_env):
+    from tests.test_contract import run_plain_rq_worker
+    from producer.client import FaceClient
+
+    queued = cli(worker_env, "embed", str(face_paths()[0]), "--json", "--ref", "abc")
+    assert queued.returncode == 0, queued.stderr
+    job_id = json.loads(queued.stdout)["job_id"]
+    assert cli(worker_env, "status", job_id).stdout.strip() == "queued"
+    run_plain_rq_worker(FaceClient())
+    done = cli(worker_env, "result", job_id, "--json")
+    assert done.returncode == 0, done.stderr
+    body = json.loads(done.stdout)
+    assert body["status"] == "finished" and body["result"]["dim"] == 512 and body["result"]["ref"] == "abc"
+    human = cli(worker_env, "result", job_id)
+    assert human.returncode == 0 and "512-d embedding" in human.stdout
+
+
+def test_cli_verify_human_output_and_failed_job_exit_1(worker_env, tmp_path):
+    from tests.test_contract import run_plain_rq_worker
+    from producer.client import FaceClient
+
+    a, b = face_paths()[0], face_paths()[1]
+    job_id = cli(worker_env, "verify", str(a), str(b)).stdout.strip()
+    text = tmp_path / "note.png"
+    text.write_text("not an image at all")
+    bad_id = cli(worker_env, "embed", str(text)).stdout.strip()
+    run_plain_rq_worker(FaceClient())
+    ok = cli(worker_env, "result", job_id)
+    assert ok.returncode == 0 and "distance" in ok.stdout and "threshold 0.68" in ok.stdout
+    failed = cli(worker_env, "result", bad_id, "--json")
+    assert failed.returncode == 1, (failed.stdout, failed.stderr)
+    assert json.loads(failed.stdout)["code"] == "image_decode_error"
+
+
+def test_cli_exit_codes_for_bad_input_timeout_and_redis_down(worker_env, tmp_path):
+    missing = cli(worker_env, "embed", str(tmp_path / "nope.jpg"))
+    assert missing.returncode == 2
+    assert missing.stderr.count("\n") == 1 and "nope.jpg" in missing.stderr and "Traceback" not in missing.stderr
+    assert cli(worker_env, "frobnicate").returncode == 2
+    timeout = cli(worker_env, "embed", str(face_paths()[0]), "--wait", "--timeout", "0.3")
+    assert timeout.returncode == 3 and "no result after 0.3s" in timeout.stderr
+    down = {**worker_env, "ARCFACE_REDIS_URL": f"redis://:s3cret@127.0.0.1:{free_port()}/0"}
+    gone = cli(down, "embed", str(face_paths()[0]))
+    assert gone.returncode == 4
+    assert gone.stderr.count("\n") == 1 and "Traceback" not in gone.stderr
+    assert "s3cret" not in gone.stderr and "***" in gone.stderr
+    unknown = cli(worker_env, "status", "no-such-job")
+    assert unknown.returncode == 2 and "no job" in unknown.stderr
+
+
+def test_import_producer_pulls_no_tensorflow():
+    code = "import sys, producer, producer.client, producer.cli; print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow','keras','worker')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert out.stdout.strip() == "[]"
+    # and the packaging agrees: TensorFlow is only in the worker extra
+    import tomllib
+
+    project = tomllib.loads(Path(REPO, "pyproject.toml").read_text())["project"]
+    assert not any("tensorflow" in dep for dep in project["dependencies"])
+    assert any(dep.startswith("tensorflow") for dep in project["optional-dependencies"]["worker"])

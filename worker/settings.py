@@ -1,0 +1,52 @@
+"""The worker process's settings (env prefix ``ARCFACE_``, ``.env`` supported)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from platformdirs import user_cache_dir
+from pydantic import Field, field_validator
+
+from pydantic_settings import NoDecode
+
+from producer.settings import CommonSettings
+from worker.weights import DEEPFACE_WEIGHTS_URL
+
+
+class WorkerSettings(CommonSettings):
+    """Model, engine, batching and rq-worker settings on top of :class:`~producer.settings.CommonSettings`."""
+
+    # model
+    model_path: Path | None = Field(default=None, description="deepface .h5, TF.js model.json, .keras/.h5 model or SavedModel dir; unset = download")
+    model_url: str = Field(default=DEEPFACE_WEIGHTS_URL, description="where the default ArcFace weights are downloaded from")
+    model_sha256: str | None = Field(default=None, description="pin the downloaded file's sha256")
+    cache_dir: Path = Field(default=Path(user_cache_dir("arcface-service")), description="download cache")
+    model_name: str = Field(default="arcface", description="name reported in results; jobs naming another model fail")
+    precision: Literal["float32", "reduced"] = Field(default="float32", description="reduced = bfloat16 on CPU, float16 on GPU (ArcFace only)")
+    input_scale: float = Field(default=1.0 / 255.0, description="model input = pixel * scale + offset (pixels 0..255)")
+    input_offset: float = 0.0
+    threshold: float = Field(default=0.68, description="verify: similar when distance <= threshold")
+    # engine
+    allowed_batch_sizes: Annotated[list[int], NoDecode] = Field(default=[1, 2, 4, 8, 16, 32, 64], description="compiled batch shapes")
+    intra_op_threads: int = 0
+    inter_op_threads: int = 0
+    max_image_pixels: int = Field(default=40_000_000, description="larger images fail with image_too_large")
+    min_image_side: int = Field(default=8, description="smaller images fail with image_too_small")
+    # batching
+    max_batch_size: int = Field(default=32, ge=1, description="images per batch (a verify job counts two)")
+    batch_timeout_ms: float = Field(default=5.0, ge=0, description="how long a batch may wait to fill after its first job")
+    preprocess_threads: int = Field(default=2, ge=1)
+    # rq worker liveness
+    heartbeat_interval_s: float = Field(default=3.0, description="how often a busy worker refreshes its heartbeat")
+    execution_ttl_s: int = Field(default=15, description="a job's started-registry entry lives this long past each heartbeat")
+    maintenance_interval_s: int = Field(default=10, description="how often a worker looks for jobs of dead workers")
+    worker_ttl_s: int = Field(default=60, description="a worker's registration lives this long past its last heartbeat")
+    metrics_port: int | None = None
+
+    @field_validator("allowed_batch_sizes", mode="before")
+    @classmethod
+    def _csv(cls, value: object) -> object:
+        if isinstance(value, str):  # "1,2,4,8" or "[1, 2, 4, 8]"
+            return [int(v) for v in value.strip("[] ").split(",") if v.strip()]
+        return value
