@@ -1,0 +1,162 @@
+"""End-to-end benchmark, all in one run on this machine (Redis, producer and worker share its cores):
+
+- raw engine img/s at the best allowed batch (this process, model loaded once);
+- end-to-end embed jobs/s through Redis with one ``arcface-worker`` (micro-batching);
+- a plain rq ``SimpleWorker`` doing the same jobs one at a time (model loaded once per process);
+- latency p50/p95/p99 of single jobs on an idle queue, and under a steady load at ~70 % of capacity.
+
+    ./dev bench e2e [--jobs 320] [--load-seconds 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from producer.client import FaceClient  # noqa: E402
+from producer.settings import ProducerSettings  # noqa: E402
+from tests.conftest import write_deepface_h5  # noqa: E402
+from tests.redis_server import RedisServer  # noqa: E402
+from tests.workers import WorkerProcess  # noqa: E402
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def faces() -> list[Path]:
+    found = sorted((ROOT.parent / "shared" / "faces").glob("*/*.png"))
+    if not found:
+        raise SystemExit("bench needs ../shared/faces")
+    return found
+
+
+def wait_all(client: FaceClient, ids: list[str], timeout: float = 1800) -> list:
+    return [client.result(j, timeout=timeout) for j in ids]
+
+
+def job_span_s(client: FaceClient, ids: list[str]) -> float:
+    """Seconds from the first job's start to the last job's end, from rq's own timestamps."""
+    jobs = client.queue.job_class.fetch_many(ids, connection=client.connection, serializer=client.queue.serializer)
+    return (max(j.ended_at for j in jobs) - min(j.started_at for j in jobs)).total_seconds()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--jobs", type=int, default=320)
+    ap.add_argument("--plain-jobs", type=int, default=96)
+    ap.add_argument("--idle-jobs", type=int, default=20)
+    ap.add_argument("--load-seconds", type=float, default=20.0)
+    ap.add_argument("--max-batch-size", type=int, default=32)
+    args = ap.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="arcface-bench-"))
+    server = RedisServer(tmp / "redis").start()
+    from worker.engine import Engine
+    from worker.model import build_arcface, load_face_model
+
+    weights = write_deepface_h5(build_arcface(), tmp / "arcface_weights.h5")
+    sizes = [1, 8, 16, 32]
+    env = {"ARCFACE_REDIS_URL": server.url, "ARCFACE_MODEL_PATH": str(weights), "ARCFACE_ALLOWED_BATCH_SIZES": ",".join(map(str, sizes)),
+           "ARCFACE_MAX_BATCH_SIZE": str(args.max_batch_size), "ARCFACE_RESULT_TTL": "3600"}
+    os.environ.update(env)
+    images = faces()
+    try:
+        # 1. the raw engine
+        engine = Engine(load_face_model(weights), sizes)
+        engine.warm_up()
+        from worker.preprocess import preprocess
+
+        x = np.stack([preprocess(images[i % len(images)].read_bytes(), 112) for i in range(max(sizes))])
+        raw: dict[int, float] = {}
+        for size in sizes:
+            engine.embed(x[:size])
+            reps = max(2, 64 // size)
+            t = time.perf_counter()
+            for _ in range(reps):
+                engine.embed(x[:size])
+            raw[size] = size * reps / (time.perf_counter() - t)
+        best = max(raw, key=raw.get)
+        t = time.perf_counter()
+        for _ in range(10):
+            engine.embed(x[:1])
+        batch1_ms = (time.perf_counter() - t) / 10 * 1000
+        print("raw engine img/s: " + ", ".join(f"batch {s}: {r:.1f}" for s, r in raw.items()) + f"; batch-1 latency {batch1_ms:.1f} ms")
+        del engine
+
+        # 2. end to end through the micro-batching worker
+        client = FaceClient(ProducerSettings(queue="bench-batch"))
+        worker = WorkerProcess({**env, "ARCFACE_QUEUE": "bench-batch"}, tmp / "worker.log")
+        worker.wait_ready(300)
+        ids = client.embed_many(images[i % len(images)] for i in range(16))  # settle
+        wait_all(client, ids)
+        start = time.perf_counter()
+        ids = []
+        for chunk in range(0, args.jobs, 64):
+            ids += client.embed_many(images[i % len(images)] for i in range(chunk, min(args.jobs, chunk + 64)))
+        wait_all(client, ids)
+        e2e = args.jobs / (time.perf_counter() - start)
+        batches = [b["images"] for b in worker.batches()]
+        print(f"end-to-end (producer -> Redis -> arcface-worker -> result): {e2e:.1f} jobs/s, mean batch {np.mean(batches[-20:]):.1f} images")
+
+        # 3. latency on an idle queue: one job at a time, producer-side round trip
+        lat_idle = []
+        for i in range(args.idle_jobs):
+            t = time.perf_counter()
+            client.result(client.embed(images[i % len(images)]), timeout=120)
+            lat_idle.append((time.perf_counter() - t) * 1000)
+        print(f"idle latency ms: p50 {pct(lat_idle, 50):.1f} p95 {pct(lat_idle, 95):.1f} p99 {pct(lat_idle, 99):.1f}")
+
+        # 4. latency under a steady ~70 % load
+        rate = 0.7 * e2e
+        lat_load: list[float] = []
+        lock = threading.Lock()
+        sent: list[tuple[str, float]] = []
+        t_end = time.perf_counter() + args.load_seconds
+        i = 0
+        while time.perf_counter() < t_end:
+            sent.append((client.embed(images[i % len(images)]), time.perf_counter()))
+            i += 1
+            time.sleep(max(0.0, sent[0][1] + i / rate - time.perf_counter()))
+        for jid, t0 in sent:
+            client.result(jid, timeout=300)
+            job = client.queue.fetch_job(jid)
+            with lock:
+                lat_load.append((job.ended_at - job.enqueued_at).total_seconds() * 1000)
+        print(f"latency under {rate:.1f} jobs/s (~70 %): p50 {pct(lat_load, 50):.1f} p95 {pct(lat_load, 95):.1f} p99 {pct(lat_load, 99):.1f} ms (enqueue -> result written)")
+        worker.signal(15)
+        worker.wait(60)
+        worker.stop()
+
+        # 5. plain rq SimpleWorker, one job at a time, model loaded once in its process
+        plain = FaceClient(ProducerSettings(queue="bench-plain"))
+        warm = plain.embed(images[0])
+        ids = plain.embed_many(images[i % len(images)] for i in range(args.plain_jobs))
+        cmd = [sys.executable, "-m", "rq.cli", "worker", "--burst", "--url", server.url, "--worker-class", "rq.worker.SimpleWorker",
+               "--job-class", "producer.jobs.SafeJob", "--serializer", "producer.jobs.JSONSerializer", "bench-plain"]
+        subprocess.run(cmd, env={**os.environ, **env, "ARCFACE_QUEUE": "bench-plain", "TF_CPP_MIN_LOG_LEVEL": "2"}, cwd=ROOT,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+        wait_all(plain, [warm] + ids)
+        plain_rate = args.plain_jobs / job_span_s(plain, ids)
+        print(f"plain rq SimpleWorker, one job at a time: {plain_rate:.1f} jobs/s")
+
+        print(f"RATIO end-to-end / raw engine (batch {best}): {e2e / raw[best]:.2f}x  (target >= 0.90)")
+        print(f"RATIO end-to-end / plain rq worker: {e2e / plain_rate:.2f}x  (target >= 1.5)")
+        print(f"RATIO idle p50 / batch-1 inference: {pct(lat_idle, 50) / batch1_ms:.2f}x  (target <= 1.3)")
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()
