@@ -41,6 +41,17 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("result", help="wait for a job's result")
     r.add_argument("job_id")
     common(r)
+    bk = sub.add_parser("bulk", help="verify every pair of a pair file (CSV a,b[,label] / JSONL / LFW pairs.txt)")
+    bk.add_argument("pairs", help="the pair file")
+    bk.add_argument("--out", required=True, help="results CSV (rerun with the same --out to resume)")
+    bk.add_argument("--root", default=None, help="directory the image paths are relative to")
+    bk.add_argument("--shared-root", action="store_true", help="send paths; workers read them under their ARCFACE_SHARED_ROOT")
+    bk.add_argument("--format", choices=["csv", "jsonl", "lfw"], default=None, help="default: detected")
+    bk.add_argument("--threshold", type=float, default=0.68)
+    bk.add_argument("--window", type=int, default=256, help="embed jobs in flight")
+    bk.add_argument("--plot", default=None, help="write ROC + distance histograms to this PNG (needs matplotlib)")
+    bk.add_argument("--quiet", action="store_true")
+    bk.add_argument("--json", action="store_true")
     s = sub.add_parser("status", help="a job's rq status")
     s.add_argument("job_id")
     common(s, waits=False)
@@ -68,6 +79,40 @@ def _fail(message: str, exit_code: int, as_json: bool, **extra: Any) -> int:
     return exit_code
 
 
+def _bulk(client: Any, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from producer.bulk import BulkOptions, plot, run_bulk
+    from producer.pairs import PairsFormatError
+
+    options = BulkOptions(root=Path(args.root) if args.root else None, shared_root=args.shared_root, threshold=args.threshold,
+                          window=args.window)
+    try:
+        stats, summary = run_bulk(client, Path(args.pairs), Path(args.out), options, fmt=args.format, quiet=args.quiet)
+    except PairsFormatError as exc:
+        return _fail(str(exc), EXIT_USAGE, args.json)
+    body = {"summary": summary.as_dict(), "run": {"new_pairs": stats.pairs, "skipped": stats.skipped, "images_embedded": stats.images_embedded,
+                                                "images_reused": stats.images_reused, "seconds": round(stats.seconds, 2),
+                                                "images_per_s": round(stats.images_embedded / stats.seconds, 2) if stats.seconds else None}}
+    if args.plot:
+        plot(Path(args.plot), Path(args.out), args.threshold)
+    if args.json:
+        print(json.dumps(body))
+    else:
+        sm = summary
+        print(f"pairs {sm.pairs}, failed {sm.failed}; this run: {stats.pairs} new, {stats.skipped} already done, "
+              f"{stats.images_embedded} images embedded ({body['run']['images_per_s']} img/s), {stats.images_reused} reused")
+        if sm.accuracy is not None:
+            print(f"accuracy at threshold {sm.threshold}: {sm.accuracy:.4f}; best threshold {sm.best_threshold:.4f} -> {sm.best_accuracy:.4f}; "
+                  f"ROC AUC {sm.roc_auc:.4f}")
+            for name, v in (("TAR@FAR=1e-3", sm.tar_at_far_1e3), ("TAR@FAR=1e-2", sm.tar_at_far_1e2)):
+                if v is not None:
+                    print(f"{name}: {v:.4f}")
+            if sm.ten_fold_accuracy_mean is not None:
+                print(f"10-fold accuracy: {sm.ten_fold_accuracy_mean:.4f} +- {sm.ten_fold_accuracy_std:.4f}")
+    return EXIT_FAILED if summary.failed else EXIT_OK
+
+
 def run(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code."""
     args = _parser().parse_args(argv)
@@ -86,6 +131,8 @@ def run(argv: Sequence[str] | None = None) -> int:
             status = client.status(args.job_id)
             print(json.dumps({"job_id": args.job_id, "status": status}) if as_json else status)
             return EXIT_OK
+        if args.command == "bulk":
+            return _bulk(client, args)
         if args.command == "embed":
             job_id = client.embed(args.image, ref=args.ref, model=args.model, as_path=args.path)
         elif args.command == "verify":

@@ -6,7 +6,7 @@ subclasses rq's ``SimpleWorker`` for registration, ``rq info`` visibility, heart
 (which re-queues the jobs of dead workers), and replaces its one-job loop:
 
 1. block for the first job with rq's own crash-safe pop (BLMOVE into the queue's intermediate list);
-2. take more without blocking (pipelined LMOVEs; BLMOVE for what is left of ``batch_timeout_ms``) until
+2. take more without blocking (pipelined LMOVEs, retried for what is left of ``batch_timeout_ms``) until
    the batch holds ``max_batch_size`` images (a verify job counts two);
 3. register the whole batch in one MULTI (an rq ``Execution`` per job, status started, out of the
    intermediate list), so ``rq info`` shows every job as executing;
@@ -28,7 +28,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Callable
 
 import redis
 import structlog
@@ -42,6 +42,7 @@ from worker.runtime import Prepared, Runtime
 from worker.settings import WorkerSettings
 
 log = structlog.get_logger("arcface.batcher")
+_BUSY_POLL_S = 0.05  # BLMOVE timeout while the model is busy: wakes at once when a job arrives
 
 
 @dataclass
@@ -124,28 +125,41 @@ class BatchWorker(SimpleWorker):
                 pipe.lmove(self.queue.key, self.queue.intermediate_queue_key, "LEFT", "RIGHT")
             return [jid for jid in pipe.execute() if jid is not None]
 
-    def take_batch(self, block_s: float) -> Batch:
-        """Block up to ``block_s`` for a first job, then fill the batch within ``batch_timeout_ms``."""
-        first = self._pop_blocking(block_s) if block_s > 0 else self._pop_many(1)
+    def take_batch(self, block_s: float, model_busy: Callable[[], bool] = lambda: False) -> Batch:
+        """Block up to ``block_s`` for a first job, then fill the batch for ``batch_timeout_ms``, and for as
+        long as the model is still busy with the previous batch (those jobs would wait anyway)."""
+        first = self._pop_while_busy(model_busy)
+        if first is None and not model_busy():
+            first = self._pop_blocking(block_s) if block_s > 0 else next(iter(self._pop_many(1)), None)
         if not first:
             return Batch()
-        ids = [first] if isinstance(first, bytes) else list(first)
         batch = Batch(taken_at=time.monotonic())
         deadline = batch.taken_at + self.batch_timeout_s
-        self._add_jobs(batch, ids)
+        self._add_jobs(batch, [first])
         while batch.images < self.max_batch_size and not self._stop.is_set():
             ids = self._pop_many(self.max_batch_size - batch.images)
-            if not ids:
-                remaining = deadline - time.monotonic()
-                if remaining < 0.001:
-                    break
-                one = self._pop_blocking(remaining)
+            if not ids and model_busy():
+                one = self._pop_blocking(_BUSY_POLL_S)
                 ids = [one] if one else []
-                if not ids:
-                    break
-            self._add_jobs(batch, ids)
+            if ids:
+                self._add_jobs(batch, ids)
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            # Redis checks blocking timeouts at its own tick (BLMOVE with 5 ms waits ~15 ms here), so the
+            # few-ms wait for a batch to fill is short sleeps between non-blocking pops instead.
+            time.sleep(min(remaining, 0.001))
         self._give_back_overflow(batch)
         return batch
+
+    def _pop_while_busy(self, model_busy: Callable[[], bool]) -> bytes | None:
+        """While the model runs, wait in Redis (not in Python) for the next batch's first job."""
+        while model_busy() and not self._stop.is_set():
+            one = self._pop_blocking(_BUSY_POLL_S)
+            if one:
+                return one
+        return None
 
     def _give_back_overflow(self, batch: Batch) -> None:
         """Verify jobs count two images: jobs past ``max_batch_size`` go back to the head of the queue,
@@ -358,8 +372,9 @@ class BatchWorker(SimpleWorker):
                     if pending is None:
                         self.set_state(WorkerStatus.IDLE)
                         self.heartbeat()
-                    # While a batch is on the model, only look for work without blocking.
-                    batch = self.take_batch(0 if pending is not None else (0 if burst else 1.0))
+                    # While a batch is on the model, gather the next one until the model is free.
+                    busy = (lambda p=pending: not p.done()) if pending is not None else (lambda: False)
+                    batch = self.take_batch(0 if burst or pending is not None else 1.0, busy)
                     backoff = 0.5
                 except redis.ConnectionError as exc:
                     log.error("redis_unreachable", error=str(exc), retry_in_s=backoff)

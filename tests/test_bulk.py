@@ -1,0 +1,198 @@
+"""Bulk runs: pair-file readers, metrics checked by hand, and end-to-end runs through a real worker."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from producer.evaluation import accuracy, best_threshold, roc_auc, summarise, tar_at_far, ten_fold
+from producer.pairs import PairFile, PairsFormatError, read_pairs
+from tests.conftest import FACES, REPO, face_paths
+from tests.workers import WorkerProcess
+
+
+# --- readers -----------------------------------------------------------------------------------------
+def test_csv_with_every_label_spelling(tmp_path):
+    f = tmp_path / "p.csv"
+    f.write_text("a,b,label\nx.jpg,y.jpg,yes\nx.jpg,z.jpg,No\np,q,1\np,r,0\ns,t,TRUE\ns,u,false\nv,w,same\nv,x,different\nm,n,\n")
+    pairs = read_pairs(f)
+    assert [p.label for p in pairs] == [True, False, True, False, True, False, True, False, None]
+    assert (pairs[0].a, pairs[0].b) == ("x.jpg", "y.jpg")
+    g = tmp_path / "nolabel.csv"
+    g.write_text("a,b\n1.png,2.png\n")
+    assert read_pairs(g)[0].label is None
+
+
+def test_jsonl_pairs(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"a": "1.png", "b": "2.png", "label": true}\n\n{"a": "1.png", "b": "3.png", "label": "different"}\n{"a": "4", "b": "5"}\n')
+    assert [(p.a, p.b, p.label) for p in read_pairs(f)] == [("1.png", "2.png", True), ("1.png", "3.png", False), ("4", "5", None)]
+
+
+def test_lfw_ten_fold_and_plain_forms(tmp_path):
+    tenfold = tmp_path / "pairs.txt"  # 2 folds x (1 same + 1 different)
+    tenfold.write_text("2\t1\nAbel_Pacheco\t1\t4\nAkhmed_Zakayev\t3\tBob_Hope\t2\nAmber_Tamblyn\t1\t2\nAnn_Veneman\t3\tBill_Gates\t12\n")
+    assert [(p.a, p.b, p.label, p.fold) for p in read_pairs(tenfold)] == [
+        ("Abel_Pacheco/Abel_Pacheco_0001.jpg", "Abel_Pacheco/Abel_Pacheco_0004.jpg", True, 0),
+        ("Akhmed_Zakayev/Akhmed_Zakayev_0003.jpg", "Bob_Hope/Bob_Hope_0002.jpg", False, 0),
+        ("Amber_Tamblyn/Amber_Tamblyn_0001.jpg", "Amber_Tamblyn/Amber_Tamblyn_0002.jpg", True, 1),
+        ("Ann_Veneman/Ann_Veneman_0003.jpg", "Bill_Gates/Bill_Gates_0012.jpg", False, 1),
+    ]
+    plain = tmp_path / "plain.txt"
+    plain.write_text("Abel_Pacheco 1 4\nAnn_Veneman 3 Bill_Gates 12\n")
+    assert [(p.b, p.label, p.fold) for p in read_pairs(plain)] == [
+        ("Abel_Pacheco/Abel_Pacheco_0004.jpg", True, None), ("Bill_Gates/Bill_Gates_0012.jpg", False, None)]
+
+
+@pytest.mark.parametrize(
+    "name,text,message",
+    [
+        ("bad.csv", "a,b,label\nx,y,yes\nx,y,maybe\n", r"bad.csv:3: label 'maybe'"),
+        ("bad2.csv", "a,b,label\nx,y,yes\nonly-one-column\n", r"bad2.csv:3: expected 3"),
+        ("hdr.csv", "left,right\nx,y\n", r"hdr.csv:1: CSV header"),
+        ("bad.jsonl", '{"a": "x", "b": "y"}\n{"a": "x"\n', r"bad.jsonl:2: not JSON"),
+        ("bad.txt", "Abel_Pacheco 1 4\nAbel_Pacheco 1\n", r"bad.txt:2: LFW lines"),
+        ("count.txt", "10 300\nAbel_Pacheco 1 4\n", r"count.txt:1: header promises 10 folds"),
+        ("what.txt", "hello\n", r"what.txt:1: unknown pair-file format"),
+    ],
+)
+def test_broken_pair_files_name_the_line(tmp_path, name, text, message):
+    f = tmp_path / name
+    f.write_text(text)
+    with pytest.raises(PairsFormatError, match=message):
+        PairFile(f).validate()
+
+
+# --- metrics by hand ---------------------------------------------------------------------------------
+def test_metrics_against_hand_computed_values():
+    d = np.array([0.1, 0.2, 0.35, 0.3, 0.5, 0.6])
+    y = np.array([True, True, True, False, False, False])
+    # impostor/genuine orderings: genuine 0.35 > impostor 0.3 is the only inversion of 9 pairs
+    assert roc_auc(d, y) == pytest.approx(8 / 9)
+    assert accuracy(d, y, 0.32) == pytest.approx(4 / 6)  # 0.35 (same) rejected, 0.3 (different) accepted
+    assert accuracy(d, y, 0.25) == pytest.approx(5 / 6)
+    t, acc = best_threshold(d, y)
+    assert acc == pytest.approx(5 / 6) and t == pytest.approx(0.2)  # smallest threshold reaching 5/6
+    ties = np.array([0.2, 0.2])
+    assert roc_auc(ties, np.array([True, False])) == 0.5
+    assert tar_at_far(d, y, 1e-2) is None  # 3 impostors cannot measure 1 %
+
+
+def test_tar_at_far_and_ten_fold_protocol():
+    rng = np.random.default_rng(0)
+    genuine, impostor = rng.uniform(0, 0.5, 200), np.concatenate([rng.uniform(0.45, 1.0, 999), [0.01]])
+    d = np.concatenate([genuine, impostor])
+    y = np.concatenate([np.ones(200, bool), np.zeros(1000, bool)])
+    # FAR 1e-3 allows one accepted impostor of 1000: the 0.01 one; threshold sits just below the 2nd smallest
+    second = np.sort(impostor)[1]
+    assert tar_at_far(d, y, 1e-3) == pytest.approx(np.mean(genuine < second))
+    folds = np.array([0, 0, 1, 1, 2, 2])
+    dd = np.array([0.1, 0.9, 0.2, 0.8, 0.7, 0.3])
+    yy = np.array([True, False, True, False, True, False])
+    mean, std, accs = ten_fold(dd, yy, folds)
+    # by hand: fold 0 tested at 0.2 (best on folds 1+2) -> 1.0; fold 1 at 0.1 -> 0.5; fold 2 at 0.2 -> 0.5
+    assert accs == [1.0, 0.5, 0.5]
+    assert mean == pytest.approx(2 / 3) and std == pytest.approx((1 / 18) ** 0.5)
+    s = summarise(list(dd), list(yy), list(folds), 0.5, 6, 0)
+    assert s.ten_fold_accuracy_mean == pytest.approx(mean) and s.labelled == 6
+
+
+# --- end to end through a real worker -----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bulk_env(arcface_h5, redis_server, tmp_path_factory):
+    env = {"ARCFACE_REDIS_URL": redis_server.url, "ARCFACE_QUEUE": f"bulk-{uuid.uuid4().hex[:8]}", "ARCFACE_MODEL_PATH": str(arcface_h5),
+           "ARCFACE_ALLOWED_BATCH_SIZES": "1,4,16", "ARCFACE_SHARED_ROOT": str(FACES), "ARCFACE_MAX_BATCH_SIZE": "16"}
+    worker = WorkerProcess(env, tmp_path_factory.mktemp("bulkworker") / "worker.log")
+    worker.wait_ready()
+    yield env
+    worker.stop()
+
+
+@pytest.fixture()
+def bulk_client(bulk_env, monkeypatch):
+    from producer.client import FaceClient
+    from producer.settings import ProducerSettings
+
+    for k, v in bulk_env.items():
+        monkeypatch.setenv(k, v)
+    return FaceClient(ProducerSettings())
+
+
+def write_face_pairs(path: Path, n: int = 60) -> list[tuple[str, str, bool]]:
+    """n labelled pairs over the 40 crops (paths relative to the faces folder; images recur)."""
+    rel = [str(p.relative_to(FACES)) for p in face_paths()]
+    rows = [(rel[i % 40], rel[(i * 13 + 1) % 40], rel[i % 40].split("/")[0] == rel[(i * 13 + 1) % 40].split("/")[0]) for i in range(n)]
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["a", "b", "label"])
+        w.writerows([a, b, "same" if same else "different"] for a, b, same in rows)
+    return rows
+
+
+def test_bulk_csv_over_real_faces_equals_the_engine(bulk_client, engine, tmp_path):
+    from producer.bulk import BulkOptions, read_results, run_bulk
+
+    rows = write_face_pairs(tmp_path / "pairs.csv")
+    unique = {x for a, b, _ in rows for x in (a, b)}
+    out = tmp_path / "results.csv"
+    stats, summary = run_bulk(bulk_client, tmp_path / "pairs.csv", out, BulkOptions(root=FACES, window=8, chunk=4), quiet=True)
+    assert stats.images_embedded == len(unique) < 2 * len(rows)  # each unique image embedded once
+    direct = dict(zip(unique, engine.embed_images([(FACES / k).read_bytes() for k in unique])))
+    written = list(read_results(out))
+    assert [(r["a"], r["b"]) for r in written] == [(a, b) for a, b, _ in rows]
+    for r in written:
+        assert float(r["distance"]) == pytest.approx(1 - float(direct[r["a"]] @ direct[r["b"]]), abs=1e-5)
+        assert r["similar"] == ("1" if float(r["distance"]) <= 0.68 else "0") and r["error"] == ""
+    assert summary.pairs == 60 and summary.failed == 0 and summary.labelled == 60 and 0.0 <= summary.roc_auc <= 1.0
+
+
+def test_resume_after_interruption_writes_no_duplicates_and_recomputes_nothing(bulk_client, tmp_path):
+    from producer.bulk import BulkOptions, read_results, run_bulk
+
+    rows = write_face_pairs(tmp_path / "pairs.csv", 40)
+    out = tmp_path / "results.csv"
+    run_bulk(bulk_client, tmp_path / "pairs.csv", out, BulkOptions(root=FACES), quiet=True)
+    full = out.read_text().splitlines()
+    # as if killed mid-write: 25 rows and half of the 26th
+    out.write_text("\n".join(full[:26]) + "\n" + full[26][:10])
+    jobs_before = len(bulk_client.queue.finished_job_registry)
+    stats, summary = run_bulk(bulk_client, tmp_path / "pairs.csv", out, BulkOptions(root=FACES), quiet=True)
+    assert stats.skipped == 25 and stats.pairs == 15
+    assert stats.images_embedded == 0 and stats.images_reused > 0
+    assert len(bulk_client.queue.finished_job_registry) == jobs_before  # no job enqueued at all
+    assert out.read_text().splitlines() == full
+    assert summary.pairs == 40 and len(list(read_results(out))) == len(rows)
+
+
+def test_cli_bulk_with_shared_root_paths_failed_image_and_plot(bulk_env, tmp_path):
+    bad = FACES / "white.png"  # a real image, decodes fine; the failing one is a missing path
+    pairs = tmp_path / "pairs.jsonl"
+    lines = [{"a": "amy/amy1.png", "b": "amy/amy2.png", "label": 1}, {"a": "amy/amy1.png", "b": "raj/raj1.png", "label": 0},
+             {"a": "amy/amy1.png", "b": "nobody/missing.png", "label": 0}, {"a": "white.png", "b": "raj/raj2.png", "label": 0}]
+    pairs.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    assert bad.exists()
+    env = {**os.environ, **bulk_env}
+    out = tmp_path / "r.csv"
+    proc = subprocess.run([sys.executable, "-m", "producer.cli", "bulk", str(pairs), "--out", str(out), "--shared-root", "--json",
+                           "--plot", str(tmp_path / "roc.png")], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr  # one pair failed
+    body = json.loads(proc.stdout)
+    assert body["summary"]["pairs"] == 4 and body["summary"]["failed"] == 1
+    rows = list(csv.DictReader(out.open()))
+    assert rows[2]["error"] == "path_not_allowed" and rows[2]["distance"] == ""
+    assert all(r["error"] == "" for i, r in enumerate(rows) if i != 2)
+    assert (tmp_path / "roc.png").read_bytes()[:4] == b"\x89PNG"
+    broken = tmp_path / "broken.csv"
+    broken.write_text("a,b,label\nx,y,perhaps\n")
+    bad_run = subprocess.run([sys.executable, "-m", "producer.cli", "bulk", str(broken), "--out", str(tmp_path / "o.csv")],
+                             env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert bad_run.returncode == 2 and "broken.csv:2" in bad_run.stderr
+    assert not (tmp_path / "o.csv").exists()
