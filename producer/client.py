@@ -189,13 +189,21 @@ class FaceClient:
         timeout = self.settings.wait_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         key, last_id = Result.get_key(job.id), "0-0"
+        backoff = 0.0
         while True:
             remaining_ms = int((deadline - time.monotonic()) * 1000)
             if remaining_ms <= 0:
                 raise ResultTimeout(f"job {job_id} has no result after {timeout:g}s (status {self.status(job_id)})")
             # Server-side blocking read, woken the moment rq XADDs the result. Capped per call so the
             # socket's read timeout never fires during a long wait and a restarted Redis is noticed.
-            response = self.connection.xread({key: last_id}, block=min(remaining_ms, _BLOCK_CHUNK_MS))
+            try:
+                response = self.connection.xread({key: last_id}, block=min(remaining_ms, _BLOCK_CHUNK_MS))
+            except (redis.ConnectionError, redis.TimeoutError):
+                # Redis restarting: back off (never a tight loop) and keep waiting until the deadline.
+                backoff = min(backoff * 2, 5.0) if backoff else 0.25
+                time.sleep(min(backoff, max(0.0, deadline - time.monotonic())))
+                continue
+            backoff = 0.0
             if not response:
                 continue
             latest: Result | None = None

@@ -88,7 +88,8 @@ def connect(settings: CommonSettings) -> redis.Redis:
         if url is None:
             conn = EmbeddedRedis(settings.data_dir).ensure()
         else:
-            conn = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=10, health_check_interval=30)
+            tls = {"ssl_ca_certs": str(settings.redis_tls_ca_file)} if settings.redis_tls_ca_file and url.startswith("rediss://") else {}
+            conn = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=10, health_check_interval=30, **tls)
         conn.ping()
         return conn
     except (redis.RedisError, OSError, subprocess.CalledProcessError) as exc:

@@ -26,6 +26,7 @@ class CommonSettings(BaseSettings):
         default=None,
         description="redis://[user:password@]host:port/db, rediss:// (TLS) or unix:///path.sock; unset = the embedded Redis",
     )
+    redis_tls_ca_file: Path | None = Field(default=None, description="CA bundle to verify a rediss:// server (default: the system's)")
     data_dir: Path = Field(default=Path(user_data_dir("arcface-service")), description="where the embedded Redis keeps its data")
     queue: str = Field(default=DEFAULT_QUEUE, description="rq queue name")
     result_ttl: int = Field(default=3600, description="seconds a result is kept under its job id")

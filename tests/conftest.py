@@ -106,7 +106,7 @@ def worker_env(monkeypatch, arcface_h5, redis_server, queue_name, tmp_path):
     monkeypatch.setenv("ARCFACE_REDIS_URL", redis_server.url)
     monkeypatch.setenv("ARCFACE_QUEUE", queue_name)
     monkeypatch.setenv("ARCFACE_MODEL_PATH", str(arcface_h5))
-    monkeypatch.setenv("ARCFACE_ALLOWED_BATCH_SIZES", "1,2,4,8,16")
+    monkeypatch.setenv("ARCFACE_ALLOWED_BATCH_SIZES", "1,4,16")
     monkeypatch.setenv("ARCFACE_DATA_DIR", str(tmp_path / "data"))
     return {"ARCFACE_REDIS_URL": redis_server.url, "ARCFACE_QUEUE": queue_name, "ARCFACE_MODEL_PATH": str(arcface_h5),
-            "ARCFACE_ALLOWED_BATCH_SIZES": "1,2,4,8,16", "ARCFACE_DATA_DIR": str(tmp_path / "data")}
+            "ARCFACE_ALLOWED_BATCH_SIZES": "1,4,16", "ARCFACE_DATA_DIR": str(tmp_path / "data")}

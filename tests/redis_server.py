@@ -21,7 +21,8 @@ def free_port() -> int:
 class RedisServer:
     """A redis-server process owned by the test (never the machine's shared one)."""
 
-    def __init__(self, data_dir: Path, *extra: str, port: int | None = None) -> None:
+    def __init__(self, data_dir: Path, *extra: str, port: int | None = None, password: str | None = None) -> None:
+        self.password = password
         self.dir = Path(data_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
@@ -46,7 +47,7 @@ class RedisServer:
         raise RuntimeError(f"redis-server on port {self.port} did not start; see {self.dir / 'redis.log'}")
 
     def client(self, **kw) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, **kw)
+        return redis.Redis(host="127.0.0.1", port=self.port, password=self.password, **kw)
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

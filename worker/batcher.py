@@ -38,6 +38,7 @@ from rq.utils import now, utcformat
 from rq.worker import SimpleWorker, WorkerStatus
 
 from producer.jobs import ERROR_META_KEY, ErrorCode, JobFailure, Timing, parse_request
+from worker.metrics import WorkerMetrics
 from worker.runtime import Prepared, Runtime
 from worker.settings import WorkerSettings
 
@@ -76,7 +77,7 @@ def _utc(ts: datetime | None) -> datetime | None:
 class BatchWorker(SimpleWorker):
     """An rq worker (one queue) that executes ArcFace jobs in micro-batches. Never forks."""
 
-    def __init__(self, queue: Any, runtime: Runtime, settings: WorkerSettings, **kwargs: Any) -> None:
+    def __init__(self, queue: Any, runtime: Runtime, settings: WorkerSettings, metrics: WorkerMetrics | None = None, **kwargs: Any) -> None:
         super().__init__(
             [queue], connection=queue.connection, serializer=queue.serializer, job_class=queue.job_class,
             worker_ttl=settings.worker_ttl_s, maintenance_interval=settings.maintenance_interval_s, **kwargs,
@@ -97,6 +98,20 @@ class BatchWorker(SimpleWorker):
         self._stop = threading.Event()
         self._signals = 0
         self.batches_done = 0
+        self.metrics = metrics
+
+    # --- Redis outages -----------------------------------------------------------------------------
+    def _redis_retry(self, what: str, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` until Redis answers: backoff from 0.5 s to 30 s, one log line per attempt. Results in
+        hand are never dropped because Redis restarted; the worker simply waits for it."""
+        backoff = 0.5
+        while True:
+            try:
+                return fn()
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                log.error("redis_unreachable", during=what, error=str(exc), retry_in_s=backoff)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
 
     # --- signals --------------------------------------------------------------------------------
     def _install_signal_handlers(self) -> None:
@@ -281,9 +296,14 @@ class BatchWorker(SimpleWorker):
                 for item, _ in ready:
                     item.failure = JobFailure(ErrorCode.INTERNAL_ERROR, f"inference failed: {type(exc).__name__}: {exc}")
         t2 = time.perf_counter()
-        self.complete_batch(batch, results)
+        with self._lock:
+            for item in batch.items:
+                self._in_flight.pop(item.job.id, None)
+        self._redis_retry("complete_batch", lambda: self.complete_batch(batch, results))
         t3 = time.perf_counter()
         failed = sum(1 for i in batch.items if i.job.id not in results)
+        if self.metrics is not None:
+            self._observe(batch, results, t1 - t0, inference_ms / 1000.0, t3 - t2)
         log.info(
             "batch", jobs=len(batch.items), images=batch.images, failed=failed,
             queue_wait_ms=round(max((i.queued_ms for i in batch.items), default=0.0), 1),
@@ -292,12 +312,25 @@ class BatchWorker(SimpleWorker):
         )
         self.batches_done += 1
 
+    def _observe(self, batch: Batch, results: dict[str, dict], preprocess_s: float, inference_s: float, write_s: float) -> None:
+        m = self.metrics
+        assert m is not None
+        m.batch_images.observe(batch.images)
+        m.preprocess.observe(preprocess_s)
+        m.inference.observe(inference_s)
+        m.write.observe(write_s)
+        for item in batch.items:
+            m.queue_wait.observe(item.queued_ms / 1000.0)
+            kind = "verify" if item.images == 2 else "embed"
+            if item.job.id in results:
+                m.jobs.labels(kind, "finished", "").inc()
+            else:
+                code = item.failure.code.value if item.failure else ErrorCode.INTERNAL_ERROR.value
+                m.jobs.labels(kind, "failed", code).inc()
+
     def complete_batch(self, batch: Batch, results: dict[str, dict]) -> None:
         """Write every job's outcome through rq's own success/failure bookkeeping, in one pipeline."""
         ended = now()
-        with self._lock:
-            for item in batch.items:
-                self._in_flight.pop(item.job.id, None)
         dependents: list[tuple[Any, int]] = []  # (job, index of its EXISTS reply)
         with self._rq_lock, self.connection.pipeline() as pipe:
             for item in batch.items:
@@ -376,13 +409,13 @@ class BatchWorker(SimpleWorker):
                     busy = (lambda p=pending: not p.done()) if pending is not None else (lambda: False)
                     batch = self.take_batch(0 if burst or pending is not None else 1.0, busy)
                     backoff = 0.5
-                except redis.ConnectionError as exc:
-                    log.error("redis_unreachable", error=str(exc), retry_in_s=backoff)
+                except (redis.ConnectionError, redis.TimeoutError) as exc:
+                    log.error("redis_unreachable", during="take_batch", error=str(exc), retry_in_s=backoff)
                     time.sleep(backoff)
                     backoff = min(backoff * 2, 30.0)
                     continue
                 if batch.items:
-                    self.register_batch(batch)
+                    self._redis_retry("register_batch", lambda b=batch: self.register_batch(b))
                     self.start_preprocessing(batch)
                 if pending is not None:
                     pending.result()

@@ -39,23 +39,71 @@ def main(argv: Sequence[str] | None = None) -> None:
     from worker.runtime import Runtime, load_engine
     from worker.weights import WeightsError
 
+    import time
+
+    started = time.perf_counter()
     try:
         engine = load_engine(settings)
         warm_s = engine.warm_up()
-    except (WeightsError, OSError, ValueError) as exc:
+    except WeightsError as exc:
         log.error("model_load_failed", error=str(exc))
+        sys.exit(EXIT_MODEL)
+    except Exception as exc:  # anything else while loading: still exit before taking a job
+        log.error("model_load_failed", error=f"{settings.model_path or settings.model_url}: {type(exc).__name__}: {exc}")
         sys.exit(EXIT_MODEL)
     log.info("engine_ready", allowed_batch_sizes=list(engine.allowed_batch_sizes), warm_up_s=round(warm_s, 2))
 
     from worker.batcher import BatchWorker
+    from worker.metrics import WorkerMetrics
 
     queue = Queue(settings.queue, connection=connection, serializer=JSONSerializer, job_class=SafeJob)
-    worker = BatchWorker(queue, Runtime(settings, engine), settings)
-    log.info("worker_started", worker=worker.name, queue=settings.queue, max_batch_size=settings.max_batch_size,
+    metrics = WorkerMetrics(queue_depth=lambda: queue.count)
+    metrics.model_load.set(time.perf_counter() - started)
+    if settings.metrics_port is not None:
+        metrics.serve(settings.metrics_port)
+        log.info("metrics_serving", port=settings.metrics_port)
+    worker = BatchWorker(queue, Runtime(settings, engine), settings, metrics)
+    log.info("worker_started", worker=worker.name, queue=settings.queue, redis=settings.redis_url_value() or f"embedded:{settings.data_dir}",
+             max_batch_size=settings.max_batch_size,
              batch_timeout_ms=settings.batch_timeout_ms)
     worker.work(burst=args.burst)
     log.info("worker_stopped", worker=worker.name, batches=worker.batches_done)
     sys.exit(0)
+
+
+def health(argv: Sequence[str] | None = None) -> None:
+    """``arcface-worker-health``: exit 0 when a worker on this host has sent an rq heartbeat within
+    ``--max-age`` seconds (the container HEALTHCHECK), else 1. A worker that is alive but stuck stops
+    heartbeating and turns the container unhealthy."""
+    import argparse
+    import socket
+    from datetime import datetime, timezone
+
+    parser = argparse.ArgumentParser(prog="arcface-worker-health")
+    parser.add_argument("--max-age", type=float, default=60.0)
+    args = parser.parse_args(argv)
+    from rq import Queue
+    from rq.worker import Worker
+
+    from producer.jobs import JSONSerializer
+    from producer.redisconn import RedisUnavailable, connect
+    from worker.settings import WorkerSettings
+
+    settings = WorkerSettings()
+    try:
+        connection = connect(settings)
+        workers = Worker.all(queue=Queue(settings.queue, connection=connection, serializer=JSONSerializer))
+    except RedisUnavailable as exc:
+        print(f"unhealthy: {exc}")
+        sys.exit(1)
+    now = datetime.now(timezone.utc)
+    mine = [w for w in workers if w.hostname == socket.gethostname() and w.last_heartbeat is not None]
+    ages = [(now - (w.last_heartbeat if w.last_heartbeat.tzinfo else w.last_heartbeat.replace(tzinfo=timezone.utc))).total_seconds() for w in mine]
+    if ages and min(ages) <= args.max_age:
+        print(f"healthy: heartbeat {min(ages):.1f}s ago")
+        sys.exit(0)
+    print(f"unhealthy: no worker on {socket.gethostname()} has heartbeated within {args.max_age:g}s")
+    sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -184,8 +184,11 @@ def load_face_model(
     if head.startswith(b"\x89HDF\r\n\x1a\n"):
         import h5py
 
-        with h5py.File(p, "r") as f:
-            full_model = "model_config" in f.attrs
+        try:
+            with h5py.File(p, "r") as f:
+                full_model = "model_config" in f.attrs
+        except OSError as exc:
+            raise WeightsError(f"{source}: not a readable HDF5 file ({exc})") from None
         if full_model:
             return _custom(keras.models.load_model(p, compile=False), source, name, scale, offset, threshold)
         return _arcface(read_keras_h5_weights(p), source, precision, name)

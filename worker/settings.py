@@ -42,7 +42,7 @@ class WorkerSettings(CommonSettings):
     execution_ttl_s: int = Field(default=15, description="a job's started-registry entry lives this long past each heartbeat")
     maintenance_interval_s: int = Field(default=10, description="how often a worker looks for jobs of dead workers")
     worker_ttl_s: int = Field(default=60, description="a worker's registration lives this long past its last heartbeat")
-    metrics_port: int | None = None
+    metrics_port: int | None = Field(default=None, description="serve Prometheus metrics on this port (unset = off)")
 
     @field_validator("allowed_batch_sizes", mode="before")
     @classmethod

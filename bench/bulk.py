@@ -1,0 +1,101 @@
+"""Bulk-run benchmark: a pair list over N unique images through one worker, vs the raw engine, in one run.
+
+    ./dev bench bulk [--images 160] [--pairs 2000]
+
+Prints bulk images/s against the raw engine's img/s at the worker's batch size (target >= 0.9) and pairs/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from producer.bulk import BulkOptions, run_bulk  # noqa: E402
+from producer.client import FaceClient  # noqa: E402
+from producer.settings import ProducerSettings  # noqa: E402
+from tests.conftest import write_deepface_h5  # noqa: E402
+from tests.redis_server import RedisServer  # noqa: E402
+from tests.workers import WorkerProcess  # noqa: E402
+
+
+def make_images(folder: Path, n: int) -> list[str]:
+    """n distinct real-face images: the 40 crops, mirrored and slightly cropped variants."""
+    faces = sorted((ROOT.parent / "shared" / "faces").glob("*/*.png"))
+    names = []
+    for i in range(n):
+        img = Image.open(faces[i % len(faces)]).convert("RGB")
+        k = i // len(faces)
+        if k % 2:
+            img = ImageOps.mirror(img)
+        if k:
+            img = img.crop((k, k, img.width - k, img.height - k))
+        name = f"img{i:05d}.png"
+        img.save(folder / name)
+        names.append(name)
+    return names
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--images", type=int, default=160)
+    ap.add_argument("--pairs", type=int, default=2000)
+    ap.add_argument("--batch", type=int, default=32)
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="arcface-bulk-"))
+    (tmp / "img").mkdir()
+    names = make_images(tmp / "img", args.images)
+    rng = np.random.default_rng(0)
+    with (tmp / "pairs.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["a", "b"])
+        for _ in range(args.pairs):
+            a, b = rng.choice(len(names), 2, replace=False)
+            w.writerow([names[a], names[b]])
+
+    server = RedisServer(tmp / "redis").start()
+    from worker.engine import Engine
+    from worker.model import build_arcface, load_face_model
+    from worker.preprocess import preprocess
+
+    weights = write_deepface_h5(build_arcface(), tmp / "w.h5")
+    env = {"ARCFACE_REDIS_URL": server.url, "ARCFACE_MODEL_PATH": str(weights), "ARCFACE_ALLOWED_BATCH_SIZES": f"1,8,{args.batch}",
+           "ARCFACE_MAX_BATCH_SIZE": str(args.batch), "ARCFACE_QUEUE": "bulk-bench"}
+    os.environ.update(env)
+    try:
+        engine = Engine(load_face_model(weights), [args.batch])
+        engine.warm_up()
+        x = np.stack([preprocess((tmp / "img" / names[i % len(names)]).read_bytes(), 112) for i in range(args.batch)])
+        t = time.perf_counter()
+        for _ in range(4):
+            engine.embed(x)
+        raw = 4 * args.batch / (time.perf_counter() - t)
+        del engine
+        print(f"raw engine at batch {args.batch}: {raw:.1f} img/s")
+        worker = WorkerProcess(env, tmp / "worker.log")
+        worker.wait_ready(300)
+        client = FaceClient(ProducerSettings())
+        stats, summary = run_bulk(client, tmp / "pairs.csv", tmp / "out.csv", BulkOptions(root=tmp / "img", window=4 * args.batch), quiet=True)
+        img_rate = stats.images_embedded / stats.seconds
+        print(f"bulk: {stats.pairs} pairs over {stats.images_embedded} unique images in {stats.seconds:.1f}s: "
+              f"{img_rate:.1f} img/s, {stats.pairs / stats.seconds:.1f} pairs/s")
+        print(f"RATIO bulk img/s / raw engine img/s: {img_rate / raw:.2f}x  (target >= 0.9)")
+        worker.signal(15)
+        worker.wait(60)
+        worker.stop()
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()

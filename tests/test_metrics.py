@@ -1,0 +1,55 @@
+"""Prometheus metrics: scraped from a real worker after real jobs, counters moved by the right amounts."""
+
+from __future__ import annotations
+
+import re
+import time
+import urllib.request
+
+from producer.client import FaceClient, JobFailed
+from producer.settings import ProducerSettings
+from tests.conftest import face_paths
+from tests.redis_server import free_port
+from tests.workers import WorkerProcess
+
+
+def scrape(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out = {}
+    for line in text.splitlines():
+        m = re.match(r"^(arcface_[a-z_]+(?:\{[^}]*\})?) ([0-9.e+-]+)$", line)
+        if m:
+            out[m[1]] = float(m[2])
+    return out
+
+
+def test_metrics_count_jobs_batches_and_latencies(worker_env, tmp_path):
+    port = free_port()
+    client = FaceClient(ProducerSettings())
+    worker = WorkerProcess(worker_env, tmp_path / "w.log", ARCFACE_METRICS_PORT=str(port), ARCFACE_MAX_BATCH_SIZE="16")
+    try:
+        worker.wait_ready()
+        before = scrape(port)
+        assert before["arcface_model_load_seconds"] > 0
+        paths = face_paths()
+        ids = client.embed_many(paths[:6]) + client.verify_many([(paths[0], paths[1]), (paths[2], paths[3])])
+        bad = client.embed(b"definitely not an image")
+        for j in ids:
+            client.result(j, timeout=120)
+        try:
+            client.result(bad, timeout=30)
+        except JobFailed:
+            pass
+        time.sleep(0.2)
+        after = scrape(port)
+        assert after['arcface_jobs_total{code="",kind="embed",outcome="finished"}'] == 6
+        assert after['arcface_jobs_total{code="",kind="verify",outcome="finished"}'] == 2
+        assert after['arcface_jobs_total{code="image_decode_error",kind="embed",outcome="failed"}'] == 1
+        batches = after["arcface_batch_images_count"]
+        assert batches == len(worker.batches()) >= 1
+        assert after["arcface_batch_images_sum"] == sum(b["images"] for b in worker.batches()) == 6 + 4 + 1
+        assert after["arcface_inference_seconds_count"] == batches and after["arcface_inference_seconds_sum"] > 0
+        assert after["arcface_queue_wait_seconds_count"] == 9
+        assert after["arcface_queue_depth"] == 0
+    finally:
+        worker.stop()
