@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 from producer.bulk import BulkOptions, run_bulk  # noqa: E402
 from producer.client import FaceClient  # noqa: E402
 from producer.settings import ProducerSettings  # noqa: E402
-from tests.conftest import write_deepface_h5  # noqa: E402
+from worker.weights import save_deepface_h5  # noqa: E402
 from tests.redis_server import RedisServer  # noqa: E402
 from tests.workers import WorkerProcess  # noqa: E402
 
@@ -68,7 +68,7 @@ def main() -> None:
     from worker.model import build_arcface, load_face_model
     from worker.preprocess import preprocess
 
-    weights = write_deepface_h5(build_arcface(), tmp / "w.h5")
+    weights = save_deepface_h5(build_arcface(), tmp / "w.h5")
     env = {"ARCFACE_REDIS_URL": server.url, "ARCFACE_MODEL_PATH": str(weights), "ARCFACE_ALLOWED_BATCH_SIZES": f"1,8,{args.batch}",
            "ARCFACE_MAX_BATCH_SIZE": str(args.batch), "ARCFACE_QUEUE": "bulk-bench"}
     os.environ.update(env)

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from producer.client import FaceClient  # noqa: E402
 from producer.settings import ProducerSettings  # noqa: E402
-from tests.conftest import write_deepface_h5  # noqa: E402
+from worker.weights import save_deepface_h5  # noqa: E402
 from tests.redis_server import RedisServer  # noqa: E402
 from tests.workers import WorkerProcess  # noqa: E402
 
@@ -66,7 +66,7 @@ def main() -> None:
     from worker.engine import Engine
     from worker.model import build_arcface, load_face_model
 
-    weights = write_deepface_h5(build_arcface(), tmp / "arcface_weights.h5")
+    weights = save_deepface_h5(build_arcface(), tmp / "arcface_weights.h5")
     sizes = [1, 8, 16, 32]
     env = {"ARCFACE_REDIS_URL": server.url, "ARCFACE_MODEL_PATH": str(weights), "ARCFACE_ALLOWED_BATCH_SIZES": ",".join(map(str, sizes)),
            "ARCFACE_MAX_BATCH_SIZE": str(args.max_batch_size), "ARCFACE_RESULT_TTL": "3600"}

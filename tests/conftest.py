@@ -35,25 +35,10 @@ def randomise_statistics(model, seed: int = 0) -> None:
 
 
 def write_deepface_h5(model, path: Path, keras2_names: bool = True) -> Path:
-    """Save ``model``'s weights the way deepface's ``arcface_weights.h5`` is laid out (Keras 2
-    ``save_weights``: root ``layer_names``, per layer ``weight_names`` like ``conv1_bn/gamma:0``)."""
-    import h5py
+    """Save ``model``'s weights the way deepface's ``arcface_weights.h5`` is laid out."""
+    from worker.weights import save_deepface_h5
 
-    with h5py.File(path, "w") as f:
-        f.attrs["backend"] = b"tensorflow"
-        f.attrs["keras_version"] = b"2.8.0"
-        names = [layer.name for layer in model.layers]
-        f.attrs["layer_names"] = np.array([n.encode() for n in names])
-        for layer in model.layers:
-            g = f.create_group(layer.name)
-            wnames = []
-            for var in layer.weights:
-                short = var.name.split("/")[-1]
-                wname = f"{layer.name}/{short}:0" if keras2_names else f"{layer.name}/{short}"
-                wnames.append(wname.encode())
-                g.create_dataset(wname, data=np.asarray(var.numpy()))
-            g.attrs["weight_names"] = np.array(wnames)
-    return path
+    return save_deepface_h5(model, path, keras2_names)
 
 
 @pytest.fixture(scope="session")

@@ -48,6 +48,15 @@ def test_deepface_h5_round_trip_gives_identical_embeddings(tmp_path):
         loaded = load_face_model(path)
         for name, var in variable_names(loaded.keras_model).items():
             np.testing.assert_array_equal(var.numpy(), variable_names(original)[name].numpy(), err_msg=name)
+    # and a file written by Keras's own legacy HDF5 writer (an implementation independent of ours)
+    import h5py
+    from keras.src.legacy.saving import legacy_h5_format
+
+    with h5py.File(tmp_path / "keras_writer.h5", "w") as f:
+        legacy_h5_format.save_weights_to_hdf5_group(f, original)
+    by_keras = load_face_model(tmp_path / "keras_writer.h5")
+    for name, var in variable_names(by_keras.keras_model).items():
+        np.testing.assert_array_equal(var.numpy(), variable_names(original)[name].numpy(), err_msg=name)
     x = _inputs()
     direct = original(x / 255.0, training=False).numpy()
     direct /= np.linalg.norm(direct, axis=1, keepdims=True)

@@ -34,21 +34,11 @@ def _model_path() -> tuple[str, bool]:
         print(f"demo: {exc}\ndemo: continuing with a RANDOMLY INITIALISED ArcFace (plumbing only: distances mean nothing)")
     fallback = settings.cache_dir / "demo-random-arcface.h5"
     if not fallback.exists():
-        import h5py
-        import numpy as np
-
         from worker.model import build_arcface
+        from worker.weights import save_deepface_h5
 
         fallback.parent.mkdir(parents=True, exist_ok=True)
-        model = build_arcface()
-        with h5py.File(fallback, "w") as f:  # deepface's layout: layer_names + weight_names
-            f.attrs["layer_names"] = np.array([layer.name.encode() for layer in model.layers])
-            for layer in model.layers:
-                g = f.create_group(layer.name)
-                names = [f"{layer.name}/{v.name.split('/')[-1]}:0" for v in layer.weights]
-                g.attrs["weight_names"] = np.array([n.encode() for n in names])
-                for n, v in zip(names, layer.weights):
-                    g.create_dataset(n, data=np.asarray(v.numpy()))
+        save_deepface_h5(build_arcface(), fallback)
     return str(fallback), False
 
 

@@ -118,6 +118,28 @@ def read_keras_h5_weights(path: str | os.PathLike[str]) -> dict[str, np.ndarray]
     raise WeightsError(f"{path}: HDF5 file holds no Keras weights (no 'layer_names' attribute); a Keras 3 .weights.h5 stores weights by position, not name: save the whole model as .keras instead")
 
 
+def save_deepface_h5(model: Any, path: str | os.PathLike[str], keras2_names: bool = True) -> Path:
+    """Write ``model``'s weights in the layout of deepface's ``arcface_weights.h5`` (Keras 2 ``save_weights``:
+    root ``layer_names``, per layer ``weight_names`` like ``conv1_bn/gamma:0``, datasets under those names)."""
+    import h5py
+
+    out = Path(path)
+    with h5py.File(out, "w") as f:
+        f.attrs["backend"] = b"tensorflow"
+        f.attrs["keras_version"] = b"2.8.0"
+        f.attrs["layer_names"] = np.array([layer.name.encode() for layer in model.layers])
+        for layer in model.layers:
+            group = f.create_group(layer.name)
+            names = []
+            for var in layer.weights:
+                short = var.name.split("/")[-1].split(":")[0]
+                name = f"{layer.name}/{short}:0" if keras2_names else f"{layer.name}/{short}"
+                names.append(name.encode())
+                group.create_dataset(name, data=np.asarray(var.numpy()))
+            group.attrs["weight_names"] = np.array(names)
+    return out
+
+
 # --- assignment ------------------------------------------------------------------------------------
 def assign_weights(model: Any, weights: dict[str, np.ndarray], source: str) -> None:
     """Check ``weights`` against every variable of ``model`` by name and shape, then assign them all.
