@@ -38,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--ref", default=None, help="client reference echoed in the result")
         sp.add_argument("--model", default=None)
         sp.add_argument("--path", action="store_true", help="send paths relative to the shared root instead of bytes")
+        sp.add_argument("--detect", choices=["none", "blazeface"], default=None, help="face detection (default: the worker's setting)")
     r = sub.add_parser("result", help="wait for a job's result")
     r.add_argument("job_id")
     common(r)
@@ -134,9 +135,9 @@ def run(argv: Sequence[str] | None = None) -> int:
         if args.command == "bulk":
             return _bulk(client, args)
         if args.command == "embed":
-            job_id = client.embed(args.image, ref=args.ref, model=args.model, as_path=args.path)
+            job_id = client.embed(args.image, ref=args.ref, model=args.model, as_path=args.path, detect=args.detect)
         elif args.command == "verify":
-            job_id = client.verify(args.a, args.b, threshold=args.threshold, ref=args.ref, model=args.model, as_path=args.path)
+            job_id = client.verify(args.a, args.b, threshold=args.threshold, ref=args.ref, model=args.model, as_path=args.path, detect=args.detect)
         else:
             job_id, args.wait = args.job_id, True
         if not args.wait:

@@ -118,24 +118,27 @@ class FaceClient:
             description=f"{request.kind}" + (f" ref={request.ref}" if request.ref else ""),
         )
 
-    def _embed_request(self, image: ImageInput, model: str | None, ref: str | None, as_path: bool) -> EmbedRequest:
-        return EmbedRequest(image=self.image_ref(image, as_path), model=model, ref=ref)
+    def _embed_request(self, image: ImageInput, model: str | None, ref: str | None, as_path: bool, detect: str | None = None) -> EmbedRequest:
+        return EmbedRequest(image=self.image_ref(image, as_path), model=model, ref=ref, detect=detect)  # type: ignore[arg-type]
 
-    def _verify_request(self, a: ImageInput, b: ImageInput, threshold: float | None, model: str | None, ref: str | None, as_path: bool) -> VerifyRequest:
-        return VerifyRequest(a=self.image_ref(a, as_path), b=self.image_ref(b, as_path), threshold=threshold, model=model, ref=ref)
+    def _verify_request(self, a: ImageInput, b: ImageInput, threshold: float | None, model: str | None, ref: str | None, as_path: bool,
+                        detect: str | None = None) -> VerifyRequest:
+        return VerifyRequest(a=self.image_ref(a, as_path), b=self.image_ref(b, as_path), threshold=threshold, model=model, ref=ref,
+                             detect=detect)  # type: ignore[arg-type]
 
     def submit(self, request: EmbedRequest | VerifyRequest, job_id: str | None = None) -> str:
         """Enqueue a ready-made request; returns the job id."""
         return self.queue.enqueue_call(func_for(request), **self._job_options(request, job_id)).id
 
-    def embed(self, image: ImageInput, *, model: str | None = None, ref: str | None = None, as_path: bool = False, job_id: str | None = None) -> str:
-        """Enqueue an embed job; returns its id."""
-        return self.submit(self._embed_request(image, model, ref, as_path), job_id)
+    def embed(self, image: ImageInput, *, model: str | None = None, ref: str | None = None, as_path: bool = False, job_id: str | None = None,
+              detect: str | None = None) -> str:
+        """Enqueue an embed job; returns its id. ``detect`` ("none" / "blazeface") overrides the worker's setting."""
+        return self.submit(self._embed_request(image, model, ref, as_path, detect), job_id)
 
     def verify(self, a: ImageInput, b: ImageInput, *, threshold: float | None = None, model: str | None = None,
-               ref: str | None = None, as_path: bool = False, job_id: str | None = None) -> str:
+               ref: str | None = None, as_path: bool = False, job_id: str | None = None, detect: str | None = None) -> str:
         """Enqueue a verify job for a pair; returns its id."""
-        return self.submit(self._verify_request(a, b, threshold, model, ref, as_path), job_id)
+        return self.submit(self._verify_request(a, b, threshold, model, ref, as_path, detect), job_id)
 
     def submit_many(self, requests: Iterable[EmbedRequest | VerifyRequest]) -> list[str]:
         """Enqueue many requests in one Redis round trip (rq's ``enqueue_many``)."""

@@ -136,10 +136,14 @@ class ImageRef(_Strict):
         return data
 
 
+Detect = Literal["none", "blazeface"]
+
+
 class EmbedRequest(_Strict):
     kind: Literal["embed"] = "embed"
     image: ImageRef
     model: str | None = None
+    detect: Detect | None = Field(default=None, description="find and align the face first; default: the worker's setting")
     ref: str | None = Field(default=None, max_length=1024, description="client reference, echoed back")
 
 
@@ -148,6 +152,7 @@ class VerifyRequest(_Strict):
     a: ImageRef
     b: ImageRef
     model: str | None = None
+    detect: Detect | None = None
     threshold: float | None = Field(default=None, ge=0.0, le=2.0)
     ref: str | None = Field(default=None, max_length=1024)
 
@@ -187,6 +192,7 @@ class Timing(BaseModel):
     queued_ms: float = 0.0
     batch_size: int = 1
     preprocess_ms: float = 0.0
+    detect_ms: float = 0.0
     inference_ms: float = 0.0
 
 
@@ -210,6 +216,7 @@ class EmbedResult(BaseModel):
     dim: int
     model: str
     ref: str | None = None
+    face: dict | None = Field(default=None, description="with detection: box [x1,y1,x2,y2], keypoints, score")
     timing: Timing = Field(default_factory=Timing)
 
     @property
@@ -225,6 +232,8 @@ class VerifyResult(BaseModel):
     similar: bool = Field(description="distance <= threshold")
     model: str
     ref: str | None = None
+    face_a: dict | None = None
+    face_b: dict | None = None
     timing: Timing = Field(default_factory=Timing)
 
 

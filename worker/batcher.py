@@ -279,6 +279,16 @@ class BatchWorker(SimpleWorker):
             except Exception as exc:  # a bug, not bad input: fail this job, keep the worker
                 log.exception("prepare_crashed", job_id=item.job.id)
                 item.failure = JobFailure(ErrorCode.INTERNAL_ERROR, f"preprocessing crashed: {type(exc).__name__}: {exc}")
+        detect_ms = 0.0
+        if ready:
+            try:
+                failures, detect_ms = self.runtime.detect([p for _, p in ready])
+            except Exception as exc:
+                log.exception("detection_crashed", jobs=len(ready))
+                failures = {i: JobFailure(ErrorCode.INTERNAL_ERROR, f"detection failed: {type(exc).__name__}: {exc}") for i in range(len(ready))}
+            for i, failure in failures.items():
+                ready[i][0].failure = failure
+            ready = [r for i, r in enumerate(ready) if i not in failures]
         t1 = time.perf_counter()
         results: dict[str, dict] = {}
         inference_ms = 0.0
@@ -288,7 +298,8 @@ class BatchWorker(SimpleWorker):
                 row = 0
                 for item, prepared in ready:
                     n = len(prepared.inputs)
-                    timing = Timing(queued_ms=item.queued_ms, batch_size=batch.images, preprocess_ms=prepared.preprocess_ms, inference_ms=inference_ms)
+                    timing = Timing(queued_ms=item.queued_ms, batch_size=batch.images, preprocess_ms=prepared.preprocess_ms,
+                                    detect_ms=detect_ms, inference_ms=inference_ms)
                     results[item.job.id] = self.runtime.finish(prepared, embeddings[row : row + n], timing)
                     row += n
             except Exception as exc:
@@ -307,7 +318,7 @@ class BatchWorker(SimpleWorker):
         log.info(
             "batch", jobs=len(batch.items), images=batch.images, failed=failed,
             queue_wait_ms=round(max((i.queued_ms for i in batch.items), default=0.0), 1),
-            preprocess_ms=round((t1 - t0) * 1000.0, 1), inference_ms=round(inference_ms, 1),
+            preprocess_ms=round((t1 - t0) * 1000.0 - detect_ms, 1), detect_ms=round(detect_ms, 1), inference_ms=round(inference_ms, 1),
             write_ms=round((t3 - t2) * 1000.0, 1), job_ids=[i.job.id for i in batch.items][:64],
         )
         self.batches_done += 1

@@ -36,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from rq import Queue
 
-    from worker.runtime import Runtime, load_engine
+    from worker.runtime import Runtime, load_detector, load_engine
     from worker.weights import WeightsError
 
     import time
@@ -45,6 +45,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         engine = load_engine(settings)
         warm_s = engine.warm_up()
+        detector = load_detector(settings)
     except WeightsError as exc:
         log.error("model_load_failed", error=str(exc))
         sys.exit(EXIT_MODEL)
@@ -62,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if settings.metrics_port is not None:
         metrics.serve(settings.metrics_port)
         log.info("metrics_serving", port=settings.metrics_port)
-    worker = BatchWorker(queue, Runtime(settings, engine), settings, metrics)
+    worker = BatchWorker(queue, Runtime(settings, engine, detector), settings, metrics)
     log.info("worker_started", worker=worker.name, queue=settings.queue, redis=settings.redis_url_value() or f"embedded:{settings.data_dir}",
              max_batch_size=settings.max_batch_size,
              batch_timeout_ms=settings.batch_timeout_ms)

@@ -62,6 +62,10 @@ class Engine:
         self._predict = tf.function(self._forward, autograph=False)
 
     def _forward(self, x: tf.Tensor) -> tf.Tensor:
+        if self.model.bgr:
+            x = tf.reverse(x, axis=[-1])
+        if self.model.mean is not None:
+            x = x - tf.constant(self.model.mean, tf.float32)
         x = x * self.model.scale + self.model.offset
         if self.model.keras_model is not None:
             y = self.model.keras_model(x, training=False)

@@ -13,7 +13,7 @@ from typing import Any
 from rq import get_current_job
 
 from producer.jobs import EMBED_FUNC, ERROR_META_KEY, VERIFY_FUNC, JobFailure, parse_request
-from worker.runtime import Runtime, load_engine
+from worker.runtime import Runtime, load_detector, load_engine
 from worker.settings import WorkerSettings
 
 _runtime: Runtime | None = None
@@ -24,7 +24,7 @@ def runtime() -> Runtime:
     global _runtime
     if _runtime is None:
         settings = WorkerSettings()
-        _runtime = Runtime(settings, load_engine(settings))
+        _runtime = Runtime(settings, load_engine(settings), load_detector(settings))
     return _runtime
 
 

@@ -88,7 +88,8 @@ class FaceModel:
     """A loaded embedding network plus what the engine must know to feed it.
 
     ``fn`` maps a float32 NHWC batch (already normalised) to raw embeddings. ``scale``/``offset`` turn the
-    preprocessed 0..255 pixels into the model's input (``x * scale + offset``; ArcFace: /255).
+    preprocessed 0..255 RGB pixels into the model's input: channels reversed when ``bgr``, ``mean`` subtracted,
+    then ``x * scale + offset`` (ArcFace: /255).
     """
 
     name: str
@@ -99,6 +100,8 @@ class FaceModel:
     offset: float = 0.0
     threshold: float = 0.68
     keras_model: keras.Model | None = None
+    mean: tuple[float, float, float] | None = None  # subtracted per channel (in the model's channel order)
+    bgr: bool = False
 
 
 def _arcface(weights: dict[str, np.ndarray], source: str, precision: str, name: str) -> FaceModel:

@@ -26,6 +26,18 @@ class WorkerSettings(CommonSettings):
     precision: Literal["float32", "reduced"] = Field(default="float32", description="reduced = bfloat16 on CPU, float16 on GPU (ArcFace only)")
     input_scale: float = Field(default=1.0 / 255.0, description="model input = pixel * scale + offset (pixels 0..255)")
     input_offset: float = 0.0
+    input_mean: Annotated[list[float] | None, NoDecode] = Field(default=None, description="per-channel mean subtracted before scaling (e.g. 103.939,116.779,123.68)")
+    channel_order: Literal["RGB", "BGR"] = "RGB"
+    # detection
+    detect: Literal["none", "blazeface"] = Field(default="none", description="find the face before embedding (jobs may override)")
+    detector_path: Path | None = Field(default=None, description="BlazeFace TF.js graph model.json (blazeface-front.json)")
+    detector_url: str | None = Field(default=None, description="download the detector's model.json from here (its .bin beside it)")
+    detector_sha256: str | None = None
+    detect_min_score: float = 0.5
+    detect_min_face: float = Field(default=20.0, description="faces smaller than this (pixels) are ignored")
+    face_select: Literal["largest", "confident"] = "largest"
+    crop: Literal["align", "square"] = Field(default="align", description="align: warp to the ArcFace template; square: crop with a margin")
+    crop_margin: float = 0.2
     threshold: float = Field(default=0.68, description="verify: similar when distance <= threshold")
     # engine
     allowed_batch_sizes: Annotated[list[int], NoDecode] = Field(default=[1, 2, 4, 8, 16, 32, 64], description="compiled batch shapes")
@@ -43,6 +55,13 @@ class WorkerSettings(CommonSettings):
     maintenance_interval_s: int = Field(default=10, description="how often a worker looks for jobs of dead workers")
     worker_ttl_s: int = Field(default=60, description="a worker's registration lives this long past its last heartbeat")
     metrics_port: int | None = Field(default=None, description="serve Prometheus metrics on this port (unset = off)")
+
+    @field_validator("input_mean", mode="before")
+    @classmethod
+    def _floats(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [float(v) for v in value.strip("[] ").split(",") if v.strip()]
+        return value
 
     @field_validator("allowed_batch_sizes", mode="before")
     @classmethod

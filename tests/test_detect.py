@@ -1,0 +1,113 @@
+"""Face detection and alignment on real photos, and detection inside the worker with a real embedding model."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import uuid
+
+import numpy as np
+import pytest
+
+from tests.conftest import FACERES_SAVEDMODEL, FACES, SHARED, face_paths
+from worker.detect import ARCFACE_TEMPLATE, BlazeFace, Face, align, pick, square_crop, umeyama
+from worker.preprocess import decode_image
+
+BLAZEFACE = SHARED / "models" / "tfjs" / "blazeface-front.json"
+pytestmark = pytest.mark.skipif(not BLAZEFACE.exists(), reason="shared/models/tfjs is not present")
+
+
+@pytest.fixture(scope="module")
+def detector() -> BlazeFace:
+    return BlazeFace(BLAZEFACE)
+
+
+def test_every_crop_has_exactly_one_face_with_its_eyes_where_they_are(detector):
+    images = [decode_image(p.read_bytes()) for p in face_paths()]
+    found = detector.detect(images)
+    assert [len(f) for f in found] == [1] * 40
+    for path, (face,) in zip(face_paths(), found):
+        x1, y1, x2, y2 = face.box
+        right_eye, left_eye, nose, mouth = face.keypoints[:4]
+        for kx, ky in face.keypoints[:4]:
+            assert x1 <= kx <= x2 and y1 <= ky <= y2, path.name
+        assert right_eye[0] < left_eye[0], path.name  # subject's right eye is on the image's left
+        assert max(right_eye[1], left_eye[1]) < nose[1] < mouth[1], path.name
+        assert face.score > 0.75 and 100 < face.size < 200
+
+
+@pytest.mark.parametrize("name,faces", [("bbt1.jpg", 4), ("bbt2.jpg", 2), ("bbt3.jpg", 5), ("bbt4.jpg", 6), ("bbt5.jpg", 5)])
+def test_group_photos_find_every_person(detector, name, faces):
+    image = decode_image((FACES / "group" / name).read_bytes())
+    found = [f for f in detector.detect([image])[0] if f.score >= 0.75]
+    assert len(found) == faces
+    boxes = np.array([f.box for f in found])
+    for i, j in itertools.combinations(range(len(found)), 2):  # distinct people, not duplicates
+        assert np.abs(boxes[i] - boxes[j]).max() > 20
+
+
+def test_blank_image_has_no_face(detector):
+    assert detector.detect([decode_image((FACES / "white.png").read_bytes())]) == [[]]
+    assert pick([], "largest") is None
+
+
+def test_umeyama_recovers_a_similarity_and_align_puts_the_eyes_on_the_template():
+    angle, scale, t = 0.3, 1.7, np.array([12.0, -5.0])
+    rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    src = np.random.default_rng(0).uniform(0, 100, (5, 2))
+    dst = src @ (scale * rot).T + t
+    np.testing.assert_allclose(umeyama(src, dst), np.hstack([scale * rot, t[:, None]]), atol=1e-9)
+    # a synthetic image: bright dots at four keypoints; after alignment they sit on the template
+    image = np.zeros((300, 300, 3), np.uint8)
+    kps = ARCFACE_TEMPLATE * 1.9 @ np.array([[np.cos(0.2), np.sin(0.2)], [-np.sin(0.2), np.cos(0.2)]]) + [60, 40]
+    for x, y in kps:
+        image[int(round(y)) - 1 : int(round(y)) + 2, int(round(x)) - 1 : int(round(x)) + 2] = 255
+    face = Face((0, 0, 300, 300), np.vstack([kps, [[0, 0], [0, 0]]]), 0.9)
+    out = align(image, face)
+    assert out.shape == (112, 112, 3)
+    for x, y in ARCFACE_TEMPLATE:
+        assert out[int(round(y)) - 1 : int(round(y)) + 2, int(round(x)) - 1 : int(round(x)) + 2].max() > 100
+    crop = square_crop(image, Face((100, 100, 150, 160), np.zeros((6, 2)), 0.9), margin=0.2)
+    assert crop.shape == (84, 84, 3)
+
+
+@pytest.mark.skipif(not FACERES_SAVEDMODEL.exists(), reason="shared/models/faceres-embedding is not present")
+def test_worker_with_detection_and_a_real_model_separates_people(redis_server, tmp_path, capsys):
+    """The shared 224x224 face model behind BlazeFace in a real worker: a bulk run over all 780 pairs of the
+    40 crops, plus a photo with no face and a group photo."""
+    from producer.bulk import BulkOptions, run_bulk
+    from producer.client import FaceClient, JobFailed
+    from producer.jobs import ErrorCode
+    from producer.settings import ProducerSettings
+    from tests.workers import WorkerProcess
+
+    env = {"ARCFACE_REDIS_URL": redis_server.url, "ARCFACE_QUEUE": f"det-{uuid.uuid4().hex[:6]}", "ARCFACE_MODEL_PATH": str(FACERES_SAVEDMODEL),
+           "ARCFACE_MODEL_NAME": "faceres", "ARCFACE_INPUT_SCALE": "1", "ARCFACE_INPUT_MEAN": "103.939,116.779,123.68",
+           "ARCFACE_CHANNEL_ORDER": "BGR", "ARCFACE_THRESHOLD": "0.45", "ARCFACE_DETECT": "blazeface", "ARCFACE_DETECTOR_PATH": str(BLAZEFACE),
+           "ARCFACE_CROP": "square", "ARCFACE_CROP_MARGIN": "0.1", "ARCFACE_ALLOWED_BATCH_SIZES": "1,8,32"}
+    worker = WorkerProcess(env, tmp_path / "w.log")
+    try:
+        worker.wait_ready()
+        client = FaceClient(ProducerSettings(redis_url=redis_server.url, queue=env["ARCFACE_QUEUE"]))
+        rel = [str(p.relative_to(FACES)) for p in face_paths()]
+        with (tmp_path / "pairs.csv").open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["a", "b", "label"])
+            w.writerows([a, b, int(a.split("/")[0] == b.split("/")[0])] for a, b in itertools.combinations(rel, 2))
+        stats, summary = run_bulk(client, tmp_path / "pairs.csv", tmp_path / "out.csv", BulkOptions(root=FACES, threshold=0.45), quiet=True)
+        with capsys.disabled():
+            print(f"\nBlazeFace + faceres, 780 pairs of 40 crops: ROC AUC {summary.roc_auc:.4f}, best accuracy {summary.best_accuracy:.3f}")
+        assert stats.images_embedded == 40 and summary.failed == 0 and summary.pairs == 780
+        assert summary.roc_auc >= 0.98
+        with pytest.raises(JobFailed) as info:
+            client.result(client.embed(FACES / "white.png"), timeout=60)
+        assert info.value.error.code is ErrorCode.NO_FACE_DETECTED
+        group = client.result(client.embed(FACES / "group" / "bbt4.jpg"), timeout=60)
+        assert group.face is not None and group.face["score"] > 0.9 and len(group.face["keypoints"]) == 6
+        pair = client.result(client.verify(face_paths()[0], face_paths()[1]), timeout=60)
+        assert pair.face_a and pair.face_b and pair.similar == (pair.distance <= 0.45)
+        plain = client.result(client.embed(face_paths()[0], detect="none"), timeout=60)
+        assert plain.face is None  # a job can switch detection off
+        assert any(b.get("detect_ms", 0) > 0 for b in worker.batches())
+    finally:
+        worker.stop()
