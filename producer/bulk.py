@@ -41,6 +41,7 @@ class BulkOptions:
     max_pending_pairs: int = 10_000
     job_timeout_s: float = 600.0
     progress: bool = True
+    detect: str | None = None  # "none" / "blazeface": override the workers' detection setting
 
 
 @dataclass
@@ -173,7 +174,7 @@ class BulkRun:
                         self.stats.images_reused += 1
                         continue
                     try:
-                        to_submit.append((key, EmbedRequest(image=self._ref(key))))
+                        to_submit.append((key, EmbedRequest(image=self._ref(key), detect=self.options.detect)))  # type: ignore[arg-type]
                     except InputError as exc:
                         embeddings.fail(key, exc.code.value)
                 pending.append((index, pair))

@@ -50,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     bk.add_argument("--format", choices=["csv", "jsonl", "lfw"], default=None, help="default: detected")
     bk.add_argument("--threshold", type=float, default=0.68)
     bk.add_argument("--window", type=int, default=256, help="embed jobs in flight")
+    bk.add_argument("--detect", choices=["none", "blazeface"], default=None, help="face detection (default: the workers' setting)")
     bk.add_argument("--plot", default=None, help="write ROC + distance histograms to this PNG (needs matplotlib)")
     bk.add_argument("--quiet", action="store_true")
     bk.add_argument("--json", action="store_true")
@@ -87,7 +88,7 @@ def _bulk(client: Any, args: argparse.Namespace) -> int:
     from producer.pairs import PairsFormatError
 
     options = BulkOptions(root=Path(args.root) if args.root else None, shared_root=args.shared_root, threshold=args.threshold,
-                          window=args.window)
+                          window=args.window, detect=args.detect)
     try:
         stats, summary = run_bulk(client, Path(args.pairs), Path(args.out), options, fmt=args.format, quiet=args.quiet)
     except PairsFormatError as exc:
