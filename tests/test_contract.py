@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from rq import Queue, SimpleWorker
+from rq.registry import FinishedJobRegistry
 from rq.job import Job
 
 from producer.client import FaceClient, InputError, JobFailed, JobNotFound, ResultTimeout
@@ -59,8 +60,8 @@ def test_plain_rq_worker_runs_embed_and_verify_with_engine_equal_results(client,
     assert verified.distance == pytest.approx(expected, abs=1e-5)
     assert (verified.threshold, verified.similar) == (0.5, expected <= 0.5)
     job = Job.fetch(verify_id, connection=client.connection, serializer=JSONSerializer)
-    assert job.get_status() == "finished" and verify_id in job.finished_job_registry if hasattr(job, "finished_job_registry") else True
-    assert client.status(verify_id) == "finished"
+    assert job.get_status() == "finished" and client.status(verify_id) == "finished"
+    assert set(FinishedJobRegistry(queue=client.queue).get_job_ids()) == {embed_id, verify_id, array_id}
 
 
 def test_result_waits_without_polling_and_times_out(client):

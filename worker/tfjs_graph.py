@@ -153,8 +153,8 @@ class TfjsGraphModel:
             return tf.nn.conv2d(args[0], args[1], strides=_attr(node, "strides"), padding=_padding(node),
                                 dilations=_attr(node, "dilations", [1, 1, 1, 1]))
         if op in ("DepthwiseConv2dNative", "FusedDepthwiseConv2dNative"):
-            y = tf.nn.depthwise_conv2d(args[0], args[1], strides=_attr(node, "strides"), padding=_padding(node),
-                                       dilations=_attr(node, "dilations", [1, 1])[1:3] if len(_attr(node, "dilations", [1, 1])) == 4 else None)
+            dilations = _attr(node, "dilations", [1, 1, 1, 1])  # NHWC: the spatial ones are [1:3]
+            y = tf.nn.depthwise_conv2d(args[0], args[1], strides=_attr(node, "strides"), padding=_padding(node), dilations=dilations[1:3])
             return _fused(node, y, args[2:]) if op == "FusedDepthwiseConv2dNative" else y
         if op == "_FusedMatMul":
             y = tf.linalg.matmul(args[0], args[1], transpose_a=_attr(node, "transpose_a", False), transpose_b=_attr(node, "transpose_b", False))
