@@ -4,7 +4,6 @@ exactly-once without crashes, recovery after SIGKILL, warm shutdown on SIGTERM."
 from __future__ import annotations
 
 import collections
-import pickle
 import signal
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegist
 from rq.worker import Worker
 
 from producer.client import FaceClient, JobFailed
-from producer.jobs import EMBED_FUNC, ErrorCode, JSONSerializer, SafeJob
+from producer.jobs import EMBED_FUNC, ErrorCode
 from producer.settings import ProducerSettings
 from tests.conftest import face_paths
 from tests.workers import WorkerProcess

@@ -61,7 +61,6 @@ class InFlight:
 @dataclass
 class Batch:
     items: list[InFlight] = field(default_factory=list)
-    taken_at: float = 0.0
 
     @property
     def images(self) -> int:
@@ -148,8 +147,8 @@ class BatchWorker(SimpleWorker):
             first = self._pop_blocking(block_s) if block_s > 0 else next(iter(self._pop_many(1)), None)
         if not first:
             return Batch()
-        batch = Batch(taken_at=time.monotonic())
-        deadline = batch.taken_at + self.batch_timeout_s
+        batch = Batch()
+        deadline = time.monotonic() + self.batch_timeout_s
         self._add_jobs(batch, [first])
         while batch.images < self.max_batch_size and not self._stop.is_set():
             ids = self._pop_many(self.max_batch_size - batch.images)
@@ -396,7 +395,7 @@ class BatchWorker(SimpleWorker):
         log.info("job_failed", job_id=job.id, code=failure.code.value, error=failure.message)
 
     # --- the loop ---------------------------------------------------------------------------------
-    def work(self, burst: bool = False, logging_level: str | None = "WARNING", max_batches: int | None = None, **_: Any) -> bool:  # type: ignore[override]
+    def work(self, burst: bool = False, logging_level: str | None = "WARNING", **_: Any) -> bool:  # type: ignore[override]
         """Run until stopped (or, with ``burst``, until the queue is empty). Returns whether any job ran."""
         self.bootstrap(logging_level or "WARNING")
         self._install_signal_handlers()
@@ -434,10 +433,6 @@ class BatchWorker(SimpleWorker):
                 if batch.items:
                     worked = True
                     pending = self._infer.submit(self.run_batch, batch)
-                    if max_batches is not None and self.batches_done + 1 >= max_batches:
-                        pending.result()
-                        pending = None
-                        break
                 elif burst:
                     break
             if pending is not None:

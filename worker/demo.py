@@ -21,15 +21,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _model_path() -> tuple[str, bool]:
+    from worker.runtime import default_weights
     from worker.settings import WorkerSettings
-    from worker.weights import WeightsError, download
+    from worker.weights import WeightsError
 
     settings = WorkerSettings()
     if settings.model_path:
         return str(settings.model_path), True
     try:
-        path = download(settings.model_url, settings.cache_dir / Path(settings.model_url).name, settings.model_sha256, retries=1, timeout_s=15)
-        return str(path), True
+        return str(default_weights(settings, retries=1, timeout_s=15)), True
     except WeightsError as exc:
         print(f"demo: {exc}\ndemo: continuing with a RANDOMLY INITIALISED ArcFace (plumbing only: distances mean nothing)")
     fallback = settings.cache_dir / "demo-random-arcface.h5"

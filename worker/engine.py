@@ -10,7 +10,7 @@ import bisect
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import tensorflow as tf

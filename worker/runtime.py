@@ -29,13 +29,16 @@ log = structlog.get_logger("arcface.worker")
 Request = EmbedRequest | VerifyRequest
 
 
+def default_weights(settings: WorkerSettings, retries: int = 3, timeout_s: float = 30.0) -> Path:
+    """deepface's published weights from ``model_url``, downloaded once into ``cache_dir``."""
+    return download(settings.model_url, settings.cache_dir / Path(settings.model_url).name, settings.model_sha256, retries, timeout_s)
+
+
 def load_engine(settings: WorkerSettings) -> Engine:
     """Load the configured model (downloading deepface's weights when no path is set) into an engine."""
     configure_tensorflow(settings.intra_op_threads, settings.inter_op_threads)
     start = time.perf_counter()
-    path = settings.model_path
-    if path is None:
-        path = download(settings.model_url, settings.cache_dir / Path(settings.model_url).name, settings.model_sha256)
+    path = settings.model_path or default_weights(settings)
     precision = reduced_precision_policy() if settings.precision == "reduced" else "float32"
     model = load_face_model(
         path, precision=precision, name=settings.model_name, scale=settings.input_scale,
@@ -80,7 +83,6 @@ class Prepared:
     preprocess_ms: float = 0.0
     raw: list[np.ndarray] = field(default_factory=list)
     faces: list[Face] = field(default_factory=list)
-    detect_ms: float = 0.0
 
 
 class Runtime:
@@ -142,10 +144,7 @@ class Runtime:
                 p.inputs.append(preprocess(crop, size, self.limits))
                 p.faces.append(face)
             p.raw = []
-        ms = (time.perf_counter() - start) * 1000.0
-        for _, p in waiting:
-            p.detect_ms = ms
-        return failures, ms
+        return failures, (time.perf_counter() - start) * 1000.0
 
     def finish(self, prepared: Prepared, embeddings: np.ndarray, timing: Timing) -> dict:
         """The JSON-ready result of one request from its rows of the batch's embeddings."""
