@@ -31,7 +31,7 @@ from tests.workers import WorkerProcess  # noqa: E402
 
 def make_images(folder: Path, n: int) -> list[str]:
     """n distinct real-face images: the 40 crops, mirrored and slightly cropped variants."""
-    faces = sorted((ROOT.parent / "shared" / "faces").glob("*/*.png"))
+    faces = sorted((ROOT / "tests" / "data" / "faces").glob("*/*.png"))
     names = []
     for i in range(n):
         img = Image.open(faces[i % len(faces)]).convert("RGB")

@@ -26,13 +26,15 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seconds", type=float, default=6.0)
     args = ap.parse_args()
-    shared = ROOT.parent / "shared"
-    faces = sorted((shared / "faces").glob("*/*.png"))
+    blazeface = ROOT.parent / "shared" / "models" / "tfjs" / "blazeface-front.json"
+    if not blazeface.exists():
+        raise SystemExit(f"bench detect needs the shared BlazeFace model at {blazeface}; absent in this checkout")
+    faces = sorted((ROOT / "tests" / "data" / "faces").glob("*/*.png"))
     raw = [p.read_bytes() for p in faces[: args.batch]]
     model = build_arcface()
     engine = Engine(FaceModel("arcface", model, 112, 512, keras_model=model), [args.batch])
     engine.warm_up()
-    detector = BlazeFace(shared / "models" / "tfjs" / "blazeface-front.json", allowed_batch_sizes=[args.batch])
+    detector = BlazeFace(blazeface, allowed_batch_sizes=[args.batch])
     detector.warm_up()
 
     def plain() -> None:

@@ -3,7 +3,7 @@ reduced-precision mode (bfloat16 on CPU / float16 on GPU) with its cosine to flo
 
     ./dev bench engine [--sizes 1,8,32,64] [--seconds 4]
 
-Random weights (speed does not depend on them); the real faces under ../shared/faces as inputs.
+Random weights (speed does not depend on them); the real faces in tests/data/faces as inputs.
 """
 
 from __future__ import annotations
@@ -24,11 +24,8 @@ from worker.preprocess import preprocess  # noqa: E402
 
 
 def inputs(n: int) -> np.ndarray:
-    faces = sorted(Path(__file__).resolve().parents[2].joinpath("shared", "faces").glob("*/*.png"))
-    if faces:
-        base = [preprocess(p.read_bytes(), 112) for p in faces]
-    else:
-        base = list(np.random.default_rng(0).uniform(0, 255, (40, 112, 112, 3)).astype(np.float32))
+    faces = sorted(Path(__file__).resolve().parents[1].joinpath("tests", "data", "faces").glob("*/*.png"))
+    base = [preprocess(p.read_bytes(), 112) for p in faces]
     return np.stack([base[i % len(base)] for i in range(n)])
 
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: real files from ../shared, ArcFace weights written in deepface's format, real Redis."""
+"""Shared fixtures: real faces shipped in tests/data, the optional shared models, ArcFace weights written in
+deepface's format, real Redis."""
 
 from __future__ import annotations
 
@@ -9,16 +10,36 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+FACES = REPO / "tests" / "data" / "faces"  # shipped with the repository (tests/data/README.md)
+# Optional, not shipped: the larger pretrained models and the seed's TF.js manifest, from ../shared when present.
 SHARED = Path(os.environ.get("ARCFACE_SHARED_DIR", REPO.parent / "shared"))
-FACES = SHARED / "faces"
 SEED_MODEL_JSON = SHARED / "fixtures" / "seed-arcface" / "model.json"
 FACERES_SAVEDMODEL = SHARED / "models" / "faceres-embedding"
+TFJS_MODELS = SHARED / "models" / "tfjs"
 PEOPLE = ["amy", "bernadette", "howard", "leonard", "penny", "raj", "sheldon", "stuart"]
 
 
 def face_paths() -> list[Path]:
     """The 40 real crops, 8 people x 5, in a fixed order."""
     return [FACES / p / f"{p}{i}.png" for p in PEOPLE for i in range(1, 6)]
+
+
+def _absent(path: Path, what: str) -> str:
+    shown = f"../shared/{path.relative_to(SHARED)}" if "ARCFACE_SHARED_DIR" not in os.environ else str(path)
+    return f"needs {shown} ({what}); absent in this checkout (put ../shared beside it or set ARCFACE_SHARED_DIR)"
+
+
+def needs_shared(path: Path, what: str = "the shared pretrained models") -> pytest.MarkDecorator:
+    """Mark a test (or a module, as ``pytestmark``) that needs an optional file under ../shared: skipped, with
+    the reason, when it is absent."""
+    return pytest.mark.skipif(not path.exists(), reason=_absent(path, what))
+
+
+def shared_file(path: Path, what: str = "the shared pretrained models") -> Path:
+    """``path`` when the optional shared file exists; otherwise skip the calling test or fixture, with the reason."""
+    if not path.exists():
+        pytest.skip(_absent(path, what))
+    return path
 
 
 def randomise_statistics(model, seed: int = 0) -> None:

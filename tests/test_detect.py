@@ -9,17 +9,17 @@ import uuid
 import numpy as np
 import pytest
 
-from tests.conftest import FACERES_SAVEDMODEL, FACES, SHARED, face_paths
+from tests.conftest import FACERES_SAVEDMODEL, FACES, TFJS_MODELS, face_paths, needs_shared, shared_file
 from worker.detect import ARCFACE_TEMPLATE, BlazeFace, Face, align, pick, square_crop, umeyama
 from worker.preprocess import decode_image
 
-BLAZEFACE = SHARED / "models" / "tfjs" / "blazeface-front.json"
-pytestmark = pytest.mark.skipif(not BLAZEFACE.exists(), reason="shared/models/tfjs is not present")
+BLAZEFACE = TFJS_MODELS / "blazeface-front.json"
+BLAZEFACE_WHAT = "the shared BlazeFace detector"  # tests without the detector (alignment maths) run regardless
 
 
 @pytest.fixture(scope="module")
 def detector() -> BlazeFace:
-    return BlazeFace(BLAZEFACE)
+    return BlazeFace(shared_file(BLAZEFACE, BLAZEFACE_WHAT))
 
 
 def test_every_crop_has_exactly_one_face_with_its_eyes_where_they_are(detector):
@@ -71,7 +71,8 @@ def test_umeyama_recovers_a_similarity_and_align_puts_the_eyes_on_the_template()
     assert crop.shape == (84, 84, 3)
 
 
-@pytest.mark.skipif(not FACERES_SAVEDMODEL.exists(), reason="shared/models/faceres-embedding is not present")
+@needs_shared(BLAZEFACE, BLAZEFACE_WHAT)
+@needs_shared(FACERES_SAVEDMODEL)
 def test_worker_with_detection_and_a_real_model_separates_people(redis_server, tmp_path, capsys):
     """The shared 224x224 face model behind BlazeFace in a real worker: a bulk run over all 780 pairs of the
     40 crops, plus a photo with no face and a group photo."""

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from tests.conftest import FACERES_SAVEDMODEL, face_paths
+from tests.conftest import FACERES_SAVEDMODEL, face_paths, needs_shared
 from worker.engine import Engine
 
 
@@ -72,7 +72,7 @@ def test_reduced_precision_stays_close_to_float32(arcface_h5, engine):
     assert cosine.min() >= 0.99
 
 
-@pytest.mark.skipif(not FACERES_SAVEDMODEL.exists(), reason="shared/models/faceres-embedding is not present")
+@needs_shared(FACERES_SAVEDMODEL)
 def test_real_face_model_puts_same_person_pairs_closer(capsys):
     from worker.model import load_face_model
 

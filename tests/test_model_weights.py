@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from tests.conftest import SEED_MODEL_JSON, randomise_statistics, write_deepface_h5
+from tests.conftest import SEED_MODEL_JSON, randomise_statistics, shared_file, write_deepface_h5
 from worker.model import PARAMETER_COUNT, build_arcface, load_face_model, variable_names
 from worker.weights import WeightsError
 
@@ -17,7 +17,7 @@ SHARD_BYTES = 4 * 1024 * 1024  # tensorflowjs_converter's default shard size
 
 @pytest.fixture(scope="module")
 def seed_manifest() -> dict:
-    return json.loads(SEED_MODEL_JSON.read_text())
+    return json.loads(shared_file(SEED_MODEL_JSON, "the seed's TF.js ArcFace manifest").read_text())
 
 
 def _inputs(n: int = 2, seed: int = 1) -> np.ndarray:

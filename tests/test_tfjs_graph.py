@@ -8,12 +8,12 @@ import json
 import numpy as np
 import pytest
 
-from tests.conftest import SHARED
+from tests.conftest import SEED_MODEL_JSON, needs_shared, shared_file
+from tests.conftest import TFJS_MODELS as TFJS
 from worker.tfjs_graph import TfjsGraphModel
 from worker.weights import WeightsError
 
-TFJS = SHARED / "models" / "tfjs"
-pytestmark = pytest.mark.skipif(not TFJS.exists(), reason="shared/models/tfjs is not present")
+pytestmark = needs_shared(TFJS, "the shared TF.js models")
 
 
 def pattern(size: int, a: int, b: int, c: int) -> np.ndarray:
@@ -49,7 +49,7 @@ def test_blazeface_gives_the_reference_logits_and_runs_batched():
 def test_missing_output_and_layers_model_are_refused(tmp_path):
     with pytest.raises(WeightsError, match="is not a node"):
         TfjsGraphModel(TFJS / "blazeface-front.json", outputs=["nope"])
-    doc = json.loads((SHARED / "fixtures" / "seed-arcface" / "model.json").read_text())
+    doc = json.loads(shared_file(SEED_MODEL_JSON, "the seed's TF.js ArcFace manifest").read_text())
     (tmp_path / "model.json").write_text(json.dumps(doc))
     with pytest.raises(WeightsError, match="not a TF.js graph model|not a graph model"):
         TfjsGraphModel(tmp_path / "model.json")

@@ -1,11 +1,11 @@
 """``./dev demo``: the whole pipeline on this machine, end to end.
 
 Starts (or reuses) the embedded Redis unless ``ARCFACE_REDIS_URL`` is set, starts one ``arcface-worker``
-process, sends embed and verify jobs for real face crops through the producer client, prints the results
-and stops the worker. The model is the configured one (``ARCFACE_MODEL_PATH``) or deepface's published
-weights, downloaded once. Offline with no model configured, the demo says so and falls back to a randomly
-initialised ArcFace saved in deepface's format, so the plumbing can still be seen (distances are then
-meaningless); the worker itself never does that.
+process, sends embed and verify jobs for the real face crops in tests/data/faces through the producer client,
+prints the results and stops the worker. The model is the configured one (``ARCFACE_MODEL_PATH``) or
+deepface's published weights, downloaded once. Offline with no model configured, the demo says so and falls
+back to a randomly initialised ArcFace saved in deepface's format, so the plumbing can still be seen
+(distances are then meaningless); the worker itself never does that.
 """
 
 from __future__ import annotations
@@ -43,20 +43,13 @@ def _model_path() -> tuple[str, bool]:
 
 
 def _faces() -> list[Path]:
-    root = Path(os.environ.get("ARCFACE_DEMO_FACES", REPO.parent / "shared" / "faces"))
+    """The real face crops the demo sends: ``<root>/<person>/*.png``, the repository's tests/data/faces unless
+    ``ARCFACE_DEMO_FACES`` names another folder laid out the same way."""
+    root = Path(os.environ.get("ARCFACE_DEMO_FACES", REPO / "tests" / "data" / "faces"))
     found = sorted(root.glob("*/*.png"))
-    if found:
-        return found
-    import numpy as np
-    from PIL import Image
-
-    out = Path("/tmp/arcface-demo-faces")
-    out.mkdir(exist_ok=True)
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        p = out / f"person{i}.png"
-        Image.fromarray(rng.integers(0, 256, (150, 150, 3), dtype=np.uint8)).save(p)
-        found.append(p)
+    if len(found) < 3:
+        raise SystemExit(f"demo: need at least 3 face crops as {root}/<person>/*.png, found {len(found)};"
+                         " set ARCFACE_DEMO_FACES to a folder laid out that way")
     return found
 
 
@@ -65,6 +58,7 @@ def main() -> None:
     from producer.redisconn import connect
     from producer.settings import ProducerSettings
 
+    faces = _faces()
     settings = ProducerSettings()
     where = "embedded Redis under " + str(settings.data_dir) if settings.redis_url is None else "ARCFACE_REDIS_URL"
     connection = connect(settings)
@@ -76,7 +70,6 @@ def main() -> None:
     worker = subprocess.Popen([sys.executable, "-m", "worker.cli"], env=env, cwd=REPO)
     try:
         client = FaceClient(settings, connection)
-        faces = _faces()
         a, b, c = faces[0], faces[1], faces[-1]
         start = time.monotonic()
         embed_ids = client.embed_many(faces[:8])
