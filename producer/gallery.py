@@ -1,0 +1,401 @@
+"""The enrolled-identities contract: gallery key names in Redis, the events stream, job kinds (``enroll``,
+``identify``, ``verify`` against a subject or an embedding, ``forget``), typed results and error codes.
+
+Like :mod:`producer.jobs`, nothing here imports TensorFlow or rq's worker side.
+
+Data model. A *gallery* (a name) is bound to one model name and embedding dimension by its first enrollment;
+it holds *subjects* (any id string: a user id, an e-mail); a subject holds one or more *enrollments*, each an
+L2-normalised embedding with an enrollment id (unique within the gallery), a timestamp and optional metadata.
+
+Redis layout (all durable with the queue's own persistence; ``<g>`` a gallery, ``<s>`` a subject):
+
+=====================================  ======  =============================================================
+key                                    type    content
+=====================================  ======  =============================================================
+``arcface:galleries``                  set     gallery names
+``arcface:gallery:<g>``                hash    ``model``, ``dim``, ``created_at`` (the gallery's binding)
+``arcface:gallery:<g>:subjects``       hash    subject -> number of enrollments
+``arcface:gallery:<g>:subject:<s>``    set     the subject's enrollment ids
+``arcface:gallery:<g>:embeddings``     hash    enrollment id -> embedding, raw little-endian float32 bytes
+``arcface:gallery:<g>:enrollments``    hash    enrollment id -> JSON ``{"subject", "enrolled_at", "meta"}``
+``arcface:gallery-events``             stream  one entry per change (below), trimmed to about
+                                               :data:`EVENTS_MAXLEN` entries
+``arcface:gallery-events:seq``         string  the sequence number of the last event
+=====================================  ======  =============================================================
+
+Events (stream fields; every change is written together with its event in one Lua script, so the
+``seq`` field numbers the events without gaps): ``seq``, ``op`` (``enroll`` / ``forget``), ``gallery``,
+``subject``; for ``enroll`` also ``eid``, ``model``, ``dim`` and ``vec`` (the raw float32 embedding);
+for ``forget`` ``eids``, a JSON list of the enrollment ids removed. A worker that sees a sequence number
+other than the next one (events trimmed while it was away, a Redis that lost writes) reloads everything.
+
+Wire format of the jobs (same rq envelope as embed/verify, see README "Wire format")::
+
+    ["worker.jobs.enroll", null, [{"kind": "enroll", "image": {...}, "subject": "alice", "gallery": "staff"}], {}]
+    ["worker.jobs.identify", null, [{"kind": "identify", "image": {...}, "gallery": "staff", "top_k": 5}], {}]
+    ["worker.jobs.verify", null, [{"kind": "verify", "a": {...}, "b": {"subject": "alice", "gallery": "staff"}}], {}]
+    ["worker.jobs.verify", null, [{"kind": "verify", "a": {...}, "b": {"embedding_b64": "..."}}], {}]
+    ["worker.jobs.forget", null, [{"kind": "forget", "subject": "alice", "gallery": "staff"}], {}]
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import json
+import re
+from typing import Any, Literal, Union
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from producer.jobs import (
+    VERIFY_FUNC, Detect, ErrorCode, ImageRef, JobFailure, Timing, VerifyResult,
+)
+
+# --- Redis names -----------------------------------------------------------------------------------
+GALLERIES_KEY = "arcface:galleries"
+GALLERY_KEY_PREFIX = "arcface:gallery:"
+EVENTS_KEY = "arcface:gallery-events"
+EVENTS_SEQ_KEY = "arcface:gallery-events:seq"
+EVENTS_MAXLEN = 10_000  # about 20 MiB of 512-d events; a worker further behind reloads from the hashes
+DEFAULT_GALLERY = "default"
+
+
+def gallery_key(gallery: str) -> str:
+    """The hash binding ``gallery`` to a model: ``model``, ``dim``, ``created_at``."""
+    return f"{GALLERY_KEY_PREFIX}{gallery}"
+
+
+def subjects_key(gallery: str) -> str:
+    """Hash subject -> enrollment count."""
+    return f"{GALLERY_KEY_PREFIX}{gallery}:subjects"
+
+
+def subject_key(gallery: str, subject: str) -> str:
+    """Set of the subject's enrollment ids."""
+    return f"{GALLERY_KEY_PREFIX}{gallery}:subject:{subject}"
+
+
+def embeddings_key(gallery: str) -> str:
+    """Hash enrollment id -> raw little-endian float32 embedding."""
+    return f"{GALLERY_KEY_PREFIX}{gallery}:embeddings"
+
+
+def enrollments_key(gallery: str) -> str:
+    """Hash enrollment id -> JSON record (subject, enrolled_at, meta)."""
+    return f"{GALLERY_KEY_PREFIX}{gallery}:enrollments"
+
+
+# --- job functions ---------------------------------------------------------------------------------
+ENROLL_FUNC = "worker.jobs.enroll"
+IDENTIFY_FUNC = "worker.jobs.identify"
+FORGET_FUNC = "worker.jobs.forget"
+GALLERY_FUNCTIONS = frozenset({ENROLL_FUNC, IDENTIFY_FUNC, FORGET_FUNC})  # verify keeps worker.jobs.verify
+
+
+# --- errors ----------------------------------------------------------------------------------------
+class GalleryErrorCode(str, enum.Enum):
+    """Error codes of the gallery jobs (to be merged into :class:`producer.jobs.ErrorCode`)."""
+
+    UNKNOWN_GALLERY = "unknown_gallery"
+    UNKNOWN_SUBJECT = "unknown_subject"
+    GALLERY_MODEL_MISMATCH = "gallery_model_mismatch"
+    ENROLLMENT_CONFLICT = "enrollment_conflict"
+
+
+AnyErrorCode = Union[ErrorCode, GalleryErrorCode]
+
+
+def error_code(value: str) -> AnyErrorCode:
+    """The member for ``value``: :class:`ErrorCode`'s when the contract has it, else :class:`GalleryErrorCode`'s."""
+    member = ErrorCode._value2member_map_.get(value)
+    return member if member is not None else GalleryErrorCode(value)  # type: ignore[return-value]
+
+
+class GalleryJobError(BaseModel):
+    """A failure's stored form (``job.meta['error']``), accepting the gallery codes too."""
+
+    code: AnyErrorCode
+    message: str
+
+
+class GalleryFailure(JobFailure):
+    """A :class:`JobFailure` whose code may be a gallery code; stores as ``{"code", "message"}`` like any other."""
+
+    def __init__(self, code: AnyErrorCode | str, message: str) -> None:
+        super().__init__(error_code(code.value if isinstance(code, enum.Enum) else code), message)  # type: ignore[arg-type]
+
+    def to_error(self) -> GalleryJobError:  # type: ignore[override]
+        return GalleryJobError(code=self.code, message=self.message)
+
+
+# --- names -----------------------------------------------------------------------------------------
+_GALLERY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+MAX_META_BYTES = 4096
+
+
+def _check_id(value: str, what: str) -> str:
+    if not value or len(value) > 256 or _CONTROL.search(value) or value != value.strip():
+        raise ValueError(f"{what} must be 1-256 characters without control characters or surrounding spaces")
+    return value
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _GalleryField(_Strict):
+    gallery: str = Field(default=DEFAULT_GALLERY, description="letters, digits, _ . @ -; at most 64, no ':'")
+
+    @field_validator("gallery")
+    @classmethod
+    def _gallery_name(cls, value: str) -> str:
+        if not _GALLERY_NAME.match(value):
+            raise ValueError("gallery names are 1-64 of A-Z a-z 0-9 _ . @ - (starting with a letter or digit)")
+        return value
+
+
+# --- verify targets ----------------------------------------------------------------------------------
+class SubjectRef(_GalleryField):
+    """``b`` of a verify job: compare ``a`` with the closest enrollment of an enrolled subject."""
+
+    subject: str
+
+    @field_validator("subject")
+    @classmethod
+    def _subject(cls, value: str) -> str:
+        return _check_id(value, "subject")
+
+
+class EmbeddingRef(_Strict):
+    """``b`` of a verify job: compare ``a`` with a given embedding (base64 of little-endian float32, e.g. an
+    earlier embed result's ``embedding_b64``). It is L2-normalised before use."""
+
+    embedding_b64: str = Field(max_length=65536)
+
+    @field_validator("embedding_b64")
+    @classmethod
+    def _decodes(cls, value: str) -> str:
+        try:
+            raw = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("embedding_b64 is not valid base64") from None
+        if not raw or len(raw) % 4:
+            raise ValueError(f"embedding_b64 holds {len(raw)} bytes, not a whole number of float32 values")
+        vec = np.frombuffer(raw, "<f4")
+        if not np.all(np.isfinite(vec)) or not np.any(vec):
+            raise ValueError("embedding_b64 must be finite and not all zero")
+        return value
+
+    @property
+    def vector(self) -> np.ndarray:
+        """The embedding, float32, L2-normalised."""
+        vec = np.frombuffer(base64.b64decode(self.embedding_b64), "<f4").astype(np.float32)
+        return vec / np.float32(np.linalg.norm(vec.astype(np.float64)))
+
+
+VerifyTarget = Union[ImageRef, SubjectRef, EmbeddingRef]
+
+
+# --- requests --------------------------------------------------------------------------------------
+class EnrollRequest(_GalleryField):
+    """Embed ``image`` and store it under ``subject`` in ``gallery``.
+
+    Idempotent by ``enrollment_id``: the same id again is a no-op (``created: false``); the same id for a
+    different subject fails with ``enrollment_conflict``. Without an id the worker uses one derived from the
+    subject and the embedding, so re-running the job (or enrolling the same image again) changes nothing.
+    """
+
+    kind: Literal["enroll"] = "enroll"
+    image: ImageRef
+    subject: str
+    enrollment_id: str | None = None
+    meta: dict[str, Any] | None = Field(default=None, description=f"JSON object stored with the enrollment, at most {MAX_META_BYTES} bytes")
+    model: str | None = None
+    detect: Detect | None = None
+    ref: str | None = Field(default=None, max_length=1024)
+
+    @field_validator("subject")
+    @classmethod
+    def _subject(cls, value: str) -> str:
+        return _check_id(value, "subject")
+
+    @field_validator("enrollment_id")
+    @classmethod
+    def _eid(cls, value: str | None) -> str | None:
+        return None if value is None else _check_id(value, "enrollment_id")
+
+    @field_validator("meta")
+    @classmethod
+    def _meta_size(cls, value: dict | None) -> dict | None:
+        if value is not None and len(json.dumps(value, separators=(",", ":"))) > MAX_META_BYTES:
+            raise ValueError(f"meta is over {MAX_META_BYTES} bytes as JSON")
+        return value
+
+
+class IdentifyRequest(_GalleryField):
+    """Search ``gallery`` for the ``top_k`` subjects closest to the face in ``image`` (1:N), keeping only
+    those within ``threshold`` (default: the worker's verify threshold)."""
+
+    kind: Literal["identify"] = "identify"
+    image: ImageRef
+    top_k: int = Field(default=5, ge=1, le=100)
+    threshold: float | None = Field(default=None, ge=0.0, le=2.0)
+    model: str | None = None
+    detect: Detect | None = None
+    ref: str | None = Field(default=None, max_length=1024)
+
+
+class GalleryVerifyRequest(_Strict):
+    """``verify`` with ``b`` widened: an image (pairwise verify, as :class:`producer.jobs.VerifyRequest`), an
+    enrolled subject (:class:`SubjectRef`) or an embedding (:class:`EmbeddingRef`)."""
+
+    kind: Literal["verify"] = "verify"
+    a: ImageRef
+    b: VerifyTarget
+    model: str | None = None
+    detect: Detect | None = None
+    threshold: float | None = Field(default=None, ge=0.0, le=2.0)
+    ref: str | None = Field(default=None, max_length=1024)
+
+
+class ForgetRequest(_GalleryField):
+    """Delete a subject (every enrollment) or, with ``enrollment_id``, one enrollment. Idempotent: forgetting
+    what is not there succeeds with ``removed: 0``."""
+
+    kind: Literal["forget"] = "forget"
+    subject: str
+    enrollment_id: str | None = None
+    ref: str | None = Field(default=None, max_length=1024)
+
+    @field_validator("subject")
+    @classmethod
+    def _subject(cls, value: str) -> str:
+        return _check_id(value, "subject")
+
+
+GalleryRequest = Union[EnrollRequest, IdentifyRequest, GalleryVerifyRequest, ForgetRequest]
+_FUNC_FOR_KIND = {"enroll": ENROLL_FUNC, "identify": IDENTIFY_FUNC, "forget": FORGET_FUNC, "verify": VERIFY_FUNC}
+_MODEL_FOR_FUNC: dict[str, type[BaseModel]] = {
+    ENROLL_FUNC: EnrollRequest, IDENTIFY_FUNC: IdentifyRequest, FORGET_FUNC: ForgetRequest, VERIFY_FUNC: GalleryVerifyRequest,
+}
+
+
+def gallery_func_for(request: GalleryRequest) -> str:
+    """The rq function path that runs ``request``."""
+    return _FUNC_FOR_KIND[request.kind]
+
+
+def parse_gallery_request(func_name: str | None, args: Any, kwargs: Any) -> GalleryRequest:
+    """Validate an rq job of a gallery kind (or a verify job, with ``b`` widened); same rules and codes as
+    :func:`producer.jobs.parse_request`."""
+    model = _MODEL_FOR_FUNC.get(func_name or "")
+    if model is None:
+        raise JobFailure(ErrorCode.UNSUPPORTED_JOB, f"function {func_name!r} is not a gallery job; allowed: {sorted(_MODEL_FOR_FUNC)}")
+    if kwargs or not isinstance(args, (list, tuple)) or len(args) != 1 or not isinstance(args[0], dict):
+        raise JobFailure(ErrorCode.INVALID_PAYLOAD, "job arguments must be exactly one JSON object (the request)")
+    try:
+        return model.model_validate(args[0])  # type: ignore[return-value]
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "payload"
+        raise JobFailure(ErrorCode.INVALID_PAYLOAD, f"{where}: {first['msg']}") from None
+
+
+# --- results ---------------------------------------------------------------------------------------
+class EnrollResult(BaseModel):
+    kind: Literal["enroll"] = "enroll"
+    gallery: str
+    subject: str
+    enrollment_id: str
+    created: bool = Field(description="false when this enrollment id was already stored (nothing changed)")
+    subject_enrollments: int = Field(description="the subject's enrollments after this job")
+    model: str
+    dim: int
+    ref: str | None = None
+    face: dict | None = None
+    timing: Timing = Field(default_factory=Timing)
+
+
+class Match(BaseModel):
+    subject: str
+    distance: float = Field(description="cosine distance to the subject's closest enrollment")
+    enrollment_id: str = Field(description="that closest enrollment")
+
+
+class IdentifyResult(BaseModel):
+    kind: Literal["identify"] = "identify"
+    gallery: str
+    matches: list[Match] = Field(description="at most top_k subjects within the threshold, closest first")
+    top_k: int
+    threshold: float
+    searched: int = Field(description="enrollments searched")
+    model: str
+    ref: str | None = None
+    face: dict | None = None
+    timing: Timing = Field(default_factory=Timing)
+
+
+class VerifySubjectResult(VerifyResult):
+    """A verify result against an enrolled subject: the distance to the subject's closest enrollment."""
+
+    subject: str
+    gallery: str
+    enrollment_id: str = Field(description="the subject's closest enrollment")
+    enrollments: int = Field(description="the subject's enrollments compared")
+
+
+class ForgetResult(BaseModel):
+    kind: Literal["forget"] = "forget"
+    gallery: str
+    subject: str
+    enrollment_id: str | None = None
+    removed: int = Field(description="enrollments deleted (0: there was nothing to delete)")
+    subject_enrollments: int = Field(description="the subject's enrollments left")
+    ref: str | None = None
+
+
+GalleryResult = Union[EnrollResult, IdentifyResult, VerifySubjectResult, VerifyResult, ForgetResult]
+
+
+def parse_gallery_result(value: Any) -> GalleryResult:
+    """Turn a stored rq return value of a gallery job (or a verify job) back into its typed result."""
+    kind = value.get("kind") if isinstance(value, dict) else None
+    if kind == "enroll":
+        return EnrollResult.model_validate(value)
+    if kind == "identify":
+        return IdentifyResult.model_validate(value)
+    if kind == "forget":
+        return ForgetResult.model_validate(value)
+    if kind == "verify":
+        return (VerifySubjectResult if "subject" in value else VerifyResult).model_validate(value)
+    raise ValueError(f"not a gallery job result: {str(value)[:80]!r}")
+
+
+# --- listing -----------------------------------------------------------------------------------------
+class GalleryInfo(BaseModel):
+    """A gallery as stored: its binding and counts."""
+
+    name: str
+    model: str
+    dim: int
+    created_at: float
+    subjects: int
+    enrollments: int
+
+
+class SubjectInfo(BaseModel):
+    subject: str
+    enrollments: int
+
+
+__all__ = [
+    "DEFAULT_GALLERY", "EVENTS_KEY", "EVENTS_MAXLEN", "EVENTS_SEQ_KEY", "GALLERIES_KEY", "ENROLL_FUNC", "IDENTIFY_FUNC", "FORGET_FUNC",
+    "GALLERY_FUNCTIONS", "EmbeddingRef", "EnrollRequest", "EnrollResult", "ForgetRequest", "ForgetResult", "GalleryErrorCode",
+    "GalleryFailure", "GalleryInfo", "GalleryJobError", "GalleryVerifyRequest", "IdentifyRequest", "IdentifyResult", "Match",
+    "SubjectInfo", "SubjectRef", "VerifySubjectResult", "embeddings_key", "enrollments_key", "error_code", "gallery_key",
+    "parse_gallery_request", "parse_gallery_result", "subject_key", "subjects_key",
+]
