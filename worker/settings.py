@@ -33,11 +33,12 @@ class WorkerSettings(CommonSettings):
     detector_path: Path | None = Field(default=None, description="BlazeFace TF.js graph model.json (blazeface-front.json)")
     detector_url: str | None = Field(default=None, description="download the detector's model.json from here (its .bin beside it)")
     detector_sha256: str | None = None
-    detect_min_score: float = 0.5
+    detect_min_score: float = Field(default=0.5, description="detections scoring less are dropped (MediaPipe's default)")
     detect_min_face: float = Field(default=20.0, description="faces smaller than this (pixels) are ignored")
-    face_select: Literal["largest", "confident"] = "largest"
+    face_select: Literal["auto", "largest", "confident"] = Field(
+        default="auto", description="auto: the largest visible face among those within 0.25 of the best score; or largest / confident")
     crop: Literal["align", "square"] = Field(default="align", description="align: warp to the ArcFace template; square: crop with a margin")
-    crop_margin: float = 0.2
+    crop_margin: float = Field(default=0.1, description="crop=square: margin added on each side, x the face box side")
     threshold: float = Field(default=0.68, description="verify: similar when distance <= threshold")
     # engine
     allowed_batch_sizes: Annotated[list[int], NoDecode] = Field(default=[1, 2, 4, 8, 16, 32, 64], description="compiled batch shapes")
