@@ -1,53 +1,55 @@
-"""The producer client: enqueue embed/verify jobs through rq and wait for their typed results."""
+"""The producer client: enqueue embed/verify jobs through rq and wait for their typed results.
+
+Every error it raises is a :class:`~producer.errors.ArcFaceError` (see :mod:`producer.errors`); Redis,
+rq and pydantic exceptions never escape it.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import io
+import json
 import os
 import re
 import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence, Union
+from typing import Any, Iterable, Iterator, Sequence, Union
 
 import numpy as np
 import redis
+from pydantic import ValidationError
 from rq import Queue, Retry
 from rq.exceptions import NoSuchJobError
+from rq.job import JobStatus
 from rq.results import Result
 
+from producer.errors import ArcFaceError, InputError, JobFailed, JobNotFound, RedisUnavailable, ResultNotKept, ResultTimeout
 from producer.jobs import (
-    EMBED_FUNC, ERROR_META_KEY, VERIFY_FUNC, EmbedRequest, EmbedResult, ErrorCode, ImageRef, JobError, JobFailure,
-    JSONSerializer, SafeJob, VerifyRequest, VerifyResult, func_for, parse_result, resolve_shared_path,
+    EMBED_FUNC, ERROR_META_KEY, VERIFY_FUNC, EmbedRequest, EmbedResult, ErrorCode, ImageRef, JobError,
+    JobFailure, JSONSerializer, SafeJob, VerifyRequest, VerifyResult, func_for, model_info_key, parse_result,
+    resolve_shared_path,
 )
-from producer.redisconn import connect
-from producer.settings import ProducerSettings
+from producer.redisconn import announce_embedded, connect
+from producer.settings import ProducerSettings, load_settings, redact
 
 ImageInput = Union[bytes, bytearray, str, os.PathLike, ImageRef, np.ndarray, Any]  # Any: a PIL image
+JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")  # what rq accepts as a job id (plus a length bound)
 
 
-class InputError(ValueError):
-    """An image the client cannot send (missing file, too large, unsupported type); carries a code."""
-
-    def __init__(self, code: ErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class JobFailed(RuntimeError):
-    """The job ran and failed; ``error`` holds its stable code and message."""
-
-    def __init__(self, job_id: str, error: JobError) -> None:
-        super().__init__(f"job {job_id} failed [{error.code.value}]: {error.message}")
-        self.job_id = job_id
-        self.error = error
+@contextlib.contextmanager
+def _redis(what: str) -> Iterator[None]:
+    """Turn any Redis failure into :class:`RedisUnavailable` with a one-line, password-free reason."""
+    try:
+        yield
+    except redis.RedisError as exc:
+        kind = "unreachable" if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)) else "refused the command"
+        raise RedisUnavailable(f"Redis {kind} while {what}: {redact(str(exc)) or type(exc).__name__}") from None
 
 
-class ResultTimeout(TimeoutError):
-    """No result arrived within the timeout (the job may still finish later)."""
-
-
-class JobNotFound(LookupError):
-    """No such job in Redis (never enqueued, or its TTL ran out)."""
+def _input_error(exc: ValidationError) -> InputError:
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "request"
+    return InputError(ErrorCode.INVALID_PAYLOAD, f"{where}: {first['msg']} (got {first.get('input')!r:.80})")
 
 
 _CODED_ERROR = re.compile(r"JobFailure: \[(?P<code>[a-z_]+)\] (?P<message>.*)")
@@ -56,16 +58,24 @@ _FINAL_FAILURES = {Result.Type.FAILED, Result.Type.STOPPED, Result.Type.MAX_RETR
 
 
 class FaceClient:
-    """Enqueue ArcFace jobs and read their results. Thread-safe as long as redis-py's pool is.
+    """Enqueue ArcFace jobs and read their results.
 
     ``image`` arguments accept bytes, a file path (``str`` / ``pathlib.Path``), a PIL image, a numpy array
     (HxW or HxWxC, 0..255) or an :class:`~producer.jobs.ImageRef`. With ``as_path=True`` a path is sent as
     a reference relative to the shared root instead of inline bytes.
+
+    Raises only :class:`~producer.errors.ArcFaceError` subclasses: :class:`ConfigError` (a bad setting, at
+    construction), :class:`InputError`, :class:`JobNotFound`, :class:`ResultNotKept`, :class:`JobFailed`,
+    :class:`ResultTimeout`, :class:`RedisUnavailable`. One client may be shared by any number of threads: its
+    connection pool (``ARCFACE_REDIS_MAX_CONNECTIONS``) makes a thread wait for a free connection rather
+    than fail.
     """
 
     def __init__(self, settings: ProducerSettings | None = None, connection: redis.Redis | None = None) -> None:
-        self.settings = settings or ProducerSettings()
-        self.connection = connection or connect(self.settings)
+        self.settings = settings or load_settings(ProducerSettings)
+        if connection is None and self.settings.redis_url is None and self.settings.embedded_redis:
+            announce_embedded(self.settings)
+        self.connection = connection or connect(self.settings, pooled=True)
         self.queue = Queue(self.settings.queue, connection=self.connection, serializer=JSONSerializer, job_class=SafeJob)
 
     # --- images ---------------------------------------------------------------------------------
@@ -98,9 +108,15 @@ class FaceClient:
         elif isinstance(image, (bytes, bytearray, memoryview)):
             data = bytes(image)
         elif isinstance(image, np.ndarray):
-            data = _png(_array_image(image))
+            try:
+                data = _png(_array_image(image))
+            except (TypeError, ValueError, OSError) as exc:
+                raise InputError(ErrorCode.INVALID_PAYLOAD, f"numpy image of shape {image.shape} and dtype {image.dtype}: {exc}") from None
         elif hasattr(image, "save") and hasattr(image, "mode"):
-            data = _png(image)
+            try:
+                data = _png(image)
+            except (TypeError, ValueError, OSError) as exc:
+                raise InputError(ErrorCode.INVALID_PAYLOAD, f"PIL image cannot be encoded: {exc}") from None
         else:
             raise InputError(ErrorCode.INVALID_PAYLOAD, f"unsupported image type {type(image).__name__}")
         if not data:
@@ -119,16 +135,36 @@ class FaceClient:
         )
 
     def _embed_request(self, image: ImageInput, model: str | None, ref: str | None, as_path: bool, detect: str | None = None) -> EmbedRequest:
-        return EmbedRequest(image=self.image_ref(image, as_path), model=model, ref=ref, detect=detect)  # type: ignore[arg-type]
+        try:
+            return EmbedRequest(image=self.image_ref(image, as_path), model=model, ref=ref, detect=detect)  # type: ignore[arg-type]
+        except ValidationError as exc:
+            raise _input_error(exc) from None
 
     def _verify_request(self, a: ImageInput, b: ImageInput, threshold: float | None, model: str | None, ref: str | None, as_path: bool,
                         detect: str | None = None) -> VerifyRequest:
-        return VerifyRequest(a=self.image_ref(a, as_path), b=self.image_ref(b, as_path), threshold=threshold, model=model, ref=ref,
-                             detect=detect)  # type: ignore[arg-type]
+        try:
+            ref_a = self.image_ref(a, as_path)
+        except InputError as exc:
+            raise InputError(exc.code, f"image a: {exc.message}") from None
+        try:
+            ref_b = self.image_ref(b, as_path)
+        except InputError as exc:
+            raise InputError(exc.code, f"image b: {exc.message}") from None
+        try:
+            return VerifyRequest(a=ref_a, b=ref_b, threshold=threshold, model=model, ref=ref, detect=detect)  # type: ignore[arg-type]
+        except ValidationError as exc:
+            raise _input_error(exc) from None
+
+    @staticmethod
+    def _check_new_id(job_id: str | None) -> None:
+        if job_id is not None and not (isinstance(job_id, str) and JOB_ID.fullmatch(job_id)):
+            raise InputError(ErrorCode.INVALID_PAYLOAD, f"job id {job_id!r} is not valid: use 1-128 letters, digits, '_' or '-'")
 
     def submit(self, request: EmbedRequest | VerifyRequest, job_id: str | None = None) -> str:
         """Enqueue a ready-made request; returns the job id."""
-        return self.queue.enqueue_call(func_for(request), **self._job_options(request, job_id)).id
+        self._check_new_id(job_id)
+        with _redis("enqueueing"):
+            return self.queue.enqueue_call(func_for(request), **self._job_options(request, job_id)).id
 
     def embed(self, image: ImageInput, *, model: str | None = None, ref: str | None = None, as_path: bool = False, job_id: str | None = None,
               detect: str | None = None) -> str:
@@ -143,7 +179,8 @@ class FaceClient:
     def submit_many(self, requests: Iterable[EmbedRequest | VerifyRequest]) -> list[str]:
         """Enqueue many requests in one Redis round trip (rq's ``enqueue_many``)."""
         datas = [Queue.prepare_data(func_for(r), **self._job_options(r, None)) for r in requests]
-        return [job.id for job in self.queue.enqueue_many(datas)] if datas else []
+        with _redis("enqueueing"):
+            return [job.id for job in self.queue.enqueue_many(datas)] if datas else []
 
     def embed_many(self, images: Iterable[ImageInput], *, model: str | None = None, as_path: bool = False) -> list[str]:
         """Enqueue one embed job per image in one round trip; returns the ids in order."""
@@ -156,14 +193,30 @@ class FaceClient:
 
     # --- results --------------------------------------------------------------------------------
     def _job(self, job_id: str) -> SafeJob:
-        try:
-            return SafeJob.fetch(job_id, connection=self.connection, serializer=JSONSerializer)
-        except NoSuchJobError:
-            raise JobNotFound(f"no job {job_id!r} in Redis (unknown id, or its result TTL has passed)") from None
+        """The job, read and checked: :class:`JobNotFound` for an id rq refuses, a missing job, or a hash that
+        is not an ArcFace job (another application's pickled job, a corrupt field)."""
+        if not (isinstance(job_id, str) and JOB_ID.fullmatch(job_id)):
+            raise JobNotFound(str(job_id), f"{str(job_id)[:80]!r} is not a job id (ids are 1-128 letters, digits, '_' or '-')")
+        with _redis("reading the job"):
+            try:
+                job = SafeJob.fetch(job_id, connection=self.connection, serializer=JSONSerializer)
+                func_name = job.func_name  # decodes the job's data: fails here, not later, for a foreign job
+            except NoSuchJobError:
+                raise JobNotFound(job_id, f"no job {job_id!r} in Redis (unknown id, or its result TTL has passed)") from None
+            except redis.RedisError:
+                raise
+            except Exception as exc:  # rq could not restore the hash: pickled data, a field in another format
+                raise JobNotFound(job_id, f"job {job_id!r} is not an ArcFace job this client can read ({type(exc).__name__}: "
+                                          f"{str(exc)[:120]})") from None
+        if not isinstance(func_name, str):
+            raise JobNotFound(job_id, f"job {job_id!r} is not an ArcFace job (its data names no function)")
+        return job  # a function outside ALLOWED_FUNCTIONS is read too: workers fail it with unsupported_job
 
     def status(self, job_id: str) -> str:
         """rq's status of the job: queued, started, finished, failed, scheduled, deferred, stopped, canceled."""
-        status = self._job(job_id).get_status(refresh=False)
+        job = self._job(job_id)
+        with _redis("reading the job status"):
+            status = job.get_status(refresh=False)
         return str(status.value if hasattr(status, "value") else status)
 
     def error(self, job_id: str, result: Result | None = None) -> JobError:
@@ -171,7 +224,10 @@ class FaceClient:
         job = self._job(job_id)
         stored = job.meta.get(ERROR_META_KEY)
         if stored:
-            return JobError.model_validate(stored)
+            try:
+                return JobError.model_validate(stored)
+            except ValidationError:
+                pass
         text = (result.exc_string if result is not None else None) or job.exc_info or ""
         if "AbandonedJobError" in text:
             return JobError(code=ErrorCode.WORKER_DIED, message="the worker running this job died and no retries were left")
@@ -183,43 +239,120 @@ class FaceClient:
         last = text.strip().splitlines()[-1] if text.strip() else "no error details stored"
         return JobError(code=ErrorCode.INTERNAL_ERROR, message=last)
 
+    def model_info(self) -> dict[str, Any] | None:
+        """What the workers of this queue serve, as they publish it at start (``arcface:model:<queue>``):
+        ``{"model", "dim", "threshold", "input_size", "detect", "started_at"}``; ``None`` before any worker started."""
+        with _redis("reading the model info"):
+            raw = self.connection.get(model_info_key(self.settings.queue))
+        try:
+            info = json.loads(raw) if raw else None
+        except ValueError:
+            return None
+        return info if isinstance(info, dict) else None
+
     def result(self, job_id: str, timeout: float | None = None) -> EmbedResult | VerifyResult:
         """Block until the job finishes (an XREAD on rq's result stream: no polling) and return its result.
 
-        Raises :class:`JobFailed` (with the error code), :class:`ResultTimeout` or :class:`JobNotFound`.
+        Raises :class:`JobFailed` (with the error code), :class:`ResultTimeout`, :class:`JobNotFound`,
+        :class:`ResultNotKept` (at once for a job enqueued with ``result_ttl`` 0; as soon as it ends for a failing
+        job with ``failure_ttl`` 0) or
+        :class:`RedisUnavailable` (Redis still unreachable at the deadline). A Redis that restarts while
+        waiting is waited for, with backoff, until the deadline.
         """
-        job = self._job(job_id)
+        if timeout is not None and not (timeout >= 0 and timeout != float("inf")):
+            raise InputError(ErrorCode.INVALID_PAYLOAD, f"timeout must be a finite number of seconds >= 0, got {timeout!r}")
         timeout = self.settings.wait_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
-        key, last_id = Result.get_key(job.id), "0-0"
+        key, last_id = Result.get_key(job_id), "0-0"
+        job: SafeJob | None = None
         backoff = 0.0
         while True:
             remaining_ms = int((deadline - time.monotonic()) * 1000)
-            if remaining_ms <= 0:
-                raise ResultTimeout(f"job {job_id} has no result after {timeout:g}s (status {self.status(job_id)})")
-            # Server-side blocking read, woken the moment rq XADDs the result. Capped per call so the
-            # socket's read timeout never fires during a long wait and a restarted Redis is noticed.
             try:
-                response = self.connection.xread({key: last_id}, block=min(remaining_ms, _BLOCK_CHUNK_MS))
-            except (redis.ConnectionError, redis.TimeoutError):
-                # Redis restarting: back off (never a tight loop) and keep waiting until the deadline.
+                if job is None:  # inside the retry loop: a Redis restarting at the first read is waited for too
+                    job = self._job(job_id)
+                    self._check_keeps_result(job)
+                # Server-side blocking read, woken the moment rq XADDs the result. Capped per call so the
+                # socket's read timeout never fires during a long wait and a restarted Redis is noticed.
+                with _redis("waiting for the result"):
+                    if remaining_ms > 0:
+                        response = self.connection.xread({key: last_id}, block=min(remaining_ms, _BLOCK_CHUNK_MS))
+                    else:  # past the deadline: one last look, without blocking
+                        response = self.connection.xread({key: last_id})
+                    gone = not response and remaining_ms > 0 and not self.connection.exists(job.key)
+                backoff = 0.0
+            except RedisUnavailable:
+                # Redis restarting, or every pooled connection busy: back off (never a tight loop), keep waiting.
+                if time.monotonic() >= deadline:
+                    raise
                 backoff = min(backoff * 2, 5.0) if backoff else 0.25
                 time.sleep(min(backoff, max(0.0, deadline - time.monotonic())))
                 continue
-            backoff = 0.0
             if not response:
+                if remaining_ms <= 0:
+                    raise ResultTimeout(job_id, f"job {job_id} has no result after {timeout:g}s (status {self._status_or_unknown(job_id)})")
+                if gone:
+                    if job.failure_ttl == 0:
+                        raise ResultNotKept(job_id, f"job {job_id} ended without a result and was deleted at once: it was enqueued with "
+                                                    "failure_ttl 0 (ARCFACE_FAILURE_TTL=0), so a failure leaves no record")
+                    raise JobNotFound(job_id, f"job {job_id} was deleted while waiting for it (its TTL passed, or it was removed)")
                 continue
             latest: Result | None = None
             for rid, payload in response[0][1]:
                 last_id = rid
-                latest = Result.restore(job.id, rid.decode(), payload, connection=self.connection, serializer=JSONSerializer)
+                try:
+                    latest = Result.restore(job_id, rid.decode(), payload, connection=self.connection, serializer=JSONSerializer)
+                except Exception as exc:
+                    raise JobNotFound(job_id, f"job {job_id}'s result cannot be read ({type(exc).__name__}): not an ArcFace result") from None
             if latest is None:
                 continue
             if latest.type == Result.Type.SUCCESSFUL:
-                return parse_result(latest.return_value)
+                try:
+                    return parse_result(latest.return_value)  # type: ignore[return-value]
+                except (ValueError, ValidationError):
+                    raise JobNotFound(job_id, f"job {job_id} finished with a value that is not an ArcFace result") from None
             if latest.type in _FINAL_FAILURES:
-                raise JobFailed(job_id, self.error(job_id, latest))
+                raise JobFailed(job_id, self._error_or_unknown(job_id, latest))
             # RETRIED: the job was requeued; keep waiting on the same stream.
+
+    def result_embed(self, job_id: str, timeout: float | None = None) -> EmbedResult:
+        """:meth:`result` for an embed job, typed as :class:`EmbedResult` (``InputError`` for another kind)."""
+        return self._typed(job_id, timeout, EmbedResult)
+
+    def result_verify(self, job_id: str, timeout: float | None = None) -> VerifyResult:
+        """:meth:`result` for a verify job, typed as :class:`VerifyResult` (``InputError`` for another kind)."""
+        return self._typed(job_id, timeout, VerifyResult)
+
+    def _typed(self, job_id: str, timeout: float | None, kind: Any) -> Any:
+        result = self.result(job_id, timeout)
+        if not isinstance(result, kind):
+            raise InputError(ErrorCode.UNSUPPORTED_JOB, f"job {job_id} is a {result.kind} job, not {kind.model_fields['kind'].default}")
+        return result
+
+    @staticmethod
+    def _check_keeps_result(job: SafeJob) -> None:
+        status = job.get_status(refresh=False)
+        if status in (JobStatus.FINISHED, JobStatus.FAILED):
+            return  # its outcome is already stored: read it
+        if job.result_ttl == 0:
+            raise ResultNotKept(job.id, f"job {job.id} was enqueued with result_ttl 0 (ARCFACE_RESULT_TTL=0): its result is deleted as "
+                                        "soon as it is written, so there is nothing to wait for; enqueue with ARCFACE_RESULT_TTL > 0")
+
+    def _status_or_unknown(self, job_id: str) -> str:
+        try:
+            return self.status(job_id)
+        except ArcFaceError:
+            return "unknown"
+
+    def _error_or_unknown(self, job_id: str, result: Result) -> JobError:
+        try:
+            return self.error(job_id, result)
+        except JobNotFound:  # the job hash expired between the result and this read
+            text = result.exc_string or ""
+            coded = _CODED_ERROR.search(text)
+            if coded and coded["code"] in ErrorCode._value2member_map_:
+                return JobError(code=ErrorCode(coded["code"]), message=coded["message"])
+            return JobError(code=ErrorCode.INTERNAL_ERROR, message="the job failed; its record has expired")
 
 
 def _array_image(arr: np.ndarray) -> Any:
@@ -239,4 +372,5 @@ def _png(image: Any) -> bytes:
     return buf.getvalue()
 
 
-__all__ = ["EMBED_FUNC", "VERIFY_FUNC", "FaceClient", "InputError", "JobFailed", "JobNotFound", "ResultTimeout"]
+__all__ = ["EMBED_FUNC", "VERIFY_FUNC", "ArcFaceError", "FaceClient", "InputError", "JobFailed", "JobNotFound", "RedisUnavailable",
+           "ResultNotKept", "ResultTimeout"]

