@@ -32,6 +32,7 @@ other than the next one (events trimmed while it was away, a Redis that lost wri
 Wire format of the jobs (same rq envelope as embed/verify, see README "Wire format")::
 
     ["worker.jobs.enroll", null, [{"kind": "enroll", "image": {...}, "subject": "alice", "gallery": "staff"}], {}]
+    ["worker.jobs.enroll_batch", null, [{"kind": "enroll_batch", "gallery": "staff", "items": [{"image": {...}, "subject": "alice"}, ...]}], {}]
     ["worker.jobs.identify", null, [{"kind": "identify", "image": {...}, "gallery": "staff", "top_k": 5}], {}]
     ["worker.jobs.verify", null, [{"kind": "verify", "a": {...}, "b": {"subject": "alice", "gallery": "staff"}}], {}]
     ["worker.jobs.verify", null, [{"kind": "verify", "a": {...}, "b": {"embedding_b64": "..."}}], {}]
@@ -43,6 +44,7 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
+import hashlib
 import json
 import re
 from typing import Any, Literal, Union
@@ -92,7 +94,9 @@ def enrollments_key(gallery: str) -> str:
 ENROLL_FUNC = "worker.jobs.enroll"
 IDENTIFY_FUNC = "worker.jobs.identify"
 FORGET_FUNC = "worker.jobs.forget"
-GALLERY_FUNCTIONS = frozenset({ENROLL_FUNC, IDENTIFY_FUNC, FORGET_FUNC})  # verify keeps worker.jobs.verify
+ENROLL_BATCH_FUNC = "worker.jobs.enroll_batch"
+GALLERY_FUNCTIONS = frozenset({ENROLL_FUNC, IDENTIFY_FUNC, FORGET_FUNC, ENROLL_BATCH_FUNC})  # verify keeps worker.jobs.verify
+MAX_ENROLL_ITEMS = 1024  # contract ceiling of one enroll_batch job (workers may enforce a lower images-per-job limit)
 
 
 # --- errors ----------------------------------------------------------------------------------------
@@ -140,6 +144,12 @@ MAX_META_BYTES = 4096
 def _check_id(value: str, what: str) -> str:
     if not value or len(value) > 256 or _CONTROL.search(value) or value != value.strip():
         raise ValueError(f"{what} must be 1-256 characters without control characters or surrounding spaces")
+    return value
+
+
+def _check_meta(value: dict | None) -> dict | None:
+    if value is not None and len(json.dumps(value, separators=(",", ":"))) > MAX_META_BYTES:
+        raise ValueError(f"meta is over {MAX_META_BYTES} bytes as JSON")
     return value
 
 
@@ -231,9 +241,42 @@ class EnrollRequest(_GalleryField):
     @field_validator("meta")
     @classmethod
     def _meta_size(cls, value: dict | None) -> dict | None:
-        if value is not None and len(json.dumps(value, separators=(",", ":"))) > MAX_META_BYTES:
-            raise ValueError(f"meta is over {MAX_META_BYTES} bytes as JSON")
-        return value
+        return _check_meta(value)
+
+
+class EnrollItem(_Strict):
+    """One image of an ``enroll_batch`` job (same fields and rules as :class:`EnrollRequest`)."""
+
+    image: ImageRef
+    subject: str
+    enrollment_id: str | None = None
+    meta: dict[str, Any] | None = None
+
+    @field_validator("subject")
+    @classmethod
+    def _subject(cls, value: str) -> str:
+        return _check_id(value, "subject")
+
+    @field_validator("enrollment_id")
+    @classmethod
+    def _eid(cls, value: str | None) -> str | None:
+        return None if value is None else _check_id(value, "enrollment_id")
+
+    @field_validator("meta")
+    @classmethod
+    def _meta_size(cls, value: dict | None) -> dict | None:
+        return _check_meta(value)
+
+
+class EnrollBatchRequest(_GalleryField):
+    """Many enrollments into one gallery in one job (bulk enrollment): one engine pass for all the images;
+    each item is enrolled on its own, a bad image fails only its item."""
+
+    kind: Literal["enroll_batch"] = "enroll_batch"
+    items: list[EnrollItem] = Field(min_length=1, max_length=MAX_ENROLL_ITEMS)
+    model: str | None = None
+    detect: Detect | None = None
+    ref: str | None = Field(default=None, max_length=1024)
 
 
 class IdentifyRequest(_GalleryField):
@@ -277,10 +320,21 @@ class ForgetRequest(_GalleryField):
         return _check_id(value, "subject")
 
 
-GalleryRequest = Union[EnrollRequest, IdentifyRequest, GalleryVerifyRequest, ForgetRequest]
-_FUNC_FOR_KIND = {"enroll": ENROLL_FUNC, "identify": IDENTIFY_FUNC, "forget": FORGET_FUNC, "verify": VERIFY_FUNC}
+def enrollment_id_for(request: EnrollRequest | EnrollItem) -> str:
+    """The request's ``enrollment_id``, or one derived from the subject and the image reference (its bytes or
+    its path), so a re-run job or the same image enrolled again for the same subject is the same enrollment."""
+    if request.enrollment_id is not None:
+        return request.enrollment_id
+    digest = hashlib.sha256(request.subject.encode("utf-8") + b"\0" + (request.image.data_b64 or "path:" + (request.image.path or "")).encode())
+    return "e-" + digest.hexdigest()[:32]
+
+
+GalleryRequest = Union[EnrollRequest, EnrollBatchRequest, IdentifyRequest, GalleryVerifyRequest, ForgetRequest]
+_FUNC_FOR_KIND = {"enroll": ENROLL_FUNC, "enroll_batch": ENROLL_BATCH_FUNC, "identify": IDENTIFY_FUNC, "forget": FORGET_FUNC,
+                  "verify": VERIFY_FUNC}
 _MODEL_FOR_FUNC: dict[str, type[BaseModel]] = {
-    ENROLL_FUNC: EnrollRequest, IDENTIFY_FUNC: IdentifyRequest, FORGET_FUNC: ForgetRequest, VERIFY_FUNC: GalleryVerifyRequest,
+    ENROLL_FUNC: EnrollRequest, ENROLL_BATCH_FUNC: EnrollBatchRequest, IDENTIFY_FUNC: IdentifyRequest, FORGET_FUNC: ForgetRequest,
+    VERIFY_FUNC: GalleryVerifyRequest,
 }
 
 
@@ -317,6 +371,36 @@ class EnrollResult(BaseModel):
     dim: int
     ref: str | None = None
     face: dict | None = None
+    timing: Timing = Field(default_factory=Timing)
+
+
+class Enrolled(BaseModel):
+    """One stored item of an ``enroll_batch`` job."""
+
+    subject: str
+    enrollment_id: str
+    created: bool
+    subject_enrollments: int
+
+
+class GalleryItemError(BaseModel):
+    """Why one item of a multi-item gallery job failed (by index); the other items are unaffected."""
+
+    index: int
+    code: AnyErrorCode
+    message: str
+
+
+class EnrollBatchResult(BaseModel):
+    kind: Literal["enroll_batch"] = "enroll_batch"
+    gallery: str
+    count: int
+    results: list[Enrolled | None] = Field(description="one per item, in order; null where the item failed (see errors)")
+    errors: list[GalleryItemError] = Field(default_factory=list)
+    model: str
+    dim: int
+    ref: str | None = None
+    faces: list[dict | None] | None = None
     timing: Timing = Field(default_factory=Timing)
 
 
@@ -358,7 +442,7 @@ class ForgetResult(BaseModel):
     ref: str | None = None
 
 
-GalleryResult = Union[EnrollResult, IdentifyResult, VerifySubjectResult, VerifyResult, ForgetResult]
+GalleryResult = Union[EnrollResult, EnrollBatchResult, IdentifyResult, VerifySubjectResult, VerifyResult, ForgetResult]
 
 
 def parse_gallery_result(value: Any) -> GalleryResult:
@@ -366,6 +450,8 @@ def parse_gallery_result(value: Any) -> GalleryResult:
     kind = value.get("kind") if isinstance(value, dict) else None
     if kind == "enroll":
         return EnrollResult.model_validate(value)
+    if kind == "enroll_batch":
+        return EnrollBatchResult.model_validate(value)
     if kind == "identify":
         return IdentifyResult.model_validate(value)
     if kind == "forget":
@@ -393,9 +479,10 @@ class SubjectInfo(BaseModel):
 
 
 __all__ = [
-    "DEFAULT_GALLERY", "EVENTS_KEY", "EVENTS_MAXLEN", "EVENTS_SEQ_KEY", "GALLERIES_KEY", "ENROLL_FUNC", "IDENTIFY_FUNC", "FORGET_FUNC",
+    "DEFAULT_GALLERY", "ENROLL_BATCH_FUNC", "EnrollBatchRequest", "EnrollBatchResult", "EnrollItem", "Enrolled", "GalleryItemError",
+    "MAX_ENROLL_ITEMS", "EVENTS_KEY", "EVENTS_MAXLEN", "EVENTS_SEQ_KEY", "GALLERIES_KEY", "ENROLL_FUNC", "IDENTIFY_FUNC", "FORGET_FUNC",
     "GALLERY_FUNCTIONS", "EmbeddingRef", "EnrollRequest", "EnrollResult", "ForgetRequest", "ForgetResult", "GalleryErrorCode",
     "GalleryFailure", "GalleryInfo", "GalleryJobError", "GalleryVerifyRequest", "IdentifyRequest", "IdentifyResult", "Match",
     "SubjectInfo", "SubjectRef", "VerifySubjectResult", "embeddings_key", "enrollments_key", "error_code", "gallery_key",
-    "parse_gallery_request", "parse_gallery_result", "subject_key", "subjects_key",
+    "enrollment_id_for", "parse_gallery_request", "parse_gallery_result", "subject_key", "subjects_key",
 ]
