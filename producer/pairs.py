@@ -13,12 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from producer.errors import ArcFaceError
+
 _TRUE = {"1", "yes", "true", "same", "y", "t"}
 _FALSE = {"0", "no", "false", "different", "n", "f", "diff"}
 
 
-class PairsFormatError(ValueError):
+class PairsFormatError(ArcFaceError, ValueError):
     """A pair file that cannot be read; the message names the file and line."""
+
+    exit_code = 2
 
 
 @dataclass(frozen=True)
@@ -45,7 +49,7 @@ def parse_label(value: object, where: str) -> bool | None:
 
 
 def _csv(path: Path) -> Iterator[Pair]:
-    with path.open(newline="") as f:
+    with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Excel's CSV) is not part of the header
         reader = csv.reader(f)
         header = [h.strip().lower() for h in next(reader, [])]
         if header[:2] != ["a", "b"] or len(header) > 3 or (len(header) == 3 and header[2] != "label"):
@@ -60,7 +64,7 @@ def _csv(path: Path) -> Iterator[Pair]:
 
 
 def _jsonl(path: Path) -> Iterator[Pair]:
-    with path.open() as f:
+    with path.open(encoding="utf-8-sig") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -83,7 +87,7 @@ def lfw_image(name: str, number: str, where: str) -> str:
 def _lfw(path: Path) -> Iterator[Pair]:
     """LFW ``pairs.txt``: an optional ``folds pairs_per_fold`` header (10-fold form: each fold holds that
     many same pairs then that many different pairs), then ``name n1 n2`` (same) or ``name1 n1 name2 n2``."""
-    with path.open() as f:
+    with path.open(encoding="utf-8-sig") as f:
         lines = [(n, line.split()) for n, line in enumerate(f, 1) if line.strip()]
     per_fold = None
     if lines and len(lines[0][1]) in (1, 2) and all(t.isdigit() for t in lines[0][1]):
@@ -111,7 +115,7 @@ def detect_format(path: Path) -> str:
     if suffix in (".jsonl", ".ndjson"):
         return "jsonl"
     try:
-        with path.open() as f:
+        with path.open(encoding="utf-8-sig") as f:
             first = next((line for line in f if line.strip()), "")
     except OSError as exc:
         raise PairsFormatError(f"{path}: cannot read ({exc.strerror})") from None

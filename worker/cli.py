@@ -1,6 +1,9 @@
 """``arcface-worker``: load the model once, warm it up, and serve the queue as a micro-batching rq worker.
 
-Exits non-zero before taking any job when the model cannot be loaded or Redis cannot be reached.
+Exits non-zero before taking any job: 2 for a configuration error (one line on stderr naming the ``ARCFACE_*``
+variable: an invalid setting, a metrics port that cannot be bound, TensorFlow not installed), checked before
+the model is loaded; 3 when the model cannot be loaded; 4 when Redis cannot be reached. ``--help`` lists
+every setting.
 """
 
 from __future__ import annotations
@@ -10,14 +13,92 @@ from typing import Sequence
 
 import structlog
 
-EXIT_MODEL, EXIT_REDIS = 3, 4
+EXIT_CONFIG, EXIT_MODEL, EXIT_REDIS = 2, 3, 4
+_WORKER_MODULES = ("tensorflow", "h5py", "prometheus_client")  # the [worker] extra
+
+
+def _config_exit(message: str) -> None:
+    print(f"arcface-worker: {' '.join(message.split())}", file=sys.stderr)
+    sys.exit(EXIT_CONFIG)
+
+
+def settings_help() -> str:
+    """Every setting as ``ARCFACE_NAME  default  meaning``, for ``arcface-worker --help``."""
+    from worker.settings import WorkerSettings
+
+    lines = ["settings (environment variables, or lines in ./.env):"]
+    for name, field in WorkerSettings.model_fields.items():
+        default = field.default if field.default is not None else "unset"
+        if isinstance(default, list):
+            default = ",".join(str(v) for v in default)
+        lines.append(f"  ARCFACE_{name.upper():<24} {str(default):<14.40} {field.description or ''}".rstrip())
+    lines.append("exit codes: 0 stopped, 2 bad configuration, 3 model failed to load, 4 Redis unreachable")
+    return "\n".join(lines)
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _checked_settings() -> Any:
+    """The worker's settings, validated before anything is loaded: a bad value, a missing [worker] install or
+    a metrics port that cannot be bound exits 2 with one line on stderr."""
+    import socket
+
+    from producer.errors import ConfigError
+    from producer.settings import load_settings
+    from worker.settings import WorkerSettings
+
+    try:
+        settings = load_settings(WorkerSettings)
+    except ConfigError as exc:
+        _config_exit(exc.message)
+    missing = [m for m in _WORKER_MODULES if not _installed(m)]
+    if missing:
+        _config_exit(f"{', '.join(missing)} not installed (a producer-only install): pip install 'arcface-service[worker]'")
+    port = settings.metrics_port
+    if port is not None:
+        if not 1 <= port <= 65535:
+            _config_exit(f"ARCFACE_METRICS_PORT={port}: not a TCP port (1-65535)")
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(("0.0.0.0", port))
+        except OSError as exc:
+            _config_exit(f"ARCFACE_METRICS_PORT={port}: cannot serve metrics there ({exc.strerror or exc}); choose a free port or unset it")
+    return settings
+
+
+def publish_model(connection: Any, settings: Any, engine: Any) -> dict[str, Any]:
+    """Write what this worker serves to ``arcface:model:<queue>`` (JSON, no TTL, overwritten by every worker
+    start): producers read the default threshold of the model from it (``bulk``)."""
+    import json
+    from datetime import datetime, timezone
+
+    from producer.jobs import model_info_key
+
+    model = engine.model
+    info = {"model": model.name, "dim": int(model.embedding_dim), "threshold": float(model.threshold),
+            "input_size": int(model.input_size), "detect": settings.detect,
+            "started_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")}
+    connection.set(model_info_key(settings.queue), json.dumps(info))
+    return info
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="arcface-worker", description="Serve ArcFace jobs from Redis in micro-batches.")
+    from producer.cli import version
+
+    parser = argparse.ArgumentParser(prog="arcface-worker", description="Serve ArcFace jobs from Redis in micro-batches.",
+                                     epilog=settings_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--burst", action="store_true", help="exit once the queue is empty")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     args = parser.parse_args(argv)
 
     from producer.jobs import JSONSerializer, SafeJob
@@ -25,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from producer.settings import configure_logging
     from worker.settings import WorkerSettings
 
-    settings = WorkerSettings()
+    settings: WorkerSettings = _checked_settings()
     configure_logging(settings)
     log = structlog.get_logger("arcface.worker")
     try:
@@ -61,9 +142,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     metrics = WorkerMetrics(queue_depth=lambda: queue.count)
     metrics.model_load.set(time.perf_counter() - started)
     if settings.metrics_port is not None:
-        metrics.serve(settings.metrics_port)
+        try:
+            metrics.serve(settings.metrics_port)
+        except OSError as exc:  # taken while the model loaded
+            log.error("config_error", error=f"ARCFACE_METRICS_PORT={settings.metrics_port}: cannot serve metrics there ({exc.strerror or exc})")
+            sys.exit(EXIT_CONFIG)
         log.info("metrics_serving", port=settings.metrics_port)
-    worker = BatchWorker(queue, Runtime(settings, engine, detector), settings, metrics)
+    log.info("model_published", **publish_model(connection, settings, engine))
+    # default_result_ttl: a job hash written without result_ttl (a non-Python producer) keeps its result RESULT_TTL s
+    worker = BatchWorker(queue, Runtime(settings, engine, detector), settings, metrics, default_result_ttl=settings.result_ttl)
     log.info("worker_started", worker=worker.name, queue=settings.queue, redis=settings.redis_url_value() or f"embedded:{settings.data_dir}",
              max_batch_size=settings.max_batch_size,
              batch_timeout_ms=settings.batch_timeout_ms)
