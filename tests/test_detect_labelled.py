@@ -162,15 +162,17 @@ def test_real_photo_pairs_through_a_worker_at_default_settings(detector, redis_s
         w = csv.writer(f)
         w.writerow(["a", "b", "label"])
         w.writerows([a.name, b.name, int(a.person == b.person)] for a, b in itertools.combinations(crops, 2))
-    env = {"ARCFACE_REDIS_URL": redis_server.url, "ARCFACE_QUEUE": f"lab-{uuid.uuid4().hex[:6]}", "ARCFACE_MODEL_PATH": str(FACERES_SAVEDMODEL),
-           "ARCFACE_MODEL_NAME": "faceres", "ARCFACE_INPUT_SCALE": "1", "ARCFACE_INPUT_MEAN": "103.939,116.779,123.68",
-           "ARCFACE_CHANNEL_ORDER": "BGR", "ARCFACE_THRESHOLD": "0.45", "ARCFACE_DETECT": "blazeface", "ARCFACE_DETECTOR_PATH": str(BLAZEFACE),
-           "ARCFACE_CROP": "square", "ARCFACE_ALLOWED_BATCH_SIZES": "1,8,32"}
+    env = {"ARCFACE_REDIS_URL": redis_server.url, "ARCFACE_QUEUE": f"lab-{uuid.uuid4().hex[:6]}",
+           "ARCFACE_MODEL_PATH": str(FACERES_SAVEDMODEL), "ARCFACE_MODEL_NAME": "faceres", "ARCFACE_INPUT_SCALE": "1",
+           "ARCFACE_INPUT_MEAN": "103.939,116.779,123.68", "ARCFACE_CHANNEL_ORDER": "BGR", "ARCFACE_THRESHOLD": "0.45",
+           "ARCFACE_DETECT": "blazeface", "ARCFACE_DETECTOR_PATH": str(BLAZEFACE), "ARCFACE_CROP": "square",
+           "ARCFACE_ALLOWED_BATCH_SIZES": "1,8,32"}
     worker = WorkerProcess(env, tmp_path / "w.log")
     try:
         worker.wait_ready()
         client = FaceClient(ProducerSettings(redis_url=redis_server.url, queue=env["ARCFACE_QUEUE"]))
-        stats, summary = run_bulk(client, tmp_path / "pairs.csv", tmp_path / "out.csv", BulkOptions(root=tmp_path, threshold=0.45), quiet=True)
+        options = BulkOptions(root=tmp_path, threshold=0.45)
+        stats, summary = run_bulk(client, tmp_path / "pairs.csv", tmp_path / "out.csv", options, quiet=True)
         same = sum(a.person == b.person for a, b in itertools.combinations(crops, 2))
         with capsys.disabled():
             print(f"\nBlazeFace + faceres, real-photo pairs ({len(crops)} portrait crops of {len(labels())} group photos, "

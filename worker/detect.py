@@ -253,5 +253,5 @@ def pick_all(faces: Sequence[Face], min_face: float = 0.0, max_faces: int = 20) 
     return sorted(kept, key=lambda f: (-f.size, -f.score))[:max_faces]
 
 
-__all__ = ["ARCFACE_TEMPLATE", "AUTO_SCORE_MARGIN", "SELECT_POLICIES", "BlazeFace", "Face", "align", "pick", "pick_all", "square_crop", "umeyama",
-           "weighted_nms"]
+__all__ = ["ARCFACE_TEMPLATE", "AUTO_SCORE_MARGIN", "SELECT_POLICIES", "BlazeFace", "Face", "align", "pick", "pick_all", "square_crop",
+           "umeyama", "weighted_nms"]
