@@ -16,10 +16,10 @@ import structlog
 
 from producer.jobs import (
     EmbedRequest, EmbedResult, ErrorCode, ImageRef, JobFailure, Timing, VerifyRequest, VerifyResult, encode_embedding,
-    resolve_shared_path,
 )
 from worker.detect import BlazeFace, Face, align, pick, square_crop
 from worker.engine import Engine, configure_tensorflow, reduced_precision_policy
+from worker.files import read_shared_file
 from worker.model import load_face_model
 from worker.preprocess import DecodeLimits, decode_image, preprocess
 from worker.settings import WorkerSettings
@@ -95,16 +95,11 @@ class Runtime:
         self.limits = DecodeLimits(max_pixels=settings.max_image_pixels, min_side=settings.min_image_side)
 
     def image_bytes(self, ref: ImageRef) -> bytes:
+        """The encoded image: inline bytes, or a path image read once from the shared root (no symlinks, regular
+        files only, at most ``max_inline_bytes``: see :mod:`worker.files`); raises :class:`JobFailure`."""
         if ref.data_b64 is not None:
             return ref.inline_bytes(self.settings.max_inline_bytes)
-        path = resolve_shared_path(self.settings.shared_root, ref.path or "")
-        try:
-            size = path.stat().st_size
-            if size > self.settings.max_inline_bytes:
-                raise JobFailure(ErrorCode.IMAGE_TOO_LARGE, f"image file {ref.path!r} has {size} bytes, over the {self.settings.max_inline_bytes}-byte limit")
-            return path.read_bytes()
-        except OSError as exc:
-            raise JobFailure(ErrorCode.PATH_NOT_ALLOWED, f"cannot read image {ref.path!r} under the shared root: {exc.strerror}") from None
+        return read_shared_file(self.settings.shared_root, ref.path or "", self.settings.max_inline_bytes)
 
     def prepare(self, request: Request) -> Prepared:
         """Load and preprocess the request's images; raises :class:`JobFailure`."""
