@@ -25,7 +25,7 @@ from rq.results import Result
 
 from producer.errors import ArcFaceError, InputError, JobFailed, JobNotFound, RedisUnavailable, ResultNotKept, ResultTimeout
 from producer.jobs import (
-    EMBED_FUNC, ERROR_META_KEY, VERIFY_FUNC, EmbedRequest, EmbedResult, ErrorCode, ImageRef, JobError,
+    EMBED_FUNC, ERROR_META_KEY, VERIFY_FUNC, EmbedBatchRequest, EmbedBatchResult, EmbedRequest, EmbedResult, Pair, VerifyBatchRequest, VerifyBatchResult, ErrorCode, ImageRef, JobError,
     JobFailure, JSONSerializer, SafeJob, VerifyRequest, VerifyResult, func_for, model_info_key, parse_result,
     resolve_shared_path,
 )
@@ -181,6 +181,36 @@ class FaceClient:
         datas = [Queue.prepare_data(func_for(r), **self._job_options(r, None)) for r in requests]
         with _redis("enqueueing"):
             return [job.id for job in self.queue.enqueue_many(datas)] if datas else []
+
+    def embed_batch(self, images: Iterable[ImageInput], *, model: str | None = None, ref: str | None = None, as_path: bool = False,
+                    job_id: str | None = None, detect: str | None = None) -> str:
+        """Enqueue ONE job that embeds many images (1 to the workers' ARCFACE_MAX_IMAGES_PER_JOB, default 256); returns
+        its id. Its result (:meth:`result`) is an :class:`EmbedBatchResult`: ``.embeddings`` ``[N, D]`` and per-image
+        ``.errors``; a bad image fails only its own row."""
+        refs = []
+        for i, image in enumerate(images):
+            try:
+                refs.append(self.image_ref(image, as_path))
+            except InputError as exc:
+                raise InputError(exc.code, f"image {i}: {exc.message}") from None
+        try:
+            request = EmbedBatchRequest(images=refs, model=model, ref=ref, detect=detect)  # type: ignore[arg-type]
+        except ValidationError as exc:
+            raise _input_error(exc) from None
+        return self.submit(request, job_id)
+
+    def verify_batch(self, pairs: Iterable[Sequence[ImageInput]], *, threshold: float | None = None, model: str | None = None,
+                     ref: str | None = None, as_path: bool = False, job_id: str | None = None, detect: str | None = None) -> str:
+        """Enqueue ONE job that verifies many ``(a, b)`` pairs; its result is a :class:`VerifyBatchResult`."""
+        items = []
+        for i, (a, b) in enumerate(pairs):
+            v = self._verify_request(a, b, threshold, model, None, as_path)
+            items.append(Pair(a=v.a, b=v.b))
+        try:
+            request = VerifyBatchRequest(pairs=items, threshold=threshold, model=model, ref=ref, detect=detect)  # type: ignore[arg-type]
+        except ValidationError as exc:
+            raise _input_error(exc) from None
+        return self.submit(request, job_id)
 
     def embed_many(self, images: Iterable[ImageInput], *, model: str | None = None, as_path: bool = False) -> list[str]:
         """Enqueue one embed job per image in one round trip; returns the ids in order."""

@@ -25,7 +25,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 DEFAULT_QUEUE = "arcface"
 EMBED_FUNC = "worker.jobs.embed"
 VERIFY_FUNC = "worker.jobs.verify"
-ALLOWED_FUNCTIONS = frozenset({EMBED_FUNC, VERIFY_FUNC})
+EMBED_BATCH_FUNC = "worker.jobs.embed_batch"
+VERIFY_BATCH_FUNC = "worker.jobs.verify_batch"
+ALLOWED_FUNCTIONS = frozenset({EMBED_FUNC, VERIFY_FUNC, EMBED_BATCH_FUNC, VERIFY_BATCH_FUNC})
+MAX_IMAGES_PER_JOB = 4096  # hard ceiling of the contract; workers enforce their own (ARCFACE_MAX_IMAGES_PER_JOB, default 256)
 ERROR_META_KEY = "error"  # job.meta[...] holds {"code", "message"} of a failed job
 SERIALIZER = "producer.jobs.JSONSerializer"  # dotted path, for `rq worker --serializer`
 JOB_CLASS = "producer.jobs.SafeJob"  # dotted path, for `rq worker --job-class`
@@ -164,16 +167,57 @@ class VerifyRequest(_Strict):
     ref: str | None = Field(default=None, max_length=1024)
 
 
-JobRequest = Annotated[Union[EmbedRequest, VerifyRequest], Field(discriminator="kind")]
-_FUNC_FOR_KIND = {"embed": EMBED_FUNC, "verify": VERIFY_FUNC}
+class EmbedBatchRequest(_Strict):
+    """Many images in one job: one engine pass for all of them, one result holding every embedding."""
+
+    kind: Literal["embed_batch"] = "embed_batch"
+    images: list[ImageRef] = Field(min_length=1, max_length=MAX_IMAGES_PER_JOB)
+    model: str | None = None
+    detect: Detect | None = None
+    ref: str | None = Field(default=None, max_length=1024)
 
 
-def func_for(request: EmbedRequest | VerifyRequest) -> str:
+class Pair(_Strict):
+    a: ImageRef
+    b: ImageRef
+
+
+class VerifyBatchRequest(_Strict):
+    """Many pairs in one job; each pair is verified on its own, a bad image fails only its pair."""
+
+    kind: Literal["verify_batch"] = "verify_batch"
+    pairs: list[Pair] = Field(min_length=1, max_length=MAX_IMAGES_PER_JOB // 2)
+    model: str | None = None
+    detect: Detect | None = None
+    threshold: float | None = Field(default=None, ge=0.0, le=2.0)
+    ref: str | None = Field(default=None, max_length=1024)
+
+
+AnyRequest = Union[EmbedRequest, VerifyRequest, EmbedBatchRequest, VerifyBatchRequest]
+JobRequest = Annotated[AnyRequest, Field(discriminator="kind")]
+_FUNC_FOR_KIND = {"embed": EMBED_FUNC, "verify": VERIFY_FUNC, "embed_batch": EMBED_BATCH_FUNC, "verify_batch": VERIFY_BATCH_FUNC}
+_REQUEST_FOR_FUNC: dict[str, type[BaseModel]] = {
+    EMBED_FUNC: EmbedRequest, VERIFY_FUNC: VerifyRequest, EMBED_BATCH_FUNC: EmbedBatchRequest, VERIFY_BATCH_FUNC: VerifyBatchRequest,
+}
+
+
+def request_images(request: AnyRequest) -> list[ImageRef]:
+    """Every image a request needs embedded, in order (a pair contributes a then b)."""
+    if isinstance(request, EmbedRequest):
+        return [request.image]
+    if isinstance(request, VerifyRequest):
+        return [request.a, request.b]
+    if isinstance(request, EmbedBatchRequest):
+        return list(request.images)
+    return [ref for pair in request.pairs for ref in (pair.a, pair.b)]
+
+
+def func_for(request: AnyRequest) -> str:
     """The rq function path that runs ``request``."""
     return _FUNC_FOR_KIND[request.kind]
 
 
-def parse_request(func_name: str | None, args: Any, kwargs: Any) -> EmbedRequest | VerifyRequest:
+def parse_request(func_name: str | None, args: Any, kwargs: Any) -> AnyRequest:
     """Validate an rq job's function and arguments against the contract (worker side).
 
     Raises :class:`JobFailure` with ``unsupported_job`` for a function outside the allow-list and
@@ -183,9 +227,9 @@ def parse_request(func_name: str | None, args: Any, kwargs: Any) -> EmbedRequest
         raise JobFailure(ErrorCode.UNSUPPORTED_JOB, f"function {func_name!r} is not an ArcFace job; allowed: {sorted(ALLOWED_FUNCTIONS)}")
     if kwargs or not isinstance(args, (list, tuple)) or len(args) != 1 or not isinstance(args[0], dict):
         raise JobFailure(ErrorCode.INVALID_PAYLOAD, "job arguments must be exactly one JSON object (the request)")
-    model = EmbedRequest if func_name == EMBED_FUNC else VerifyRequest
+    model = _REQUEST_FOR_FUNC[func_name]
     try:
-        return model.model_validate(args[0])
+        return model.model_validate(args[0])  # type: ignore[return-value]
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "payload"
@@ -244,14 +288,72 @@ class VerifyResult(BaseModel):
     timing: Timing = Field(default_factory=Timing)
 
 
-JobResult = Annotated[Union[EmbedResult, VerifyResult], Field(discriminator="kind")]
+class ItemError(BaseModel):
+    """Why one item (image or pair) of a multi-item job failed; the other items are unaffected."""
+
+    index: int
+    code: ErrorCode
+    message: str
 
 
-def parse_result(value: Any) -> EmbedResult | VerifyResult:
+def encode_matrix(rows: np.ndarray) -> str:
+    """Base64 of an N x D little-endian float32 matrix, row-major."""
+    return base64.b64encode(np.ascontiguousarray(rows, dtype="<f4").tobytes()).decode("ascii")
+
+
+class EmbedBatchResult(BaseModel):
+    kind: Literal["embed_batch"] = "embed_batch"
+    count: int = Field(description="number of images in the job (rows of the matrix)")
+    dim: int
+    embeddings_b64: str = Field(description="count x dim little-endian float32, row-major; rows of failed items are zero")
+    errors: list[ItemError] = Field(default_factory=list, description="one entry per failed image, by index")
+    model: str
+    ref: str | None = None
+    faces: list[dict | None] | None = Field(default=None, description="with detection: the face used for each image")
+    timing: Timing = Field(default_factory=Timing)
+
+    @property
+    def embeddings(self) -> np.ndarray:
+        """All embeddings as a ``[count, dim]`` float32 array (zero rows where :attr:`errors` has the index)."""
+        flat = np.frombuffer(base64.b64decode(self.embeddings_b64), dtype="<f4").astype(np.float32)
+        return flat.reshape(self.count, self.dim)
+
+    @property
+    def ok(self) -> np.ndarray:
+        """Boolean mask of the images that were embedded."""
+        mask = np.ones(self.count, dtype=bool)
+        mask[[e.index for e in self.errors]] = False
+        return mask
+
+
+class PairResult(BaseModel):
+    distance: float
+    similar: bool
+
+
+class VerifyBatchResult(BaseModel):
+    kind: Literal["verify_batch"] = "verify_batch"
+    count: int
+    threshold: float
+    results: list[PairResult | None] = Field(description="one per pair, in order; null where the pair failed (see errors)")
+    errors: list[ItemError] = Field(default_factory=list, description="one entry per failed pair, by pair index")
+    model: str
+    ref: str | None = None
+    timing: Timing = Field(default_factory=Timing)
+
+
+AnyResult = Union[EmbedResult, VerifyResult, EmbedBatchResult, VerifyBatchResult]
+JobResult = Annotated[AnyResult, Field(discriminator="kind")]
+_RESULT_FOR_KIND: dict[str, type[BaseModel]] = {
+    "embed": EmbedResult, "verify": VerifyResult, "embed_batch": EmbedBatchResult, "verify_batch": VerifyBatchResult,
+}
+
+
+def parse_result(value: Any) -> AnyResult:
     """Turn a stored rq return value back into its typed result."""
-    if not isinstance(value, dict) or value.get("kind") not in ("embed", "verify"):
+    if not isinstance(value, dict) or value.get("kind") not in _RESULT_FOR_KIND:
         raise ValueError(f"not an ArcFace job result: {str(value)[:80]!r}")
-    return (EmbedResult if value["kind"] == "embed" else VerifyResult).model_validate(value)
+    return _RESULT_FOR_KIND[value["kind"]].model_validate(value)  # type: ignore[return-value]
 
 
 # --- the rq job class both sides use -------------------------------------------------------------------

@@ -77,7 +77,7 @@ def check_results(client: FaceClient, requests: list[tuple], ids: list[str], dir
 
 
 def executions_per_job(logs: list[WorkerProcess]) -> collections.Counter:
-    return collections.Counter(jid for w in logs for b in w.batches() for jid in b["job_ids"])
+    return collections.Counter(jid for w in logs for e in w.events() if e.get("event") == "batch_jobs" for jid in e["job_ids"])
 
 
 def test_two_hundred_mixed_jobs_through_one_worker_equal_the_engine(client, worker_env, workers, direct):

@@ -12,7 +12,7 @@ from typing import Any
 
 from rq import get_current_job
 
-from producer.jobs import EMBED_FUNC, ERROR_META_KEY, VERIFY_FUNC, JobFailure, parse_request
+from producer.jobs import EMBED_BATCH_FUNC, EMBED_FUNC, ERROR_META_KEY, VERIFY_BATCH_FUNC, VERIFY_FUNC, JobFailure, parse_request
 from worker.runtime import Runtime, load_detector, load_engine
 from worker.settings import WorkerSettings
 
@@ -59,3 +59,13 @@ def embed(*args: Any, **kwargs: Any) -> dict:
 def verify(*args: Any, **kwargs: Any) -> dict:
     """Verify a pair: ``args == (VerifyRequest JSON,)``; returns a ``VerifyResult`` as JSON."""
     return _run(VERIFY_FUNC, args, kwargs)
+
+
+def embed_batch(*args: Any, **kwargs: Any) -> dict:
+    """Embed many images: ``args == (EmbedBatchRequest JSON,)``; returns an ``EmbedBatchResult`` as JSON."""
+    return _run(EMBED_BATCH_FUNC, args, kwargs)
+
+
+def verify_batch(*args: Any, **kwargs: Any) -> dict:
+    """Verify many pairs: ``args == (VerifyBatchRequest JSON,)``; returns a ``VerifyBatchResult`` as JSON."""
+    return _run(VERIFY_BATCH_FUNC, args, kwargs)

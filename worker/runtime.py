@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import structlog
 
 from producer.jobs import (
-    EmbedRequest, EmbedResult, ErrorCode, ImageRef, JobFailure, Timing, VerifyRequest, VerifyResult, encode_embedding,
+    AnyRequest, EmbedBatchRequest, EmbedBatchResult, EmbedRequest, EmbedResult, ErrorCode, ImageRef, ItemError, JobFailure, PairResult,
+    Timing, VerifyBatchRequest, VerifyBatchResult, VerifyRequest, VerifyResult, encode_embedding, encode_matrix, request_images,
 )
 from worker.detect import BlazeFace, Face, align, pick, square_crop
 from worker.engine import Engine, configure_tensorflow, reduced_precision_policy
@@ -26,7 +27,7 @@ from worker.settings import WorkerSettings
 from worker.weights import WeightsError, download
 
 log = structlog.get_logger("arcface.worker")
-Request = EmbedRequest | VerifyRequest
+Request = AnyRequest
 
 
 def default_weights(settings: WorkerSettings, retries: int = 3, timeout_s: float = 30.0) -> Path:
@@ -74,15 +75,14 @@ def load_detector(settings: WorkerSettings) -> BlazeFace | None:
 
 
 @dataclass
-class Prepared:
-    """A request with its model inputs ready (one image for embed, two for verify). With detection, the
-    decoded images wait in ``raw`` until the batch's detector call fills ``inputs`` and ``faces``."""
+class PreparedImage:
+    """One image on its way to the model: its input, or (with detection) the decoded image that waits for
+    the batch's detector call, which then fills ``input`` and ``face``."""
 
-    request: Request
-    inputs: list[np.ndarray] = field(default_factory=list)
-    preprocess_ms: float = 0.0
-    raw: list[np.ndarray] = field(default_factory=list)
-    faces: list[Face] = field(default_factory=list)
+    input: np.ndarray | None = None
+    raw: np.ndarray | None = None
+    face: Face | None = None
+    ms: float = 0.0
 
 
 class Runtime:
@@ -101,71 +101,114 @@ class Runtime:
             return ref.inline_bytes(self.settings.max_inline_bytes)
         return read_shared_file(self.settings.shared_root, ref.path or "", self.settings.max_inline_bytes)
 
-    def prepare(self, request: Request) -> Prepared:
-        """Load and preprocess the request's images; raises :class:`JobFailure`."""
+    def check(self, request: Request) -> bool:
+        """Refuse a request this worker cannot serve; returns whether its images go through the detector."""
         if request.model is not None and request.model != self.engine.model.name:
             raise JobFailure(ErrorCode.UNKNOWN_MODEL, f"this worker serves model {self.engine.model.name!r}, not {request.model!r}; send it to that model's queue")
-        start = time.perf_counter()
-        refs = [request.image] if isinstance(request, EmbedRequest) else [request.a, request.b]
-        if (request.detect or self.settings.detect) == "blazeface":
-            if self.detector is None:
-                raise JobFailure(ErrorCode.UNSUPPORTED_JOB, "this worker has no face detector (set ARCFACE_DETECTOR_PATH); send detect=none or another queue")
-            raw = [decode_image(self.image_bytes(ref), self.limits) for ref in refs]
-            return Prepared(request, [], (time.perf_counter() - start) * 1000.0, raw=raw)
-        size = self.engine.model.input_size
-        inputs = [preprocess(self.image_bytes(ref), size, self.limits) for ref in refs]
-        return Prepared(request, inputs, (time.perf_counter() - start) * 1000.0)
+        if isinstance(request, (EmbedBatchRequest, VerifyBatchRequest)):
+            n = len(request_images(request))
+            if n > self.settings.max_images_per_job:
+                raise JobFailure(ErrorCode.INVALID_PAYLOAD, f"job has {n} images, over this worker's limit of {self.settings.max_images_per_job} (ARCFACE_MAX_IMAGES_PER_JOB); split it")
+        detect = (request.detect or self.settings.detect) == "blazeface"
+        if detect and self.detector is None:
+            raise JobFailure(ErrorCode.UNSUPPORTED_JOB, "this worker has no face detector (set ARCFACE_DETECTOR_PATH); send detect=none or another queue")
+        return detect
 
-    def detect(self, prepared: list[Prepared]) -> tuple[dict[int, JobFailure], float]:
+    def prepare_image(self, ref: ImageRef, detect: bool) -> PreparedImage:
+        """Read, decode and preprocess one image (or only decode it, for the detector); raises :class:`JobFailure`."""
+        start = time.perf_counter()
+        data = self.image_bytes(ref)
+        if detect:
+            return PreparedImage(raw=decode_image(data, self.limits), ms=(time.perf_counter() - start) * 1000.0)
+        return PreparedImage(input=preprocess(data, self.engine.model.input_size, self.limits), ms=(time.perf_counter() - start) * 1000.0)
+
+    def detect_images(self, images: list[PreparedImage]) -> tuple[dict[int, JobFailure], float]:
         """One batched detector call for every image still waiting in ``raw``; picks and crops each face.
-        Returns the failures by index into ``prepared`` (``no_face_detected``) and the milliseconds spent."""
-        waiting = [(i, p) for i, p in enumerate(prepared) if p.raw]
+        Returns the failures by index into ``images`` (``no_face_detected``) and the milliseconds spent."""
+        waiting = [i for i, im in enumerate(images) if im.raw is not None]
         if not waiting or self.detector is None:
             return {}, 0.0
         start = time.perf_counter()
-        found = self.detector.detect([im for _, p in waiting for im in p.raw])
+        found = self.detector.detect([images[i].raw for i in waiting])
         failures: dict[int, JobFailure] = {}
         size, s = self.engine.model.input_size, self.settings
-        k = 0
-        for i, p in waiting:
-            for n, image in enumerate(p.raw):
-                face = pick(found[k], s.face_select, s.detect_min_face)
-                k += 1
-                if face is None:
-                    which = "" if len(p.raw) == 1 else (" in image a" if n == 0 else " in image b")
-                    failures[i] = JobFailure(ErrorCode.NO_FACE_DETECTED, f"no face{which} (score >= {s.detect_min_score}, at least {s.detect_min_face:g} px)")
-                    break
-                crop = align(image, face, size) if s.crop == "align" else square_crop(image, face, s.crop_margin)
-                p.inputs.append(preprocess(crop, size, self.limits))
-                p.faces.append(face)
-            p.raw = []
+        for i, faces in zip(waiting, found):
+            image, images[i].raw = images[i].raw, None
+            face = pick(faces, s.face_select, s.detect_min_face)
+            if face is None:
+                failures[i] = JobFailure(ErrorCode.NO_FACE_DETECTED, f"no face (score >= {s.detect_min_score}, at least {s.detect_min_face:g} px)")
+                continue
+            crop = align(image, face, size) if s.crop == "align" else square_crop(image, face, s.crop_margin)
+            images[i].input = preprocess(crop, size, self.limits)
+            images[i].face = face
         return failures, (time.perf_counter() - start) * 1000.0
 
-    def finish(self, prepared: Prepared, embeddings: np.ndarray, timing: Timing) -> dict:
-        """The JSON-ready result of one request from its rows of the batch's embeddings."""
-        req = prepared.request
-        name = self.engine.model.name
-        faces = [f.as_dict() for f in prepared.faces] or [None, None]
-        if isinstance(req, EmbedRequest):
-            return EmbedResult(embedding_b64=encode_embedding(embeddings[0]), dim=int(embeddings.shape[1]), model=name,
-                               ref=req.ref, face=faces[0], timing=timing).model_dump(mode="json")
-        v = self.engine.verify(embeddings[0], embeddings[1], req.threshold)
-        return VerifyResult(distance=v.distance, threshold=v.threshold, similar=v.similar, model=name, ref=req.ref,
-                            face_a=faces[0], face_b=faces[1] if len(faces) > 1 else None, timing=timing).model_dump(mode="json")
-
-    def run_batch(self, prepared: list[Prepared]) -> tuple[np.ndarray, float]:
-        """One engine call for every input of ``prepared``; returns (embeddings, inference ms)."""
-        inputs = [x for p in prepared for x in p.inputs]
+    def embed_inputs(self, inputs: list[np.ndarray]) -> tuple[np.ndarray, float]:
+        """One engine call for ``inputs``; returns (embeddings, inference ms)."""
         start = time.perf_counter()
         out = self.engine.embed(np.stack(inputs)) if inputs else np.empty((0, self.engine.model.embedding_dim), np.float32)
         return out, (time.perf_counter() - start) * 1000.0
 
+    def finish(self, request: Request, embeddings: np.ndarray, failures: dict[int, JobFailure], faces: list[Face | None], timing: Timing) -> dict:
+        """The JSON-ready result of a request from the embeddings of its images (rows in request order; rows
+        of failed images are ignored). Single-image kinds raise the failure of their image; multi-item kinds
+        report failed items in ``errors`` and never fail as a whole."""
+        name = self.engine.model.name
+        face_dicts = [f.as_dict() if f is not None else None for f in faces]
+        if isinstance(request, EmbedRequest):
+            if 0 in failures:
+                raise failures[0]
+            return EmbedResult(embedding_b64=encode_embedding(embeddings[0]), dim=int(embeddings.shape[1]), model=name,
+                               ref=request.ref, face=face_dicts[0], timing=timing).model_dump(mode="json")
+        if isinstance(request, VerifyRequest):
+            for i in (0, 1):
+                if i in failures:
+                    f = failures[i]
+                    raise JobFailure(f.code, f"image {'ab'[i]}: {f.message}")
+            v = self.engine.verify(embeddings[0], embeddings[1], request.threshold)
+            return VerifyResult(distance=v.distance, threshold=v.threshold, similar=v.similar, model=name, ref=request.ref,
+                                face_a=face_dicts[0], face_b=face_dicts[1], timing=timing).model_dump(mode="json")
+        if isinstance(request, EmbedBatchRequest):
+            rows = np.array(embeddings, dtype=np.float32, copy=True)
+            errors = [ItemError(index=i, code=f.code, message=f.message) for i, f in sorted(failures.items())]
+            rows[[e.index for e in errors]] = 0.0
+            return EmbedBatchResult(count=len(rows), dim=int(rows.shape[1]), embeddings_b64=encode_matrix(rows), errors=errors, model=name,
+                                    ref=request.ref, faces=face_dicts if self.detector is not None and any(face_dicts) else None,
+                                    timing=timing).model_dump(mode="json")
+        return self._finish_pairs(request, embeddings, failures, timing)
+
+    def _finish_pairs(self, request: VerifyBatchRequest, embeddings: np.ndarray, failures: dict[int, JobFailure], timing: Timing) -> dict:
+        results: list[PairResult | None] = []
+        errors: list[ItemError] = []
+        threshold = self.engine.model.threshold if request.threshold is None else request.threshold
+        for k in range(len(request.pairs)):
+            bad = next((i for i in (2 * k, 2 * k + 1) if i in failures), None)
+            if bad is not None:
+                errors.append(ItemError(index=k, code=failures[bad].code, message=f"image {'ab'[bad % 2]}: {failures[bad].message}"))
+                results.append(None)
+                continue
+            v = self.engine.verify(embeddings[2 * k], embeddings[2 * k + 1], threshold)
+            results.append(PairResult(distance=v.distance, similar=v.similar))
+        return VerifyBatchResult(count=len(results), threshold=threshold, results=results, errors=errors, model=self.engine.model.name,
+                                 ref=request.ref, timing=timing).model_dump(mode="json")
+
     def run_one(self, request: Request, queued_ms: float = 0.0) -> dict:
-        """Prepare, embed and finish a single request (the plain-rq path)."""
-        prepared = self.prepare(request)
-        failures, detect_ms = self.detect([prepared])
-        if failures:
-            raise failures[0]
-        emb, inference_ms = self.run_batch([prepared])
-        return self.finish(prepared, emb, Timing(queued_ms=queued_ms, batch_size=1, preprocess_ms=prepared.preprocess_ms,
-                                                 detect_ms=detect_ms, inference_ms=inference_ms))
+        """Prepare, embed and finish a single request in this thread (the plain-rq path)."""
+        detect = self.check(request)
+        images: list[PreparedImage] = []
+        failures: dict[int, JobFailure] = {}
+        for i, ref in enumerate(request_images(request)):
+            try:
+                images.append(self.prepare_image(ref, detect))
+            except JobFailure as failure:
+                failures[i] = failure
+                images.append(PreparedImage())
+        found, detect_ms = self.detect_images(images)
+        failures.update(found)
+        ok = [i for i in range(len(images)) if i not in failures]
+        emb, inference_ms = self.embed_inputs([images[i].input for i in ok])  # type: ignore[misc]
+        rows = np.zeros((len(images), self.engine.model.embedding_dim), np.float32)
+        rows[ok] = emb
+        timing = Timing(queued_ms=queued_ms, batch_size=len(ok), preprocess_ms=sum(im.ms for im in images), detect_ms=detect_ms,
+                        inference_ms=inference_ms)
+        return self.finish(request, rows, failures, [im.face for im in images], timing)

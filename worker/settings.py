@@ -50,6 +50,9 @@ class WorkerSettings(CommonSettings):
     max_batch_size: int = Field(default=32, ge=1, description="images per batch (a verify job counts two)")
     batch_timeout_ms: float = Field(default=5.0, ge=0, description="how long a batch may wait to fill after its first job")
     preprocess_threads: int = Field(default=2, ge=1)
+    max_images_per_job: int = Field(default=256, ge=1, le=4096, description="largest multi-image job (embed_batch, verify_batch pairs x 2)")
+    decode_timeout_s: float = Field(default=30.0, gt=0, description="an image still decoding after this long fails alone (image_decode_error)")
+    max_job_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, description="largest job payload (after zlib inflation); larger jobs fail with invalid_payload")
     # rq worker liveness
     heartbeat_interval_s: float = Field(default=3.0, description="how often a busy worker refreshes its heartbeat")
     execution_ttl_s: int = Field(default=15, description="a job's started-registry entry lives this long past each heartbeat")

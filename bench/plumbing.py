@@ -1,0 +1,145 @@
+"""Plumbing benchmark: everything around the model, with a near-free model (a bring-your-own Keras model
+``112x112x3 -> GlobalAveragePooling2D -> Dense(512)``), all in one run on this machine:
+
+- single-image embed jobs/s through one ``arcface-worker`` (the 40 crops inline, queue pre-filled while the
+  worker is suspended with ``rq suspend``, then drained), Redis commands per job (``INFO commandstats`` deltas),
+  worker CPU ms per job;
+- multi-image ``embed_batch`` jobs (64 crops each): images/s, Redis commands per image;
+- a plain rq ``SimpleWorker`` on the same single-image jobs, side by side.
+
+    ./dev bench plumbing [--jobs 3000] [--batch-jobs 60] [--plain-jobs 600]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import redis  # noqa: E402
+
+from producer.client import FaceClient  # noqa: E402
+from producer.jobs import ImageRef  # noqa: E402
+from producer.settings import ProducerSettings  # noqa: E402
+from tests.redis_server import RedisServer  # noqa: E402
+from tests.workers import WorkerProcess  # noqa: E402
+
+SUSPENDED_KEY = "rq:suspended"  # rq's `rq suspend` flag
+
+
+def tiny_model(path: Path) -> Path:
+    """The near-free model: global average pooling and one dense layer."""
+    import keras
+
+    inp = keras.Input((112, 112, 3))
+    out = keras.layers.Dense(512)(keras.layers.GlobalAveragePooling2D()(inp))
+    keras.Model(inp, out).save(path)
+    return path
+
+
+def commands(conn: redis.Redis) -> int:
+    return sum(v["calls"] for k, v in conn.info("commandstats").items() if k.startswith("cmdstat_"))
+
+
+def cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def drain(conn: redis.Redis, queue: str, n: int, pid: int | None, start_fn) -> tuple[float, int, float]:
+    """Start the drain with ``start_fn``, wait until ``n`` jobs finished. Returns (seconds, commands, worker cpu s)."""
+    finished = f"rq:finished:{queue}"
+    base = conn.zcard(finished)
+    cpu0 = cpu_s(pid) if pid else 0.0
+    c0 = commands(conn)
+    t0 = time.perf_counter()
+    start_fn()
+    polls = 0
+    while conn.zcard(finished) - base < n:
+        polls += 1
+        time.sleep(0.005)
+    elapsed = time.perf_counter() - t0
+    used = commands(conn) - c0 - polls - 2  # our own ZCARD polls and INFO calls
+    return elapsed, used, (cpu_s(pid) - cpu0) if pid else 0.0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--jobs", type=int, default=3000)
+    ap.add_argument("--batch-jobs", type=int, default=60)
+    ap.add_argument("--images-per-job", type=int, default=64)
+    ap.add_argument("--plain-jobs", type=int, default=600)
+    ap.add_argument("--max-batch-size", type=int, default=64)
+    args = ap.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="arcface-plumbing-"))
+    server = RedisServer(tmp / "redis").start()
+    model = tiny_model(tmp / "tiny.keras")
+    env = {"ARCFACE_REDIS_URL": server.url, "ARCFACE_MODEL_PATH": str(model), "ARCFACE_MAX_BATCH_SIZE": str(args.max_batch_size),
+           "ARCFACE_ALLOWED_BATCH_SIZES": "1,8,16,32,64", "ARCFACE_RESULT_TTL": "3600", "ARCFACE_LOG_LEVEL": "INFO"}
+    os.environ.update(env)
+    faces = sorted((ROOT / "tests" / "data" / "faces").glob("*/*.png"))
+    refs = [ImageRef.inline(p.read_bytes()) for p in faces]
+    conn = redis.Redis.from_url(server.url)
+    try:
+        # 1. single-image jobs through one arcface-worker
+        client = FaceClient(ProducerSettings(queue="plumb"))
+        worker = WorkerProcess({**env, "ARCFACE_QUEUE": "plumb"}, tmp / "worker.log", ARCFACE_LOG_LEVEL="INFO")
+        worker.wait_ready(300)
+        client.result(client.embed(refs[0]), timeout=60)  # warm
+        conn.set(SUSPENDED_KEY, 1)
+        time.sleep(1.5)
+        for chunk in range(0, args.jobs, 500):
+            client.embed_many(refs[i % len(refs)] for i in range(chunk, min(args.jobs, chunk + 500)))
+        secs, cmds, cpu = drain(conn, "plumb", args.jobs, worker.proc.pid, lambda: conn.delete(SUSPENDED_KEY))
+        single_rate, single_cmds, single_cpu = args.jobs / secs, cmds / args.jobs, cpu / args.jobs * 1000
+        print(f"single-image jobs: {single_rate:.0f} jobs/s, {single_cmds:.1f} Redis commands/job, worker CPU {single_cpu:.2f} ms/job")
+
+        # 2. multi-image jobs
+        conn.set(SUSPENDED_KEY, 1)
+        time.sleep(1.5)
+        k = args.images_per_job
+        for j in range(args.batch_jobs):
+            client.embed_batch([refs[(j * k + i) % len(refs)] for i in range(k)])
+        n_images = args.batch_jobs * k
+        secs, cmds, cpu = drain(conn, "plumb", args.batch_jobs, worker.proc.pid, lambda: conn.delete(SUSPENDED_KEY))
+        multi_rate, multi_cmds, multi_cpu = n_images / secs, cmds / n_images, cpu / n_images * 1000
+        print(f"multi-image jobs ({k} images each): {multi_rate:.0f} images/s, {multi_cmds:.2f} Redis commands/image, "
+              f"worker CPU {multi_cpu:.2f} ms/image")
+        worker.signal(15)
+        worker.wait(60)
+        worker.stop()
+
+        # 3. plain rq SimpleWorker on the same single-image jobs (model loaded once in its process, before the span)
+        plain = FaceClient(ProducerSettings(queue="plumb-plain"))
+        ids = plain.embed_many(refs[i % len(refs)] for i in range(args.plain_jobs))
+        cmd = [sys.executable, "-m", "rq.cli", "worker", "--burst", "--url", server.url, "--worker-class", "rq.worker.SimpleWorker",
+               "--job-class", "producer.jobs.SafeJob", "--serializer", "producer.jobs.JSONSerializer", "plumb-plain"]
+        c0 = commands(conn)
+        subprocess.run(cmd, env={**os.environ, "ARCFACE_QUEUE": "plumb-plain", "TF_CPP_MIN_LOG_LEVEL": "2"}, cwd=ROOT,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+        plain_cmds = (commands(conn) - c0 - 1) / args.plain_jobs
+        jobs = plain.queue.job_class.fetch_many(ids[1:], connection=conn, serializer=plain.queue.serializer)
+        span = (max(j.ended_at for j in jobs) - min(j.started_at for j in jobs)).total_seconds()
+        plain_rate = (len(ids) - 1) / span
+        print(f"plain rq SimpleWorker: {plain_rate:.0f} jobs/s, {plain_cmds:.1f} Redis commands/job (its start and stop included)")
+
+        print(f"RATIO single-image jobs/s per worker: {single_rate:.0f}  (target >= 1000)")
+        print(f"RATIO Redis commands per single-image job: {single_cmds:.1f}  (target <= 15)")
+        print(f"RATIO multi-image images/s per worker: {multi_rate:.0f}  (target >= 2500)")
+        print(f"RATIO Redis commands per image in multi-image jobs: {multi_cmds:.2f}  (target <= 2)")
+        print(f"RATIO worker CPU ms per image: single {single_cpu:.2f}, multi {multi_cpu:.2f}")
+        print(f"RATIO single-image jobs/s, arcface-worker / plain rq worker: {single_rate / plain_rate:.1f}x")
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()

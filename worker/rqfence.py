@@ -1,0 +1,314 @@
+"""The fence around rq: every rq internal the batching worker relies on lives here, and nowhere else.
+
+rq runs one job at a time and has no hooks for taking, registering or completing many jobs at once, so the
+worker writes rq's data structures itself, exactly as rq 2.x lays them out (pinned by tests/test_rqfence.py
+against the installed rq):
+
+- job hash ``rq:job:<id>`` fields ``status``, ``started_at``, ``ended_at``, ``last_heartbeat``, ``worker_name``,
+  ``meta`` (serializer JSON), ``retries_left``; timestamps in rq's ``utcformat``;
+- the started registry ``rq:wip:<queue>``: members ``<job id>:<execution id>`` scored by expiry time;
+- finished / failed registries ``rq:finished:<queue>`` / ``rq:failed:<queue>`` scored by expiry time;
+- the result stream ``rq:results:<id>`` (``XADD MAXLEN ~ 10``): fields as rq's ``Result.serialize``;
+- the queue's intermediate list ``rq:queue:<queue>:intermediate`` (rq's crash-safe pop);
+- scheduled retries in ``rq:scheduled:<queue>``.
+
+Completion and recovery are Lua scripts, so each job's outcome is applied atomically and at most once: the
+job's started-registry entry is removed in the same script that writes its outcome, and a script that finds
+the entry gone (another worker recovered it, or Redis was flushed) writes nothing. A job therefore ends in
+exactly one registry, even when a stalled worker and a recovering worker race.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import zlib
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import redis
+from rq.job import JOB_ID_PATTERN, Job
+from rq.results import Result
+from rq.utils import utcformat
+
+from producer.jobs import ERROR_META_KEY, JobFailure, JSONSerializer, SafeJob
+
+JOB_PREFIX = Job.redis_job_namespace_prefix  # "rq:job:"
+
+
+def job_key(job_id: str) -> str:
+    return f"{JOB_PREFIX}{job_id}"
+
+
+def results_key(job_id: str) -> str:
+    return f"rq:results:{job_id}"
+
+
+@dataclass(frozen=True)
+class QueueKeys:
+    """The Redis keys rq uses for one queue."""
+
+    name: str
+
+    @property
+    def queue(self) -> str:
+        return f"rq:queue:{self.name}"
+
+    @property
+    def intermediate(self) -> str:
+        return f"rq:queue:{self.name}:intermediate"
+
+    @property
+    def started(self) -> str:
+        return f"rq:wip:{self.name}"
+
+    @property
+    def finished(self) -> str:
+        return f"rq:finished:{self.name}"
+
+    @property
+    def failed(self) -> str:
+        return f"rq:failed:{self.name}"
+
+    @property
+    def scheduled(self) -> str:
+        return f"rq:scheduled:{self.name}"
+
+
+def valid_job_id(job_id: str) -> bool:
+    """rq refuses ids outside ``[A-Za-z0-9_-]+`` (``.`` and ``:`` break its composite registry keys)."""
+    return bool(JOB_ID_PATTERN.fullmatch(job_id)) and len(job_id) <= 512
+
+
+def timestamp(dt: datetime) -> str:
+    """rq's job-hash timestamp format, e.g. ``2026-11-29T16:00:00.123456Z`` (UTC)."""
+    return utcformat(dt.astimezone(timezone.utc))
+
+
+def parse_timestamp(value: bytes | str | None) -> datetime | None:
+    """A job-hash timestamp in rq's format or any ISO 8601 form; None when absent or unreadable."""
+    if not value:
+        return None
+    try:
+        text = value.decode("ascii") if isinstance(value, bytes) else value
+        dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return dt.replace(tzinfo=timezone.utc) if dt.tzinfo is None else dt.astimezone(timezone.utc)
+
+
+def inflate(data: bytes, limit: int) -> bytes:
+    """rq stores ``data`` zlib-compressed (or plain); inflate at most ``limit`` bytes, never a bomb."""
+    if not data or data[:1] in (b"[", b"{"):
+        return data
+    inflater = zlib.decompressobj()
+    try:
+        out = inflater.decompress(data, limit + 1)
+    except zlib.error:
+        return data  # not compressed: rq does the same fallback
+    if len(out) > limit or inflater.unconsumed_tail:
+        raise ValueError(f"job data inflates to more than {limit} bytes (ARCFACE_MAX_JOB_BYTES)")
+    return out
+
+
+def restore(job_id: str, fields: dict[bytes, bytes], connection: redis.Redis, max_data_bytes: int) -> SafeJob:
+    """Build rq's job object from a raw hash without another round trip, with ``data`` inflated under a
+    bound first (rq's own restore inflates without one). Raises whatever rq raises on a field it cannot read."""
+    raw = dict(fields)
+    raw[b"data"] = inflate(raw.get(b"data", b""), max_data_bytes)
+    if len(raw[b"data"]) > max_data_bytes:
+        raise ValueError(f"job data is over {max_data_bytes} bytes (ARCFACE_MAX_JOB_BYTES)")
+    job = SafeJob(job_id, connection=connection, serializer=JSONSerializer)
+    try:
+        job.restore(raw)
+    except Exception as exc:
+        raise ValueError(f"{_blame(job_id, raw, connection)}{type(exc).__name__}: {str(exc)[:200]}") from None
+    return job
+
+
+def _blame(job_id: str, raw: dict[bytes, bytes], connection: redis.Redis) -> str:
+    """Name the hash field rq chokes on (only computed for a hash that failed), e.g. ``field 'timeout': ``."""
+    for name in raw:
+        if name == b"data":
+            continue
+        trial = {k: v for k, v in raw.items() if k != name}
+        try:
+            SafeJob(job_id, connection=connection, serializer=JSONSerializer).restore(trial)
+        except Exception:
+            continue
+        return f"field {name.decode('latin-1')[:40]!r} = {raw[name][:40]!r}: "
+    return ""
+
+
+def decode_data(job: SafeJob) -> tuple[str, Any, Any, Any]:
+    """``(func_name, instance, args, kwargs)`` of a job's JSON data, read strictly (no pickle, ever)."""
+    value = json.loads(job.data)
+    if not isinstance(value, list) or len(value) != 4 or not isinstance(value[0], str):
+        raise ValueError("job data must be the JSON array [func_name, null, [request], {}]")
+    return value[0], value[1], value[2], value[3]
+
+
+def success_entry(return_value: dict, worker_name: str, execution_id: str, started: datetime, ended: datetime) -> dict[str, Any]:
+    """The result-stream entry rq writes for a finished job (``Result.Type.SUCCESSFUL``)."""
+    entry = {"type": Result.Type.SUCCESSFUL.value, "worker_name": worker_name,
+             "return_value": base64.b64encode(JSONSerializer.dumps(return_value)).decode("ascii")}
+    return {**entry, **_execution_fields(execution_id, started, ended)}
+
+
+def failure_entry(exc_string: str, worker_name: str, execution_id: str | None, started: datetime | None, ended: datetime) -> dict[str, Any]:
+    """The result-stream entry rq writes for a failed job (``Result.Type.FAILED``)."""
+    entry = {"type": Result.Type.FAILED.value, "worker_name": worker_name,
+             "exc_string": base64.b64encode(zlib.compress(exc_string.encode())).decode("ascii")}
+    return {**entry, **_execution_fields(execution_id, started, ended)}
+
+
+def _execution_fields(execution_id: str | None, started: datetime | None, ended: datetime) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if execution_id:
+        out["execution_id"] = execution_id
+    if started is not None:
+        out["execution_started_at"] = started.timestamp()
+    out["execution_ended_at"] = ended.timestamp()
+    return out
+
+
+def exc_string(failure: JobFailure) -> str:
+    """How a failure reads in rq's result stream and ``rq info``; clients parse the code from job meta."""
+    return f"producer.jobs.JobFailure: [{failure.code.value}] {failure.message}"
+
+
+def failure_meta(meta: dict | None, failure: JobFailure) -> bytes:
+    """The job's meta with the typed error under ``error`` (JSON; other keys kept when they were JSON)."""
+    merged = dict(meta) if isinstance(meta, dict) and "unserialized" not in meta else {}
+    merged[ERROR_META_KEY] = failure.to_error().model_dump(mode="json")
+    return JSONSerializer.dumps(merged)
+
+
+# --- Lua: outcomes ----------------------------------------------------------------------------------
+# ARGV: now (unix seconds), worker key, worker name, then per outcome a fixed group of 9 fields:
+#   guard   "own": apply only if ZREM of the started entry removes it (completion by the worker that holds it)
+#           "expired": apply only if the entry is still in the registry with a score <= now (recovery)
+#           "none": no started entry (a job failed before registration)
+#   kind    "finished" | "failed" | "requeue" | "schedule" | "invalid" (failed, in no registry: an id rq refuses)
+#   job id, started member, ttl (result/failure ttl; -1 = forever, 0 = delete), hash fields (JSON object of
+#   field -> string), stream entry (JSON object, "" = none), extra (requeue: queue key; schedule: score),
+#   intermediate list key ("" = none: LREM the id from it)
+# KEYS: started, finished, failed, scheduled registry keys of the queue.
+# Returns, per outcome, 0 (skipped: not ours any more) or 1 (applied) or 2 (applied, job has dependents).
+_OUTCOMES_LUA = """
+local now = tonumber(ARGV[1])
+local out = {}
+local n = (#ARGV - 3) / 9
+for i = 0, n - 1 do
+  local b = 3 + i * 9
+  local guard, kind, id, member = ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4]
+  local ttl = tonumber(ARGV[b + 5])
+  local ok = true
+  if guard == 'own' then
+    ok = redis.call('ZREM', KEYS[1], member) == 1
+  elseif guard == 'expired' then
+    local score = redis.call('ZSCORE', KEYS[1], member)
+    ok = score ~= false and tonumber(score) <= now
+    if ok then redis.call('ZREM', KEYS[1], member) end
+  end
+  if ARGV[b + 9] ~= '' then redis.call('LREM', ARGV[b + 9], 1, id) end
+  if ok then
+    local jkey = 'rq:job:' .. id
+    local fields = cjson.decode(ARGV[b + 6])
+    if fields['__replace__'] then redis.call('DEL', jkey); fields['__replace__'] = nil end
+    local flat = {}
+    for k, v in pairs(fields) do flat[#flat + 1] = k; flat[#flat + 1] = v end
+    if #flat > 0 then redis.call('HSET', jkey, unpack(flat)) end
+    if ARGV[b + 7] ~= '' then
+      local entry = cjson.decode(ARGV[b + 7])
+      local ef = {}
+      for k, v in pairs(entry) do ef[#ef + 1] = k; ef[#ef + 1] = tostring(v) end
+      local rkey = 'rq:results:' .. id
+      redis.call('XADD', rkey, 'MAXLEN', '~', '10', '*', unpack(ef))
+      if ttl > 0 then redis.call('EXPIRE', rkey, ttl) elseif ttl == 0 then redis.call('DEL', rkey) end
+    end
+    local registry = nil
+    if kind == 'finished' then registry = KEYS[2] elseif kind == 'failed' then registry = KEYS[3] end
+    if registry then
+      if ttl > 0 then
+        redis.call('EXPIRE', jkey, ttl)
+        redis.call('ZADD', registry, now + ttl, id)
+      elseif ttl < 0 then
+        redis.call('PERSIST', jkey)
+        redis.call('ZADD', registry, '+inf', id)
+      else
+        redis.call('DEL', jkey)
+      end
+      if redis.call('EXISTS', jkey .. ':dependents') == 1 then ok = 2 end
+    elseif kind == 'requeue' then
+      redis.call('RPUSH', ARGV[b + 8], id)
+    elseif kind == 'schedule' then
+      redis.call('ZADD', KEYS[4], tonumber(ARGV[b + 8]), id)
+    elseif ttl > 0 then
+      redis.call('EXPIRE', jkey, ttl)
+    end
+  end
+  if ok == true then out[#out + 1] = 1 elseif ok == false then out[#out + 1] = 0 else out[#out + 1] = ok end
+end
+return out
+"""
+
+
+@dataclass
+class Outcome:
+    """What happens to one job, applied atomically by :meth:`Fence.apply`."""
+
+    guard: str  # "own" | "expired" | "none"
+    kind: str  # "finished" | "failed" | "requeue" | "schedule"
+    job_id: str
+    member: str = ""
+    ttl: int = 0
+    fields: dict[str, str] | None = None
+    entry: dict[str, Any] | None = None
+    extra: str = ""
+    lrem_from: str = ""
+
+    def argv(self) -> list[str]:
+        return [self.guard, self.kind, self.job_id, self.member, str(int(self.ttl)), json.dumps(self.fields or {}, separators=(",", ":")),
+                json.dumps(self.entry, separators=(",", ":")) if self.entry else "", self.extra, self.lrem_from]
+
+
+class Fence:
+    """rq's bookkeeping for one queue, written in bulk."""
+
+    def __init__(self, connection: redis.Redis, queue_name: str) -> None:
+        self.connection = connection
+        self.keys = QueueKeys(queue_name)
+        self._outcomes = connection.register_script(_OUTCOMES_LUA)
+
+    def apply(self, outcomes: list[Outcome], now: float, worker_key: str, worker_name: str) -> list[int]:
+        """Apply outcomes in one script call; per outcome 0 (skipped), 1 (applied) or 2 (applied, has dependents)."""
+        if not outcomes:
+            return []
+        argv: list[str] = [repr(now), worker_key, worker_name]
+        for outcome in outcomes:
+            argv.extend(outcome.argv())
+        k = self.keys
+        return [int(x) for x in self._outcomes(keys=[k.started, k.finished, k.failed, k.scheduled], args=argv)]
+
+    def register(self, pipe: Any, job_id: str, member: str, fields: dict[str, str]) -> None:
+        """Queue the per-job part of registration on ``pipe``: status started, out of the intermediate list.
+        The started-registry entries of a batch are added with one :meth:`add_started`."""
+        pipe.hset(job_key(job_id), mapping=fields)
+        pipe.lrem(self.keys.intermediate, 1, job_id)
+
+    def add_started(self, pipe: Any, members: dict[str, float], only_existing: bool = False) -> None:
+        """Add (or, with ``only_existing``, refresh: a heartbeat never re-creates a completed job's entry)."""
+        if members:
+            pipe.zadd(self.keys.started, members, xx=only_existing)
+
+    def expired_started(self, now: float) -> list[tuple[str, float]]:
+        """Started-registry members whose heartbeat ran out, with their scores."""
+        rows = self.connection.zrangebyscore(self.keys.started, "-inf", now, withscores=True)
+        return [(m.decode() if isinstance(m, bytes) else m, float(s)) for m, s in rows]
+
+
+def split_member(member: str) -> str:
+    """The job id of a started-registry member ``<job id>:<execution id>`` (rq's composite key)."""
+    return member.rsplit(":", 1)[0] if ":" in member else member
