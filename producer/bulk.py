@@ -312,7 +312,11 @@ def check_plot_available() -> None:
     """``--plot`` needs matplotlib: refuse before any job is enqueued, not after the run."""
     import importlib.util
 
-    if importlib.util.find_spec("matplotlib") is None:
+    try:
+        found = importlib.util.find_spec("matplotlib") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
         raise BulkError("--plot needs matplotlib, which is not installed: pip install 'arcface-service[plot]', or drop --plot")
 
 

@@ -241,6 +241,9 @@ def _bulk(client: Any, settings: Any, args: argparse.Namespace) -> int:
                             "read, as mounted here): every image is checked under it before it is sent")
         if not Path(settings.shared_root).is_dir():
             raise BulkError(f"ARCFACE_SHARED_ROOT={settings.shared_root}: not a directory")
+    from producer.pairs import PairFile
+
+    PairFile(args.pairs, args.format).validate()  # a broken line is reported first, before any other word
     threshold, source = resolve_threshold(client, args.threshold)
     if args.threshold is None and not args.json and not args.quiet:
         _err(f"threshold {threshold:g} from {source} (--threshold to choose)")

@@ -93,9 +93,9 @@ def publish_model(connection: Any, settings: Any, engine: Any) -> dict[str, Any]
 def main(argv: Sequence[str] | None = None) -> None:
     import argparse
 
-    from producer.cli import version
+    from producer.cli import _Parser, version
 
-    parser = argparse.ArgumentParser(prog="arcface-worker", description="Serve ArcFace jobs from Redis in micro-batches.",
+    parser = _Parser(prog="arcface-worker", description="Serve ArcFace jobs from Redis in micro-batches.",
                                      epilog=settings_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--burst", action="store_true", help="exit once the queue is empty")
     parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")

@@ -1,0 +1,194 @@
+"""Every user or configuration error of ``arcface-producer`` and ``arcface-worker``, run as a subprocess: the
+documented exit code, exactly one line on stderr naming the flag or ``ARCFACE_*`` variable, never a traceback."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import time
+import uuid
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from tests.conftest import REPO, face_paths
+
+# Runs a console script with some modules made unimportable (a producer-only install, no matplotlib).
+RUNNER = """
+import os, sys, importlib.abc
+blocked = set(filter(None, os.environ.get("TEST_BLOCK_MODULES", "").split(",")))
+class _Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split('.')[0] in blocked:
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
+sys.meta_path.insert(0, _Block())
+prog = sys.argv[1]
+sys.argv = [prog] + sys.argv[2:]
+if prog == "arcface-producer":
+    from producer.cli import main
+else:
+    from worker.cli import main
+main()
+"""
+PRODUCER_ONLY = "tensorflow,keras,h5py,prometheus_client,worker"
+
+
+def run(prog: str, *args: str, env: dict[str, str], cwd: Path = REPO, block: str = "", timeout: float = 60) -> subprocess.CompletedProcess:
+    full = {k: v for k, v in os.environ.items() if not k.startswith("ARCFACE_")}
+    full.update({"PYTHONPATH": str(REPO), "TEST_BLOCK_MODULES": block, **env})
+    return subprocess.run([sys.executable, "-c", RUNNER, prog, *args], env=full, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+@dataclass
+class Case:
+    name: str
+    args: Callable[[Path], list[str]]
+    code: int
+    says: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    prog: str = "arcface-producer"
+    block: str = PRODUCER_ONLY
+    setup: Callable[[Path, object, str], dict[str, str]] | None = None  # returns more env
+    dotenv: str | None = None
+
+
+FACE = str(face_paths()[0])
+
+
+def _corrupt_hash(tmp: Path, r, queue: str) -> dict[str, str]:
+    r.hset("rq:job:corrupt-job", mapping={"data": b"\x80\x04 not json", "created_at": "2026-11-29T16:00:00+00:00", "status": "queued"})
+    return {}
+
+
+def _pickled_job(tmp: Path, r, queue: str) -> dict[str, str]:
+    from rq import Queue
+
+    Queue("another-app", connection=r).enqueue_call("os.getcwd", job_id="pickled-job")  # rq's default: pickle
+    return {}
+
+
+def _pairs(tmp: Path, r, queue: str) -> dict[str, str]:
+    (tmp / "pairs.csv").write_text(f"a,b\n{FACE},{FACE}\n")
+    (tmp / "outdir").mkdir(exist_ok=True)
+    return {}
+
+
+def _busy_port(tmp: Path, r, queue: str) -> dict[str, str]:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    _HELD.append(s)
+    return {"ARCFACE_METRICS_PORT": str(s.getsockname()[1])}
+
+
+_HELD: list[socket.socket] = []
+
+CASES = [
+    # producer flags
+    Case("threshold-5", lambda t: ["verify", FACE, FACE, "--threshold", "5"], 2, ["--threshold", "0..2"]),
+    Case("threshold-nan", lambda t: ["verify", FACE, FACE, "--threshold", "nan"], 2, ["--threshold", "finite"]),
+    Case("ref-too-long", lambda t: ["embed", FACE, "--ref", "r" * 1025], 2, ["--ref", "1024"]),
+    Case("timeout-nan", lambda t: ["embed", FACE, "--wait", "--timeout", "nan"], 2, ["--timeout"]),
+    Case("timeout-negative", lambda t: ["embed", FACE, "--wait", "--timeout", "-1"], 2, ["--timeout"]),
+    Case("job-id-with-dot", lambda t: ["status", "order.42"], 2, ["order.42", "job id"]),
+    Case("result-id-with-colon", lambda t: ["result", "a:b"], 2, ["job id"]),
+    Case("unknown-command", lambda t: ["frobnicate"], 2, ["frobnicate"]),
+    Case("missing-image", lambda t: ["embed", str(t / "nope.jpg")], 2, ["nope.jpg"]),
+    Case("verify-missing-b", lambda t: ["verify", FACE, str(t / "nope.jpg")], 2, ["image b", "nope.jpg"]),
+    # producer settings
+    Case("redis-url-no-scheme", lambda t: ["embed", FACE], 2, ["ARCFACE_REDIS_URL", "redis://"], env={"ARCFACE_REDIS_URL": "redis//x"}),
+    Case("redis-url-http", lambda t: ["embed", FACE], 2, ["ARCFACE_REDIS_URL", "redis://"], env={"ARCFACE_REDIS_URL": "http://x"}),
+    Case("redis-url-bad-port-secret", lambda t: ["embed", FACE], 2, ["ARCFACE_REDIS_URL", "***"],
+         env={"ARCFACE_REDIS_URL": "redis://:s3cret@h:xx/0"}),
+    Case("dotenv-wait-timeout", lambda t: ["embed", FACE], 2, ["ARCFACE_WAIT_TIMEOUT", "soon", ".env"], dotenv="ARCFACE_WAIT_TIMEOUT=soon\n"),
+    Case("retries-negative", lambda t: ["embed", FACE], 2, ["ARCFACE_RETRIES", "-1"], env={"ARCFACE_RETRIES": "-1"}),
+    Case("log-level", lambda t: ["embed", FACE], 2, ["ARCFACE_LOG_LEVEL", "INFO"], env={"ARCFACE_LOG_LEVEL": "LOUD"}),
+    Case("embedded-forbidden", lambda t: ["embed", FACE], 2, ["ARCFACE_REDIS_URL", "ARCFACE_EMBEDDED_REDIS"],
+         env={"ARCFACE_EMBEDDED_REDIS": "false", "ARCFACE_REDIS_URL": ""}),
+    Case("wait-with-result-ttl-0", lambda t: ["embed", FACE, "--wait"], 2, ["ARCFACE_RESULT_TTL"], env={"ARCFACE_RESULT_TTL": "0"}),
+    # jobs that are not ours
+    Case("corrupt-job-hash", lambda t: ["status", "corrupt-job"], 2, ["corrupt-job", "not an ArcFace job"], setup=_corrupt_hash),
+    Case("pickled-job-status", lambda t: ["status", "pickled-job"], 2, ["pickled-job", "not an ArcFace job"], setup=_pickled_job),
+    Case("pickled-job-result", lambda t: ["result", "pickled-job", "--timeout", "1"], 2, ["pickled-job"], setup=_pickled_job),
+    # bulk: refused before anything is enqueued
+    Case("bulk-out-missing-dir", lambda t: ["bulk", str(t / "pairs.csv"), "--out", str(t / "no" / "r.csv")], 2, ["--out", "does not exist"],
+         setup=_pairs),
+    Case("bulk-out-is-dir", lambda t: ["bulk", str(t / "pairs.csv"), "--out", str(t / "outdir")], 2, ["--out", "directory"], setup=_pairs),
+    Case("bulk-threshold-nan", lambda t: ["bulk", str(t / "pairs.csv"), "--out", str(t / "r.csv"), "--threshold", "nan"], 2, ["--threshold"],
+         setup=_pairs),
+    Case("bulk-window-negative", lambda t: ["bulk", str(t / "pairs.csv"), "--out", str(t / "r.csv"), "--window", "-5"], 2, ["--window"],
+         setup=_pairs),
+    Case("bulk-plot-without-matplotlib", lambda t: ["bulk", str(t / "pairs.csv"), "--out", str(t / "r.csv"), "--plot", str(t / "p.png")],
+         2, ["--plot", "matplotlib"], setup=_pairs, block=PRODUCER_ONLY + ",matplotlib"),
+    Case("bulk-shared-root-unset", lambda t: ["bulk", str(t / "pairs.csv"), "--out", str(t / "r.csv"), "--shared-root"], 2,
+         ["--shared-root", "ARCFACE_SHARED_ROOT"], setup=_pairs),
+    Case("bulk-broken-pair-file", lambda t: ["bulk", str(t / "bad.csv"), "--out", str(t / "r.csv")], 2, ["bad.csv:2"],
+         setup=lambda t, r, q: (t / "bad.csv").write_text("a,b,label\nx,y,perhaps\n") and {}),
+    # worker configuration
+    Case("worker-max-batch-size", lambda t: [], 2, ["ARCFACE_MAX_BATCH_SIZE", "abc"], env={"ARCFACE_MAX_BATCH_SIZE": "abc"},
+         prog="arcface-worker", block=""),
+    Case("worker-precision", lambda t: [], 2, ["ARCFACE_PRECISION", "float32", "reduced"], env={"ARCFACE_PRECISION": "bogus"},
+         prog="arcface-worker", block=""),
+    Case("worker-log-level", lambda t: [], 2, ["ARCFACE_LOG_LEVEL", "DEBUG"], env={"ARCFACE_LOG_LEVEL": "LOUD"}, prog="arcface-worker", block=""),
+    Case("worker-metrics-port-in-use", lambda t: [], 2, ["ARCFACE_METRICS_PORT"], setup=_busy_port, prog="arcface-worker", block=""),
+    Case("worker-producer-only-install", lambda t: [], 2, ["arcface-service[worker]"], prog="arcface-worker", block=PRODUCER_ONLY.replace(",worker", "")),
+    Case("worker-bad-flag", lambda t: ["--bogus"], 2, ["--bogus"], prog="arcface-worker", block=""),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_invocation_exits_with_one_line(case: Case, redis_server, tmp_path):
+    r = redis_server.client()
+    queue = f"cli-{uuid.uuid4().hex[:8]}"
+    env = {"ARCFACE_REDIS_URL": redis_server.url, "ARCFACE_QUEUE": queue, "ARCFACE_DATA_DIR": str(tmp_path / "data"),
+           "ARCFACE_MODEL_PATH": str(tmp_path / "never-loaded.h5")}
+    if case.setup:
+        env.update(case.setup(tmp_path, r, queue) or {})
+    env.update(case.env)
+    cwd = REPO
+    if case.dotenv is not None:
+        cwd = tmp_path / "cwd"
+        cwd.mkdir()
+        (cwd / ".env").write_text(case.dotenv)
+    start = time.monotonic()
+    proc = run(case.prog, *case.args(tmp_path), env=env, cwd=cwd, block=case.block)
+    took = time.monotonic() - start
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == case.code, (proc.returncode, proc.stdout, proc.stderr)
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    for text in case.says:
+        assert text in lines[0], (text, lines[0])
+    assert "s3cret" not in proc.stderr
+    assert r.llen(f"rq:queue:{queue}") == 0  # refused before anything was enqueued
+    if case.prog == "arcface-worker":
+        assert took < 30, f"a configuration error must be reported before the model loads ({took:.1f}s)"
+
+
+def test_help_documents_every_argument():
+    from producer.cli import _parser
+
+    parser = _parser()
+    subparsers = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    for name, sub in subparsers.choices.items():
+        for action in sub._actions:
+            if action.help == "==SUPPRESS==":
+                continue
+            assert action.help, (name, action.dest)
+
+
+def test_version_and_worker_help_list_settings():
+    out = run("arcface-producer", "--version", env={}, block=PRODUCER_ONLY)
+    assert out.returncode == 0 and out.stdout.startswith("arcface-producer ") and out.stdout.split()[1][0].isdigit()
+    help_ = run("arcface-worker", "--help", env={}, block=PRODUCER_ONLY.replace(",worker", ""))
+    assert help_.returncode == 0
+    from worker.settings import WorkerSettings
+
+    for name in WorkerSettings.model_fields:
+        assert f"ARCFACE_{name.upper()}" in help_.stdout
