@@ -3,20 +3,26 @@ workers; 1:N search checked against a brute-force computation; :func:`worker.gal
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
+from typing import Any
 
 import numpy as np
 import pytest
 
 import worker.gallery as wg
 from producer.gallery import (
-    EVENTS_KEY, EVENTS_SEQ_KEY, EmbeddingRef, EnrollRequest, EnrollResult, ForgetRequest, ForgetResult, GalleryVerifyRequest,
+    GALLERY_FUNCTIONS, EVENTS_KEY, EVENTS_SEQ_KEY, EmbeddingRef, EnrollBatchRequest, EnrollBatchResult, EnrollItem, EnrollRequest, EnrollResult, ForgetRequest, ForgetResult, GalleryVerifyRequest,
     IdentifyRequest, IdentifyResult, SubjectRef, VerifySubjectResult, embeddings_key, enrollment_id_for, enrollments_key, gallery_key,
-    parse_gallery_result, subject_key, subjects_key,
+    parse_gallery_request, parse_gallery_result, subject_key, subjects_key,
 )
-from producer.jobs import ImageRef, JobFailure, Timing, VerifyResult, cosine_distance, encode_embedding
-from worker.gallery import GalleryItem, GalleryStore, complete, images_for
+from producer.jobs import (
+    EMBED_FUNC, VERIFY_FUNC, ErrorCode, ImageRef, JobFailure, JSONSerializer, SafeJob, Timing, VerifyResult, cosine_distance, encode_embedding,
+    parse_request,
+)
+from tests.conftest import FACES, face_paths
+from worker.gallery import GalleryItem, GalleryStore, complete, images_for, run_one
 
 DIM = 64
 IMG = ImageRef(path="x.png")
@@ -408,3 +414,216 @@ def test_complete_batch_searches_each_gallery_once_and_matches_one_by_one(stores
             assert x == y
     assert [type(x).__name__ for x in batched].count("GalleryFailure") == 1
     assert sum(1 for x in batched if isinstance(x, dict) and x["kind"] == "identify" and x["matches"]) >= 15
+
+
+def test_complete_enroll_batch_enrolls_item_by_item(stores, model_name, redis_server):
+    rng = np.random.default_rng(16)
+    store = stores(model_name)
+    items = [EnrollItem(image=IMG, subject=f"s{i % 3}", enrollment_id=f"e{i}", meta={"i": i}) for i in range(6)]
+    items.append(EnrollItem(image=IMG, subject="x", enrollment_id="e0"))  # e0 is s0's: conflict
+    req = EnrollBatchRequest(gallery="eb", items=items, ref="bulk-1")
+    assert len(images_for(req)) == 7
+    rows = unit(rng, 7)
+    failures = {2: JobFailure(ErrorCode.NO_FACE_DETECTED, "no face")}
+    res = parse_gallery_result(complete("enroll_batch", req, rows, store=store, failures=failures))
+    assert isinstance(res, EnrollBatchResult) and (res.count, res.dim, res.ref) == (7, DIM, "bulk-1")
+    assert [(e.index, e.code.value) for e in res.errors] == [(2, "no_face_detected"), (6, "enrollment_conflict")]
+    assert [r is None for r in res.results] == [False, False, True, False, False, False, True]
+    assert [(r.subject, r.created, r.subject_enrollments) for r in res.results if r] == [
+        ("s0", True, 1), ("s1", True, 1), ("s0", True, 2), ("s1", True, 2), ("s2", True, 1)]
+    assert sorted(store.index_for("eb", DIM).eids) == ["e0", "e1", "e3", "e4", "e5"]
+    assert redis_server.client().hlen(embeddings_key("eb")) == 5
+    again = parse_gallery_result(complete("enroll_batch", req, rows, store=store))  # a re-run: nothing new, e2 now enrolled
+    assert [r.created for r in again.results if r] == [False, False, True, False, False, False]
+    with pytest.raises(JobFailure) as exc:  # a gallery of another model fails the whole job
+        complete("enroll_batch", req, rows, store=stores(model_name + "-b"))
+    assert exc.value.code.value == "gallery_model_mismatch"
+
+
+def test_complete_passes_an_image_failure_through(stores, model_name):
+    rng = np.random.default_rng(17)
+    store = stores(model_name)
+    bad = JobFailure(ErrorCode.IMAGE_DECODE_ERROR, "not an image")
+    for req in (EnrollRequest(image=IMG, subject="a", gallery="pf"), IdentifyRequest(image=IMG, gallery="pf"),
+                GalleryVerifyRequest(a=IMG, b=SubjectRef(subject="a", gallery="pf"))):
+        with pytest.raises(JobFailure) as exc:
+            complete(req.kind, req, np.zeros((1, DIM), np.float32), store=store, failures={0: bad})
+        assert (exc.value.code, exc.value.message) == (bad.code, bad.message)
+    pair = GalleryVerifyRequest(a=IMG, b=ImageRef(path="y.png"))
+    with pytest.raises(JobFailure) as exc:
+        complete("verify", pair, unit(rng, 2), store=store, failures={1: bad})
+    assert exc.value.code == bad.code and exc.value.message == "image b: not an image"
+    with pytest.raises(JobFailure) as exc:
+        complete("identify", EnrollRequest(image=IMG, subject="a", gallery="pf"), unit(rng, 1), store=store)
+    assert exc.value.code.value == "internal_error"
+    assert "pf" not in store.stats()  # nothing was enrolled by the failed jobs
+
+
+# --- through rq: the client functions, the CLI and bulk enrollment ---------------------------------------------
+_SERVING: dict[str, Any] = {}
+
+
+def _serve_job(*args: Any, **kwargs: Any) -> dict:
+    """The plain-rq path for the gallery kinds (what worker/jobs.py's functions do for embed/verify)."""
+    from rq import get_current_job
+
+    from worker.jobs import record_failure
+
+    job = get_current_job()
+    try:
+        if job.func_name == EMBED_FUNC:
+            return _SERVING["runtime"].run_one(parse_request(job.func_name, list(args), kwargs))
+        return run_one(_SERVING["runtime"], _SERVING["store"], parse_gallery_request(job.func_name, list(args), kwargs))
+    except JobFailure as failure:
+        record_failure(job, failure)
+        raise
+
+
+class _GalleryJob(SafeJob):
+    """SafeJob resolving the gallery functions (and embed/verify) to :func:`_serve_job`."""
+
+    @property
+    def func(self) -> Any:
+        if self.func_name not in GALLERY_FUNCTIONS | {EMBED_FUNC, VERIFY_FUNC}:
+            raise JobFailure(ErrorCode.UNSUPPORTED_JOB, f"function {self.func_name!r} is not an ArcFace job")
+        return _serve_job
+
+
+def drive(connection: Any, queue: str, fn: Any) -> Any:
+    """Run ``fn`` (the producer side) in a thread while a real rq SimpleWorker serves ``queue`` in this one."""
+    from rq import Queue, SimpleWorker
+
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # re-raised in the test's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    q = Queue(queue, connection=connection, serializer=JSONSerializer, job_class=_GalleryJob)
+    while thread.is_alive():
+        SimpleWorker([q], connection=connection, serializer=JSONSerializer, job_class=_GalleryJob).work(burst=True, logging_level="WARNING")
+        thread.join(0.02)
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+@pytest.fixture()
+def serving(worker_env, engine, redis_server, stores):
+    """A FaceClient on this test's queue, served through rq by a runtime on the session's ArcFace engine and a
+    gallery store (random weights: the same image gives the same embedding, which is all these tests need)."""
+    from producer.client import FaceClient
+    from worker.runtime import Runtime
+    from worker.settings import WorkerSettings
+
+    _SERVING["runtime"] = Runtime(WorkerSettings(), engine)
+    _SERVING["store"] = stores(engine.model.name, threshold=engine.model.threshold)
+    yield FaceClient(), redis_server.client(), worker_env["ARCFACE_QUEUE"]
+    _SERVING.clear()
+
+
+def test_client_functions_through_rq(serving):
+    from producer import gallery_client as gc
+    from producer.errors import JobFailed
+
+    client, conn, queue = serving
+    faces = face_paths()  # amy1..5, bernadette1..5, ...
+
+    def producer() -> dict:
+        out: dict[str, Any] = {}
+        out["enroll"] = gc.result(client, gc.enroll(client, "amy", faces[0], "c", meta={"source": "test"}))
+        out["again"] = gc.result(client, gc.enroll(client, "amy", faces[0], "c"))
+        out["batch"] = gc.result(client, gc.enroll_many(client, [("amy", faces[1]), ("bernadette", faces[5]), ("bernadette", b"not an image")], "c"))
+        out["identify"] = gc.result(client, gc.identify(client, faces[5], "c", top_k=2, threshold=2.0))
+        out["subject"] = gc.result(client, gc.verify_subject(client, faces[2], "amy", "c"))
+        out["pairs"] = [gc.result(client, gc.verify(client, faces[2], faces[i])) for i in (0, 1)]
+        embedded = client.result(client.embed(faces[0]))
+        out["embedding"] = gc.result(client, gc.verify(client, faces[2], gc.Embedding(embedded.embedding)))
+        out["galleries"] = gc.list_galleries(client)
+        out["subjects"] = gc.list_subjects(client, "c")
+        for name, call in (("unknown_gallery", lambda: gc.identify(client, faces[0], "nope")),
+                           ("unknown_subject", lambda: gc.verify_subject(client, faces[0], "mallory", "c"))):
+            with pytest.raises(JobFailed) as exc:
+                gc.result(client, call())
+            out[name] = exc.value
+        out["forget"] = gc.result(client, gc.forget(client, "amy", "c"))
+        out["after"] = gc.result(client, gc.identify(client, faces[0], "c", threshold=2.0))
+        return out
+
+    out = drive(conn, queue, producer)
+    assert isinstance(out["enroll"], EnrollResult) and out["enroll"].created and not out["again"].created
+    assert out["enroll"].enrollment_id == out["again"].enrollment_id  # derived from subject + image: the same image is one enrollment
+    batch = out["batch"]
+    assert [r is not None for r in batch.results] == [True, True, False]
+    assert [(e.index, e.code.value) for e in batch.errors] == [(2, "image_decode_error")]
+    assert [(m.subject, round(m.distance, 5)) for m in out["identify"].matches][0] == ("bernadette", 0.0)
+    subject = out["subject"]
+    assert isinstance(subject, VerifySubjectResult) and subject.enrollments == 2
+    assert abs(subject.distance - min(p.distance for p in out["pairs"])) < 1e-6  # = pairwise verify with the closer enrollment
+    assert abs(out["embedding"].distance - out["pairs"][0].distance) < 1e-6
+    assert [(g.name, g.subjects, g.enrollments) for g in out["galleries"]] == [("c", 2, 3)]
+    assert [(s.subject, s.enrollments) for s in out["subjects"]] == [("amy", 2), ("bernadette", 1)]
+    assert out["unknown_gallery"].code.value == "unknown_gallery" and "'nope'" in str(out["unknown_gallery"])
+    assert out["unknown_subject"].code.value == "unknown_subject"
+    assert out["forget"].removed == 2 and [m.subject for m in out["after"].matches] == ["bernadette"]
+
+
+def test_bulk_enrollment_from_a_folder_and_the_cli(serving, tmp_path, capsys):
+    import csv
+    import json
+    import shutil
+
+    from producer.gallery_cli import run
+
+    client, conn, queue = serving
+    root = tmp_path / "people"
+    for path in face_paths():
+        if path.stem[-1] in "12":  # two images of each of the 8 people
+            (root / path.parent.name).mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, root / path.parent.name / path.name)
+    (root / "amy" / "broken.jpg").write_bytes(b"not a jpeg")
+    (root / "amy" / "notes.txt").write_text("not an image: ignored")
+    out = tmp_path / "enrolled.csv"
+    folder = ["enroll", "--folder", str(root), "--out", str(out), "--gallery", "bulk", "--window", "2", "--json"]
+
+    err: list[str] = []
+
+    def cli(*argv: str) -> tuple[int, str]:
+        code = drive(conn, queue, lambda: run(list(argv)))
+        captured = capsys.readouterr()
+        err.append(captured.err)
+        return code, captured.out
+
+    code, text = cli(*folder, "--per-job", "4")
+    assert code == 1 and json.loads(text) | {"seconds": 0} == {"images": 17, "skipped": 0, "enrolled": 16, "already": 0, "failed": 1,
+                                                              "seconds": 0, "gallery": "bulk", "out": str(out)}
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 17 and [r["image"] for r in rows if r["error"]] == ["amy/broken.jpg"]
+    assert {r["error"] for r in rows} == {"", "image_decode_error"} and all(r["enrollment_id"] == r["image"] for r in rows)
+
+    shutil.copy(face_paths()[2], root / "amy" / "broken.jpg")  # fixed: a rerun enrolls only that one (single enroll jobs here)
+    code, text = cli(*folder, "--per-job", "1")
+    assert code == 0 and (json.loads(text)["skipped"], json.loads(text)["enrolled"], json.loads(text)["failed"]) == (16, 1, 0)
+    code, text = cli(*folder)
+    assert code == 0 and (json.loads(text)["skipped"], json.loads(text)["enrolled"]) == (17, 0)
+    assert sum(1 for _ in csv.DictReader(out.open())) == 18  # the failed row stays, the retry appended its own
+
+    code, text = cli("gallery", "--json")
+    assert code == 0 and [(g["name"], g["subjects"], g["enrollments"]) for g in json.loads(text)["galleries"]] == [("bulk", 8, 17)]
+    code, text = cli("gallery", "bulk")
+    assert code == 0 and text.splitlines()[0] == "amy: 3 enrollment(s)" and len(text.splitlines()) == 8
+    code, text = cli("identify", str(face_paths()[5]), "--gallery", "bulk", "--top-k", "2", "--threshold", "2", "--wait", "--json")
+    matches = json.loads(text)["result"]["matches"]
+    assert code == 0 and len(matches) == 2 and matches[0]["subject"] == "bernadette" and matches[0]["distance"] < 1e-5
+    code, text = cli("forget", "amy", "--gallery", "bulk", "--wait")
+    assert code == 0 and "forgot amy in gallery bulk: 3 enrollment(s) removed, 0 left" in text
+    code, text = cli("enroll", "bob", str(face_paths()[0]), "--gallery", "bulk", "--wait")
+    assert code == 0 and "bob enrolled in gallery bulk (new;" in text
+    code, text = cli("identify", str(face_paths()[0]), "--gallery", "nowhere", "--wait", "--json")
+    assert code == 1 and json.loads(text)["code"] == "unknown_gallery"
+    code, _ = cli("enroll", "--gallery", "bulk")
+    assert code == 2 and "enroll needs SUBJECT" in err[-1]
