@@ -109,7 +109,8 @@ def test_tar_at_far_and_ten_fold_protocol():
 @pytest.fixture(scope="module")
 def bulk_env(arcface_h5, redis_server, tmp_path_factory):
     env = {"ARCFACE_REDIS_URL": redis_server.url, "ARCFACE_QUEUE": f"bulk-{uuid.uuid4().hex[:8]}", "ARCFACE_MODEL_PATH": str(arcface_h5),
-           "ARCFACE_ALLOWED_BATCH_SIZES": "1,4,16", "ARCFACE_SHARED_ROOT": str(FACES), "ARCFACE_MAX_BATCH_SIZE": "16"}
+           "ARCFACE_ALLOWED_BATCH_SIZES": "1,4,16", "ARCFACE_SHARED_ROOT": str(FACES), "ARCFACE_MAX_BATCH_SIZE": "16",
+           "ARCFACE_THRESHOLD": "0.61"}
     worker = WorkerProcess(env, tmp_path_factory.mktemp("bulkworker") / "worker.log")
     worker.wait_ready()
     yield env
@@ -165,7 +166,7 @@ def test_resume_after_interruption_writes_no_duplicates_and_recomputes_nothing(b
     out.write_text("\n".join(full[:26]) + "\n" + full[26][:10])
     jobs_before = len(bulk_client.queue.finished_job_registry)
     stats, summary = run_bulk(bulk_client, tmp_path / "pairs.csv", out, BulkOptions(root=FACES), quiet=True)
-    assert stats.skipped == 25 and stats.pairs == 15
+    assert stats.rows == 40 and stats.rows_cached == 40  # every row rewritten from the sidecar
     assert stats.images_embedded == 0 and stats.images_reused > 0
     assert len(bulk_client.queue.finished_job_registry) == jobs_before  # no job enqueued at all
     assert out.read_text().splitlines() == full
@@ -188,6 +189,9 @@ def test_cli_bulk_with_shared_root_paths_failed_image_and_plot(bulk_env, tmp_pat
     assert body["summary"]["pairs"] == 4 and body["summary"]["failed"] == 1
     rows = list(csv.DictReader(out.open()))
     assert rows[2]["error"] == "path_not_allowed" and rows[2]["distance"] == ""
+    assert "image b nobody/missing.png" in rows[2]["message"]
+    assert body["threshold"] == {"value": 0.61, "source": "the workers' model arcface"}  # published by the worker
+    assert [r["similar"] for r in rows if not r["error"]] == ["1" if float(r["distance"]) <= 0.61 else "0" for r in rows if not r["error"]]
     assert all(r["error"] == "" for i, r in enumerate(rows) if i != 2)
     assert (tmp_path / "roc.png").read_bytes()[:4] == b"\x89PNG"
     broken = tmp_path / "broken.csv"
@@ -196,3 +200,144 @@ def test_cli_bulk_with_shared_root_paths_failed_image_and_plot(bulk_env, tmp_pat
                              env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert bad_run.returncode == 2 and "broken.csv:2" in bad_run.stderr
     assert not (tmp_path / "o.csv").exists()
+
+
+def test_rerun_retries_failed_rows_and_rewrites_similar_for_the_new_threshold(bulk_client, tmp_path):
+    from producer.bulk import BulkOptions, read_results, run_bulk
+
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for p in face_paths()[:3]:
+        (root / p.name).write_bytes(p.read_bytes())
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("a,b,label\namy1.png,amy2.png,1\namy1.png,late.png,0\namy2.png,amy3.png,1\n")
+    out = tmp_path / "r.csv"
+    stats, summary = run_bulk(bulk_client, pairs, out, BulkOptions(root=root, threshold=0.3), quiet=True)
+    rows = list(read_results(out))
+    assert summary.failed == stats.failed == 1 and rows[1]["error"] == "invalid_payload"
+    assert "image b late.png" in rows[1]["message"] and "No such file" in rows[1]["message"]  # the reason, not only a code
+    (root / "late.png").write_bytes(face_paths()[5].read_bytes())  # the missing image appears
+    stats, summary = run_bulk(bulk_client, pairs, out, BulkOptions(root=root, threshold=1.5), quiet=True)
+    rows = list(read_results(out))
+    assert summary.failed == 0 and stats.images_embedded == 1 and stats.rows_cached == 2  # only the failed row's image ran
+    assert summary.threshold == 1.5 and all(r["similar"] == ("1" if float(r["distance"]) <= 1.5 else "0") for r in rows)
+    # the summary's accuracy is exactly what the CSV's similar column says against the labels
+    assert summary.accuracy == pytest.approx(np.mean([(r["similar"] == "1") == (r["label"] == "1") for r in rows]))
+
+
+def test_interrupted_bulk_run_is_resumed_reusing_its_queued_jobs(bulk_env, bulk_client, tmp_path):
+    """Ctrl-C (SIGINT) while the embed jobs wait behind other work: exit 130 with how to resume; the rerun
+    waits for those same jobs instead of enqueueing the images again."""
+    import signal
+    import time
+
+    from producer.bulk import BulkOptions, read_results, run_bulk
+
+    filler = bulk_client.embed_many([face_paths()[i % 40] for i in range(24)])  # keeps the worker busy for a few seconds
+    rows = write_face_pairs(tmp_path / "pairs.csv", 30)
+    unique = {x for a, b, _ in rows for x in (a, b)}
+    out = tmp_path / "r.csv"
+    side = tmp_path / "r.csv.embeddings.jsonl"
+    env = {**os.environ, **bulk_env}
+    proc = subprocess.Popen([sys.executable, "-m", "producer.cli", "bulk", str(tmp_path / "pairs.csv"), "--out", str(out), "--root", str(FACES),
+                             "--json", "--window", "512"], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (not side.exists() or side.read_text().count('"job_id"') < len(unique)):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 130, (stdout, stderr)
+    assert "rerun the same command" in stderr and "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1
+    body = json.loads(stdout)
+    assert body["status"] == "interrupted" and len(body["pending_job_ids"]) > 0
+    stats, summary = run_bulk(bulk_client, tmp_path / "pairs.csv", out, BulkOptions(root=FACES), quiet=True)
+    assert stats.jobs_resumed >= len(body["pending_job_ids"]) - stats.images_embedded
+    assert stats.jobs_resumed > 0
+    enqueued = [json.loads(line)["image"] for line in side.read_text().splitlines() if '"job_id"' in line]
+    assert sorted(enqueued) == sorted(unique)  # every image enqueued exactly once over both runs
+    assert summary.pairs == 30 and summary.failed == 0 and len(list(read_results(out))) == 30
+    for jid in filler:
+        bulk_client.result(jid, timeout=120)
+
+
+def test_progress_on_a_terminal_counts_rows_as_they_are_written(bulk_env, tmp_path):
+    """The CLI on a pseudo-terminal: the progress line is redrawn per written row, and its count rises."""
+    import pty
+    import re
+    import select
+
+    rows = write_face_pairs(tmp_path / "pairs.csv", 60)
+    master, slave = pty.openpty()
+    env = {**os.environ, **bulk_env}
+    proc = subprocess.Popen([sys.executable, "-m", "producer.cli", "bulk", str(tmp_path / "pairs.csv"), "--out", str(tmp_path / "r.csv"),
+                             "--root", str(FACES), "--window", "4"], env=env, cwd=REPO, stdin=slave, stdout=slave, stderr=slave)
+    os.close(slave)
+    seen = b""
+    while True:
+        ready, _, _ = select.select([master], [], [], 120)
+        if not ready:
+            break
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+    proc.wait(60)
+    os.close(master)
+    text = seen.decode(errors="replace")
+    counts = [int(m) for m in re.findall(r"(\d+)/60 rows", text)]
+    assert proc.returncode == 0, text[-2000:]
+    assert counts == sorted(counts) and len({c for c in counts if 0 < c < 60}) >= 2 and counts[-1] == 60, counts
+    assert re.search(r"\d+ images embedded, 0 failed, [\d.]+ rows/s, ETA \w+", text), text[-500:]
+    assert "accuracy at threshold 0.61" in text and len(rows) == 60
+
+
+# --- the client under load and with results not kept, through the same worker -------------------------------
+def test_one_client_shared_by_150_threads(bulk_client):
+    """150 threads share one FaceClient: every job is enqueued and its result read; nothing but the library's
+    own exceptions could escape (none does), and the waiters block concurrently (a blocking pool, not errors)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from producer.errors import ArcFaceError
+
+    paths = face_paths()
+
+    def one(i: int) -> np.ndarray:
+        jid = bulk_client.embed(paths[i % 40])
+        return bulk_client.result_embed(jid, timeout=240).embedding
+
+    with ThreadPoolExecutor(150) as pool:
+        futures = [pool.submit(one, i) for i in range(150)]
+        outcomes = []
+        for f in futures:
+            try:
+                outcomes.append(f.result())
+            except ArcFaceError as exc:  # documented, but not expected here
+                outcomes.append(exc)
+    assert all(isinstance(o, np.ndarray) for o in outcomes), [o for o in outcomes if not isinstance(o, np.ndarray)][:3]
+    for i, vec in enumerate(outcomes):  # each thread got its own image's embedding
+        np.testing.assert_allclose(vec, outcomes[i % 40], atol=1e-4)
+
+
+def test_waiting_on_a_job_that_keeps_no_result_is_refused_at_once(bulk_client, tmp_path):
+    import time
+
+    from producer.client import FaceClient
+    from producer.errors import ResultNotKept
+
+    no_result = FaceClient(bulk_client.settings.model_copy(update={"result_ttl": 0}), bulk_client.connection)
+    jid = no_result.embed(face_paths()[0])
+    start = time.monotonic()
+    with pytest.raises(ResultNotKept, match="ARCFACE_RESULT_TTL=0"):
+        no_result.result(jid, timeout=60)
+    assert time.monotonic() - start < 1
+    no_failure = FaceClient(bulk_client.settings.model_copy(update={"failure_ttl": 0}), bulk_client.connection)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    jid = no_failure.embed(bad)
+    start = time.monotonic()
+    with pytest.raises(ResultNotKept, match="ARCFACE_FAILURE_TTL=0"):
+        no_failure.result(jid, timeout=120)
+    assert time.monotonic() - start < 60  # said when the job ended, not after the whole timeout
