@@ -47,6 +47,15 @@ def test_cli_embed_then_result_without_tensorflow(worker_env):
     assert body["status"] == "finished" and body["result"]["dim"] == 512 and body["result"]["ref"] == "abc"
     human = cli(worker_env, "result", job_id)
     assert human.returncode == 0 and "512-d embedding" in human.stdout
+    floats = body["result"]["embedding"]  # --json carries the floats, not only base64
+    assert len(floats) == 512 and all(isinstance(x, float) for x in floats)
+    import numpy as np
+
+    saved = cli(worker_env, "result", job_id, "--out", str(Path(worker_env["ARCFACE_DATA_DIR"]).parent / "emb.npy"))
+    assert saved.returncode == 0 and "written to" in saved.stdout
+    vec = np.load(Path(worker_env["ARCFACE_DATA_DIR"]).parent / "emb.npy")
+    assert vec.dtype == np.float32 and vec.shape == (512,)
+    np.testing.assert_allclose(vec, np.asarray(floats, np.float32))
 
 
 def test_cli_verify_human_output_and_failed_job_exit_1(worker_env, tmp_path):
@@ -64,6 +73,9 @@ def test_cli_verify_human_output_and_failed_job_exit_1(worker_env, tmp_path):
     failed = cli(worker_env, "result", bad_id, "--json")
     assert failed.returncode == 1, (failed.stdout, failed.stderr)
     assert json.loads(failed.stdout)["code"] == "image_decode_error"
+    status = cli(worker_env, "status", bad_id)
+    assert status.returncode == 0 and status.stdout.startswith("failed [image_decode_error]: "), status.stdout
+    assert json.loads(cli(worker_env, "status", bad_id, "--json").stdout)["error"]["code"] == "image_decode_error"
 
 
 def test_cli_exit_codes_for_bad_input_timeout_and_redis_down(worker_env, tmp_path):
@@ -92,3 +104,27 @@ def test_import_producer_pulls_no_tensorflow():
     project = tomllib.loads(Path(REPO, "pyproject.toml").read_text())["project"]
     assert not any("tensorflow" in dep for dep in project["dependencies"])
     assert any(dep.startswith("tensorflow") for dep in project["optional-dependencies"]["worker"])
+
+
+def test_ctrl_c_while_waiting_prints_the_job_id_and_exits_130(worker_env):
+    """No worker serves this queue: the CLI waits; SIGINT ends it with the id and how to fetch the result."""
+    import signal
+    import time
+
+    import redis
+
+    proc = subprocess.Popen([sys.executable, "-c", NO_TF, "embed", str(face_paths()[0]), "--wait", "--json"], env={**os.environ, **worker_env},
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    r = redis.Redis.from_url(worker_env["ARCFACE_REDIS_URL"])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and r.llen(f"rq:queue:{worker_env['ARCFACE_QUEUE']}") == 0:
+        time.sleep(0.05)
+    time.sleep(0.5)  # now inside the blocking read
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, (out, err)
+    body = json.loads(out)
+    job_id = body["job_id"]
+    assert body["status"] == "interrupted" and body["enqueued"] is True
+    assert err.count("\n") == 1 and "Traceback" not in err and f"arcface-producer result {job_id}" in err
+    assert cli(worker_env, "status", job_id).stdout.strip() == "queued"  # the job was not lost
