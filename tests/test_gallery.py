@@ -132,7 +132,7 @@ def test_a_new_worker_loads_the_galleries_from_redis(stores, model_name, redis_s
     index = c.index_for("people", DIM)
     assert sorted(index.eids) == sorted(f"e{i}" for i in kept)
     for i in kept:
-        np.testing.assert_array_equal(index.matrix[index.row_of[f"e{i}"]], v[i])
+        np.testing.assert_array_equal(index.vector(index.row_of[f"e{i}"]), v[i])
         assert index.subjects[index.row_subject[index.row_of[f"e{i}"]]] == f"s{i % 13}"
     assert c.stats()["other"]["enrollments"] == 1
     conn = redis_server.client()
@@ -148,8 +148,8 @@ def test_float16_worker_holds_half_the_bytes_and_ranks_the_same(stores, model_na
     for i in range(300):
         a.enroll("h", f"s{i}", f"e{i}", v[i])
     h, f = stores(model_name, dtype="float16"), stores(model_name)  # both loaded from Redis: same capacity
-    assert h.index_for("h", DIM).matrix.dtype == np.float16
-    assert h.index_for("h", DIM).matrix.nbytes * 2 == f.index_for("h", DIM).matrix.nbytes
+    assert h.index_for("h", DIM).dtype == np.float16 and h.index_for("h", DIM).pages[0].dtype == np.float16
+    assert h.index_for("h", DIM).nbytes() < 0.6 * f.index_for("h", DIM).nbytes()
     q = near(rng, v[:20], 0.3)
     for i in range(20):
         assert top_subjects(h, "h", q[i], 1) == top_subjects(a, "h", q[i], 1) == [f"s{i}"]
@@ -196,7 +196,7 @@ def test_enroll_is_idempotent_by_enrollment_id(stores, model_name, redis_server)
     assert (first.created, first.subject_enrollments, again.created, again.subject_enrollments) == (True, 1, False, 1)
     index = a.index_for("idem", DIM)
     assert index.n == 1
-    np.testing.assert_array_equal(index.matrix[0], v[0])
+    np.testing.assert_array_equal(index.vector(0), v[0])
     seq = a.seq
     with pytest.raises(JobFailure) as exc:
         a.enroll("idem", "bob", "e1", v[1])
@@ -254,7 +254,8 @@ def test_forget_one_enrollment_or_the_subject(stores, model_name):
 # --- search ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype,device", [("float32", "cpu"), ("float16", "cpu"), ("float32", "tf"), ("float16", "tf")])
 def test_identify_is_exactly_the_brute_force_answer(stores, model_name, monkeypatch, dtype, device):
-    monkeypatch.setattr(wg, "BLOCK_ROWS", 97)  # several blocks, uneven last one: the per-block top-k merge is exercised
+    monkeypatch.setattr(wg, "PAGE_ROWS", 97)  # several pages, uneven last one: the per-page top-k merge is exercised
+    monkeypatch.setattr(wg, "F16_BLOCK_ROWS", 13)  # and float16 conversion slices within a page
     rng = np.random.default_rng(9)
     writer = stores(model_name)
     base = unit(rng, 120)
@@ -289,6 +290,39 @@ def test_identify_is_exactly_the_brute_force_answer(stores, model_name, monkeypa
     mixed = store.identify("bf", queries[:4], [1, 2, 3, 4], [0.3, 0.4, 2.0, 0.05])
     for i, (k, t) in enumerate(zip([1, 2, 3, 4], [0.3, 0.4, 2.0, 0.05])):
         assert [m.subject for m in mixed[i]] == [s for s, _, _ in brute_force(stored, subjects, eids, queries[i], k, t)]
+
+
+def test_paged_index_matches_a_plain_model_through_adds_and_removes(monkeypatch):
+    """Pages of 7 rows: growing, moving the last row into a freed one across pages, overwriting, reading back."""
+    monkeypatch.setattr(wg, "PAGE_ROWS", 7)
+    rng = np.random.default_rng(18)
+    index = wg.GalleryIndex("p", "m", DIM, "float32")
+    model: dict[str, tuple[str, np.ndarray]] = {}
+    for step in range(400):
+        op = rng.integers(0, 4)
+        if op < 2 or not model:
+            eid, subject, vec = f"e{rng.integers(0, 60)}", f"s{rng.integers(0, 12)}", unit(rng, 1)[0]
+            assert index.add(eid, subject, vec) == (eid not in model)
+            model[eid] = (subject, vec)
+        elif op == 2:
+            eid = sorted(model)[rng.integers(0, len(model))]
+            assert index.remove(eid) and not index.remove(eid)
+            del model[eid]
+        else:
+            eids = [f"b{step}-{i}" for i in range(int(rng.integers(1, 20)))]
+            vecs = unit(rng, len(eids))
+            assert index.add_many(eids, ["bulk"] * len(eids), vecs) == len(eids)
+            model.update({e: ("bulk", v) for e, v in zip(eids, vecs)})
+        assert index.n == len(model) and index.capacity >= index.n and all(len(p) <= 7 for p in index.pages)
+    rows = np.array([index.row_of[e] for e in model])
+    np.testing.assert_array_equal(index.vectors(rows), np.stack([v for _, v in model.values()]))
+    assert [index.subjects[index.row_subject[r]] for r in rows] == [s for s, _ in model.values()]
+    for subject in {s for s, _ in model.values()}:
+        assert sorted(index.eids[r] for r in index.rows_of(subject)) == sorted(e for e, (s, _) in model.items() if s == subject)
+    for k, page in enumerate(index.pages):  # rows past n are zero
+        assert not page[max(0, index.n - k * 7) :].any()
+    e, (s, v) = next(iter(model.items()))
+    assert index.search(v[None], 1, 0.01)[0][0].enrollment_id == e
 
 
 def test_one_subject_with_many_enrollments_does_not_crowd_out_the_others(stores, model_name):
@@ -404,7 +438,7 @@ def test_complete_batch_searches_each_gallery_once_and_matches_one_by_one(stores
     one_by_one = [store.complete_batch([it])[0] for it in items]
     products = []
     real = wg.GalleryIndex.candidates
-    monkeypatch.setattr(wg.GalleryIndex, "candidates", lambda self, qs, kk: products.append((self.name, len(qs))) or real(self, qs, kk))
+    monkeypatch.setattr(wg.GalleryIndex, "candidates", lambda self, qs, *a: products.append((self.name, len(qs))) or real(self, qs, *a))
     batched = store.complete_batch(items)
     assert sorted(products) == [("b1", 10), ("b2", 10)]  # one product per gallery for the whole batch
     for x, y in zip(batched, one_by_one):

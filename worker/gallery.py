@@ -14,13 +14,13 @@ the hashes and sets, the event and its sequence number are written atomically, s
   disconnected, or a Redis that lost writes): it reloads everything.
 
 Memory per enrollment: ``dim * 4`` bytes (float32; ``dim * 2`` with ``dtype="float16"``) for the matrix,
-plus about 200-300 bytes of Python index (enrollment id, its row, the subject table). The matrix grows by
-half again when full, so a growth step briefly holds the old and the new matrix. ``bench/identify.py``
-measures memory and queries/s for 10k / 100k / 1M enrollments.
+plus about 260-290 bytes of Python index (enrollment id, its row, the subject table). The matrix lives in
+pages of 65,536 rows, so growing it never copies it (no transient double). ``bench/identify.py`` measures
+memory and queries/s for 10k / 100k / 1M enrollments.
 
-Search. ``scores = Q @ M.T`` for the batch's queries ``Q [N, D]`` against the gallery ``M [n, D]``, blocked
-over 262,144 gallery rows (scores for one block of a 32-query batch: 32 MiB), keeping per query the best
-``top_k * m`` rows of each block (``m`` the most enrollments any subject has, which guarantees the top
+Search. ``scores = Q @ M.T`` for the batch's queries ``Q [N, D]`` against the gallery ``M [n, D]``, page by
+page (scores for one page of a 32-query batch: 8 MiB), keeping per query the rows within the threshold, at
+most the best ``top_k * m`` of each page (``m`` the most enrollments any subject has, which guarantees the top
 ``top_k`` distinct subjects are among them); those candidates are re-scored in float64 and reduced to the
 best row per subject, filtered by the threshold. Reported distances are therefore ``1 - q.e`` in float64,
 the same as :func:`producer.jobs.cosine_distance` (bit-for-bit for float32 galleries). With
@@ -34,7 +34,7 @@ import json
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import redis
@@ -50,16 +50,20 @@ from producer.jobs import EmbedRequest, ErrorCode, ImageRef, JobFailure, Timing,
 
 log = structlog.get_logger("arcface.gallery")
 
-BLOCK_ROWS = 1 << 18  # gallery rows per matrix-product block
+PAGE_ROWS = 1 << 16  # rows per page of a gallery's matrix (128 MiB of 512-d float32), also the search block
+F16_BLOCK_ROWS = 8192  # float16 rows converted to float32 at a time for the product (16 MiB scratch at 512-d)
 _SCORE_MARGIN = 1e-4  # candidates are kept down to threshold + margin before the exact float64 re-score
 
 
 # --- one gallery in memory ---------------------------------------------------------------------------
 class GalleryIndex:
-    """One gallery's embeddings as a matrix (rows = enrollments), with the enrollment ids and subjects of the
-    rows. Knows nothing of Redis; not thread-safe by itself (:class:`GalleryStore` locks around it).
+    """One gallery's embeddings as a matrix (rows = enrollments) held in pages of :data:`PAGE_ROWS` rows, with
+    the enrollment ids and subjects of the rows. Knows nothing of Redis; not thread-safe by itself
+    (:class:`GalleryStore` locks around it).
 
-    Removal moves the last row into the freed one (O(1)); rows past :attr:`n` are kept zero.
+    Growing never copies the matrix: full pages stay where they are and a new page is added; only the last
+    page grows (by half again, up to a full page) while the gallery is small. Removal moves the last row
+    into the freed one (O(1)); rows past :attr:`n` are kept zero.
     """
 
     def __init__(self, name: str, model: str, dim: int, dtype: str | np.dtype = np.float32, capacity: int = 0) -> None:
@@ -69,8 +73,9 @@ class GalleryIndex:
         self.dtype = np.dtype(dtype)
         if self.dtype not in (np.dtype(np.float32), np.dtype(np.float16)):
             raise ValueError(f"gallery dtype must be float32 or float16, not {self.dtype}")
-        self.matrix = np.zeros((capacity, self.dim), self.dtype)
-        self.row_subject = np.zeros(capacity, np.int32)
+        self.page_rows = PAGE_ROWS
+        self.pages: list[np.ndarray] = []
+        self.row_subject = np.zeros(0, np.int32)
         self.eids: list[str] = []
         self.row_of: dict[str, int] = {}
         self.subjects: list[str] = []  # subject index -> subject
@@ -78,7 +83,7 @@ class GalleryIndex:
         self.counts = np.zeros(0, np.int64)  # enrollments per subject index
         self.track_dirty = False  # set when a device copy must be kept in step
         self.dirty: set[int] = set()
-        self.resized = True
+        self._reserve(capacity)
 
     @property
     def n(self) -> int:
@@ -89,25 +94,67 @@ class GalleryIndex:
         return len(self.eids)
 
     @property
+    def capacity(self) -> int:
+        return (len(self.pages) - 1) * self.page_rows + len(self.pages[-1]) if self.pages else 0
+
+    @property
     def subject_total(self) -> int:
         """Subjects with at least one enrollment."""
         return int(np.count_nonzero(self.counts))
 
     def nbytes(self) -> int:
-        """Bytes of the numpy arrays (the matrix at its current capacity and the row tables)."""
-        return int(self.matrix.nbytes + self.row_subject.nbytes + self.counts.nbytes)
+        """Bytes of the numpy arrays (the pages at their capacity and the row tables)."""
+        return int(sum(p.nbytes for p in self.pages) + self.row_subject.nbytes + self.counts.nbytes)
 
     def _reserve(self, need: int) -> None:
-        cap = len(self.matrix)
-        if need <= cap:
+        if need <= self.capacity:
             return
-        new_cap = max(need, cap + cap // 2, 1024)
-        matrix = np.zeros((new_cap, self.dim), self.dtype)
-        matrix[: self.n] = self.matrix[: self.n]
-        rows = np.zeros(new_cap, np.int32)
-        rows[: self.n] = self.row_subject[: self.n]
-        self.matrix, self.row_subject = matrix, rows
-        self.resized = True
+        P = self.page_rows
+        while self.capacity < need:
+            if self.pages and len(self.pages[-1]) < P:  # a small gallery: its only page grows
+                last = self.pages[-1]
+                size = min(P, max(need - (len(self.pages) - 1) * P, len(last) + len(last) // 2))
+                page = np.zeros((size, self.dim), self.dtype)
+                page[: len(last)] = last
+                self.pages[-1] = page
+            else:
+                self.pages.append(np.zeros((min(P, max(need - len(self.pages) * P, 1024)), self.dim), self.dtype))
+        rows = np.zeros(self.capacity, np.int32)
+        rows[: len(self.row_subject)] = self.row_subject
+        self.row_subject = rows
+
+    def vector(self, row: int) -> np.ndarray:
+        """The stored embedding of ``row`` (a view, in the gallery's dtype)."""
+        return self.pages[row // self.page_rows][row % self.page_rows]
+
+    def vectors(self, rows: np.ndarray | Sequence[int]) -> np.ndarray:
+        """The stored embeddings of ``rows`` (a copy, in the gallery's dtype)."""
+        rows = np.asarray(rows, np.int64)
+        out = np.empty((len(rows), self.dim), self.dtype)
+        page, offset = np.divmod(rows, self.page_rows)
+        for k in np.unique(page):
+            sel = page == k
+            out[sel] = self.pages[k][offset[sel]]
+        return out
+
+    def blocks(self) -> Iterator[tuple[int, np.ndarray]]:
+        """``(first row, the page's used rows)`` for every page holding rows."""
+        for k, page in enumerate(self.pages):
+            a = k * self.page_rows
+            if a >= self.n:
+                return
+            yield a, page[: min(len(page), self.n - a)]
+
+    def _write(self, row: int, vectors: np.ndarray) -> None:
+        """Store ``vectors`` at rows ``row, row + 1, ...`` (across pages)."""
+        done = 0
+        while done < len(vectors):
+            k, off = divmod(row + done, self.page_rows)
+            take = min(len(vectors) - done, len(self.pages[k]) - off)
+            self.pages[k][off : off + take] = vectors[done : done + take]
+            done += take
+        if self.track_dirty:
+            self.dirty.update(range(row, row + len(vectors)))
 
     def _subject(self, subject: str) -> int:
         idx = self.subject_index.get(subject)
@@ -121,10 +168,6 @@ class GalleryIndex:
                 self.counts = counts
         return idx
 
-    def _touch(self, row: int) -> None:
-        if self.track_dirty:
-            self.dirty.add(row)
-
     def add(self, eid: str, subject: str, vector: np.ndarray) -> bool:
         """Store (or overwrite) one enrollment; True when it is new."""
         sidx = self._subject(subject)
@@ -135,22 +178,19 @@ class GalleryIndex:
                 self.counts[old] -= 1
                 self.counts[sidx] += 1
                 self.row_subject[row] = sidx
-            self.matrix[row] = vector
-            self._touch(row)
+            self._write(row, np.asarray(vector).reshape(1, -1))
             return False
         row = self.n
         self._reserve(row + 1)
-        self.matrix[row] = vector
+        self._write(row, np.asarray(vector).reshape(1, -1))
         self.row_subject[row] = sidx
         self.eids.append(eid)
         self.row_of[eid] = row
         self.counts[sidx] += 1
-        self._touch(row)
         return True
 
     def add_many(self, eids: Sequence[str], subjects: Sequence[str], vectors: np.ndarray) -> int:
         """Bulk :meth:`add` (loading); returns how many were new."""
-        new = 0
         fresh = [i for i, e in enumerate(eids) if e not in self.row_of]
         if len(set(eids[i] for i in fresh)) != len(fresh):  # duplicates within the chunk: the slow path sorts them out
             return sum(self.add(e, s, v) for e, s, v in zip(eids, subjects, vectors))
@@ -160,16 +200,13 @@ class GalleryIndex:
             start = self.n
             self._reserve(start + len(fresh))
             sidx = np.fromiter((self._subject(subjects[i]) for i in fresh), np.int32, len(fresh))
-            self.matrix[start : start + len(fresh)] = np.asarray(vectors)[fresh]
+            self._write(start, np.asarray(vectors)[fresh])
             self.row_subject[start : start + len(fresh)] = sidx
             np.add.at(self.counts, sidx, 1)
             for k, i in enumerate(fresh):
                 self.eids.append(eids[i])
                 self.row_of[eids[i]] = start + k
-            if self.track_dirty:
-                self.dirty.update(range(start, start + len(fresh)))
-            new = len(fresh)
-        return new
+        return len(fresh)
 
     def remove(self, eid: str) -> bool:
         """Delete one enrollment; False when it was not here."""
@@ -180,15 +217,13 @@ class GalleryIndex:
         last = self.n - 1
         if row != last:
             moved = self.eids[last]
-            self.matrix[row] = self.matrix[last]
+            self._write(row, self.vector(last).reshape(1, -1).copy())
             self.row_subject[row] = self.row_subject[last]
             self.eids[row] = moved
             self.row_of[moved] = row
-            self._touch(row)
         self.eids.pop()
-        self.matrix[last] = 0
+        self._write(last, np.zeros((1, self.dim), self.dtype))
         self.row_subject[last] = 0
-        self._touch(last)
         return True
 
     def rows_of(self, subject: str) -> np.ndarray:
@@ -206,26 +241,48 @@ class GalleryIndex:
         return int(self.counts.max()) if len(self.counts) else 0
 
     # --- search ------------------------------------------------------------------------------------
-    def candidates(self, queries: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
-        """Per query the ``kk`` best-scoring rows of every block: ``(scores [N, K], rows [N, K])``, numpy."""
-        n = self.n
+    def candidates(self, queries: np.ndarray, kk: int, floor: np.ndarray | float = -np.inf) -> tuple[np.ndarray, np.ndarray]:
+        """Per query the ``kk`` best-scoring rows of every page that score at least ``floor`` (per query):
+        ``(scores [N, K], rows [N, K])``, numpy; unused slots score ``-inf``.
+
+        Scores under the floor (beyond the threshold) are dropped before any sorting: with a threshold that
+        excludes most of the gallery, a page costs its product and one comparison, not a partition per query.
+        """
+        nq = len(queries)
+        floor = np.broadcast_to(np.asarray(floor, np.float32), (nq,))[:, None]
+        scratch = np.empty((min(F16_BLOCK_ROWS, self.n), self.dim), np.float32) if self.dtype != np.float32 else None
         scores, rows = [], []
-        for a in range(0, n, BLOCK_ROWS):
-            b = min(n, a + BLOCK_ROWS)
-            block = self.matrix[a:b]
-            if block.dtype != np.float32:
-                block = block.astype(np.float32)
-            s = queries @ block.T  # [N, b - a]: the batch's one product with this block
-            if kk < b - a:
-                idx = np.argpartition(s, b - a - kk, axis=1)[:, b - a - kk :]
-                s = np.take_along_axis(s, idx, axis=1)
-                idx = idx + a
-            else:
-                idx = np.broadcast_to(np.arange(a, b), s.shape)
-            scores.append(s)
-            rows.append(idx)
+        for a, page in self.blocks():
+            if scratch is None:
+                s = queries @ page.T  # [N, rows of the page]: the batch's one product with this page
+            else:  # float16: converted a slice at a time into the scratch buffer, products side by side
+                s = np.empty((nq, len(page)), np.float32)
+                for x in range(0, len(page), len(scratch)):
+                    part = page[x : x + len(scratch)]
+                    np.copyto(scratch[: len(part)], part)
+                    np.matmul(queries, scratch[: len(part)].T, out=s[:, x : x + len(part)])
+            hit = s >= floor
+            per_query = np.count_nonzero(hit, axis=1)
+            k = int(min(kk, per_query.max()))
+            if k == 0:
+                continue
+            top_s = np.full((nq, k), -np.inf, np.float32)
+            top_r = np.zeros((nq, k), np.int64)
+            few = per_query <= k  # every hit fits: take them as they are
+            qi, col = np.nonzero(hit & few[:, None])
+            pos = np.arange(len(qi)) - np.searchsorted(qi, qi)  # rank of each hit within its query's row
+            top_s[qi, pos] = s[qi, col]
+            top_r[qi, pos] = col + a
+            many = np.flatnonzero(~few)
+            if many.size:  # more hits than kk: the kk best of those rows
+                sub = s[many]
+                idx = np.argpartition(sub, sub.shape[1] - k, axis=1)[:, sub.shape[1] - k :]
+                top_s[many] = np.take_along_axis(sub, idx, axis=1)
+                top_r[many] = idx + a
+            scores.append(top_s)
+            rows.append(top_r)
         if not scores:
-            return np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64)
+            return np.empty((nq, 0), np.float32), np.empty((nq, 0), np.int64)
         return np.concatenate(scores, axis=1), np.concatenate(rows, axis=1)
 
     def select(self, query: np.ndarray, scores: np.ndarray, rows: np.ndarray, top_k: int, threshold: float) -> list[Match]:
@@ -235,7 +292,7 @@ class GalleryIndex:
         rows = np.asarray(rows)[keep]
         if rows.size == 0:
             return []
-        d = 1.0 - self.matrix[rows].astype(np.float64) @ query.astype(np.float64)
+        d = 1.0 - self.vectors(rows).astype(np.float64) @ query.astype(np.float64)
         order = np.lexsort((rows, d))
         out: list[Match] = []
         seen: set[int] = set()
@@ -261,36 +318,46 @@ class GalleryIndex:
         if self.n == 0 or len(q) == 0:
             return [[] for _ in q]
         kk = min(self.n, max(ks) * max(1, self.max_per_subject()))
-        scores, rows = device.candidates(self, q, kk) if device is not None else self.candidates(q, kk)
+        floor = 1.0 - np.asarray(ts, np.float32) - _SCORE_MARGIN
+        scores, rows = device.candidates(self, q, kk) if device is not None else self.candidates(q, kk, floor)
         return [self.select(q[i], scores[i], rows[i], ks[i], ts[i]) for i in range(len(q))]
 
 
 class DeviceCopy:
-    """A gallery's matrix on TensorFlow's device (the GPU when there is one), kept in step with the host
-    matrix: changed rows are scattered into it before a search; a resize uploads it again."""
+    """A gallery's pages on TensorFlow's device (the GPU when there is one), kept in step with the host:
+    changed rows are scattered into their page before a search; a page that was reallocated is uploaded again."""
 
     def __init__(self) -> None:
         import tensorflow as tf
 
         self.tf = tf
-        self.var: Any = None
+        self.vars: list[Any] = []
 
     def sync(self, index: GalleryIndex) -> None:
-        tf = self.tf
-        if self.var is None or index.resized or len(index.dirty) > len(index.matrix) // 8:
-            self.var = tf.Variable(index.matrix, trainable=False)
-            index.resized = False
-        elif index.dirty:
-            rows = np.fromiter(sorted(index.dirty), np.int64, len(index.dirty))
-            self.var.scatter_nd_update(rows[:, None], index.matrix[rows])
+        if not index.track_dirty:  # first use: everything is new
+            self.vars = []
+            index.track_dirty = True
+        dirty = np.fromiter(sorted(index.dirty), np.int64, len(index.dirty))
         index.dirty.clear()
-        index.track_dirty = True
+        page_of, offset = np.divmod(dirty, index.page_rows)
+        del self.vars[len(index.pages) :]
+        for k, page in enumerate(index.pages):
+            if k >= len(self.vars) or int(self.vars[k].shape[0]) != len(page):
+                var = self.tf.Variable(page, trainable=False)
+                if k < len(self.vars):
+                    self.vars[k] = var
+                else:
+                    self.vars.append(var)
+                continue
+            sel = offset[page_of == k]
+            if sel.size:
+                self.vars[k].scatter_nd_update(sel[:, None], page[sel])
 
     def candidates(self, index: GalleryIndex, queries: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
         tf = self.tf
         self.sync(index)
-        q = tf.constant(queries, dtype=self.var.dtype)
-        scores = tf.matmul(q, self.var, transpose_b=True)[:, : index.n]
+        q = tf.constant(queries, dtype=self.vars[0].dtype)
+        scores = tf.concat([tf.matmul(q, v, transpose_b=True) for v in self.vars], axis=1)[:, : index.n]
         values, idx = tf.math.top_k(tf.cast(scores, tf.float32), k=kk, sorted=False)
         return values.numpy(), idx.numpy().astype(np.int64)
 
@@ -693,7 +760,7 @@ class GalleryStore:
             with self._lock:
                 rows = index.rows_of(subject)
                 if rows.size:
-                    vectors = index.matrix[rows].astype(np.float64)
+                    vectors = index.vectors(rows).astype(np.float64)
                     eids = [index.eids[r] for r in rows]
         if vectors is None:  # float16, or not in memory (yet): Redis has the truth
             eids = sorted(_s(e) for e in self.connection.smembers(subject_key(gallery, subject)))
@@ -917,4 +984,4 @@ def run_one(runtime: Any, store: GalleryStore, request: Any, queued_ms: float = 
     return store.complete(request.kind, request, rows, timing=timing, faces=faces, failures=failures)
 
 
-__all__ = ["BLOCK_ROWS", "DeviceCopy", "GalleryIndex", "GalleryItem", "GalleryStore", "complete", "images_for", "run_one", "tf_gpu_available"]
+__all__ = ["PAGE_ROWS", "DeviceCopy", "GalleryIndex", "GalleryItem", "GalleryStore", "complete", "images_for", "run_one", "tf_gpu_available"]
