@@ -8,93 +8,65 @@ shared/seed/FINDINGS.md #3: the README's ``parseInt`` formula is buggy) and TF.j
 Output pixels stay on the 0..255 scale; the engine applies the model's normalisation (/255 for ArcFace)
 inside its compiled function.
 
+How it is computed: the resize only ever reads 2 x size rows and 2 x size columns of the padded image, so
+those samples are gathered straight from the ``uint8`` pixels (one ``take`` with an index table cached per
+image geometry; padding samples are set to zero; EXIF orientation is folded into the table, so a rotated
+photo is never copied) and the TF.js arithmetic (``top = tl + (tr - tl) * fx``, ``out = top + (bottom - top) *
+fy``, in float64, then float32) runs on those samples alone. The result is bit-identical to interpolating a
+float64 copy of the padded image, at a cost that does not depend on the photo's size; numpy releases the
+GIL in every step that touches pixels, so preprocessing threads run in parallel. Grey images are
+interpolated as one channel and expanded to RGB at the end. For photos of 2 MP and more only the sampled
+rows are converted out of the decoder's image (see :mod:`worker.decode` for decoding, its limits and the
+memory it takes).
+
 Deliberate deviations from the seed, documented in the README:
-- decoding is Pillow's (JPEG pixels can differ from TensorFlow's INTEGER_FAST decoder by a few grey
-  levels, FINDINGS #2), and EXIF orientation is applied (the seed ignores it);
-- padding and resize are computed together on a *virtual* padded image, so a large photo is never
-  copied into a padded buffer; the arithmetic is the same.
+- decoding is Pillow's by default (JPEG pixels can differ from TensorFlow's INTEGER_FAST decoder by a few grey
+  levels, FINDINGS #2; ``ARCFACE_JPEG_DECODER=tensorflow`` uses the seed's decoder), and EXIF orientation is
+  applied (the seed ignores it).
 """
 
 from __future__ import annotations
 
-import io
-import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
 
 from producer.jobs import ErrorCode, JobFailure
+from worker.decode import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, DecodeLimits, Decoded, open_image, orient
 
-DEFAULT_MAX_PIXELS = 40_000_000
-DEFAULT_MIN_SIDE = 8
+__all__ = [
+    "DEFAULT_MAX_PIXELS", "DEFAULT_MIN_SIDE", "DecodeLimits", "as_rgb_array", "decode_image", "pad_and_resize",
+    "preprocess", "seed_padding",
+]
 
-
-@dataclass(frozen=True)
-class DecodeLimits:
-    """Bounds on what an input image may be; violations fail the job with a typed error."""
-
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    min_side: int = DEFAULT_MIN_SIDE
+_STRIP_MIN_PIXELS = 2_000_000  # from this size on, only the sampled rows are converted out of the decoder
 
 
 def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
-    """Decode an encoded image (JPEG, PNG, WebP, BMP, GIF first frame, ...) to RGB ``uint8`` HxWx3.
+    """Decode an encoded image (JPEG, PNG, WebP, GIF first frame, BMP) to RGB ``uint8`` HxWx3.
 
     EXIF orientation is applied; grey, palette, CMYK, RGBA and 16-bit images are converted to RGB
     (alpha is dropped, as TensorFlow's ``decode_image(channels=3)`` does). Raises :class:`JobFailure`
     with ``image_decode_error``, ``image_too_large`` or ``image_too_small``.
     """
-    if not data:
-        raise JobFailure(ErrorCode.IMAGE_DECODE_ERROR, "image is empty (0 bytes)")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            _check_size(img.width, img.height, limits)
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            return _to_rgb(img)
-    except JobFailure:
-        raise
-    except Image.DecompressionBombError as exc:
-        raise JobFailure(ErrorCode.IMAGE_TOO_LARGE, f"image rejected as a decompression bomb: {exc}") from None
-    except UnidentifiedImageError:
-        raise JobFailure(ErrorCode.IMAGE_DECODE_ERROR, f"not a recognised image format ({len(data)} bytes, starts {data[:8]!r})") from None
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        raise JobFailure(ErrorCode.IMAGE_DECODE_ERROR, f"cannot decode image: {exc}") from None
-
-
-def _check_size(width: int, height: int, limits: DecodeLimits) -> None:
-    if width * height > limits.max_pixels:
-        raise JobFailure(ErrorCode.IMAGE_TOO_LARGE, f"image is {width}x{height} = {width * height} pixels, over the limit of {limits.max_pixels}")
-    if min(width, height) < limits.min_side:
-        raise JobFailure(ErrorCode.IMAGE_TOO_SMALL, f"image is {width}x{height}; both sides must be at least {limits.min_side} pixels")
-
-
-def _to_rgb(img: Image.Image) -> np.ndarray:
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        # 16-bit / 32-bit grey: scale to 8 bits the way TensorFlow's PNG decoder does (value / 257).
-        wide = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or wide.max(initial=0) > 255 else 255.0
-        grey = np.clip(np.rint(wide * (255.0 / top)), 0, 255).astype(np.uint8)
-        return np.repeat(grey[:, :, None], 3, axis=2)
-    if img.mode != "RGB":
-        img = img.convert("RGB")
-    return np.asarray(img, dtype=np.uint8)
+    decoded = open_image(data, limits)
+    return np.ascontiguousarray(_rgb(orient(decoded.array(), decoded.orientation)))
 
 
 def as_rgb_array(image: np.ndarray) -> np.ndarray:
     """Accept an already-decoded array (HxW grey, HxWx1, HxWx3 or HxWx4, 0..255) as RGB HxWx3."""
+    arr = _as_channels(image)
+    return _rgb(arr) if arr.shape[2] == 1 else arr[:, :, :3]
+
+
+def _as_channels(image: np.ndarray) -> np.ndarray:
+    """An array image as HxWxC, C in (1, 3, 4), without copying; typed error otherwise."""
     arr = np.asarray(image)
     if arr.ndim == 2:
         arr = arr[:, :, None]
     if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
         raise JobFailure(ErrorCode.INVALID_PAYLOAD, f"array image must be HxW, HxWx1, HxWx3 or HxWx4; got shape {arr.shape}")
-    if arr.shape[2] == 1:
-        arr = np.repeat(arr, 3, axis=2)
-    elif arr.shape[2] == 4:
-        arr = arr[:, :, :3]
     if min(arr.shape[:2]) < 1:
         raise JobFailure(ErrorCode.IMAGE_TOO_SMALL, f"array image has shape {arr.shape}")
     return arr
@@ -106,42 +78,147 @@ def seed_padding(height: int, width: int) -> tuple[int, int]:
     return (side - height) // 2, (side - width) // 2
 
 
-def _axis_weights(in_size: int, out_size: int, pad: int, src_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """TF.js bilinear source indices and fractions along one axis of the padded image, mapped back
-    into the unpadded source. Returns (lo_idx, hi_idx, frac, lo_valid, hi_valid)."""
-    scale = in_size / out_size
-    src = np.arange(out_size, dtype=np.float64) * scale
+@dataclass(frozen=True)
+class _Axis:
+    """TF.js bilinear samples along one axis of the padded image, mapped into the unpadded one."""
+
+    pos: np.ndarray  # sampled positions: lo (and hi after it when any fraction is non-zero), clipped
+    frac: np.ndarray | None  # (size,) float64 fractions; None when all are 0 (hi == lo, no interpolation)
+    bad: np.ndarray  # indices into ``pos`` that fall into the zero padding
+
+
+@lru_cache(maxsize=1024)
+def _axis(n: int, pad: int, size: int) -> _Axis:
+    padded = n + 2 * pad
+    src = np.arange(size, dtype=np.float64) * (padded / size)
     lo = np.floor(src).astype(np.int64)
     frac = src - lo
-    hi = np.minimum(in_size - 1, np.ceil(src).astype(np.int64))
-    lo_s, hi_s = lo - pad, hi - pad  # positions in the unpadded image; outside = zero padding
-    lo_ok = (lo_s >= 0) & (lo_s < src_size)
-    hi_ok = (hi_s >= 0) & (hi_s < src_size)
-    return np.clip(lo_s, 0, src_size - 1), np.clip(hi_s, 0, src_size - 1), frac, lo_ok, hi_ok
+    hi = np.minimum(padded - 1, np.ceil(src).astype(np.int64))
+    interpolate = bool(frac.any())
+    pos = (np.concatenate([lo, hi]) if interpolate else lo) - pad
+    bad = np.flatnonzero((pos < 0) | (pos >= n))
+    return _Axis(np.clip(pos, 0, n - 1), frac if interpolate else None, bad)
+
+
+@dataclass
+class _Plan:
+    """Where every sample of one (stored height, width, size, orientation) comes from."""
+
+    size: int
+    rows: _Axis  # along the displayed (oriented) image's height
+    cols: _Axis
+    stored_row: np.ndarray  # (ny, nx) or broadcastable: stored row of each sample
+    stored_col: np.ndarray
+    row_ids: np.ndarray  # the distinct stored rows read, sorted
+    identity: bool  # the samples are the image itself (size x size, no padding, no interpolation)
+    _index: dict[tuple[int, int, int, bool], np.ndarray] = field(default_factory=dict)
+    _weights: dict[int, np.ndarray] = field(default_factory=dict)
+
+    def index(self, width: int, c_src: int, c_out: int, strip: bool) -> np.ndarray:
+        """Flat indices into a C-contiguous (rows, width, c_src) array, shaped (ny, nx * c_out)."""
+        key = (width, c_src, c_out, strip)
+        idx = self._index.get(key)
+        if idx is None:
+            row = np.searchsorted(self.row_ids, self.stored_row) if strip else self.stored_row
+            pixel = row * width + self.stored_col
+            idx = (pixel[:, :, None] * c_src + np.arange(c_out)).reshape(pixel.shape[0], -1).astype(np.intp)
+            self._index[key] = idx
+        return idx
+
+    def fx(self, channels: int) -> np.ndarray:
+        w = self._weights.get(channels)
+        if w is None:
+            assert self.cols.frac is not None
+            w = self._weights[channels] = np.repeat(self.cols.frac, channels)
+        return w
+
+
+@lru_cache(maxsize=256)
+def _plan(height: int, width: int, size: int, orientation: int = 1) -> _Plan:
+    transposed = orientation >= 5
+    dh, dw = (width, height) if transposed else (height, width)
+    pad_h, pad_w = seed_padding(dh, dw)
+    rows, cols = _axis(dh, pad_h, size), _axis(dw, pad_w, size)
+    flips = {5: 1, 6: 2, 7: 3, 8: 4}.get(orientation, orientation)
+    u = dh - 1 - rows.pos if flips in (3, 4) else rows.pos  # row of the (maybe transposed) stored image
+    v = dw - 1 - cols.pos if flips in (2, 3) else cols.pos
+    if transposed:  # T = A^T: T[u, v] = A[v, u]
+        stored_row, stored_col = np.broadcast_to(v[None, :], (u.size, v.size)), np.broadcast_to(u[:, None], (u.size, v.size))
+    else:
+        stored_row, stored_col = np.broadcast_to(u[:, None], (u.size, v.size)), np.broadcast_to(v[None, :], (u.size, v.size))
+    identity = (orientation == 1 and height == width == size)
+    return _Plan(size, rows, cols, stored_row, stored_col, np.unique(stored_row), identity)
+
+
+def _interpolate(samples: np.ndarray, plan: _Plan, channels: int) -> np.ndarray:
+    """TF.js bilinear on gathered samples (ny, nx * channels) -> (size, size, channels) float32."""
+    s, sc = plan.size, plan.size * channels
+    if plan.rows.bad.size:
+        samples[plan.rows.bad] = 0
+    if plan.cols.bad.size:
+        samples.reshape(samples.shape[0], -1, channels)[:, plan.cols.bad] = 0
+    exact = samples.dtype == np.uint8  # differences of uint8 are exact in int16; anything else in float64
+    if not exact:
+        samples = samples.astype(np.float64)
+    h = samples
+    if plan.cols.frac is not None:  # top/bottom = left + (right - left) * fx, every sampled row at once
+        left = samples[:, :sc]
+        diff = np.subtract(samples[:, sc:], left, dtype=np.int16) if exact else samples[:, sc:] - left
+        h = np.multiply(diff, plan.fx(channels), dtype=np.float64)
+        h += left
+    if plan.rows.frac is not None:  # out = top + (bottom - top) * fy
+        top = h[:s]
+        diff = np.subtract(h[s:], top, dtype=np.int16) if h.dtype == np.uint8 else h[s:] - top
+        out = np.multiply(diff, plan.rows.frac[:, None], dtype=np.float64)
+        out += top
+        h = out
+    return h.astype(np.float32).reshape(s, s, channels)
+
+
+def _rgb(image: np.ndarray) -> np.ndarray:
+    """HxWx1 -> HxWx3 (a new C-contiguous array; three plane copies are twice as fast as ``np.repeat``),
+    HxWxC (C >= 3) unchanged."""
+    if image.shape[2] != 1:
+        return image
+    out = np.empty((*image.shape[:2], 3), image.dtype)
+    grey = image[:, :, 0]
+    out[:, :, 0] = grey
+    out[:, :, 1] = grey
+    out[:, :, 2] = grey
+    return out
+
+
+def _resize(pixels: np.ndarray, plan: _Plan, strip: bool = False, stored_width: int | None = None) -> np.ndarray:
+    """Samples of stored ``pixels`` (H, W, C_src; with ``strip`` only ``plan.row_ids``) -> RGB float32."""
+    c_src = pixels.shape[2]
+    c_out = 1 if c_src == 1 else 3
+    if plan.identity and not strip:
+        out = pixels[:, :, :c_out].astype(np.float32)
+    else:
+        if not pixels.flags.c_contiguous:
+            pixels = np.ascontiguousarray(pixels)
+        idx = plan.index(stored_width or pixels.shape[1], c_src, c_out, strip)
+        out = _interpolate(pixels.reshape(-1).take(idx), plan, c_out)
+    return _rgb(out)
 
 
 def pad_and_resize(image: np.ndarray, size: int) -> np.ndarray:
-    """Seed padding + TF.js bilinear resize of an RGB HxWx3 array to ``size`` x ``size``, float32 0..255."""
-    h, w = image.shape[:2]
-    pad_h, pad_w = seed_padding(h, w)
-    ph, pw = h + 2 * pad_h, w + 2 * pad_w
-    y0, y1, fy, y0ok, y1ok = _axis_weights(ph, size, pad_h, h)
-    x0, x1, fx, x0ok, x1ok = _axis_weights(pw, size, pad_w, w)
-    img = image.astype(np.float64, copy=False) if image.dtype != np.float64 else image
+    """Seed padding + TF.js bilinear resize of an HxWx3 (or HxW, HxWx1, HxWx4) array to ``size`` x ``size``,
+    float32 0..255. Any dtype; ``uint8`` takes the exact integer fast path."""
+    arr = _as_channels(image)
+    return _resize(arr, _plan(arr.shape[0], arr.shape[1], size))
 
-    def corner(yi: np.ndarray, yok: np.ndarray, xi: np.ndarray, xok: np.ndarray) -> np.ndarray:
-        vals = img[yi[:, None], xi[None, :]]
-        return vals * (yok[:, None] & xok[None, :])[:, :, None]
 
-    top_left, top_right = corner(y0, y0ok, x0, x0ok), corner(y0, y0ok, x1, x1ok)
-    bottom_left, bottom_right = corner(y1, y1ok, x0, x0ok), corner(y1, y1ok, x1, x1ok)
-    fxb = fx[None, :, None]
-    top = top_left + (top_right - top_left) * fxb
-    bottom = bottom_left + (bottom_right - bottom_left) * fxb
-    return (top + (bottom - top) * fy[:, None, None]).astype(np.float32)
+def _preprocess_decoded(decoded: Decoded, size: int) -> np.ndarray:
+    plan = _plan(decoded.height, decoded.width, size, decoded.orientation)
+    if decoded.image is not None and decoded.width * decoded.height >= _STRIP_MIN_PIXELS and plan.row_ids.size * 2 < decoded.height:
+        return _resize(decoded.rows(plan.row_ids, rgbx=True), plan, strip=True, stored_width=decoded.width)
+    return _resize(decoded.array(rgbx=True), plan)
 
 
 def preprocess(image: bytes | np.ndarray, size: int, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
     """Encoded bytes or a decoded array -> the model's ``size`` x ``size`` x 3 float32 input (0..255)."""
-    rgb = decode_image(image, limits) if isinstance(image, (bytes, bytearray, memoryview)) else as_rgb_array(image)
-    return pad_and_resize(rgb, size)
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return _preprocess_decoded(open_image(image, limits), size)
+    return pad_and_resize(image, size)
+

@@ -46,6 +46,7 @@ class WorkerSettings(CommonSettings):
     inter_op_threads: int = 0
     max_image_pixels: int = Field(default=40_000_000, description="larger images fail with image_too_large")
     min_image_side: int = Field(default=8, description="smaller images fail with image_too_small")
+    jpeg_decoder: Literal["pillow", "tensorflow"] = Field(default="pillow", description="tensorflow = the seed's JPEG decoder (INTEGER_FAST IDCT, exact seed pixels); pillow = libjpeg-turbo's accurate IDCT")
     # batching
     max_batch_size: int = Field(default=32, ge=1, description="images per batch (a verify job counts two)")
     batch_timeout_ms: float = Field(default=5.0, ge=0, description="how long a batch may wait to fill after its first job")

@@ -1,0 +1,466 @@
+"""Image decoding that hostile input cannot turn into a hang, a memory bomb or an untyped error.
+
+Accepted formats (``DecodeLimits.formats``; sniffed from the first bytes before any decoder runs):
+
+- **JPEG** (baseline, progressive, grey, CMYK/YCCK; of an MPO file, the first image), decoded by libjpeg-turbo
+  through Pillow, or by TensorFlow's decoder with ``jpeg_decoder="tensorflow"`` (its default INTEGER_FAST IDCT
+  gives the seed's exact pixels, shared/seed/FINDINGS.md #2).
+- **PNG** (of an APNG, the first frame), **WebP** and **GIF** (first frame), uncompressed **BMP**.
+- Refused with ``image_decode_error`` naming what is accepted: everything else Pillow could open. TIFF is left out
+  on purpose (dozens of codecs, tiled and floating-point variants, libtiff's long CVE history; no face pipeline
+  sends it); ``DecodeLimits.formats`` can add it, and every check below still applies. Run-length-encoded BMP is
+  refused too: Pillow decodes it in pure Python, two bytes at a time.
+
+Budgets, all checked *before* the pixels are decoded (JPEG and WebP headers are read by this module, the
+others by Pillow's header parser, which allocates no pixels):
+
+- **Pixels**: width x height <= ``max_pixels`` (``image_too_large``), both sides >= ``min_side``
+  (``image_too_small``). Pillow's own ``MAX_IMAGE_PIXELS`` is set to the same limit, so no Pillow path allows more.
+- **Memory**: an image may cost at most 4 bytes x ``max_pixels`` to decode (what a colour image at the pixel limit
+  takes in Pillow, which keeps 4 bytes per colour pixel and 1 per grey one). Two decoders need more per pixel, so
+  their limit in pixels is lower (``image_too_large``, with the figures): a JPEG with more than one scan
+  (progressive) keeps every DCT coefficient, 2 bytes per sample, 7 bytes per pixel at 4:2:0, 10 at 4:4:4 (so a
+  progressive 4:2:0 JPEG may have at most 4/7 of ``max_pixels``); WebP decodes through three full-size buffers,
+  18 bytes per pixel (at most 2/9 of ``max_pixels``: 8.9 MP at the default 40 MP).
+- **Time**: a JPEG costs about one pass over the image per scan, so a progressive JPEG whose scans are repeated
+  (a 250 KB file asking for 30 s of CPU) is refused when it has more than ``max_jpeg_scans`` scans or more than
+  ``jpeg_scan_factor x max_pixels`` pixels x scans (an ordinary progressive JPEG has 6 to 10 scans); the scans
+  are counted without decoding. Every other decoder's time is linear in the pixels and the input bytes, both
+  bounded. As a last line against slow paths nobody has thought of, each read the decoder makes checks a
+  wall-clock budget (``max_decode_s``; ``image_decode_error``).
+
+Pixels: EXIF orientation is applied (the seed ignores it). Only the orientation tag is read; EXIF that cannot be
+parsed, or an orientation outside 1..8, counts as "no orientation" (as browsers treat it), never as a failed
+job, and nothing is re-serialised (Pillow's ``exif_transpose`` raises on some malformed blocks when it writes
+the EXIF back). Grey, bilevel and 16-bit grey images stay one channel (16 bits -> ``(v + 128) // 257``,
+TensorFlow's rounding); palette, CMYK and other colour modes become RGB; alpha is dropped, as TensorFlow's
+``decode_image(channels=3)`` does. Floating-point images (Pillow mode ``F``, e.g. a float TIFF holding 0..1) are
+refused: cast to 8 bits they would silently become a black square.
+
+Memory after decoding: :meth:`Decoded.rows` converts only the rows asked for; :meth:`Decoded.array` converts
+the whole image in bands of about 4 MiB into one ``uint8`` array. Nothing here makes a float copy of an image.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
+
+from producer.jobs import ErrorCode, JobFailure
+
+DEFAULT_MAX_PIXELS = 40_000_000
+DEFAULT_MIN_SIDE = 8
+DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
+BYTES_PER_PIXEL = 4  # the decode memory budget is this x max_pixels
+WEBP_BYTES_PER_PIXEL = 18  # measured: libwebp's canvas, the frame Pillow copies out, Pillow's image
+
+# Images over the limit are refused by our own check with a clear message; Pillow's warning for sizes between
+# its limit and twice it would only be noise.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+# PNG text chunks (zTXt/iTXt) may inflate to 64 MiB in all by default; only EXIF/XMP orientation is read from
+# them here, so bound what a hostile PNG can make Pillow allocate while its header is parsed.
+PngImagePlugin.MAX_TEXT_MEMORY = min(PngImagePlugin.MAX_TEXT_MEMORY, 4 * 1024 * 1024)
+
+_MAGIC: tuple[tuple[bytes, int, str], ...] = (
+    (b"\xff\xd8\xff", 0, "JPEG"), (b"\x89PNG\r\n\x1a\n", 0, "PNG"), (b"GIF87a", 0, "GIF"), (b"GIF89a", 0, "GIF"),
+    (b"BM", 0, "BMP"), (b"II*\x00", 0, "TIFF"), (b"MM\x00*", 0, "TIFF"), (b"WEBP", 8, "WEBP"),
+    (b"ftyp", 4, "HEIF/AVIF"), (b"\x00\x00\x00\x0cjP  ", 0, "JPEG 2000"), (b"\xff\x4f\xff\x51", 0, "JPEG 2000"),
+    (b"8BPS", 0, "PSD"), (b"\x00\x00\x01\x00", 0, "ICO"), (b"%PDF", 0, "PDF"), (b"<svg", 0, "SVG"),
+)
+_GREY_16 = {"I;16": "<u2", "I;16L": "<u2", "I;16B": ">u2", "I;16N": "=u2"}
+# (v + 128) // 257 == rint(v * 255 / 65535) for every 16-bit v (no ties: v / 257 is never k + 1/2).
+_LUT_16 = ((np.arange(65536, dtype=np.uint32) + 128) // 257).astype(np.uint8)
+_BAND_BYTES = 4 * 1024 * 1024
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+_METADATA = ("exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp")  # where Pillow's getexif() looks
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """Bounds on what an input image may be and cost; violations fail the job with a typed error.
+
+    ``max_pixels``/``min_side``: width x height and shortest side (``image_too_large``/``image_too_small``); the
+    decode memory budget is ``4 * max_pixels`` bytes. ``formats``: Pillow format names accepted.
+    ``max_jpeg_scans``/``jpeg_scan_factor``: a JPEG may have at most that many scans and at most
+    ``jpeg_scan_factor * max_pixels`` pixels x scans. ``max_decode_s``: wall-clock budget, checked whenever the
+    decoder reads input. ``jpeg_decoder``: ``pillow`` (libjpeg-turbo, accurate IDCT) or ``tensorflow`` (the seed's).
+    """
+
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    min_side: int = DEFAULT_MIN_SIDE
+    formats: tuple[str, ...] = DEFAULT_FORMATS
+    max_jpeg_scans: int = 100
+    jpeg_scan_factor: float = 12.0
+    max_decode_s: float = 30.0
+    jpeg_decoder: Literal["pillow", "tensorflow"] = "pillow"
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> DecodeLimits:
+        """The limits a :class:`~worker.settings.WorkerSettings` configures (``ARCFACE_MAX_IMAGE_PIXELS``,
+        ``ARCFACE_MIN_IMAGE_SIDE``, ``ARCFACE_JPEG_DECODER``, ``ARCFACE_DECODE_TIMEOUT_S``)."""
+        kw: dict[str, Any] = {"max_pixels": settings.max_image_pixels, "min_side": settings.min_image_side}
+        if getattr(settings, "jpeg_decoder", None):
+            kw["jpeg_decoder"] = settings.jpeg_decoder
+        if getattr(settings, "decode_timeout_s", None):
+            kw["max_decode_s"] = float(settings.decode_timeout_s)
+        return cls(**kw)
+
+    @property
+    def memory_budget(self) -> int:
+        """Bytes one image may cost to decode."""
+        return BYTES_PER_PIXEL * self.max_pixels
+
+
+class _DecodeTimeout(Exception):
+    pass
+
+
+class _Input(io.BytesIO):
+    """The encoded bytes as a file. Headers are parsed at C speed; :func:`_arm` then makes every further read
+    (the decoder pulling input, whichever of Pillow's objects holds this file) check the decode deadline."""
+
+
+def _arm(fp: _Input, deadline: float) -> None:
+    plain = io.BytesIO.read
+
+    def read(size: int | None = -1) -> bytes:
+        if time.monotonic() > deadline:
+            raise _DecodeTimeout
+        return plain(fp, size)
+
+    fp.read = read  # type: ignore[method-assign]  # an instance attribute wins over the C method
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The image format the first bytes announce (``JPEG``, ``PNG``, ...), or ``None``."""
+    head = bytes(data[:16])
+    for magic, at, name in _MAGIC:
+        if head[at:at + len(magic)] == magic and (name != "WEBP" or head[:4] == b"RIFF"):
+            return name
+    return None
+
+
+def check_size(width: int, height: int, limits: DecodeLimits) -> None:
+    """Refuse a width x height outside ``limits`` (``image_too_large`` / ``image_too_small``)."""
+    if width * height > limits.max_pixels:
+        raise JobFailure(ErrorCode.IMAGE_TOO_LARGE, f"image is {width}x{height} = {width * height} pixels, over the limit of {limits.max_pixels}")
+    if min(width, height) < limits.min_side:
+        raise JobFailure(ErrorCode.IMAGE_TOO_SMALL, f"image is {width}x{height}; both sides must be at least {limits.min_side} pixels")
+
+
+def _check_memory(what: str, width: int, height: int, bytes_per_pixel: float, why: str, hint: str, limits: DecodeLimits) -> None:
+    need = width * height * bytes_per_pixel
+    if need > limits.memory_budget:
+        raise JobFailure(
+            ErrorCode.IMAGE_TOO_LARGE,
+            f"{what} of {width}x{height} needs about {need / 1e6:.0f} MB to decode ({bytes_per_pixel:g} bytes per pixel: {why}), "
+            f"over the {limits.memory_budget / 1e6:.0f} MB one image may use ({BYTES_PER_PIXEL} bytes x the {limits.max_pixels}-pixel "
+            f"limit); {hint} or at most {int(limits.memory_budget // bytes_per_pixel)} pixels",
+        )
+
+
+# --- JPEG: header and scans, read without decoding ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class JpegHeader:
+    """What the segments before a JPEG's first scan say."""
+
+    width: int
+    height: int
+    components: int
+    precision: int
+    sof: int  # the frame marker: 0xC0 baseline, 0xC1 extended, 0xC2 progressive, ...
+    samples: float  # DCT samples per pixel (3 at 4:4:4, 1.5 at 4:2:0, 1 for grey)
+    first_scan: int  # offset of the first SOS marker
+    metadata: bool  # an APP1 segment (EXIF or XMP: the orientation may be set)
+
+    @property
+    def plain(self) -> bool:
+        """8-bit grey or colour Huffman JPEG without EXIF/XMP: decoded without Pillow's Python header parser."""
+        return self.sof in (0xC0, 0xC1, 0xC2) and self.precision == 8 and self.components in (1, 3) and not self.metadata
+
+
+def jpeg_header(data: bytes) -> JpegHeader | None:
+    """Walk a JPEG's segments by their lengths up to its first scan; ``None`` without a frame header and a scan."""
+    n, i = len(data), 2
+    frame: tuple[int, int, int, int, int, float] | None = None
+    metadata = False
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            i = data.find(b"\xff", i)  # garbage before a marker: libjpeg skips it too
+            if i < 0:
+                return None
+            continue
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:
+            i += 2
+            continue
+        if marker in (0xD8, 0xD9):
+            return None
+        if marker == 0xDA:
+            if frame is None:
+                return None
+            return JpegHeader(frame[2], frame[1], frame[3], frame[0], frame[4], frame[5], i, metadata)
+        length = int.from_bytes(data[i + 2:i + 4], "big")
+        if marker in _JPEG_SOF and frame is None:
+            seg = data[i + 4:i + 2 + length]
+            if len(seg) < 6:
+                return None
+            count = seg[5]
+            factors = [(b >> 4, b & 15) for b in seg[7:6 + 3 * count:3]]
+            if len(factors) != count or not factors or any(h == 0 or v == 0 for h, v in factors):
+                return None
+            hmax, vmax = max(h for h, _ in factors), max(v for _, v in factors)
+            samples = sum(h * v for h, v in factors) / (hmax * vmax)
+            frame = (seg[0], int.from_bytes(seg[1:3], "big"), int.from_bytes(seg[3:5], "big"), count, marker, samples)
+        elif marker == 0xE1:
+            metadata = True
+        i += 2 + length
+    return None
+
+
+def jpeg_scans(data: bytes, header: JpegHeader | None = None) -> int:
+    """How many scans (SOS segments) a JPEG's main image has, counted without decoding.
+
+    Header segments are skipped (an EXIF thumbnail's scans do not count); from the first scan on, every ``FF DA``
+    pair counts: entropy-coded data cannot hold one (a data ``FF`` is always followed by ``00`` or a restart
+    marker), so this can over-count (e.g. an image appended after the end) but never under-count.
+    """
+    header = header or jpeg_header(data)
+    return data.count(b"\xff\xda", header.first_scan if header else 0)
+
+
+def _check_jpeg(data: bytes, header: JpegHeader, limits: DecodeLimits) -> None:
+    check_size(header.width, header.height, limits)
+    scans = jpeg_scans(data, header)
+    budget = limits.jpeg_scan_factor * limits.max_pixels
+    if scans > limits.max_jpeg_scans or header.width * header.height * scans > budget:
+        raise JobFailure(
+            ErrorCode.IMAGE_TOO_LARGE,
+            f"JPEG is {header.width}x{header.height} with {scans} scans: decoding costs about one pass over the image per scan, "
+            f"and at most {limits.max_jpeg_scans} scans and {budget:.3g} pixels x scans are allowed (an ordinary progressive "
+            "JPEG has under 12); re-encode it, e.g. as a baseline JPEG",
+        )
+    image = 1 if header.components == 1 and limits.jpeg_decoder == "pillow" else BYTES_PER_PIXEL
+    if scans > 1:
+        _check_memory("a progressive (multi-scan) JPEG", header.width, header.height, image + 2 * header.samples,
+                      "the decoder keeps every DCT coefficient of a multi-scan JPEG", "send it as a baseline JPEG", limits)
+
+
+def _decode_plain_jpeg(data: bytes, header: JpegHeader) -> Image.Image:
+    """libjpeg-turbo through Pillow's C decoder, as ``Image.open(...).load()`` runs it for such a file (mode and
+    raw mode ``L`` or ``RGB``), without the Python header parser (a third of a 112 px crop's cost, all of it
+    holding the GIL). Errors as Pillow's."""
+    mode = "L" if header.components == 1 else "RGB"
+    size = (header.width, header.height)
+    core = Image.core.new(mode, size)
+    decoder = Image.core.jpeg_decoder(mode, mode, "")
+    try:
+        decoder.setimage(core, (0, 0, *size))
+        consumed, err = decoder.decode(data)
+    finally:
+        decoder.cleanup()
+    if err < 0:
+        raise OSError(f"decoder error {err}")
+    if consumed >= 0:  # the decoder wants more input than there is
+        raise OSError("image file is truncated")
+    return Image.Image()._new(core)
+
+
+def _decode_tensorflow(data: bytes, width: int, height: int) -> np.ndarray:
+    """TensorFlow's JPEG decoder with its defaults (INTEGER_FAST IDCT: the seed's pixels), 3 channels, read as
+    a view of the tensor (no copy). TensorFlow is imported here, only by workers that choose this decoder."""
+    import tensorflow as tf  # noqa: PLC0415
+
+    try:
+        tensor = tf.io.decode_jpeg(data, channels=3)
+    except tf.errors.OpError as exc:
+        first = (exc.message or type(exc).__name__).splitlines()[0]
+        raise JobFailure(ErrorCode.IMAGE_DECODE_ERROR, f"cannot decode JPEG: {first}") from None
+    pixels = tensor._numpy() if hasattr(tensor, "_numpy") else tensor.numpy()  # _numpy: a view, .numpy(): a copy
+    if pixels.shape[:2] != (height, width):
+        raise JobFailure(ErrorCode.IMAGE_DECODE_ERROR, f"JPEG decoded to {pixels.shape[1]}x{pixels.shape[0]}, not the {width}x{height} its header says")
+    return pixels
+
+
+def webp_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of a WebP's canvas from its first chunk, or ``None`` when it is not one of VP8/VP8L/VP8X."""
+    chunk = data[12:16]
+    if chunk == b"VP8 " and len(data) >= 30 and data[23:26] == b"\x9d\x01\x2a":
+        return int.from_bytes(data[26:28], "little") & 0x3FFF, int.from_bytes(data[28:30], "little") & 0x3FFF
+    if chunk == b"VP8L" and len(data) >= 25 and data[20] == 0x2F:
+        bits = int.from_bytes(data[21:25], "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if chunk == b"VP8X" and len(data) >= 30:
+        return int.from_bytes(data[24:27], "little") + 1, int.from_bytes(data[27:30], "little") + 1
+    return None
+
+
+# --- decoded images -------------------------------------------------------------------------------------------
+
+def _orientation(img: Image.Image) -> int:
+    """The EXIF (or XMP) orientation 1..8; 1 when absent, out of range or unreadable (malformed EXIF)."""
+    if not hasattr(img, "tag_v2") and not any(key in img.info for key in _METADATA):
+        return 1
+    try:
+        value = int(img.getexif().get(0x0112, 1))
+    except Exception:  # noqa: BLE001 - metadata that cannot be parsed means "no orientation", never a failed job
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+@dataclass
+class Decoded:
+    """A decoded image in its stored orientation, not yet converted to a numpy array.
+
+    ``orientation`` (EXIF 1..8) says how the stored pixels map to the displayed image; ``channels`` is 1 for grey
+    sources (expanded to RGB only at the end of preprocessing) and 3 otherwise.
+    """
+
+    width: int  # stored (before orientation)
+    height: int
+    channels: int
+    orientation: int = 1
+    image: Image.Image | None = None
+    pixels: np.ndarray | None = None  # already decoded (TensorFlow): H x W x C uint8
+    _i_scale: int = field(default=65535, repr=False)
+
+    def array(self, rgbx: bool = False) -> np.ndarray:
+        """All stored rows as ``uint8`` (H, W, C); with ``rgbx`` a colour image may come back as (H, W, 4) whose 4th
+        channel is to be ignored (cheaper to get out of Pillow)."""
+        if self.pixels is not None:
+            return self.pixels
+        img = self.image
+        assert img is not None
+        step = max(1, _BAND_BYTES // (self.width * 4))
+        if self.height <= step:
+            return self._convert(img, rgbx)
+        first = self._convert(img.crop((0, 0, self.width, step)), rgbx)
+        out = np.empty((self.height, self.width, first.shape[2]), np.uint8)
+        out[:step] = first
+        for top in range(step, self.height, step):
+            bottom = min(self.height, top + step)
+            out[top:bottom] = self._convert(img.crop((0, top, self.width, bottom)), rgbx)
+        return out
+
+    def rows(self, indices: np.ndarray, rgbx: bool = False) -> np.ndarray:
+        """Only the stored rows ``indices`` (sorted, unique), as ``uint8`` (len(indices), W, C)."""
+        if self.pixels is not None:
+            return self.pixels[indices]
+        img = self.image
+        assert img is not None
+        runs = np.split(indices, np.flatnonzero(np.diff(indices) != 1) + 1)  # consecutive rows are cropped at once
+        parts = [self._convert(img.crop((0, int(run[0]), self.width, int(run[-1]) + 1)), rgbx) for run in runs]
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    def _convert(self, band: Image.Image, rgbx: bool) -> np.ndarray:
+        """One band of the image (same mode) -> uint8 (h, W, C)."""
+        mode, (w, h) = band.mode, band.size
+        if mode == "L":
+            return np.frombuffer(band.tobytes(), np.uint8).reshape(h, w, 1)
+        if mode == "1":
+            return np.frombuffer(band.tobytes("raw", "L"), np.uint8).reshape(h, w, 1)
+        if mode in ("RGB", "RGBA", "RGBX"):
+            if rgbx:
+                return np.frombuffer(band.tobytes("raw", "RGBA" if mode == "RGBA" else "RGBX"), np.uint8).reshape(h, w, 4)
+            return np.frombuffer(band.tobytes("raw", "RGB"), np.uint8).reshape(h, w, 3)
+        if mode in _GREY_16:
+            return _LUT_16[np.frombuffer(band.tobytes(), _GREY_16[mode]).reshape(h, w, 1)]
+        if mode == "I":  # 32-bit grey: 8-bit values as they are, 16-bit values like I;16 (as before)
+            wide = np.frombuffer(band.tobytes(), np.int32).reshape(h, w, 1)
+            if self._i_scale == 255:
+                return np.clip(wide, 0, 255).astype(np.uint8)
+            return np.clip((wide.astype(np.int64) + 128) // 257, 0, 255).astype(np.uint8)
+        if mode == "LA":
+            return np.frombuffer(band.convert("L").tobytes(), np.uint8).reshape(h, w, 1)
+        return np.frombuffer(band.convert("RGB").tobytes(), np.uint8).reshape(h, w, 3)
+
+
+def _is_float(mode: str) -> bool:
+    return mode == "F" or mode.startswith("F;")
+
+
+def open_image(data: bytes | bytearray | memoryview, limits: DecodeLimits = DecodeLimits()) -> Decoded:
+    """Check and decode encoded image bytes (see the module docstring); raises :class:`JobFailure` with
+    ``image_decode_error``, ``image_too_large`` or ``image_too_small``."""
+    if not data:
+        raise JobFailure(ErrorCode.IMAGE_DECODE_ERROR, "image is empty (0 bytes)")
+    data = data if isinstance(data, bytes) else bytes(data)
+    fmt = sniff_format(data)
+    accepted = ", ".join(limits.formats)
+    if fmt is None:
+        raise JobFailure(ErrorCode.IMAGE_DECODE_ERROR, f"not a recognised image format ({len(data)} bytes); send one of {accepted}")
+    if fmt not in limits.formats:
+        raise JobFailure(ErrorCode.IMAGE_DECODE_ERROR, f"{fmt} images are not accepted; send one of {accepted}")
+    deadline = time.monotonic() + limits.max_decode_s
+    Image.MAX_IMAGE_PIXELS = limits.max_pixels  # Pillow refuses twice this when opening; check_size refuses more
+    try:
+        header = None
+        if fmt == "JPEG":
+            header = jpeg_header(data)
+            if header is None:
+                raise JobFailure(ErrorCode.IMAGE_DECODE_ERROR, f"not a decodable JPEG ({len(data)} bytes): no frame header before a scan")
+            _check_jpeg(data, header, limits)
+            if header.plain:  # the common face crop: no Python header parsing at all
+                if limits.jpeg_decoder == "tensorflow":
+                    return Decoded(header.width, header.height, 3, pixels=_decode_tensorflow(data, header.width, header.height))
+                return Decoded(header.width, header.height, header.components, image=_decode_plain_jpeg(data, header))
+        elif fmt == "WEBP" and (size := webp_size(data)) is not None:  # Pillow allocates the canvas when opening
+            check_size(*size, limits)
+            _check_memory("a WebP image", *size, WEBP_BYTES_PER_PIXEL, "libwebp's canvas, its frame and Pillow's image",
+                          "send it as PNG or JPEG", limits)
+        fp = _Input(data)
+        img = Image.open(fp, formats=[fmt])
+        width, height = img.size
+        check_size(width, height, limits)
+        if fmt == "WEBP":
+            _check_memory("a WebP image", width, height, WEBP_BYTES_PER_PIXEL, "libwebp's canvas, its frame and Pillow's image",
+                          "send it as PNG or JPEG", limits)
+        if _is_float(img.mode):
+            raise JobFailure(ErrorCode.IMAGE_DECODE_ERROR, "floating-point images are not supported; send 8- or 16-bit integer pixels")
+        if fmt == "BMP" and img.info.get("compression") in (1, 2):
+            raise JobFailure(ErrorCode.IMAGE_DECODE_ERROR, "run-length-encoded BMP is not supported; send an uncompressed BMP, a PNG or a JPEG")
+        if header is not None and limits.jpeg_decoder == "tensorflow":
+            return Decoded(width, height, 3, _orientation(img), pixels=_decode_tensorflow(data, width, height))
+        _arm(fp, deadline)
+        img.load()
+        if img.size != (width, height) or _is_float(img.mode):
+            raise JobFailure(ErrorCode.IMAGE_DECODE_ERROR, f"{fmt} decoded to {img.size[0]}x{img.size[1]} {img.mode}, not the {width}x{height} its header says")
+        grey = img.mode in ("L", "1", "LA", "I") or img.mode in _GREY_16
+        decoded = Decoded(width, height, 1 if grey else 3, _orientation(img), image=img)
+        if img.mode == "I":
+            decoded._i_scale = 65535 if img.getextrema()[1] > 255 else 255  # type: ignore[operator]
+        return decoded
+    except JobFailure:
+        raise
+    except _DecodeTimeout:
+        raise JobFailure(ErrorCode.IMAGE_DECODE_ERROR, f"{fmt} image ({len(data)} bytes) still decoding after {limits.max_decode_s:g} s; send a smaller or simpler image") from None
+    except Image.DecompressionBombError:
+        raise JobFailure(ErrorCode.IMAGE_TOO_LARGE, f"image has over twice the limit of {limits.max_pixels} pixels") from None
+    except UnidentifiedImageError:
+        raise JobFailure(ErrorCode.IMAGE_DECODE_ERROR, f"cannot read this {fmt} image ({len(data)} bytes): its header is invalid") from None
+    except MemoryError:
+        raise JobFailure(ErrorCode.IMAGE_TOO_LARGE, f"not enough memory to decode this {fmt} image ({len(data)} bytes)") from None
+    except Exception as exc:  # noqa: BLE001 - decoders raise OSError, ValueError, SyntaxError, struct.error, ...
+        raise JobFailure(ErrorCode.IMAGE_DECODE_ERROR, f"cannot decode {fmt} image: {type(exc).__name__}: {exc}") from None
+
+
+def orient(array: np.ndarray, orientation: int) -> np.ndarray:
+    """The displayed image for stored pixels (H, W, ...) and an EXIF orientation, as a view (no copy)."""
+    if orientation >= 5:
+        array = array.swapaxes(0, 1)  # T[y, x] = A[x, y]; 5..8 are 1..4 applied to T
+        orientation -= 4
+    if orientation in (2, 3):
+        array = array[:, ::-1]
+    if orientation in (3, 4):
+        array = array[::-1]
+    return array
