@@ -82,6 +82,11 @@ class BulkStats:
     images_failed: int = 0
     seconds: float = 0.0
 
+    @property
+    def pairs(self) -> int:
+        """Rows written (the name earlier versions used)."""
+        return self.rows
+
 
 def resolve_threshold(client: FaceClient, given: float | None) -> tuple[float, str]:
     """The verify threshold of a bulk run and where it came from: ``--threshold``, else the default the
