@@ -504,10 +504,9 @@ class BatchWorker(SimpleWorker):
 
     def _recover(self, member: str) -> None:
         job_id = split_member(member)
-        from worker.taking import classify as _classify
 
         fields = self.connection.hgetall(f"rq:job:{job_id}") if valid_job_id(job_id) else {}
-        t = _classify(job_id, fields, self.connection, self.settings.max_job_bytes, utcnow()) if fields else None
+        t = classify(job_id, fields, self.connection, self.settings.max_job_bytes, utcnow(), recovering=True) if fields else None
         if t is None or t.job is None:
             # gone, or unreadable: just drop the entry
             self.connection.zrem(self.fence.keys.started, member)
@@ -532,12 +531,15 @@ class BatchWorker(SimpleWorker):
 
     def recover_intermediate(self) -> None:
         """Ids left in the intermediate list by a worker that died between pop and registration go back to the
-        queue after a minute; ids that are not ours and cannot be jobs are dropped."""
+        queue once seen there for ``execution_ttl_s``."""
         k = self.fence.keys
         entries = self.connection.lrange(k.intermediate, 0, -1)
         with self._lock:
             mine = set(self._jobs)
         mono = time.monotonic()
+        # A live worker registers what it popped within milliseconds; a stale entry re-queued early is harmless
+        # (a job already started or finished is dropped when popped again).
+        orphan_after_s = max(2 * self.settings.heartbeat_interval_s, float(self.settings.execution_ttl_s))
         present = set()
         for raw in entries:
             jid = decode_id(raw)
@@ -546,7 +548,7 @@ class BatchWorker(SimpleWorker):
             if jid is not None and jid in mine:
                 continue
             first = self._intermediate_seen.setdefault(key, mono)
-            if mono - first >= 60.0:
+            if mono - first >= orphan_after_s:
                 with self.connection.pipeline() as pipe:
                     pipe.lrem(k.intermediate, 1, raw)
                     pipe.rpush(k.queue, raw)

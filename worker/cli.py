@@ -9,7 +9,7 @@ every setting.
 from __future__ import annotations
 
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 import structlog
 
@@ -107,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from worker.settings import WorkerSettings
 
     settings: WorkerSettings = _checked_settings()
-    configure_logging(settings)
+    configure_logging(settings, _quiet_output(settings))
     log = structlog.get_logger("arcface.worker")
     try:
         connection = connect(settings)
@@ -125,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     started = time.perf_counter()
     try:
         engine = load_engine(settings)
-        warm_s = engine.warm_up()
+        warm_s, batch_rates = warm_up(engine, settings)
         detector = load_detector(settings)
     except WeightsError as exc:
         log.error("model_load_failed", error=str(exc))
@@ -133,7 +133,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except Exception as exc:  # anything else while loading: still exit before taking a job
         log.error("model_load_failed", error=f"{settings.model_path or settings.model_url}: {type(exc).__name__}: {exc}")
         sys.exit(EXIT_MODEL)
-    log.info("engine_ready", allowed_batch_sizes=list(engine.allowed_batch_sizes), warm_up_s=round(warm_s, 2))
+    log.info("engine_ready", allowed_batch_sizes=list(engine.allowed_batch_sizes), max_batch_size=settings.max_batch_size,
+             chosen="auto" if batch_rates else "setting", images_per_s={str(k): round(v, 1) for k, v in batch_rates.items()},
+             warm_up_s=round(warm_s, 2))
 
     from worker.batcher import BatchWorker
     from worker.metrics import WorkerMetrics
@@ -157,6 +159,39 @@ def main(argv: Sequence[str] | None = None) -> None:
     worker.work(burst=args.burst)
     log.info("worker_stopped", worker=worker.name, batches=worker.batches_done)
     sys.exit(0)
+
+
+def _quiet_output(settings: Any) -> Any:
+    """Before TensorFlow is imported: its C++ logging off unless ``TF_CPP_MIN_LOG_LEVEL`` is set (then its Python
+    logger is left alone too), and what native code still writes becomes log events (:mod:`worker.stdio`): in JSON
+    mode every line on stdout and stderr, in console mode stderr's (stdout stays free for a debugger). Returns
+    the stream logs are rendered to."""
+    import logging
+    import os
+
+    from producer.settings import json_logs
+    from worker.stdio import capture_stdio
+
+    if "TF_CPP_MIN_LOG_LEVEL" not in os.environ:
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+        logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    return capture_stdio((1, 2) if json_logs(settings) else (2,))
+
+
+def warm_up(engine: Any, settings: Any) -> tuple[float, dict[int, float]]:
+    """Trace the batch sizes the worker will run; with ``ARCFACE_MAX_BATCH_SIZE=auto`` time them all and cap
+    batches at the fastest (sets ``settings.max_batch_size``). Returns (seconds, measured images/s)."""
+    import time
+
+    from worker.engine import choose_batch_size, has_gpu
+
+    start = time.perf_counter()
+    if settings.max_batch_size == "auto":
+        rates = engine.time_batch_sizes()
+        settings.max_batch_size = choose_batch_size(rates, prefer_large=has_gpu())
+        return time.perf_counter() - start, rates
+    engine.warm_up_to(settings.max_batch_size)
+    return time.perf_counter() - start, {}
 
 
 def health(argv: Sequence[str] | None = None) -> None:

@@ -89,6 +89,27 @@ class Engine:
             self._predict(tf.zeros((size, *self.input_shape), tf.float32)).numpy()
         return time.perf_counter() - start
 
+    def warm_up_to(self, cap: int) -> float:
+        """Trace and run the allowed sizes up to ``cap`` (the worker never runs larger batches)."""
+        start = time.perf_counter()
+        for size in self.allowed_batch_sizes:
+            if size <= cap:
+                self._predict(tf.zeros((size, *self.input_shape), tf.float32)).numpy()
+        return time.perf_counter() - start
+
+    def time_batch_sizes(self, min_seconds: float = 0.3) -> dict[int, float]:
+        """Images/s of each allowed size (traced first; each timed for at least ``min_seconds`` or one call)."""
+        rates: dict[int, float] = {}
+        for size in self.allowed_batch_sizes:
+            x = tf.random.uniform((size, *self.input_shape), 0.0, 255.0)
+            self._predict(x).numpy()
+            calls, start = 0, time.perf_counter()
+            while calls == 0 or time.perf_counter() - start < min_seconds:
+                self._predict(x).numpy()
+                calls += 1
+            rates[size] = size * calls / (time.perf_counter() - start)
+        return rates
+
     def embed(self, batch: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
         """L2-normalised float32 embeddings ``[N, D]`` for preprocessed inputs ``[N, S, S, 3]`` (0..255)."""
         arr = np.asarray(batch, dtype=np.float32)
@@ -117,3 +138,16 @@ class Engine:
         return Verification(distance=d, threshold=t, similar=d <= t)
 
 
+
+
+def choose_batch_size(rates: dict[int, float], prefer_large: bool, tolerance: float = 0.03) -> int:
+    """The batch cap from measured images/s: the fastest size; with ``prefer_large`` (a GPU, where larger batches
+    also absorb bursts) the largest size within ``tolerance`` of the fastest."""
+    best = max(rates.values())
+    if prefer_large:
+        return max(size for size, rate in rates.items() if rate >= best * (1.0 - tolerance))
+    return max(rates, key=lambda size: rates[size])
+
+
+def has_gpu() -> bool:
+    return bool(tf.config.list_physical_devices("GPU"))

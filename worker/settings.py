@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from platformdirs import user_cache_dir
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from pydantic_settings import NoDecode
 
@@ -48,7 +48,8 @@ class WorkerSettings(CommonSettings):
     min_image_side: int = Field(default=8, description="smaller images fail with image_too_small")
     jpeg_decoder: Literal["pillow", "tensorflow"] = Field(default="pillow", description="tensorflow = the seed's JPEG decoder (INTEGER_FAST IDCT, exact seed pixels); pillow = libjpeg-turbo's accurate IDCT")
     # batching
-    max_batch_size: int = Field(default=32, ge=1, description="images per batch (a verify job counts two)")
+    max_batch_size: int | Literal["auto"] = Field(
+        default="auto", description="images per engine batch; auto = the fastest allowed size, timed at start (largest within 3 % on a GPU)")
     batch_timeout_ms: float = Field(default=5.0, ge=0, description="how long a batch may wait to fill after its first job")
     preprocess_threads: int = Field(default=2, ge=1)
     max_images_per_job: int = Field(default=256, ge=1, le=4096, description="largest multi-image job (embed_batch, verify_batch pairs x 2)")
@@ -60,6 +61,21 @@ class WorkerSettings(CommonSettings):
     maintenance_interval_s: int = Field(default=10, description="how often a worker looks for jobs of dead workers")
     worker_ttl_s: int = Field(default=60, description="a worker's registration lives this long past its last heartbeat")
     metrics_port: int | None = Field(default=None, description="serve Prometheus metrics on this port (unset = off)")
+
+    @field_validator("max_batch_size")
+    @classmethod
+    def _positive(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be a positive integer or auto")
+        return value
+
+    @model_validator(mode="after")
+    def _batch_within_allowed(self) -> "WorkerSettings":
+        largest = max(self.allowed_batch_sizes) if self.allowed_batch_sizes else 0
+        if isinstance(self.max_batch_size, int) and self.max_batch_size > largest:
+            raise ValueError(f"ARCFACE_MAX_BATCH_SIZE={self.max_batch_size} is larger than the largest of ARCFACE_ALLOWED_BATCH_SIZES "
+                             f"({largest}): raise one or lower the other")
+        return self
 
     @field_validator("input_mean", mode="before")
     @classmethod

@@ -82,12 +82,14 @@ def decode_id(raw: bytes | str) -> str | None:
         return None
 
 
-def classify(job_id: str, fields: dict[bytes, bytes], connection: redis.Redis, max_job_bytes: int, now: datetime) -> Taken | None:
-    """What to do with one popped job: run it, fail it, or (``None``) drop a stale entry."""
+def classify(job_id: str, fields: dict[bytes, bytes], connection: redis.Redis, max_job_bytes: int, now: datetime,
+             recovering: bool = False) -> Taken | None:
+    """What to do with one popped job: run it, fail it, or (``None``) drop a stale entry. ``recovering``: the
+    job of a dead worker (status started), read to decide between retry and failure."""
     if not fields:
         return None  # deleted or expired while queued
     status = fields.get(b"status", b"").decode("ascii", "replace")
-    if status in _NOT_RUNNABLE:
+    if status in _NOT_RUNNABLE and not recovering:
         return None
     taken = Taken(id=job_id, status=status)
     taken.enqueued_at = parse_timestamp(fields.get(b"enqueued_at")) or parse_timestamp(fields.get(b"created_at"))
