@@ -228,27 +228,38 @@ def jpeg_header(data: bytes) -> JpegHeader | None:
     return None
 
 
-def jpeg_scans(data: bytes, header: JpegHeader | None = None) -> int:
-    """How many scans (SOS segments) a JPEG's main image has, counted without decoding.
+def jpeg_scans(data: bytes, header: JpegHeader | None = None, stop: int | None = None) -> int:
+    """How many scans (SOS segments) a JPEG's main image has, counted without decoding; with ``stop``, counting
+    ends once that many are found (a bomb's thousands of scans are not all walked).
 
     Header segments are skipped (an EXIF thumbnail's scans do not count); from the first scan on, every ``FF DA``
     pair counts: entropy-coded data cannot hold one (a data ``FF`` is always followed by ``00`` or a restart
     marker), so this can over-count (e.g. an image appended after the end) but never under-count.
     """
     header = header or jpeg_header(data)
-    return data.count(b"\xff\xda", header.first_scan if header else 0)
+    start = header.first_scan if header else 0
+    if stop is None:
+        return data.count(b"\xff\xda", start)
+    found, i = 0, start - 1
+    while found < stop:
+        i = data.find(b"\xff\xda", i + 1)
+        if i < 0:
+            break
+        found += 1
+    return found
 
 
 def _check_jpeg(data: bytes, header: JpegHeader, limits: DecodeLimits) -> None:
     check_size(header.width, header.height, limits)
-    scans = jpeg_scans(data, header)
     budget = limits.jpeg_scan_factor * limits.max_pixels
-    if scans > limits.max_jpeg_scans or header.width * header.height * scans > budget:
+    allowed = min(limits.max_jpeg_scans, int(budget // (header.width * header.height)))
+    scans = jpeg_scans(data, header, stop=allowed + 1)
+    if scans > allowed:
         raise JobFailure(
             ErrorCode.IMAGE_TOO_LARGE,
-            f"JPEG is {header.width}x{header.height} with {scans} scans: decoding costs about one pass over the image per scan, "
-            f"and at most {limits.max_jpeg_scans} scans and {budget:.3g} pixels x scans are allowed (an ordinary progressive "
-            "JPEG has under 12); re-encode it, e.g. as a baseline JPEG",
+            f"JPEG is {header.width}x{header.height} with more than {allowed} scans: decoding costs about one pass over the "
+            f"image per scan, and at most {limits.max_jpeg_scans} scans and {budget:.3g} pixels x scans are allowed (an "
+            "ordinary progressive JPEG has under 12); re-encode it, e.g. as a baseline JPEG",
         )
     image = 1 if header.components == 1 and limits.jpeg_decoder == "pillow" else BYTES_PER_PIXEL
     if scans > 1:
