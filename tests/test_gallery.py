@@ -21,7 +21,9 @@ from producer.jobs import (
     EMBED_FUNC, VERIFY_FUNC, ErrorCode, ImageRef, JobFailure, JSONSerializer, SafeJob, Timing, VerifyResult, cosine_distance, encode_embedding,
     parse_request,
 )
-from tests.conftest import FACES, face_paths
+from tests.conftest import FACERES_SAVEDMODEL, FACES, TFJS_MODELS, face_paths, needs_shared
+
+BLAZEFACE = TFJS_MODELS / "blazeface-front.json"
 from worker.gallery import GalleryItem, GalleryStore, complete, images_for, run_one
 
 DIM = 64
@@ -504,9 +506,10 @@ def _serve_job(*args: Any, **kwargs: Any) -> dict:
     from worker.jobs import record_failure
 
     job = get_current_job()
+    b = args[0].get("b") if args and isinstance(args[0], dict) else None
     try:
-        if job.func_name == EMBED_FUNC:
-            return _SERVING["runtime"].run_one(parse_request(job.func_name, list(args), kwargs))
+        if job.func_name == EMBED_FUNC or (job.func_name == VERIFY_FUNC and not (isinstance(b, dict) and ({"subject", "embedding_b64"} & set(b)))):
+            return _SERVING["runtime"].run_one(parse_request(job.func_name, list(args), kwargs))  # embed and pairwise verify as they are
         return run_one(_SERVING["runtime"], _SERVING["store"], parse_gallery_request(job.func_name, list(args), kwargs))
     except JobFailure as failure:
         record_failure(job, failure)
@@ -661,3 +664,60 @@ def test_bulk_enrollment_from_a_folder_and_the_cli(serving, tmp_path, capsys):
     assert code == 1 and json.loads(text)["code"] == "unknown_gallery"
     code, _ = cli("enroll", "--gallery", "bulk")
     assert code == 2 and "enroll needs SUBJECT" in err[-1]
+
+
+@needs_shared(BLAZEFACE, "the shared BlazeFace detector")
+@needs_shared(FACERES_SAVEDMODEL)
+def test_real_faces_enroll_one_image_each_and_identify_the_others(redis_server, stores, monkeypatch, capsys):
+    """The shared face model behind BlazeFace (the README's faceres settings): image 1 of each of the 8 people
+    enrolled in one enroll_batch job, images 2-5 identified; verify against the subject equals pairwise verify;
+    a worker started afterwards finds the same people."""
+    from producer import gallery_client as gc
+    from producer.client import FaceClient
+    from tests.conftest import PEOPLE
+    from worker.runtime import Runtime, load_detector, load_engine
+    from worker.settings import WorkerSettings
+
+    queue = f"faceres-{uuid.uuid4().hex[:6]}"
+    env = {"ARCFACE_REDIS_URL": redis_server.url, "ARCFACE_QUEUE": queue, "ARCFACE_MODEL_PATH": str(FACERES_SAVEDMODEL),
+           "ARCFACE_MODEL_NAME": "faceres", "ARCFACE_INPUT_SCALE": "1", "ARCFACE_INPUT_MEAN": "103.939,116.779,123.68",
+           "ARCFACE_CHANNEL_ORDER": "BGR", "ARCFACE_THRESHOLD": "0.45", "ARCFACE_DETECT": "blazeface", "ARCFACE_DETECTOR_PATH": str(BLAZEFACE),
+           "ARCFACE_CROP": "square", "ARCFACE_ALLOWED_BATCH_SIZES": "1,8"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    settings = WorkerSettings()
+    engine = load_engine(settings)
+    _SERVING["runtime"] = Runtime(settings, engine, load_detector(settings))
+    _SERVING["store"] = stores("faceres", threshold=0.45)
+    client = FaceClient()
+    paths = face_paths()
+    try:
+        def producer() -> tuple:
+            enrolled = gc.result(client, gc.enroll_many(client, [(person, paths[5 * i]) for i, person in enumerate(PEOPLE)], "cast"), 300)
+            ids = [gc.identify(client, paths[5 * i + j], "cast", top_k=8, threshold=2.0) for i in range(8) for j in range(1, 5)]
+            found = [gc.result(client, jid, 300) for jid in ids]
+            by_subject = [gc.result(client, gc.verify_subject(client, paths[5 * i + 1], PEOPLE[i], "cast"), 300) for i in range(3)]
+            pairwise = [client.result(client.verify(paths[5 * i + 1], paths[5 * i]), 300) for i in range(3)]
+            return enrolled, found, by_subject, pairwise
+
+        enrolled, found, by_subject, pairwise = drive(redis_server.client(), queue, producer)
+        assert enrolled.errors == [] and all(r.created for r in enrolled.results) and enrolled.faces and all(enrolled.faces)
+        truth = [PEOPLE[i] for i in range(8) for _ in range(4)]
+        assert all([m.subject for m in res.matches] and len(res.matches) == 8 for res in found)  # threshold 2: every subject, ranked
+        top1 = sum(1 for res, who in zip(found, truth) if res.matches[0].subject == who) / len(truth)
+        genuine = [m.distance for res, who in zip(found, truth) for m in res.matches if m.subject == who]
+        impostor = sorted((round(m.distance, 3), who, m.subject) for res, who in zip(found, truth) for m in res.matches if m.subject != who)
+        within = [x for x in impostor if x[0] <= 0.45]
+        with capsys.disabled():
+            print(f"\nfaceres, gallery of 8 (image 1 each), 32 queries (images 2-5): top-1 {top1:.3f}; genuine distance max "
+                  f"{max(genuine):.3f}, {sum(d <= 0.45 for d in genuine)}/32 within 0.45; impostor distance min {impostor[0][0]:.3f}, "
+                  f"{len(within)}/{len(impostor)} within 0.45: {within}")
+        assert top1 >= 0.9
+        for s_res, p_res in zip(by_subject, pairwise):
+            assert abs(s_res.distance - p_res.distance) < 1e-6 and s_res.similar == p_res.similar
+        later = stores("faceres", threshold=0.45)  # a worker started after the enrollments
+        queries = np.stack([later.index_for("cast", engine.model.embedding_dim).vector(later.index_for("cast", engine.model.embedding_dim).row_of[r.enrollment_id])
+                            for r in enrolled.results])
+        assert [m[0].subject for m in later.identify("cast", queries, 1)] == PEOPLE
+    finally:
+        _SERVING.clear()
