@@ -25,7 +25,7 @@ from rq.results import Result
 
 from producer.errors import ArcFaceError, InputError, JobFailed, JobNotFound, RedisUnavailable, ResultNotKept, ResultTimeout
 from producer.jobs import (
-    EMBED_FUNC, ERROR_META_KEY, VERIFY_FUNC, EmbedBatchRequest, EmbedBatchResult, EmbedRequest, EmbedResult, Pair, VerifyBatchRequest, VerifyBatchResult, ErrorCode, ImageRef, JobError,
+    EMBED_FUNC, ERROR_META_KEY, VERIFY_FUNC, AnyResult, EmbedBatchRequest, EmbedBatchResult, EmbedRequest, EmbedResult, Pair, VerifyBatchRequest, VerifyBatchResult, ErrorCode, ImageRef, JobError,
     JobFailure, JSONSerializer, SafeJob, VerifyRequest, VerifyResult, func_for, model_info_key, parse_result,
     resolve_shared_path,
 )
@@ -167,9 +167,16 @@ class FaceClient:
             return self.queue.enqueue_call(func_for(request), **self._job_options(request, job_id)).id
 
     def embed(self, image: ImageInput, *, model: str | None = None, ref: str | None = None, as_path: bool = False, job_id: str | None = None,
-              detect: str | None = None) -> str:
-        """Enqueue an embed job; returns its id. ``detect`` ("none" / "blazeface") overrides the worker's setting."""
-        return self.submit(self._embed_request(image, model, ref, as_path, detect), job_id)
+              detect: str | None = None, faces: str = "one") -> str:
+        """Enqueue an embed job; returns its id. ``detect`` ("none" / "blazeface") overrides the worker's setting;
+        ``faces="all"`` (with detection) embeds every face of the image, largest first (``result.faces``)."""
+        request = self._embed_request(image, model, ref, as_path, detect)
+        if faces != "one":
+            try:
+                request = EmbedRequest(**{**request.model_dump(), "faces": faces})
+            except ValidationError as exc:
+                raise _input_error(exc) from None
+        return self.submit(request, job_id)
 
     def verify(self, a: ImageInput, b: ImageInput, *, threshold: float | None = None, model: str | None = None,
                ref: str | None = None, as_path: bool = False, job_id: str | None = None, detect: str | None = None) -> str:
@@ -280,7 +287,7 @@ class FaceClient:
             return None
         return info if isinstance(info, dict) else None
 
-    def result(self, job_id: str, timeout: float | None = None) -> EmbedResult | VerifyResult:
+    def result(self, job_id: str, timeout: float | None = None) -> AnyResult:
         """Block until the job finishes (an XREAD on rq's result stream: no polling) and return its result.
 
         Raises :class:`JobFailed` (with the error code), :class:`ResultTimeout`, :class:`JobNotFound`,
@@ -352,6 +359,14 @@ class FaceClient:
     def result_verify(self, job_id: str, timeout: float | None = None) -> VerifyResult:
         """:meth:`result` for a verify job, typed as :class:`VerifyResult` (``InputError`` for another kind)."""
         return self._typed(job_id, timeout, VerifyResult)
+
+    def result_embed_batch(self, job_id: str, timeout: float | None = None) -> EmbedBatchResult:
+        """:meth:`result` for an embed_batch job, typed as :class:`EmbedBatchResult`."""
+        return self._typed(job_id, timeout, EmbedBatchResult)
+
+    def result_verify_batch(self, job_id: str, timeout: float | None = None) -> VerifyBatchResult:
+        """:meth:`result` for a verify_batch job, typed as :class:`VerifyBatchResult`."""
+        return self._typed(job_id, timeout, VerifyBatchResult)
 
     def _typed(self, job_id: str, timeout: float | None, kind: Any) -> Any:
         result = self.result(job_id, timeout)

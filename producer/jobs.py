@@ -154,6 +154,7 @@ class EmbedRequest(_Strict):
     image: ImageRef
     model: str | None = None
     detect: Detect | None = Field(default=None, description="find and align the face first; default: the worker's setting")
+    faces: Literal["one", "all"] = Field(default="one", description="with detection: 'all' embeds every face (largest first)")
     ref: str | None = Field(default=None, max_length=1024, description="client reference, echoed back")
 
 
@@ -261,6 +262,19 @@ def cosine_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(1.0 - np.dot(np.asarray(a, np.float64), np.asarray(b, np.float64)))
 
 
+class FaceEmbedding(BaseModel):
+    """One detected face of an image and its embedding (``faces: "all"``)."""
+
+    box: list[float]
+    keypoints: list[list[float]] = Field(default_factory=list)
+    score: float
+    embedding_b64: str
+
+    @property
+    def embedding(self) -> np.ndarray:
+        return decode_embedding(self.embedding_b64)
+
+
 class EmbedResult(BaseModel):
     kind: Literal["embed"] = "embed"
     embedding_b64: str = Field(description="L2-normalised embedding, base64 of little-endian float32")
@@ -268,6 +282,7 @@ class EmbedResult(BaseModel):
     model: str
     ref: str | None = None
     face: dict | None = Field(default=None, description="with detection: box [x1,y1,x2,y2], keypoints, score")
+    faces: list[FaceEmbedding] | None = Field(default=None, description="with faces='all': every face, largest first (the first is `face`)")
     timing: Timing = Field(default_factory=Timing)
 
     @property

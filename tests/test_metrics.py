@@ -13,6 +13,10 @@ from tests.redis_server import free_port
 from tests.workers import WorkerProcess
 
 
+def scrape_text(port: int) -> str:
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+
+
 def scrape(port: int) -> dict[str, float]:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     out = {}
@@ -51,5 +55,17 @@ def test_metrics_count_jobs_batches_and_latencies(worker_env, tmp_path):
         assert after["arcface_inference_seconds_count"] == batches and after["arcface_inference_seconds_sum"] > 0
         assert after["arcface_queue_wait_seconds_count"] == 9
         assert after["arcface_queue_depth"] == 0
+        assert after["arcface_images_total"] == 6 + 4
+        info = [k for k in after if k.startswith("arcface_worker_info{")]
+        assert len(info) == 1 and 'model="arcface"' in info[0] and f'queue="{worker_env["ARCFACE_QUEUE"]}"' in info[0]
+        hostile = client.queue.enqueue_call("os.system", args=("true",)).id
+        try:
+            client.result(hostile, timeout=30)
+        except Exception:
+            pass
+        time.sleep(0.2)
+        final = scrape(port)
+        assert final['arcface_jobs_total{code="unsupported_job",kind="invalid",outcome="failed"}'] == 1  # never counted as an embed
+        assert final.get("process_resident_memory_bytes", 0) > 0 or "process_resident_memory_bytes" in scrape_text(port)
     finally:
         worker.stop()

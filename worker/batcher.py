@@ -156,8 +156,9 @@ class BatchWorker(SimpleWorker):
                 return 0
             taken += self._admit([first])
         deadline = time.monotonic() + self.batch_timeout_s
-        while self._waiting_images() < self.max_batch_size and not self._stop.is_set():
-            ids = pop_many(self.connection, keys, self.max_batch_size - self._waiting_images())
+        # While the model runs, take up to two batches ahead so preprocessing never starves (multi-image jobs).
+        while self._waiting_images() < self.max_batch_size * (2 if model_busy() else 1) and not self._stop.is_set():
+            ids = pop_many(self.connection, keys, max(1, self.max_batch_size - self._waiting_images()))
             if not ids and model_busy():
                 one = pop_first(self.connection, keys, _BUSY_POLL_S)
                 ids = [one] if one else []
@@ -182,9 +183,14 @@ class BatchWorker(SimpleWorker):
         drop: list[bytes] = [raw for raw, jid in decoded if jid is None]
         failed: list[Taken] = []
         runnable: list[Taken] = []
+        seen: set[str] = set()
         for raw, jid in decoded:
             if jid is None:
                 continue
+            if jid in seen:  # the same id queued twice and taken together: run it once
+                drop.append(raw)
+                continue
+            seen.add(jid)
             t = classify(jid, hashes.get(jid, {}), self.connection, self.settings.max_job_bytes, now)
             if t is None:
                 drop.append(raw)
@@ -241,8 +247,9 @@ class BatchWorker(SimpleWorker):
             t.embeddings = None
             t.faces = [None] * t.n_images
             refs = self._images(t)
+            all_faces = getattr(t.request, "faces", "one") == "all"
             for i, ref in enumerate(refs):
-                self._waiting.append(Item(t, i, self._pool.submit(self.runtime.prepare_image, ref, t.detect)))
+                self._waiting.append(Item(t, i, self._pool.submit(self.runtime.prepare_image, ref, t.detect, all_faces)))
 
     @staticmethod
     def _images(t: Taken) -> list[Any]:
@@ -302,10 +309,13 @@ class BatchWorker(SimpleWorker):
         t1 = time.perf_counter()
         inference_ms = 0.0
         if alive:
+            extra = [(k, x, f) for k in alive for x, f in (images[k].extra or [])]
             try:
-                emb, inference_ms = self.runtime.embed_inputs([images[k].input for k in alive])  # type: ignore[misc]
+                emb, inference_ms = self.runtime.embed_inputs([images[k].input for k in alive] + [x for _, x, _ in extra])  # type: ignore[misc]
                 for k, row in zip(alive, emb):
                     self._store(items[k], row, images[k])
+                for (k, _, f), row in zip(extra, emb[len(alive):]):
+                    items[k].taken.extra_faces.append((f, row))
             except Exception as exc:
                 log.exception("inference_crashed", images=len(alive))
                 for k in alive:
@@ -321,12 +331,19 @@ class BatchWorker(SimpleWorker):
                 done.append(t)
         t2 = time.perf_counter()
         outcomes = [self._finish(t) for t in done]
-        self._complete(outcomes, done)
+        self._complete(outcomes, done, working_s=t2 - t0)
         t3 = time.perf_counter()
         self.batches_done += 1
         failed = sum(1 for o in outcomes if o.kind == "failed")
         if self.metrics is not None:
-            self._observe(len(items), done, outcomes, t1 - t0 - detect_ms / 1000.0, inference_ms / 1000.0, t3 - t2)
+            m = self.metrics
+            m.batch_images.observe(len(items))
+            m.images.inc(len(alive))
+            m.preprocess.observe(max(0.0, t1 - t0 - detect_ms / 1000.0))
+            if detect_ms:
+                m.detect.observe(detect_ms / 1000.0)
+            m.inference.observe(inference_ms / 1000.0)
+            m.write.observe(t3 - t2)
         log.info("batch", images=len(items), jobs=len(done), failed=failed,
                  preprocess_ms=round((t1 - t0) * 1000.0 - detect_ms, 1), detect_ms=round(detect_ms, 1),
                  inference_ms=round(inference_ms, 1), write_ms=round((t3 - t2) * 1000.0, 1),
@@ -364,7 +381,7 @@ class BatchWorker(SimpleWorker):
         dim = self.runtime.engine.model.embedding_dim
         embeddings = t.embeddings if t.embeddings is not None else np.zeros((t.n_images, dim), np.float32)
         try:
-            result = self.runtime.finish(t.request, embeddings, t.item_failures, t.faces, timing)
+            result = self.runtime.finish(t.request, embeddings, t.item_failures, t.faces, timing, t.extra_faces)
         except JobFailure as failure:
             return self._failure_outcome(t, failure)
         except Exception as exc:
@@ -401,13 +418,15 @@ class BatchWorker(SimpleWorker):
             return Outcome("none", "invalid", t.id, "", ttl, fields, entry, "", lrem)
         return Outcome(guard, "failed", t.id, t.member, ttl, fields, entry, "", lrem)
 
-    def _complete(self, outcomes: list[Outcome], jobs: list[Taken]) -> None:
+    def _complete(self, outcomes: list[Outcome], jobs: list[Taken], working_s: float = 0.0) -> None:
         """Write outcomes in one script call (per job on a non-transient error, so one bad outcome cannot
         block the others); enqueue rq dependents of jobs that have them."""
         if not outcomes:
             return
+        if self.metrics is not None:
+            self._count(outcomes, jobs)
         try:
-            replies = self._redis_retry("complete", lambda: self._apply(outcomes))
+            replies = self._redis_retry("complete", lambda: self._apply(outcomes, working_s))
         except Exception:
             log.exception("complete_failed", jobs=len(outcomes))
             replies = []
@@ -425,11 +444,29 @@ class BatchWorker(SimpleWorker):
                 log.warning("outcome_skipped", job_id=t.id, reason="started entry gone: recovered by another worker or Redis was flushed")
             if reply == 2 and t.job is not None:
                 try:
-                    self.queue.enqueue_dependents(t.job)
+                    self._enqueue_dependents(t)
                 except Exception as exc:  # a hand-written dependents entry must not stop the worker
                     log.error("dependents_failed", job_id=t.id, error=f"{type(exc).__name__}: {str(exc)[:300]}")
 
-    def _apply(self, outcomes: list[Outcome]) -> list[int]:
+    def _enqueue_dependents(self, t: Taken) -> None:
+        """rq's ``enqueue_dependents``, for deferred jobs only: a hand-written dependents set may name a finished
+        or failed job (rq would queue it again and it would run twice), a missing job, an id rq refuses or bytes
+        that are not UTF-8; those members are removed first."""
+        key = t.job.dependents_key
+        members = [(m, decode_id(m)) for m in self.connection.smembers(key)]
+        named = [jid for _, jid in members if jid is not None and valid_job_id(jid)]
+        with self.connection.pipeline(transaction=False) as pipe:
+            for jid in named:
+                pipe.hget(f"rq:job:{jid}", "status")
+            deferred = {jid for jid, status in zip(named, pipe.execute()) if status == b"deferred"}
+        stale = [m for m, jid in members if jid not in deferred]
+        if stale:
+            self.connection.srem(key, *stale)
+            log.warning("dependents_dropped", job_id=t.id, count=len(stale), reason="not deferred jobs: finished, failed, missing or bad ids")
+        if deferred:
+            self.queue.enqueue_dependents(t.job)
+
+    def _apply(self, outcomes: list[Outcome], working_s: float = 0.0) -> list[int]:
         replies = self.fence.apply(outcomes, time.time(), self.key, self.name)
         finished = sum(1 for o in outcomes if o.kind == "finished")
         with self.connection.pipeline(transaction=False) as pipe:
@@ -437,24 +474,23 @@ class BatchWorker(SimpleWorker):
                 pipe.hincrby(self.key, "successful_job_count", finished)
             if len(outcomes) > finished:
                 pipe.hincrby(self.key, "failed_job_count", len(outcomes) - finished)
+            if working_s:  # wall time of the batch, once (not the sum over its jobs)
+                pipe.hincrbyfloat(self.key, "total_working_time", round(working_s, 6))
             pipe.execute()
         return replies
 
-    def _observe(self, images: int, done: list[Taken], outcomes: list[Outcome], preprocess_s: float, inference_s: float, write_s: float) -> None:
+    def _count(self, outcomes: list[Outcome], jobs: list[Taken]) -> None:
         m = self.metrics
         assert m is not None
-        m.batch_images.observe(images)
-        m.preprocess.observe(max(0.0, preprocess_s))
-        m.inference.observe(inference_s)
-        m.write.observe(write_s)
-        for t, o in zip(done, outcomes):
-            m.queue_wait.observe(t.queued_ms / 1000.0)
-            kind = t.request.kind if t.request is not None else "unknown"
+        for t, o in zip(jobs, outcomes):
+            kind = t.request.kind if t.request is not None else "invalid"
             if o.kind == "finished":
                 m.jobs.labels(kind, "finished", "").inc()
-            else:
-                code = t.failure.code.value if t.failure else (next(iter(t.item_failures.values())).code.value if t.item_failures else "internal_error")
-                m.jobs.labels(kind, "failed", code).inc()
+                m.queue_wait.observe(t.queued_ms / 1000.0)
+                continue
+            failure = t.failure or next(iter(t.item_failures.values()), None)
+            m.jobs.labels(kind, "failed", failure.code.value if failure else "internal_error").inc()
+            m.queue_wait.observe(t.queued_ms / 1000.0)
 
     # --- maintenance: recovery, scheduled jobs ----------------------------------------------------
     def maintain(self, force: bool = False) -> None:
@@ -585,6 +621,7 @@ class BatchWorker(SimpleWorker):
         beat.start()
         pending: Future | None = None
         worked = False
+        backoff = 0.5
         try:
             while True:
                 if pending is not None and pending.done():
@@ -594,13 +631,15 @@ class BatchWorker(SimpleWorker):
                     break
                 try:
                     took = self._cycle(burst, pending)
+                    backoff = 0.5
                 except Exception as exc:
                     if not _transient(exc):
                         log.exception("loop_error")  # never let one iteration's surprise stop the worker
                     else:
                         self._outage = True
-                        log.error("redis_unreachable", during="take", error=str(exc)[:300])
-                    time.sleep(0.5)
+                        log.error("redis_unreachable", during="take", error=str(exc)[:300], retry_in_s=backoff)
+                    time.sleep(backoff)
+                    backoff = min(backoff * 2, 30.0)
                     continue
                 worked = worked or took
                 if self._waiting:

@@ -141,7 +141,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     from worker.metrics import WorkerMetrics
 
     queue = Queue(settings.queue, connection=connection, serializer=JSONSerializer, job_class=SafeJob)
-    metrics = WorkerMetrics(queue_depth=lambda: queue.count)
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        pkg_version = version("arcface-service")
+    except PackageNotFoundError:
+        pkg_version = "unknown"
+    metrics = WorkerMetrics(queue_depth=lambda: queue.count, info={
+        "model": engine.model.name, "queue": settings.queue, "dim": str(engine.model.embedding_dim), "version": pkg_version,
+        "max_batch_size": str(settings.max_batch_size)})
     metrics.model_load.set(time.perf_counter() - started)
     if settings.metrics_port is not None:
         try:

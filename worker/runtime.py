@@ -15,10 +15,10 @@ import numpy as np
 import structlog
 
 from producer.jobs import (
-    AnyRequest, EmbedBatchRequest, EmbedBatchResult, EmbedRequest, EmbedResult, ErrorCode, ImageRef, ItemError, JobFailure, PairResult,
+    AnyRequest, EmbedBatchRequest, EmbedBatchResult, EmbedRequest, EmbedResult, ErrorCode, FaceEmbedding, ImageRef, ItemError, JobFailure, PairResult,
     Timing, VerifyBatchRequest, VerifyBatchResult, VerifyRequest, VerifyResult, encode_embedding, encode_matrix, request_images,
 )
-from worker.detect import BlazeFace, Face, align, pick, square_crop
+from worker.detect import BlazeFace, Face, align, pick, pick_all, square_crop
 from worker.engine import Engine, configure_tensorflow, reduced_precision_policy
 from worker.files import read_shared_file
 from worker.model import load_face_model
@@ -83,6 +83,8 @@ class PreparedImage:
     raw: np.ndarray | None = None
     face: Face | None = None
     ms: float = 0.0
+    all_faces: bool = False  # faces="all": every face, not just the picked one
+    extra: list[tuple[np.ndarray, Face]] | None = None  # the other faces' inputs (faces="all"), largest first
 
 
 class Runtime:
@@ -114,12 +116,12 @@ class Runtime:
             raise JobFailure(ErrorCode.UNSUPPORTED_JOB, "this worker has no face detector (set ARCFACE_DETECTOR_PATH); send detect=none or another queue")
         return detect
 
-    def prepare_image(self, ref: ImageRef, detect: bool) -> PreparedImage:
+    def prepare_image(self, ref: ImageRef, detect: bool, all_faces: bool = False) -> PreparedImage:
         """Read, decode and preprocess one image (or only decode it, for the detector); raises :class:`JobFailure`."""
         start = time.perf_counter()
         data = self.image_bytes(ref)
         if detect:
-            return PreparedImage(raw=decode_image(data, self.limits), ms=(time.perf_counter() - start) * 1000.0)
+            return PreparedImage(raw=decode_image(data, self.limits), ms=(time.perf_counter() - start) * 1000.0, all_faces=all_faces)
         return PreparedImage(input=preprocess(data, self.engine.model.input_size, self.limits), ms=(time.perf_counter() - start) * 1000.0)
 
     def detect_images(self, images: list[PreparedImage]) -> tuple[dict[int, JobFailure], float]:
@@ -133,14 +135,16 @@ class Runtime:
         failures: dict[int, JobFailure] = {}
         size, s = self.engine.model.input_size, self.settings
         for i, faces in zip(waiting, found):
-            image, images[i].raw = images[i].raw, None
-            face = pick(faces, s.face_select, s.detect_min_face)
-            if face is None:
+            im = images[i]
+            image, im.raw = im.raw, None
+            chosen = pick_all(faces, s.detect_min_face, s.max_faces) if im.all_faces else [pick(faces, s.face_select, s.detect_min_face)]
+            if not chosen or chosen[0] is None:
                 failures[i] = JobFailure(ErrorCode.NO_FACE_DETECTED, f"no face (score >= {s.detect_min_score}, at least {s.detect_min_face:g} px)")
                 continue
-            crop = align(image, face, size) if s.crop == "align" else square_crop(image, face, s.crop_margin)
-            images[i].input = preprocess(crop, size, self.limits)
-            images[i].face = face
+            inputs = [preprocess(align(image, f, size) if s.crop == "align" else square_crop(image, f, s.crop_margin), size, self.limits)
+                      for f in chosen]
+            im.input, im.face = inputs[0], chosen[0]
+            im.extra = list(zip(inputs[1:], chosen[1:])) if im.all_faces else None
         return failures, (time.perf_counter() - start) * 1000.0
 
     def embed_inputs(self, inputs: list[np.ndarray]) -> tuple[np.ndarray, float]:
@@ -149,7 +153,8 @@ class Runtime:
         out = self.engine.embed(np.stack(inputs)) if inputs else np.empty((0, self.engine.model.embedding_dim), np.float32)
         return out, (time.perf_counter() - start) * 1000.0
 
-    def finish(self, request: Request, embeddings: np.ndarray, failures: dict[int, JobFailure], faces: list[Face | None], timing: Timing) -> dict:
+    def finish(self, request: Request, embeddings: np.ndarray, failures: dict[int, JobFailure], faces: list[Face | None], timing: Timing,
+               extra_faces: list[tuple[Face, np.ndarray]] | None = None) -> dict:
         """The JSON-ready result of a request from the embeddings of its images (rows in request order; rows
         of failed images are ignored). Single-image kinds raise the failure of their image; multi-item kinds
         report failed items in ``errors`` and never fail as a whole."""
@@ -158,8 +163,12 @@ class Runtime:
         if isinstance(request, EmbedRequest):
             if 0 in failures:
                 raise failures[0]
+            every = None
+            if request.faces == "all" and faces[0] is not None:
+                pairs = [(faces[0], embeddings[0]), *(extra_faces or [])]
+                every = [FaceEmbedding(**f.as_dict(), embedding_b64=encode_embedding(row)) for f, row in pairs]
             return EmbedResult(embedding_b64=encode_embedding(embeddings[0]), dim=int(embeddings.shape[1]), model=name,
-                               ref=request.ref, face=face_dicts[0], timing=timing).model_dump(mode="json")
+                               ref=request.ref, face=face_dicts[0], faces=every, timing=timing).model_dump(mode="json")
         if isinstance(request, VerifyRequest):
             for i in (0, 1):
                 if i in failures:
@@ -206,9 +215,11 @@ class Runtime:
         found, detect_ms = self.detect_images(images)
         failures.update(found)
         ok = [i for i in range(len(images)) if i not in failures]
-        emb, inference_ms = self.embed_inputs([images[i].input for i in ok])  # type: ignore[misc]
+        extra = [(x, f) for i in ok for x, f in (images[i].extra or [])]
+        emb, inference_ms = self.embed_inputs([images[i].input for i in ok] + [x for x, _ in extra])  # type: ignore[misc]
         rows = np.zeros((len(images), self.engine.model.embedding_dim), np.float32)
-        rows[ok] = emb
+        rows[ok] = emb[: len(ok)]
+        extra_faces = [(f, row) for (_, f), row in zip(extra, emb[len(ok):])]
         timing = Timing(queued_ms=queued_ms, batch_size=len(ok), preprocess_ms=sum(im.ms for im in images), detect_ms=detect_ms,
                         inference_ms=inference_ms)
-        return self.finish(request, rows, failures, [im.face for im in images], timing)
+        return self.finish(request, rows, failures, [im.face for im in images], timing, extra_faces)

@@ -37,6 +37,7 @@ class WorkerSettings(CommonSettings):
     detect_min_face: float = Field(default=20.0, description="faces smaller than this (pixels) are ignored")
     face_select: Literal["auto", "largest", "confident"] = Field(
         default="auto", description="auto: the largest visible face among those within 0.25 of the best score; or largest / confident")
+    max_faces: int = Field(default=20, ge=1, le=1000, description="faces='all' embeds at most this many faces per image")
     crop: Literal["align", "square"] = Field(default="align", description="align: warp to the ArcFace template; square: crop with a margin")
     crop_margin: float = Field(default=0.1, description="crop=square: margin added on each side, x the face box side")
     threshold: float = Field(default=0.68, description="verify: similar when distance <= threshold")

@@ -44,6 +44,7 @@ class Taken:
     embeddings: np.ndarray | None = None
     item_failures: dict[int, JobFailure] = field(default_factory=dict)
     faces: list[Any] = field(default_factory=list)
+    extra_faces: list[tuple[Any, np.ndarray]] = field(default_factory=list)  # faces="all": the other faces and their rows
     preprocess_ms: float = 0.0
     detect_ms: float = 0.0
     inference_ms: float = 0.0
@@ -66,11 +67,12 @@ def pop_many(connection: redis.Redis, keys: QueueKeys, n: int) -> list[bytes]:
 
 
 def read_hashes(connection: redis.Redis, ids: list[str]) -> list[dict[bytes, bytes]]:
-    """Every job hash in one pipelined round trip (an empty dict where the job is gone)."""
+    """Every job hash in one pipelined round trip (an empty dict where the job is gone, or where the key is not
+    a hash: a queue entry ``<id>:dependents`` names rq's dependents set, and WRONGTYPE must not fail the batch)."""
     with connection.pipeline(transaction=False) as pipe:
         for jid in ids:
             pipe.hgetall(job_key(jid))
-        return pipe.execute()
+        return [h if isinstance(h, dict) else {} for h in pipe.execute(raise_on_error=False)]
 
 
 def decode_id(raw: bytes | str) -> str | None:
@@ -106,6 +108,8 @@ def classify(job_id: str, fields: dict[bytes, bytes], connection: redis.Redis, m
         taken.failure = JobFailure(ErrorCode.INVALID_PAYLOAD, f"job hash cannot be read by rq: {str(exc)[:300]}")
         return taken
     taken.failure = _request(taken)
+    if taken.failure is not None and b"data" not in fields:
+        taken.rewrite = True  # rq's Job.fetch refuses a hash without data: leave a failed job rq can read
     return taken
 
 
