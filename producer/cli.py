@@ -154,6 +154,9 @@ def _parser() -> argparse.ArgumentParser:
     bk.add_argument("--timeout", type=_seconds, default=600.0, metavar="S", help="seconds to wait for one image's embedding (default 600)")
     bk.add_argument("--quiet", action="store_true", help="no progress line")
     output(bk)
+    from producer import gallery_cli
+
+    gallery_cli.register(sub)  # enroll | identify | forget | gallery
     return p
 
 
@@ -309,6 +312,10 @@ def _command(args: argparse.Namespace, state: _State) -> int:
         return EXIT_OK
     if args.command == "bulk":
         return _bulk(client, settings, args)
+    from producer import gallery_cli
+
+    if args.command in gallery_cli.COMMANDS:
+        return gallery_cli.handle(args, client, state)
     if args.command == "result":
         state.job_id, state.enqueued = args.job_id, True
     else:

@@ -219,6 +219,38 @@ class FaceClient:
             raise _input_error(exc) from None
         return self.submit(request, job_id)
 
+    # --- enrolled identities (producer.gallery_client holds the logic) ----------------------------
+    def enroll(self, subject: str, image: ImageInput, gallery: str = "default", **kwargs: Any) -> str:
+        """Enqueue an enroll job: the image's embedding is stored under ``subject`` in ``gallery`` (idempotent by
+        ``enrollment_id``, derived from subject + image when not given). Result: ``EnrollResult``."""
+        from producer import gallery_client
+
+        return gallery_client.enroll(self, subject, image, gallery, **kwargs)
+
+    def identify(self, image: ImageInput, gallery: str = "default", top_k: int = 5, **kwargs: Any) -> str:
+        """Enqueue a 1:N search: the ``top_k`` closest enrolled subjects within the threshold. Result: ``IdentifyResult``."""
+        from producer import gallery_client
+
+        return gallery_client.identify(self, image, gallery, top_k, **kwargs)
+
+    def verify_subject(self, image: ImageInput, subject: str, gallery: str = "default", **kwargs: Any) -> str:
+        """Enqueue a verify of ``image`` against an enrolled subject (its closest enrollment). Result: ``VerifySubjectResult``."""
+        from producer import gallery_client
+
+        return gallery_client.verify_subject(self, image, subject, gallery, **kwargs)
+
+    def forget(self, subject: str, gallery: str = "default", **kwargs: Any) -> str:
+        """Enqueue the deletion of a subject (or, with ``enrollment_id=``, one enrollment). Result: ``ForgetResult``."""
+        from producer import gallery_client
+
+        return gallery_client.forget(self, subject, gallery, **kwargs)
+
+    def galleries(self) -> list[Any]:
+        """Every gallery with its model, dimension and counts (read from Redis; no job)."""
+        from producer import gallery_client
+
+        return gallery_client.list_galleries(self)
+
     def embed_many(self, images: Iterable[ImageInput], *, model: str | None = None, as_path: bool = False) -> list[str]:
         """Enqueue one embed job per image in one round trip; returns the ids in order."""
         return self.submit_many(self._embed_request(im, model, None, as_path) for im in images)

@@ -52,8 +52,9 @@ from typing import Any, Literal, Union
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from producer.jobs import (
-    VERIFY_FUNC, Detect, ErrorCode, ImageRef, JobFailure, Timing, VerifyResult,
+from producer.jobs import (  # noqa: F401  (func names re-exported)
+    ENROLL_BATCH_FUNC, ENROLL_FUNC, FORGET_FUNC, GALLERY_FUNCTIONS, IDENTIFY_FUNC, VERIFY_FUNC, Detect, ErrorCode, ImageRef, JobFailure,
+    Timing, VerifyResult,
 )
 
 # --- Redis names -----------------------------------------------------------------------------------
@@ -91,11 +92,7 @@ def enrollments_key(gallery: str) -> str:
 
 
 # --- job functions ---------------------------------------------------------------------------------
-ENROLL_FUNC = "worker.jobs.enroll"
-IDENTIFY_FUNC = "worker.jobs.identify"
-FORGET_FUNC = "worker.jobs.forget"
-ENROLL_BATCH_FUNC = "worker.jobs.enroll_batch"
-GALLERY_FUNCTIONS = frozenset({ENROLL_FUNC, IDENTIFY_FUNC, FORGET_FUNC, ENROLL_BATCH_FUNC})  # verify keeps worker.jobs.verify
+# ENROLL_FUNC, IDENTIFY_FUNC, FORGET_FUNC, ENROLL_BATCH_FUNC, GALLERY_FUNCTIONS: in producer.jobs (one allow-list)
 MAX_ENROLL_ITEMS = 1024  # contract ceiling of one enroll_batch job (workers may enforce a lower images-per-job limit)
 
 
@@ -359,6 +356,22 @@ def parse_gallery_request(func_name: str | None, args: Any, kwargs: Any) -> Gall
         raise JobFailure(ErrorCode.INVALID_PAYLOAD, f"{where}: {first['msg']}") from None
 
 
+def images_for(request: Any) -> list[ImageRef]:
+    """The images a job needs embedded, in the order :func:`complete` expects their embeddings: enroll and
+    identify their ``image``; enroll_batch each item's; verify ``a`` (and ``b`` when ``b`` is an image);
+    forget none."""
+    if isinstance(request, (EnrollRequest, IdentifyRequest)):
+        return [request.image]
+    if isinstance(request, EnrollBatchRequest):
+        return [it.image for it in request.items]
+    if isinstance(request, GalleryVerifyRequest):
+        return [request.a, request.b] if isinstance(request.b, ImageRef) else [request.a]
+    if isinstance(request, ForgetRequest):
+        return []
+    raise JobFailure(ErrorCode.UNSUPPORTED_JOB, f"{type(request).__name__} is not a gallery job")
+
+
+
 # --- results ---------------------------------------------------------------------------------------
 class EnrollResult(BaseModel):
     kind: Literal["enroll"] = "enroll"
@@ -484,5 +497,5 @@ __all__ = [
     "GALLERY_FUNCTIONS", "EmbeddingRef", "EnrollRequest", "EnrollResult", "ForgetRequest", "ForgetResult", "GalleryErrorCode",
     "GalleryFailure", "GalleryInfo", "GalleryJobError", "GalleryVerifyRequest", "IdentifyRequest", "IdentifyResult", "Match",
     "SubjectInfo", "SubjectRef", "VerifySubjectResult", "embeddings_key", "enrollments_key", "error_code", "gallery_key",
-    "enrollment_id_for", "parse_gallery_request", "parse_gallery_result", "subject_key", "subjects_key",
+    "enrollment_id_for", "images_for", "parse_gallery_request", "parse_gallery_result", "subject_key", "subjects_key",
 ]

@@ -27,7 +27,12 @@ EMBED_FUNC = "worker.jobs.embed"
 VERIFY_FUNC = "worker.jobs.verify"
 EMBED_BATCH_FUNC = "worker.jobs.embed_batch"
 VERIFY_BATCH_FUNC = "worker.jobs.verify_batch"
-ALLOWED_FUNCTIONS = frozenset({EMBED_FUNC, VERIFY_FUNC, EMBED_BATCH_FUNC, VERIFY_BATCH_FUNC})
+ENROLL_FUNC = "worker.jobs.enroll"
+ENROLL_BATCH_FUNC = "worker.jobs.enroll_batch"
+IDENTIFY_FUNC = "worker.jobs.identify"
+FORGET_FUNC = "worker.jobs.forget"
+GALLERY_FUNCTIONS = frozenset({ENROLL_FUNC, ENROLL_BATCH_FUNC, IDENTIFY_FUNC, FORGET_FUNC})  # producer.gallery; verify also takes a subject
+ALLOWED_FUNCTIONS = frozenset({EMBED_FUNC, VERIFY_FUNC, EMBED_BATCH_FUNC, VERIFY_BATCH_FUNC}) | GALLERY_FUNCTIONS
 MAX_IMAGES_PER_JOB = 4096  # hard ceiling of the contract; workers enforce their own (ARCFACE_MAX_IMAGES_PER_JOB, default 256)
 ERROR_META_KEY = "error"  # job.meta[...] holds {"code", "message"} of a failed job
 SERIALIZER = "producer.jobs.JSONSerializer"  # dotted path, for `rq worker --serializer`
@@ -66,6 +71,10 @@ class ErrorCode(str, enum.Enum):
     INVALID_PAYLOAD = "invalid_payload"
     UNKNOWN_MODEL = "unknown_model"
     NO_FACE_DETECTED = "no_face_detected"
+    UNKNOWN_GALLERY = "unknown_gallery"
+    UNKNOWN_SUBJECT = "unknown_subject"
+    GALLERY_MODEL_MISMATCH = "gallery_model_mismatch"
+    ENROLLMENT_CONFLICT = "enrollment_conflict"
     JOB_TIMEOUT = "job_timeout"
     WORKER_DIED = "worker_died"
     INTERNAL_ERROR = "internal_error"
@@ -210,11 +219,24 @@ def request_images(request: AnyRequest) -> list[ImageRef]:
         return [request.a, request.b]
     if isinstance(request, EmbedBatchRequest):
         return list(request.images)
-    return [ref for pair in request.pairs for ref in (pair.a, pair.b)]
+    if isinstance(request, VerifyBatchRequest):
+        return [ref for pair in request.pairs for ref in (pair.a, pair.b)]
+    from producer.gallery import images_for  # gallery kinds (enroll, identify, forget, verify against a subject)
+
+    return images_for(request)
+
+
+def _targets_gallery(b: Any) -> bool:
+    """A verify job whose ``b`` is an enrolled subject or a given embedding (not an image)."""
+    return isinstance(b, dict) and ("subject" in b or "embedding_b64" in b)
 
 
 def func_for(request: AnyRequest) -> str:
     """The rq function path that runs ``request``."""
+    if request.kind in ("enroll", "enroll_batch", "identify", "forget") or not isinstance(getattr(request, "b", None), (ImageRef, type(None))):
+        from producer.gallery import gallery_func_for
+
+        return gallery_func_for(request)  # type: ignore[arg-type]
     return _FUNC_FOR_KIND[request.kind]
 
 
@@ -228,6 +250,10 @@ def parse_request(func_name: str | None, args: Any, kwargs: Any) -> AnyRequest:
         raise JobFailure(ErrorCode.UNSUPPORTED_JOB, f"function {func_name!r} is not an ArcFace job; allowed: {sorted(ALLOWED_FUNCTIONS)}")
     if kwargs or not isinstance(args, (list, tuple)) or len(args) != 1 or not isinstance(args[0], dict):
         raise JobFailure(ErrorCode.INVALID_PAYLOAD, "job arguments must be exactly one JSON object (the request)")
+    if func_name in GALLERY_FUNCTIONS or (func_name == VERIFY_FUNC and _targets_gallery(args[0].get("b"))):
+        from producer.gallery import parse_gallery_request
+
+        return parse_gallery_request(func_name, args, kwargs)  # type: ignore[return-value]
     model = _REQUEST_FOR_FUNC[func_name]
     try:
         return model.model_validate(args[0])  # type: ignore[return-value]
@@ -366,6 +392,11 @@ _RESULT_FOR_KIND: dict[str, type[BaseModel]] = {
 
 def parse_result(value: Any) -> AnyResult:
     """Turn a stored rq return value back into its typed result."""
+    if isinstance(value, dict) and (value.get("kind") in ("enroll", "enroll_batch", "identify", "forget")
+                                    or (value.get("kind") == "verify" and "subject" in value)):
+        from producer.gallery import parse_gallery_result
+
+        return parse_gallery_result(value)  # type: ignore[return-value]
     if not isinstance(value, dict) or value.get("kind") not in _RESULT_FOR_KIND:
         raise ValueError(f"not an ArcFace job result: {str(value)[:80]!r}")
     return _RESULT_FOR_KIND[value["kind"]].model_validate(value)  # type: ignore[return-value]

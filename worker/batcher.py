@@ -242,7 +242,12 @@ class BatchWorker(SimpleWorker):
             for t in jobs:
                 self._jobs[t.id] = t
         self._redis_retry("register", write)
+        instant = [t for t in jobs if t.n_images == 0]  # nothing to embed (forget): complete now
+        if instant:
+            self._complete([self._finish(t) for t in instant], instant)
         for t in jobs:
+            if t.n_images == 0:
+                continue
             assert t.request is not None
             t.embeddings = None
             t.faces = [None] * t.n_images

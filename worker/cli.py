@@ -117,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from rq import Queue
 
-    from worker.runtime import Runtime, load_detector, load_engine
+    from worker.runtime import Runtime, load_detector, load_engine, load_gallery
     from worker.weights import WeightsError
 
     import time
@@ -160,11 +160,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         log.info("metrics_serving", port=settings.metrics_port)
     log.info("model_published", **publish_model(connection, settings, engine))
     # default_result_ttl: a job hash written without result_ttl (a non-Python producer) keeps its result RESULT_TTL s
-    worker = BatchWorker(queue, Runtime(settings, engine, detector), settings, metrics, default_result_ttl=settings.result_ttl)
+    gallery = load_gallery(settings, connection, engine)
+    log.info("galleries_loaded", galleries=gallery.stats())
+    worker = BatchWorker(queue, Runtime(settings, engine, detector, gallery), settings, metrics, default_result_ttl=settings.result_ttl)
     log.info("worker_started", worker=worker.name, queue=settings.queue, redis=settings.redis_url_value() or f"embedded:{settings.data_dir}",
              max_batch_size=settings.max_batch_size,
              batch_timeout_ms=settings.batch_timeout_ms)
-    worker.work(burst=args.burst)
+    try:
+        worker.work(burst=args.burst)
+    finally:
+        gallery.stop()
     log.info("worker_stopped", worker=worker.name, batches=worker.batches_done)
     sys.exit(0)
 

@@ -47,7 +47,7 @@ from producer.gallery import (
     EVENTS_KEY, EVENTS_MAXLEN, EVENTS_SEQ_KEY, GALLERIES_KEY, EmbeddingRef, EnrollBatchRequest, EnrollBatchResult, Enrolled,
     EnrollRequest, EnrollResult, ForgetRequest, GalleryItemError,
     ForgetResult, GalleryErrorCode, GalleryFailure, GalleryVerifyRequest, IdentifyRequest, IdentifyResult, Match, SubjectRef,
-    VerifySubjectResult, embeddings_key, enrollment_id_for, enrollments_key, gallery_key, subject_key, subjects_key,
+    VerifySubjectResult, embeddings_key, enrollment_id_for, images_for, enrollments_key, gallery_key, subject_key, subjects_key,
 )
 from producer.jobs import EmbedRequest, ErrorCode, ImageRef, JobFailure, Timing, VerifyRequest, VerifyResult
 
@@ -924,21 +924,6 @@ def _single(item: GalleryItem, n: int) -> np.ndarray:
 
 def _face(item: GalleryItem, i: int) -> dict | None:
     return item.faces[i] if i < len(item.faces) else None
-
-
-def images_for(request: Any) -> list[ImageRef]:
-    """The images a job needs embedded, in the order :func:`complete` expects their embeddings: enroll and
-    identify their ``image``; enroll_batch each item's; verify ``a`` (and ``b`` when ``b`` is an image);
-    forget none."""
-    if isinstance(request, (EnrollRequest, IdentifyRequest, EmbedRequest)):
-        return [request.image]
-    if isinstance(request, EnrollBatchRequest):
-        return [it.image for it in request.items]
-    if isinstance(request, (GalleryVerifyRequest, VerifyRequest)):
-        return [request.a, request.b] if isinstance(request.b, ImageRef) else [request.a]
-    if isinstance(request, ForgetRequest):
-        return []
-    raise JobFailure(ErrorCode.UNSUPPORTED_JOB, f"{type(request).__name__} is not a gallery job")
 
 
 def complete(kind: str, request: Any, embeddings: np.ndarray, *, store: GalleryStore, failures: dict[int, JobFailure] | None = None,

@@ -12,8 +12,8 @@ from typing import Any
 
 from rq import get_current_job
 
-from producer.jobs import EMBED_BATCH_FUNC, EMBED_FUNC, ERROR_META_KEY, VERIFY_BATCH_FUNC, VERIFY_FUNC, JobFailure, parse_request
-from worker.runtime import Runtime, load_detector, load_engine
+from producer.jobs import EMBED_BATCH_FUNC, EMBED_FUNC, ENROLL_BATCH_FUNC, ENROLL_FUNC, ERROR_META_KEY, FORGET_FUNC, IDENTIFY_FUNC, VERIFY_BATCH_FUNC, VERIFY_FUNC, JobFailure, parse_request
+from worker.runtime import Runtime, load_detector, load_engine, load_gallery
 from worker.settings import WorkerSettings
 
 _runtime: Runtime | None = None
@@ -24,7 +24,10 @@ def runtime() -> Runtime:
     global _runtime
     if _runtime is None:
         settings = WorkerSettings()
-        _runtime = Runtime(settings, load_engine(settings), load_detector(settings))
+        from producer.redisconn import connect
+
+        engine = load_engine(settings)
+        _runtime = Runtime(settings, engine, load_detector(settings), load_gallery(settings, connect(settings), engine))
     return _runtime
 
 
@@ -69,3 +72,23 @@ def embed_batch(*args: Any, **kwargs: Any) -> dict:
 def verify_batch(*args: Any, **kwargs: Any) -> dict:
     """Verify many pairs: ``args == (VerifyBatchRequest JSON,)``; returns a ``VerifyBatchResult`` as JSON."""
     return _run(VERIFY_BATCH_FUNC, args, kwargs)
+
+
+def enroll(*args: Any, **kwargs: Any) -> dict:
+    """Enroll one image under a subject of a gallery: ``args == (EnrollRequest JSON,)``."""
+    return _run(ENROLL_FUNC, args, kwargs)
+
+
+def enroll_batch(*args: Any, **kwargs: Any) -> dict:
+    """Enroll many images: ``args == (EnrollBatchRequest JSON,)``."""
+    return _run(ENROLL_BATCH_FUNC, args, kwargs)
+
+
+def identify(*args: Any, **kwargs: Any) -> dict:
+    """Search a gallery for the image's face: ``args == (IdentifyRequest JSON,)``."""
+    return _run(IDENTIFY_FUNC, args, kwargs)
+
+
+def forget(*args: Any, **kwargs: Any) -> dict:
+    """Delete a subject or one enrollment: ``args == (ForgetRequest JSON,)``."""
+    return _run(FORGET_FUNC, args, kwargs)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from producer.jobs import (
     AnyRequest, EmbedBatchRequest, EmbedBatchResult, EmbedRequest, EmbedResult, ErrorCode, FaceEmbedding, ImageRef, ItemError, JobFailure, PairResult,
     Timing, VerifyBatchRequest, VerifyBatchResult, VerifyRequest, VerifyResult, encode_embedding, encode_matrix, request_images,
 )
+from producer.gallery import EnrollBatchRequest, EnrollRequest, ForgetRequest, GalleryVerifyRequest, IdentifyRequest
 from worker.detect import BlazeFace, Face, align, pick, pick_all, square_crop
 from worker.engine import Engine, configure_tensorflow, reduced_precision_policy
 from worker.files import read_shared_file
@@ -27,7 +29,8 @@ from worker.settings import WorkerSettings
 from worker.weights import WeightsError, download
 
 log = structlog.get_logger("arcface.worker")
-Request = AnyRequest
+Request = Any  # AnyRequest or a gallery request (producer.gallery)
+GALLERY_REQUESTS = (EnrollRequest, EnrollBatchRequest, IdentifyRequest, GalleryVerifyRequest, ForgetRequest)
 
 
 def default_weights(settings: WorkerSettings, retries: int = 3, timeout_s: float = 30.0) -> Path:
@@ -55,6 +58,14 @@ def load_engine(settings: WorkerSettings) -> Engine:
     log.info("model_loaded", model=model.name, source=str(path), input_size=model.input_size, dim=model.embedding_dim,
              precision=precision, load_s=round(time.perf_counter() - start, 3))
     return engine
+
+
+def load_gallery(settings: WorkerSettings, connection: Any, engine: Engine) -> Any:
+    """The enrolled-identities store of this worker: galleries of its model loaded from Redis, kept current from
+    the events stream (``ARCFACE_GALLERY_*`` settings)."""
+    from worker.gallery import GalleryStore
+
+    return GalleryStore.from_settings(settings, connection, engine.model.name, engine.model.threshold).start()
 
 
 def load_detector(settings: WorkerSettings) -> BlazeFace | None:
@@ -90,10 +101,11 @@ class PreparedImage:
 class Runtime:
     """Executes requests against one engine."""
 
-    def __init__(self, settings: WorkerSettings, engine: Engine, detector: BlazeFace | None = None) -> None:
+    def __init__(self, settings: WorkerSettings, engine: Engine, detector: BlazeFace | None = None, gallery: Any = None) -> None:
         self.settings = settings
         self.engine = engine
         self.detector = detector
+        self.gallery = gallery  # worker.gallery.GalleryStore: enrolled identities (enroll, identify, verify a subject)
         self.limits = DecodeLimits(max_pixels=settings.max_image_pixels, min_side=settings.min_image_side)
 
     def image_bytes(self, ref: ImageRef) -> bytes:
@@ -105,13 +117,17 @@ class Runtime:
 
     def check(self, request: Request) -> bool:
         """Refuse a request this worker cannot serve; returns whether its images go through the detector."""
-        if request.model is not None and request.model != self.engine.model.name:
-            raise JobFailure(ErrorCode.UNKNOWN_MODEL, f"this worker serves model {self.engine.model.name!r}, not {request.model!r}; send it to that model's queue")
-        if isinstance(request, (EmbedBatchRequest, VerifyBatchRequest)):
-            n = len(request_images(request))
-            if n > self.settings.max_images_per_job:
-                raise JobFailure(ErrorCode.INVALID_PAYLOAD, f"job has {n} images, over this worker's limit of {self.settings.max_images_per_job} (ARCFACE_MAX_IMAGES_PER_JOB); split it")
-        detect = (request.detect or self.settings.detect) == "blazeface"
+        model = getattr(request, "model", None)
+        if model is not None and model != self.engine.model.name:
+            raise JobFailure(ErrorCode.UNKNOWN_MODEL, f"this worker serves model {self.engine.model.name!r}, not {model!r}; send it to that model's queue")
+        n = len(request_images(request))
+        if n > self.settings.max_images_per_job:
+            raise JobFailure(ErrorCode.INVALID_PAYLOAD, f"job has {n} images, over this worker's limit of {self.settings.max_images_per_job} (ARCFACE_MAX_IMAGES_PER_JOB); split it")
+        if isinstance(request, GALLERY_REQUESTS) and self.gallery is None:
+            raise JobFailure(ErrorCode.UNSUPPORTED_JOB, "this worker serves no galleries; send gallery jobs to a worker started with them")
+        if n == 0:
+            return False
+        detect = (getattr(request, "detect", None) or self.settings.detect) == "blazeface"
         if detect and self.detector is None:
             raise JobFailure(ErrorCode.UNSUPPORTED_JOB, "this worker has no face detector (set ARCFACE_DETECTOR_PATH); send detect=none or another queue")
         return detect
@@ -160,6 +176,9 @@ class Runtime:
         report failed items in ``errors`` and never fail as a whole."""
         name = self.engine.model.name
         face_dicts = [f.as_dict() if f is not None else None for f in faces]
+        if isinstance(request, GALLERY_REQUESTS):
+            assert self.gallery is not None
+            return self.gallery.complete(request.kind, request, embeddings, timing=timing, faces=face_dicts, failures=failures)
         if isinstance(request, EmbedRequest):
             if 0 in failures:
                 raise failures[0]

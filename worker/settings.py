@@ -41,6 +41,10 @@ class WorkerSettings(CommonSettings):
     crop: Literal["align", "square"] = Field(default="align", description="align: warp to the ArcFace template; square: crop with a margin")
     crop_margin: float = Field(default=0.1, description="crop=square: margin added on each side, x the face box side")
     threshold: float = Field(default=0.68, description="verify: similar when distance <= threshold")
+    # enrolled identities
+    gallery_dtype: Literal["float32", "float16"] = Field(default="float32", description="in-memory gallery matrices (Redis keeps float32)")
+    gallery_names: Annotated[list[str] | None, NoDecode] = Field(default=None, description="serve only these galleries (comma-separated); unset = all of the model's")
+    gallery_device: Literal["auto", "cpu", "tf"] = Field(default="auto", description="identify search on numpy (cpu) or TensorFlow's device (tf; auto = tf when a GPU is visible)")
     # engine
     allowed_batch_sizes: Annotated[list[int], NoDecode] = Field(default=[1, 2, 4, 8, 16, 32, 64], description="compiled batch shapes")
     intra_op_threads: int = 0
@@ -77,6 +81,13 @@ class WorkerSettings(CommonSettings):
             raise ValueError(f"ARCFACE_MAX_BATCH_SIZE={self.max_batch_size} is larger than the largest of ARCFACE_ALLOWED_BATCH_SIZES "
                              f"({largest}): raise one or lower the other")
         return self
+
+    @field_validator("gallery_names", mode="before")
+    @classmethod
+    def _names(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()] or None
+        return value
 
     @field_validator("input_mean", mode="before")
     @classmethod
