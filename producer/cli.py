@@ -115,7 +115,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("image", help="image file (JPEG, PNG, WebP, BMP, GIF)")
     output(e)
     waiting(e)
-    e.add_argument("--out", default=None, metavar="FILE.npy", help="wait and write the embedding to this .npy file (float32 vector)")
+    e.add_argument("--out", default=None, metavar="FILE.npy",
+                   help="wait and write the embedding to this .npy file (float32 vector; with --all-faces a faces x dim matrix)")
+    e.add_argument("--all-faces", action="store_true", help="with detection: embed every face of the image, largest first")
     job_options(e)
 
     v = sub.add_parser("verify", help="verify a pair of images", description="Enqueue a verify job for two images.")
@@ -177,17 +179,22 @@ def _print_result(job_id: str, result: Any, as_json: bool, out: str | None) -> N
     if out is not None:
         import numpy as np
 
-        np.save(out, result.embedding.astype(np.float32))
+        rows = [f.embedding for f in result.faces] if getattr(result, "faces", None) else [result.embedding]
+        np.save(out, np.stack(rows).astype(np.float32) if getattr(result, "faces", None) else rows[0].astype(np.float32))
     if as_json:
         body = result.model_dump(mode="json")
         if isinstance(result, EmbedResult):
             body["embedding"] = [float(x) for x in result.embedding]
+            for face, model in zip(body.get("faces") or [], result.faces or []):
+                face["embedding"] = [float(x) for x in model.embedding]
         print(json.dumps({"job_id": job_id, "status": "finished", "result": body, **({"out": out} if out else {})}))
     elif isinstance(result, EmbedResult):
         head = ", ".join(f"{x:.4f}" for x in result.embedding[:4])
         print(f"job {job_id} finished: {result.dim}-d embedding from {result.model} [{head}, ...] "
               f"(batch {result.timing.batch_size}, inference {result.timing.inference_ms:.1f} ms)"
               + (f"; written to {out}" if out else "; --out FILE.npy or --json for all values"))
+        for k, face in enumerate(result.faces or []):
+            print(f"  face {k}: box {[round(v) for v in face.box]}, score {face.score:.2f}")
     else:
         verdict = "same person" if result.similar else "different people"
         op = "<=" if result.similar else ">"
@@ -321,7 +328,8 @@ def _command(args: argparse.Namespace, state: _State) -> int:
     else:
         state.job_id = uuid.uuid4().hex  # known before enqueueing, so Ctrl-C can always name it
         if args.command == "embed":
-            client.embed(args.image, ref=args.ref, model=args.model, as_path=args.path, detect=args.detect, job_id=state.job_id)
+            client.embed(args.image, ref=args.ref, model=args.model, as_path=args.path, detect=args.detect, job_id=state.job_id,
+                         faces="all" if args.all_faces else "one")
         else:
             client.verify(args.a, args.b, threshold=args.threshold, ref=args.ref, model=args.model, as_path=args.path,
                           detect=args.detect, job_id=state.job_id)
