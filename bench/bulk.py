@@ -24,9 +24,9 @@ sys.path.insert(0, str(ROOT))
 from producer.bulk import BulkOptions, run_bulk  # noqa: E402
 from producer.client import FaceClient  # noqa: E402
 from producer.settings import ProducerSettings  # noqa: E402
-from worker.weights import save_deepface_h5  # noqa: E402
 from tests.redis_server import RedisServer  # noqa: E402
 from tests.workers import WorkerProcess  # noqa: E402
+from worker.weights import save_deepface_h5  # noqa: E402
 
 
 def make_images(folder: Path, n: int) -> list[str]:
@@ -69,8 +69,13 @@ def main() -> None:
     from worker.preprocess import preprocess
 
     weights = save_deepface_h5(build_arcface(), tmp / "w.h5")
-    env = {"ARCFACE_REDIS_URL": server.url, "ARCFACE_MODEL_PATH": str(weights), "ARCFACE_ALLOWED_BATCH_SIZES": f"1,8,{args.batch}",
-           "ARCFACE_MAX_BATCH_SIZE": str(args.batch), "ARCFACE_QUEUE": "bulk-bench"}
+    env = {
+        "ARCFACE_REDIS_URL": server.url,
+        "ARCFACE_MODEL_PATH": str(weights),
+        "ARCFACE_ALLOWED_BATCH_SIZES": f"1,8,{args.batch}",
+        "ARCFACE_MAX_BATCH_SIZE": str(args.batch),
+        "ARCFACE_QUEUE": "bulk-bench",
+    }
     os.environ.update(env)
     try:
         engine = Engine(load_face_model(weights), [args.batch])
@@ -85,10 +90,14 @@ def main() -> None:
         worker = WorkerProcess(env, tmp / "worker.log")
         worker.wait_ready(300)
         client = FaceClient(ProducerSettings())
-        stats, summary = run_bulk(client, tmp / "pairs.csv", tmp / "out.csv", BulkOptions(root=tmp / "img", window=4 * args.batch), quiet=True)
+        stats, summary = run_bulk(
+            client, tmp / "pairs.csv", tmp / "out.csv", BulkOptions(root=tmp / "img", window=4 * args.batch), quiet=True
+        )
         img_rate = stats.images_embedded / stats.seconds
-        print(f"bulk: {stats.pairs} pairs over {stats.images_embedded} unique images in {stats.seconds:.1f}s: "
-              f"{img_rate:.1f} img/s, {stats.pairs / stats.seconds:.1f} pairs/s")
+        print(
+            f"bulk: {stats.pairs} pairs over {stats.images_embedded} unique images in {stats.seconds:.1f}s: "
+            f"{img_rate:.1f} img/s, {stats.pairs / stats.seconds:.1f} pairs/s"
+        )
         print(f"RATIO bulk img/s / raw engine img/s: {img_rate / raw:.2f}x  (target >= 0.9)")
         worker.signal(15)
         worker.wait(60)

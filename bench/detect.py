@@ -28,8 +28,15 @@ from worker.model import FaceModel, build_arcface  # noqa: E402
 from worker.preprocess import decode_image, preprocess  # noqa: E402
 
 
-def _auc_figures(engine: Engine, images: list[np.ndarray], people: list[str], found: list[list[Face]], select: str,
-                 crop: str, margin: float) -> float:
+def _auc_figures(
+    engine: Engine,
+    images: list[np.ndarray],
+    people: list[str],
+    found: list[list[Face]],
+    select: str,
+    crop: str,
+    margin: float,
+) -> float:
     """ROC AUC over all pairs of ``images`` (same person = same label), each embedded from its picked face."""
     from producer.evaluation import roc_auc
 
@@ -39,7 +46,9 @@ def _auc_figures(engine: Engine, images: list[np.ndarray], people: list[str], fo
         face = pick(faces, select)
         if face is None:
             raise SystemExit("no face found in an evaluation image")
-        inputs.append(preprocess(align(image, face, size) if crop == "align" else square_crop(image, face, margin), size))
+        inputs.append(
+            preprocess(align(image, face, size) if crop == "align" else square_crop(image, face, margin), size)
+        )
     emb = engine.embed(np.stack(inputs))
     i, j = np.triu_indices(len(images), 1)
     same = np.array([people[a] == people[b] for a, b in zip(i, j)])
@@ -54,8 +63,10 @@ def quality(blazeface: Path) -> None:
     from worker.settings import WorkerSettings
 
     s = WorkerSettings()
-    print(f"configured: detect_min_score {s.detect_min_score}, detect_min_face {s.detect_min_face}, face_select {s.face_select}, "
-          f"crop_margin {s.crop_margin}")
+    print(
+        f"configured: detect_min_score {s.detect_min_score}, detect_min_face {s.detect_min_face}, face_select {s.face_select}, "
+        f"crop_margin {s.crop_margin}"
+    )
     photos = labels()
     detector = BlazeFace(blazeface, min_score=0.3)
     images = {p: decode_image((ROOT / "tests" / "data" / "faces" / "group" / p).read_bytes()) for p in photos}
@@ -65,19 +76,28 @@ def quality(blazeface: Path) -> None:
         hits = kept_n = total = 0
         for p, boxes in photos.items():
             kept = pick_all([f for f in found[p] if f.score >= floor], s.detect_min_face)
-            hits, kept_n, total = hits + len(match(kept, [b["box"] for b in boxes])), kept_n + len(kept), total + len(boxes)
+            hits, kept_n, total = (
+                hits + len(match(kept, [b["box"] for b in boxes])),
+                kept_n + len(kept),
+                total + len(boxes),
+            )
         mark = "  (configured)" if floor == s.detect_min_score else ""
-        print(f"  min score {floor:.2f}: {total} faces, {kept_n} detections, {hits} matched: precision {hits / max(kept_n, 1):.3f}, "
-              f"recall {hits / total:.3f}{mark}")
+        print(
+            f"  min score {floor:.2f}: {total} faces, {kept_n} detections, {hits} matched: precision {hits / max(kept_n, 1):.3f}, "
+            f"recall {hits / total:.3f}{mark}"
+        )
 
     def right(face: Face | None, boxes: list[list[float]]) -> bool:
         return face is not None and max(box_iou(face.box, b) for b in boxes) >= 0.5
 
-    print(f"\nthe picked face at min score {s.detect_min_score}: a labelled face in N of {len(photos)} photos; the crop's person in N "
-          "portrait crops (side = context x face; from x3.5 on, several whole faces share a crop)")
+    print(
+        f"\nthe picked face at min score {s.detect_min_score}: a labelled face in N of {len(photos)} photos; the crop's person in N "
+        "portrait crops (side = context x face; from x3.5 on, several whole faces share a crop)"
+    )
     crops = {c: portraits(c) for c in (2.0, 2.5, 3.0, 3.5, 4.0)}
     crop_found = {c: detector.detect([x.image for x in v]) for c, v in crops.items()}
     for policy in SELECT_POLICIES:
+
         def ok(faces: list[Face], boxes: list[list[float]]) -> bool:
             return right(pick([f for f in faces if f.score >= s.detect_min_score], policy, s.detect_min_face), boxes)
 
@@ -89,17 +109,32 @@ def quality(blazeface: Path) -> None:
     if not FACERES_SAVEDMODEL.exists():
         print(f"\n{FACERES_SAVEDMODEL} absent: no ROC AUC figures")
         return
-    es = s.model_copy(update=dict(model_path=FACERES_SAVEDMODEL, model_name="faceres", input_scale=1.0, input_offset=0.0,
-                                  input_mean=[103.939, 116.779, 123.68], channel_order="BGR", threshold=0.45,
-                                  allowed_batch_sizes=[1, 8, 32]))
+    es = s.model_copy(
+        update=dict(
+            model_path=FACERES_SAVEDMODEL,
+            model_name="faceres",
+            input_scale=1.0,
+            input_offset=0.0,
+            input_mean=[103.939, 116.779, 123.68],
+            channel_order="BGR",
+            threshold=0.45,
+            allowed_batch_sizes=[1, 8, 32],
+        )
+    )
     engine = load_engine(es)
     detector = BlazeFace(blazeface, min_score=s.detect_min_score)
     crop40 = [decode_image(p.read_bytes()) for p in face_paths()]
     sets = {"40 crops": (crop40, [p.parent.name for p in face_paths()], detector.detect(crop40))}
     for c in (2.5, 3.0):
-        sets[f"portraits x{c}"] = ([x.image for x in crops[c]], [x.person for x in crops[c]], detector.detect([x.image for x in crops[c]]))
-    print("\nfaceres ROC AUC (cosine distance, all pairs; 40 crops: 780 pairs, 80 same; portrait crops of the group photos: "
-          "22 crops, 231 pairs, 32 same)")
+        sets[f"portraits x{c}"] = (
+            [x.image for x in crops[c]],
+            [x.person for x in crops[c]],
+            detector.detect([x.image for x in crops[c]]),
+        )
+    print(
+        "\nfaceres ROC AUC (cosine distance, all pairs; 40 crops: 780 pairs, 80 same; portrait crops of the group photos: "
+        "22 crops, 231 pairs, 32 same)"
+    )
     variants = [("square", m) for m in (0.0, 0.1, 0.2, 0.3)] + [("align", 0.0)]
     for name, (ims, people, fs) in sets.items():
         for policy in SELECT_POLICIES:
@@ -116,7 +151,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seconds", type=float, default=6.0)
-    ap.add_argument("--quality", action="store_true", help="detection/selection quality and faceres ROC AUC instead of speed")
+    ap.add_argument(
+        "--quality", action="store_true", help="detection/selection quality and faceres ROC AUC instead of speed"
+    )
     args = ap.parse_args()
     blazeface = ROOT.parent / "shared" / "models" / "tfjs" / "blazeface-front.json"
     if not blazeface.exists():

@@ -26,9 +26,9 @@ sys.path.insert(0, str(ROOT))
 
 from producer.client import FaceClient  # noqa: E402
 from producer.settings import ProducerSettings  # noqa: E402
-from worker.weights import save_deepface_h5  # noqa: E402
 from tests.redis_server import RedisServer  # noqa: E402
 from tests.workers import WorkerProcess  # noqa: E402
+from worker.weights import save_deepface_h5  # noqa: E402
 
 
 def pct(values: list[float], q: float) -> float:
@@ -65,8 +65,13 @@ def main() -> None:
 
     weights = save_deepface_h5(build_arcface(), tmp / "arcface_weights.h5")
     sizes = [1, 8, 16, 32]
-    env = {"ARCFACE_REDIS_URL": server.url, "ARCFACE_MODEL_PATH": str(weights), "ARCFACE_ALLOWED_BATCH_SIZES": ",".join(map(str, sizes)),
-           "ARCFACE_MAX_BATCH_SIZE": str(args.max_batch_size), "ARCFACE_RESULT_TTL": "3600"}
+    env = {
+        "ARCFACE_REDIS_URL": server.url,
+        "ARCFACE_MODEL_PATH": str(weights),
+        "ARCFACE_ALLOWED_BATCH_SIZES": ",".join(map(str, sizes)),
+        "ARCFACE_MAX_BATCH_SIZE": str(args.max_batch_size),
+        "ARCFACE_RESULT_TTL": "3600",
+    }
     os.environ.update(env)
     images = faces()
     try:
@@ -89,7 +94,11 @@ def main() -> None:
         for _ in range(10):
             engine.embed(x[:1])
         batch1_ms = (time.perf_counter() - t) / 10 * 1000
-        print("raw engine img/s: " + ", ".join(f"batch {s}: {r:.1f}" for s, r in raw.items()) + f"; batch-1 latency {batch1_ms:.1f} ms")
+        print(
+            "raw engine img/s: "
+            + ", ".join(f"batch {s}: {r:.1f}" for s, r in raw.items())
+            + f"; batch-1 latency {batch1_ms:.1f} ms"
+        )
         del engine
 
         # 2. end to end through the micro-batching worker
@@ -105,7 +114,9 @@ def main() -> None:
         wait_all(client, ids)
         e2e = args.jobs / (time.perf_counter() - start)
         batches = [b["images"] for b in worker.batches()]
-        print(f"end-to-end (producer -> Redis -> arcface-worker -> result): {e2e:.1f} jobs/s, mean batch {np.mean(batches[-20:]):.1f} images")
+        print(
+            f"end-to-end (producer -> Redis -> arcface-worker -> result): {e2e:.1f} jobs/s, mean batch {np.mean(batches[-20:]):.1f} images"
+        )
 
         # 3. latency on an idle queue: one job at a time, producer-side round trip
         lat_idle = []
@@ -131,7 +142,9 @@ def main() -> None:
             job = client.queue.fetch_job(jid)
             with lock:
                 lat_load.append((job.ended_at - job.enqueued_at).total_seconds() * 1000)
-        print(f"latency under {rate:.1f} jobs/s (~70 %): p50 {pct(lat_load, 50):.1f} p95 {pct(lat_load, 95):.1f} p99 {pct(lat_load, 99):.1f} ms (enqueue -> result written)")
+        print(
+            f"latency under {rate:.1f} jobs/s (~70 %): p50 {pct(lat_load, 50):.1f} p95 {pct(lat_load, 95):.1f} p99 {pct(lat_load, 99):.1f} ms (enqueue -> result written)"
+        )
         worker.signal(15)
         worker.wait(60)
         worker.stop()
@@ -140,10 +153,30 @@ def main() -> None:
         plain = FaceClient(ProducerSettings(queue="bench-plain"))
         warm = plain.embed(images[0])
         ids = plain.embed_many(images[i % len(images)] for i in range(args.plain_jobs))
-        cmd = [sys.executable, "-m", "rq.cli", "worker", "--burst", "--url", server.url, "--worker-class", "rq.worker.SimpleWorker",
-               "--job-class", "producer.jobs.SafeJob", "--serializer", "producer.jobs.JSONSerializer", "bench-plain"]
-        subprocess.run(cmd, env={**os.environ, **env, "ARCFACE_QUEUE": "bench-plain", "TF_CPP_MIN_LOG_LEVEL": "2"}, cwd=ROOT,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "rq.cli",
+            "worker",
+            "--burst",
+            "--url",
+            server.url,
+            "--worker-class",
+            "rq.worker.SimpleWorker",
+            "--job-class",
+            "producer.jobs.SafeJob",
+            "--serializer",
+            "producer.jobs.JSONSerializer",
+            "bench-plain",
+        ]
+        subprocess.run(
+            cmd,
+            env={**os.environ, **env, "ARCFACE_QUEUE": "bench-plain", "TF_CPP_MIN_LOG_LEVEL": "2"},
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            check=True,
+        )
         wait_all(plain, [warm] + ids)
         plain_rate = args.plain_jobs / job_span_s(plain, ids)
         print(f"plain rq SimpleWorker, one job at a time: {plain_rate:.1f} jobs/s")

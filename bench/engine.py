@@ -64,13 +64,17 @@ def main() -> None:
     policy = reduced_precision_policy()
     low_model = build_arcface(policy)
     low_model.set_weights(model.get_weights())
-    low = Engine(FaceModel(name="arcface", fn=low_model, input_size=112, embedding_dim=512, keras_model=low_model), [best_size])
+    low = Engine(
+        FaceModel(name="arcface", fn=low_model, input_size=112, embedding_dim=512, keras_model=low_model), [best_size]
+    )
     low.warm_up()
     low_rate = rate(lambda: low.embed(x[:best_size]), best_size, args.seconds)
     cos = np.sum(low.embed(x[:best_size]) * engine.embed(x[:best_size]), axis=1)
     print(f"engine {policy} batch {best_size:3d}:     {low_rate:8.1f} img/s  (cosine to fp32: min {cos.min():.5f})")
     print(f"RATIO best batch ({best_size}) / naive predict loop: {best / naive:.2f}x  (target >= 3.5x)")
-    print(f"RATIO {policy} / fp32 at batch {best_size}: {low_rate / best:.2f}x  (target >= 1.6x), cosine min {cos.min():.5f} (target >= 0.999)")
+    print(
+        f"RATIO {policy} / fp32 at batch {best_size}: {low_rate / best:.2f}x  (target >= 1.6x), cosine min {cos.min():.5f} (target >= 0.999)"
+    )
 
 
 if __name__ == "__main__":

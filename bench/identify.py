@@ -113,11 +113,15 @@ def redis_figures(n: int, dtype: str) -> None:
         for start in range(0, n, 1000):
             k = min(1000, n - start)
             vecs = unit_rows(rng, k)
-            writer.enroll_many("bench", [(f"user-{start + i:07d}", f"e{start + i:07d}", vecs[i], None) for i in range(k)])
+            writer.enroll_many(
+                "bench", [(f"user-{start + i:07d}", f"e{start + i:07d}", vecs[i], None) for i in range(k)]
+            )
         write_s = time.perf_counter() - t0
         used = conn.info("memory")["used_memory"] - before
-        print(f"redis: {n} enrollments written in {write_s:.1f}s ({n / write_s:.0f}/s, one Lua script each, pipelined by 1000); "
-              f"Redis memory {used / MiB:.0f} MiB ({used / n / 1024:.2f} KiB/enrollment incl. the {10_000}-event stream)")
+        print(
+            f"redis: {n} enrollments written in {write_s:.1f}s ({n / write_s:.0f}/s, one Lua script each, pipelined by 1000); "
+            f"Redis memory {used / MiB:.0f} MiB ({used / n / 1024:.2f} KiB/enrollment incl. the {10_000}-event stream)"
+        )
         t0 = time.perf_counter()
         a = GalleryStore(server.client(), "arcface", dtype=dtype).start()
         load_s = time.perf_counter() - t0
@@ -131,8 +135,10 @@ def redis_figures(n: int, dtype: str) -> None:
             while b.index_for("bench", DIM).row_of.get(f"new-{i}") is None:
                 time.sleep(0.0002)
             lags.append(time.perf_counter() - t)
-        print(f"redis: enroll on one worker -> visible on another: median {statistics.median(lags) * 1000:.1f} ms, "
-              f"max {max(lags) * 1000:.1f} ms over {len(lags)} (target < 1000 ms)")
+        print(
+            f"redis: enroll on one worker -> visible on another: median {statistics.median(lags) * 1000:.1f} ms, "
+            f"max {max(lags) * 1000:.1f} ms over {len(lags)} (target < 1000 ms)"
+        )
         a.stop()
         b.stop()
     finally:
@@ -145,17 +151,29 @@ def main() -> None:
     ap.add_argument("--dtypes", default="float32,float16")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=3.0)
-    ap.add_argument("--device", choices=["cpu", "tf"], default="cpu", help="tf: TensorFlow's device (the GPU when there is one)")
-    ap.add_argument("--redis", type=int, default=0, metavar="N", help="also measure Redis writes/memory/load/propagation with N enrollments")
+    ap.add_argument(
+        "--device", choices=["cpu", "tf"], default="cpu", help="tf: TensorFlow's device (the GPU when there is one)"
+    )
+    ap.add_argument(
+        "--redis",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also measure Redis writes/memory/load/propagation with N enrollments",
+    )
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     dtypes = args.dtypes.split(",")
     threads = os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS") or "default"
-    print(f"machine: {os.cpu_count()} CPUs, BLAS threads {threads}, numpy {np.__version__}, device {args.device}, "
-          f"batch {args.batch} queries, top 5 within 0.68, {DIM}-d")
+    print(
+        f"machine: {os.cpu_count()} CPUs, BLAS threads {threads}, numpy {np.__version__}, device {args.device}, "
+        f"batch {args.batch} queries, top 5 within 0.68, {DIM}-d"
+    )
     verify_rate, dot_rate = plain_verify_rate()
-    print(f"plain verify (cosine_distance of two {DIM}-d embeddings, as Engine.verify): {verify_rate:,.0f}/s "
-          f"({1e6 / verify_rate:.2f} us); bare float32 dot: {dot_rate:,.0f}/s ({1e6 / dot_rate:.2f} us)")
+    print(
+        f"plain verify (cosine_distance of two {DIM}-d embeddings, as Engine.verify): {verify_rate:,.0f}/s "
+        f"({1e6 / verify_rate:.2f} us); bare float32 dot: {dot_rate:,.0f}/s ({1e6 / dot_rate:.2f} us)"
+    )
     results: dict[tuple[int, str], tuple[float, int]] = {}
     for n in sizes:
         for dtype in dtypes:
@@ -170,16 +188,20 @@ def main() -> None:
             matrix = sum(p.nbytes for p in index.pages)
             qps = args.batch / per_batch
             results[(n, dtype)] = (per_batch, held)
-            print(f"identify {n:>9,} x {DIM} {dtype}: batch of {args.batch} in {per_batch * 1000:8.2f} ms -> {qps:10,.0f} queries/s "
-                  f"({per_batch / args.batch * 1000:.3f} ms/query); memory {held / MiB:7.1f} MiB = {held / n:,.0f} B/enrollment "
-                  f"(matrix {matrix / n:,.0f}, index tables {(held - matrix) / n:,.0f}); search peak +{peak / MiB:.1f} MiB; "
-                  f"top-1 {top1:.2f}; built in {build_s:.1f}s")
+            print(
+                f"identify {n:>9,} x {DIM} {dtype}: batch of {args.batch} in {per_batch * 1000:8.2f} ms -> {qps:10,.0f} queries/s "
+                f"({per_batch / args.batch * 1000:.3f} ms/query); memory {held / MiB:7.1f} MiB = {held / n:,.0f} B/enrollment "
+                f"(matrix {matrix / n:,.0f}, index tables {(held - matrix) / n:,.0f}); search peak +{peak / MiB:.1f} MiB; "
+                f"top-1 {top1:.2f}; built in {build_s:.1f}s"
+            )
             del index, device
             gc.collect()
     for (n, dtype), (per_batch, held) in results.items():
         per_query = per_batch / args.batch
-        print(f"RATIO identify per query ({n:,} {dtype}) / plain verify: {per_query * verify_rate:,.0f}x  "
-              f"({1 / per_query:,.0f} vs {verify_rate:,.0f} per second)")
+        print(
+            f"RATIO identify per query ({n:,} {dtype}) / plain verify: {per_query * verify_rate:,.0f}x  "
+            f"({1 / per_query:,.0f} vs {verify_rate:,.0f} per second)"
+        )
     for n in sizes:
         if (n, "float32") in results and (n, "float16") in results:
             t32, m32 = results[(n, "float32")]

@@ -82,8 +82,14 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="arcface-plumbing-"))
     server = RedisServer(tmp / "redis").start()
     model = tiny_model(tmp / "tiny.keras")
-    env = {"ARCFACE_REDIS_URL": server.url, "ARCFACE_MODEL_PATH": str(model), "ARCFACE_MAX_BATCH_SIZE": str(args.max_batch_size),
-           "ARCFACE_ALLOWED_BATCH_SIZES": "1,8,16,32,64", "ARCFACE_RESULT_TTL": "3600", "ARCFACE_LOG_LEVEL": "INFO"}
+    env = {
+        "ARCFACE_REDIS_URL": server.url,
+        "ARCFACE_MODEL_PATH": str(model),
+        "ARCFACE_MAX_BATCH_SIZE": str(args.max_batch_size),
+        "ARCFACE_ALLOWED_BATCH_SIZES": "1,8,16,32,64",
+        "ARCFACE_RESULT_TTL": "3600",
+        "ARCFACE_LOG_LEVEL": "INFO",
+    }
     os.environ.update(env)
     faces = sorted((ROOT / "tests" / "data" / "faces").glob("*/*.png"))
     refs = [ImageRef.inline(p.read_bytes()) for p in faces]
@@ -100,7 +106,9 @@ def main() -> None:
             client.embed_many(refs[i % len(refs)] for i in range(chunk, min(args.jobs, chunk + 500)))
         secs, cmds, cpu = drain(conn, "plumb", args.jobs, worker.proc.pid, lambda: conn.delete(SUSPENDED_KEY))
         single_rate, single_cmds, single_cpu = args.jobs / secs, cmds / args.jobs, cpu / args.jobs * 1000
-        print(f"single-image jobs: {single_rate:.0f} jobs/s, {single_cmds:.1f} Redis commands/job, worker CPU {single_cpu:.2f} ms/job")
+        print(
+            f"single-image jobs: {single_rate:.0f} jobs/s, {single_cmds:.1f} Redis commands/job, worker CPU {single_cpu:.2f} ms/job"
+        )
 
         # 2. multi-image jobs
         conn.set(SUSPENDED_KEY, 1)
@@ -111,8 +119,10 @@ def main() -> None:
         n_images = args.batch_jobs * k
         secs, cmds, cpu = drain(conn, "plumb", args.batch_jobs, worker.proc.pid, lambda: conn.delete(SUSPENDED_KEY))
         multi_rate, multi_cmds, multi_cpu = n_images / secs, cmds / n_images, cpu / n_images * 1000
-        print(f"multi-image jobs ({k} images each): {multi_rate:.0f} images/s, {multi_cmds:.2f} Redis commands/image, "
-              f"worker CPU {multi_cpu:.2f} ms/image")
+        print(
+            f"multi-image jobs ({k} images each): {multi_rate:.0f} images/s, {multi_cmds:.2f} Redis commands/image, "
+            f"worker CPU {multi_cpu:.2f} ms/image"
+        )
         worker.signal(15)
         worker.wait(60)
         worker.stop()
@@ -120,16 +130,38 @@ def main() -> None:
         # 3. plain rq SimpleWorker on the same single-image jobs (model loaded once in its process, before the span)
         plain = FaceClient(ProducerSettings(queue="plumb-plain"))
         ids = plain.embed_many(refs[i % len(refs)] for i in range(args.plain_jobs))
-        cmd = [sys.executable, "-m", "rq.cli", "worker", "--burst", "--url", server.url, "--worker-class", "rq.worker.SimpleWorker",
-               "--job-class", "producer.jobs.SafeJob", "--serializer", "producer.jobs.JSONSerializer", "plumb-plain"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "rq.cli",
+            "worker",
+            "--burst",
+            "--url",
+            server.url,
+            "--worker-class",
+            "rq.worker.SimpleWorker",
+            "--job-class",
+            "producer.jobs.SafeJob",
+            "--serializer",
+            "producer.jobs.JSONSerializer",
+            "plumb-plain",
+        ]
         c0 = commands(conn)
-        subprocess.run(cmd, env={**os.environ, "ARCFACE_QUEUE": "plumb-plain", "TF_CPP_MIN_LOG_LEVEL": "2"}, cwd=ROOT,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+        subprocess.run(
+            cmd,
+            env={**os.environ, "ARCFACE_QUEUE": "plumb-plain", "TF_CPP_MIN_LOG_LEVEL": "2"},
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            check=True,
+        )
         plain_cmds = (commands(conn) - c0 - 1) / args.plain_jobs
         jobs = plain.queue.job_class.fetch_many(ids[1:], connection=conn, serializer=plain.queue.serializer)
         span = (max(j.ended_at for j in jobs) - min(j.started_at for j in jobs)).total_seconds()
         plain_rate = (len(ids) - 1) / span
-        print(f"plain rq SimpleWorker: {plain_rate:.0f} jobs/s, {plain_cmds:.1f} Redis commands/job (its start and stop included)")
+        print(
+            f"plain rq SimpleWorker: {plain_rate:.0f} jobs/s, {plain_cmds:.1f} Redis commands/job (its start and stop included)"
+        )
 
         print(f"RATIO single-image jobs/s per worker: {single_rate:.0f}  (target >= 1000)")
         print(f"RATIO Redis commands per single-image job: {single_cmds:.1f}  (target <= 15)")

@@ -26,7 +26,7 @@ import os
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -97,7 +97,10 @@ def resolve_threshold(client: FaceClient, given: float | None) -> tuple[float, s
     t = info.get("threshold") if info else None
     if isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t):
         return float(t), f"the workers' model {info.get('model', '?')}"  # type: ignore[union-attr]
-    return DEFAULT_THRESHOLD, f"the ArcFace default: no worker has published its model on queue {client.settings.queue!r} yet"
+    return (
+        DEFAULT_THRESHOLD,
+        f"the ArcFace default: no worker has published its model on queue {client.settings.queue!r} yet",
+    )
 
 
 class _Sidecar:
@@ -125,8 +128,10 @@ class _Sidecar:
                         continue  # a torn last line from an interrupted run
         if found_params is not None and found_params != params:
             changed = sorted(k for k in set(params) | set(found_params) if params.get(k) != found_params.get(k))
-            raise BulkError(f"{path} was made with other settings ({', '.join(changed)}: {[found_params.get(k) for k in changed]} "
-                            f"then, {[params.get(k) for k in changed]} now): use another --out, or delete it to start over")
+            raise BulkError(
+                f"{path} was made with other settings ({', '.join(changed)}: {[found_params.get(k) for k in changed]} "
+                f"then, {[params.get(k) for k in changed]} now): use another --out, or delete it to start over"
+            )
         self._out = path.open("a")
         if found_params is None:
             self._write({"params": params})
@@ -157,8 +162,14 @@ class _Sidecar:
 class BulkRun:
     """One bulk verification run (see module docstring)."""
 
-    def __init__(self, client: FaceClient, pairs: PairFile, out: Path, options: BulkOptions,
-                 on_progress: Callable[[BulkStats, int], None] | None = None) -> None:
+    def __init__(
+        self,
+        client: FaceClient,
+        pairs: PairFile,
+        out: Path,
+        options: BulkOptions,
+        on_progress: Callable[[BulkStats, int], None] | None = None,
+    ) -> None:
         self.client = client
         self.pairs = pairs
         self.out = Path(out)
@@ -169,8 +180,12 @@ class BulkRun:
 
     def _params(self) -> dict[str, Any]:
         o = self.options
-        return {"queue": self.client.settings.queue, "shared_root": o.shared_root, "detect": o.detect,
-                "root": None if o.shared_root else str(Path(o.root).resolve()) if o.root else None}
+        return {
+            "queue": self.client.settings.queue,
+            "shared_root": o.shared_root,
+            "detect": o.detect,
+            "root": None if o.shared_root else str(Path(o.root).resolve()) if o.root else None,
+        }
 
     def _request(self, key: str) -> EmbedRequest:
         if self.options.shared_root:
@@ -228,7 +243,11 @@ class BulkRun:
                         code = exc.code.value if isinstance(exc, JobFailed) else ErrorCode.INTERNAL_ERROR.value
                         side.fail(key, code, exc.error.message if isinstance(exc, JobFailed) else exc.message)
                     except ResultTimeout:
-                        side.fail(key, ErrorCode.JOB_TIMEOUT.value, f"no result within {self.options.job_timeout_s:g}s (job {jid})")
+                        side.fail(
+                            key,
+                            ErrorCode.JOB_TIMEOUT.value,
+                            f"no result within {self.options.job_timeout_s:g}s (job {jid})",
+                        )
                     fresh.add(key)
 
                 def flush() -> None:
@@ -322,7 +341,9 @@ def check_plot_available() -> None:
     except (ImportError, ValueError):
         found = False
     if not found:
-        raise BulkError("--plot needs matplotlib, which is not installed: pip install 'arcface-service[plot]', or drop --plot")
+        raise BulkError(
+            "--plot needs matplotlib, which is not installed: pip install 'arcface-service[plot]', or drop --plot"
+        )
 
 
 def check_output_path(path: Path, flag: str) -> None:
@@ -389,8 +410,10 @@ class Progress:
         rate = live / elapsed
         left = total - stats.rows
         eta = f"{left / rate:.0f}s" if rate > 0 and left else ("0s" if not left else "?")
-        line = (f"{stats.rows}/{total} rows ({100.0 * stats.rows / max(total, 1):.0f}%), {stats.images_embedded + stats.jobs_resumed} images "
-                f"embedded, {stats.failed} failed, {rate:.1f} rows/s, ETA {eta}")
+        line = (
+            f"{stats.rows}/{total} rows ({100.0 * stats.rows / max(total, 1):.0f}%), {stats.images_embedded + stats.jobs_resumed} images "
+            f"embedded, {stats.failed} failed, {rate:.1f} rows/s, ETA {eta}"
+        )
         self.stream.write("\r" + line.ljust(self._width))
         self._width = len(line)
         self.stream.flush()
@@ -401,8 +424,9 @@ class Progress:
             self.stream.flush()
 
 
-def run_bulk(client: FaceClient, pairs_path: Path, out: Path, options: BulkOptions, fmt: str | None = None,
-             quiet: bool = False) -> tuple[BulkStats, Summary]:
+def run_bulk(
+    client: FaceClient, pairs_path: Path, out: Path, options: BulkOptions, fmt: str | None = None, quiet: bool = False
+) -> tuple[BulkStats, Summary]:
     """Run (or resume) a bulk job and return its stats and the metrics over the whole output."""
     if client.settings.result_ttl == 0:
         raise BulkError("a bulk run reads every embed job's result: ARCFACE_RESULT_TTL=0 keeps none; set it above 0")

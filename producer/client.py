@@ -23,10 +23,38 @@ from rq.exceptions import NoSuchJobError
 from rq.job import JobStatus
 from rq.results import Result
 
-from producer.errors import ArcFaceError, InputError, JobFailed, JobNotFound, RedisUnavailable, ResultNotKept, ResultTimeout
+from producer.errors import (
+    ArcFaceError,
+    InputError,
+    JobFailed,
+    JobNotFound,
+    RedisUnavailable,
+    ResultNotKept,
+    ResultTimeout,
+)
 from producer.jobs import (
-    EMBED_FUNC, ERROR_META_KEY, VERIFY_FUNC, AnyResult, EmbedBatchRequest, EmbedBatchResult, EmbedRequest, EmbedResult, Pair, VerifyBatchRequest, VerifyBatchResult, ErrorCode, ImageRef, JobError,
-    JobFailure, JSONSerializer, SafeJob, VerifyRequest, VerifyResult, func_for, model_info_key, parse_result,
+    EMBED_FUNC,
+    ERROR_META_KEY,
+    VERIFY_FUNC,
+    AnyResult,
+    EmbedBatchRequest,
+    EmbedBatchResult,
+    EmbedRequest,
+    EmbedResult,
+    ErrorCode,
+    ImageRef,
+    JobError,
+    JobFailure,
+    JSONSerializer,
+    Pair,
+    SafeJob,
+    VerifyBatchRequest,
+    VerifyBatchResult,
+    VerifyRequest,
+    VerifyResult,
+    func_for,
+    model_info_key,
+    parse_result,
     resolve_shared_path,
 )
 from producer.redisconn import announce_embedded, connect
@@ -76,7 +104,9 @@ class FaceClient:
         if connection is None and self.settings.redis_url is None and self.settings.embedded_redis:
             announce_embedded(self.settings)
         self.connection = connection or connect(self.settings, pooled=True)
-        self.queue = Queue(self.settings.queue, connection=self.connection, serializer=JSONSerializer, job_class=SafeJob)
+        self.queue = Queue(
+            self.settings.queue, connection=self.connection, serializer=JSONSerializer, job_class=SafeJob
+        )
 
     # --- images ---------------------------------------------------------------------------------
     def image_ref(self, image: ImageInput, as_path: bool = False) -> ImageRef:
@@ -101,7 +131,9 @@ class FaceClient:
             try:
                 size = path.stat().st_size
                 if size > limit:
-                    raise InputError(ErrorCode.IMAGE_TOO_LARGE, f"{path}: {size} bytes, over the {limit}-byte inline limit")
+                    raise InputError(
+                        ErrorCode.IMAGE_TOO_LARGE, f"{path}: {size} bytes, over the {limit}-byte inline limit"
+                    )
                 data = path.read_bytes()
             except OSError as exc:
                 raise InputError(ErrorCode.INVALID_PAYLOAD, f"{path}: {exc.strerror or exc}") from None
@@ -111,7 +143,9 @@ class FaceClient:
             try:
                 data = _png(_array_image(image))
             except (TypeError, ValueError, OSError) as exc:
-                raise InputError(ErrorCode.INVALID_PAYLOAD, f"numpy image of shape {image.shape} and dtype {image.dtype}: {exc}") from None
+                raise InputError(
+                    ErrorCode.INVALID_PAYLOAD, f"numpy image of shape {image.shape} and dtype {image.dtype}: {exc}"
+                ) from None
         elif hasattr(image, "save") and hasattr(image, "mode"):
             try:
                 data = _png(image)
@@ -122,26 +156,42 @@ class FaceClient:
         if not data:
             raise InputError(ErrorCode.IMAGE_DECODE_ERROR, "image is empty (0 bytes)")
         if len(data) > limit:
-            raise InputError(ErrorCode.IMAGE_TOO_LARGE, f"image has {len(data)} bytes, over the {limit}-byte inline limit")
+            raise InputError(
+                ErrorCode.IMAGE_TOO_LARGE, f"image has {len(data)} bytes, over the {limit}-byte inline limit"
+            )
         return ImageRef.inline(data)
 
     # --- enqueue --------------------------------------------------------------------------------
     def _job_options(self, request: EmbedRequest | VerifyRequest, job_id: str | None) -> dict[str, Any]:
         s = self.settings
         return dict(
-            args=(request.model_dump(mode="json", exclude_none=True),), timeout=s.job_timeout, result_ttl=s.result_ttl,
-            failure_ttl=s.failure_ttl, retry=Retry(max=s.retries) if s.retries else None, job_id=job_id,
+            args=(request.model_dump(mode="json", exclude_none=True),),
+            timeout=s.job_timeout,
+            result_ttl=s.result_ttl,
+            failure_ttl=s.failure_ttl,
+            retry=Retry(max=s.retries) if s.retries else None,
+            job_id=job_id,
             description=f"{request.kind}" + (f" ref={request.ref}" if request.ref else ""),
         )
 
-    def _embed_request(self, image: ImageInput, model: str | None, ref: str | None, as_path: bool, detect: str | None = None) -> EmbedRequest:
+    def _embed_request(
+        self, image: ImageInput, model: str | None, ref: str | None, as_path: bool, detect: str | None = None
+    ) -> EmbedRequest:
         try:
             return EmbedRequest(image=self.image_ref(image, as_path), model=model, ref=ref, detect=detect)  # type: ignore[arg-type]
         except ValidationError as exc:
             raise _input_error(exc) from None
 
-    def _verify_request(self, a: ImageInput, b: ImageInput, threshold: float | None, model: str | None, ref: str | None, as_path: bool,
-                        detect: str | None = None) -> VerifyRequest:
+    def _verify_request(
+        self,
+        a: ImageInput,
+        b: ImageInput,
+        threshold: float | None,
+        model: str | None,
+        ref: str | None,
+        as_path: bool,
+        detect: str | None = None,
+    ) -> VerifyRequest:
         try:
             ref_a = self.image_ref(a, as_path)
         except InputError as exc:
@@ -158,7 +208,9 @@ class FaceClient:
     @staticmethod
     def _check_new_id(job_id: str | None) -> None:
         if job_id is not None and not (isinstance(job_id, str) and JOB_ID.fullmatch(job_id)):
-            raise InputError(ErrorCode.INVALID_PAYLOAD, f"job id {job_id!r} is not valid: use 1-128 letters, digits, '_' or '-'")
+            raise InputError(
+                ErrorCode.INVALID_PAYLOAD, f"job id {job_id!r} is not valid: use 1-128 letters, digits, '_' or '-'"
+            )
 
     def submit(self, request: EmbedRequest | VerifyRequest, job_id: str | None = None) -> str:
         """Enqueue a ready-made request; returns the job id."""
@@ -166,8 +218,17 @@ class FaceClient:
         with _redis("enqueueing"):
             return self.queue.enqueue_call(func_for(request), **self._job_options(request, job_id)).id
 
-    def embed(self, image: ImageInput, *, model: str | None = None, ref: str | None = None, as_path: bool = False, job_id: str | None = None,
-              detect: str | None = None, faces: str = "one") -> str:
+    def embed(
+        self,
+        image: ImageInput,
+        *,
+        model: str | None = None,
+        ref: str | None = None,
+        as_path: bool = False,
+        job_id: str | None = None,
+        detect: str | None = None,
+        faces: str = "one",
+    ) -> str:
         """Enqueue an embed job; returns its id. ``detect`` ("none" / "blazeface") overrides the worker's setting;
         ``faces="all"`` (with detection) embeds every face of the image, largest first (``result.faces``)."""
         request = self._embed_request(image, model, ref, as_path, detect)
@@ -178,8 +239,18 @@ class FaceClient:
                 raise _input_error(exc) from None
         return self.submit(request, job_id)
 
-    def verify(self, a: ImageInput, b: ImageInput, *, threshold: float | None = None, model: str | None = None,
-               ref: str | None = None, as_path: bool = False, job_id: str | None = None, detect: str | None = None) -> str:
+    def verify(
+        self,
+        a: ImageInput,
+        b: ImageInput,
+        *,
+        threshold: float | None = None,
+        model: str | None = None,
+        ref: str | None = None,
+        as_path: bool = False,
+        job_id: str | None = None,
+        detect: str | None = None,
+    ) -> str:
         """Enqueue a verify job for a pair; returns its id."""
         return self.submit(self._verify_request(a, b, threshold, model, ref, as_path, detect), job_id)
 
@@ -189,8 +260,16 @@ class FaceClient:
         with _redis("enqueueing"):
             return [job.id for job in self.queue.enqueue_many(datas)] if datas else []
 
-    def embed_batch(self, images: Iterable[ImageInput], *, model: str | None = None, ref: str | None = None, as_path: bool = False,
-                    job_id: str | None = None, detect: str | None = None) -> str:
+    def embed_batch(
+        self,
+        images: Iterable[ImageInput],
+        *,
+        model: str | None = None,
+        ref: str | None = None,
+        as_path: bool = False,
+        job_id: str | None = None,
+        detect: str | None = None,
+    ) -> str:
         """Enqueue ONE job that embeds many images (1 to the workers' ARCFACE_MAX_IMAGES_PER_JOB, default 256); returns
         its id. Its result (:meth:`result`) is an :class:`EmbedBatchResult`: ``.embeddings`` ``[N, D]`` and per-image
         ``.errors``; a bad image fails only its own row."""
@@ -206,8 +285,17 @@ class FaceClient:
             raise _input_error(exc) from None
         return self.submit(request, job_id)
 
-    def verify_batch(self, pairs: Iterable[Sequence[ImageInput]], *, threshold: float | None = None, model: str | None = None,
-                     ref: str | None = None, as_path: bool = False, job_id: str | None = None, detect: str | None = None) -> str:
+    def verify_batch(
+        self,
+        pairs: Iterable[Sequence[ImageInput]],
+        *,
+        threshold: float | None = None,
+        model: str | None = None,
+        ref: str | None = None,
+        as_path: bool = False,
+        job_id: str | None = None,
+        detect: str | None = None,
+    ) -> str:
         """Enqueue ONE job that verifies many ``(a, b)`` pairs; its result is a :class:`VerifyBatchResult`."""
         items = []
         for i, (a, b) in enumerate(pairs):
@@ -255,8 +343,14 @@ class FaceClient:
         """Enqueue one embed job per image in one round trip; returns the ids in order."""
         return self.submit_many(self._embed_request(im, model, None, as_path) for im in images)
 
-    def verify_many(self, pairs: Iterable[Sequence[ImageInput]], *, threshold: float | None = None, model: str | None = None,
-                    as_path: bool = False) -> list[str]:
+    def verify_many(
+        self,
+        pairs: Iterable[Sequence[ImageInput]],
+        *,
+        threshold: float | None = None,
+        model: str | None = None,
+        as_path: bool = False,
+    ) -> list[str]:
         """Enqueue one verify job per ``(a, b)`` pair in one round trip; returns the ids in order."""
         return self.submit_many(self._verify_request(a, b, threshold, model, None, as_path) for a, b in pairs)
 
@@ -265,18 +359,25 @@ class FaceClient:
         """The job, read and checked: :class:`JobNotFound` for an id rq refuses, a missing job, or a hash that
         is not an ArcFace job (another application's pickled job, a corrupt field)."""
         if not (isinstance(job_id, str) and JOB_ID.fullmatch(job_id)):
-            raise JobNotFound(str(job_id), f"{str(job_id)[:80]!r} is not a job id (ids are 1-128 letters, digits, '_' or '-')")
+            raise JobNotFound(
+                str(job_id), f"{str(job_id)[:80]!r} is not a job id (ids are 1-128 letters, digits, '_' or '-')"
+            )
         with _redis("reading the job"):
             try:
                 job = SafeJob.fetch(job_id, connection=self.connection, serializer=JSONSerializer)
                 func_name = job.func_name  # decodes the job's data: fails here, not later, for a foreign job
             except NoSuchJobError:
-                raise JobNotFound(job_id, f"no job {job_id!r} in Redis (unknown id, or its result TTL has passed)") from None
+                raise JobNotFound(
+                    job_id, f"no job {job_id!r} in Redis (unknown id, or its result TTL has passed)"
+                ) from None
             except redis.RedisError:
                 raise
             except Exception as exc:  # rq could not restore the hash: pickled data, a field in another format
-                raise JobNotFound(job_id, f"job {job_id!r} is not an ArcFace job this client can read ({type(exc).__name__}: "
-                                          f"{str(exc)[:120]})") from None
+                raise JobNotFound(
+                    job_id,
+                    f"job {job_id!r} is not an ArcFace job this client can read ({type(exc).__name__}: "
+                    f"{str(exc)[:120]})",
+                ) from None
         if not isinstance(func_name, str):
             raise JobNotFound(job_id, f"job {job_id!r} is not an ArcFace job (its data names no function)")
         return job  # a function outside ALLOWED_FUNCTIONS is read too: workers fail it with unsupported_job
@@ -299,7 +400,9 @@ class FaceClient:
                 pass
         text = (result.exc_string if result is not None else None) or job.exc_info or ""
         if "AbandonedJobError" in text:
-            return JobError(code=ErrorCode.WORKER_DIED, message="the worker running this job died and no retries were left")
+            return JobError(
+                code=ErrorCode.WORKER_DIED, message="the worker running this job died and no retries were left"
+            )
         if "JobTimeoutException" in text:
             return JobError(code=ErrorCode.JOB_TIMEOUT, message=f"the job ran past its timeout of {job.timeout}s")
         coded = _CODED_ERROR.search(text)
@@ -329,7 +432,9 @@ class FaceClient:
         waiting is waited for, with backoff, until the deadline.
         """
         if timeout is not None and not (timeout >= 0 and timeout != float("inf")):
-            raise InputError(ErrorCode.INVALID_PAYLOAD, f"timeout must be a finite number of seconds >= 0, got {timeout!r}")
+            raise InputError(
+                ErrorCode.INVALID_PAYLOAD, f"timeout must be a finite number of seconds >= 0, got {timeout!r}"
+            )
         timeout = self.settings.wait_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         key, last_id = Result.get_key(job_id), "0-0"
@@ -359,27 +464,41 @@ class FaceClient:
                 continue
             if not response:
                 if remaining_ms <= 0:
-                    raise ResultTimeout(job_id, f"job {job_id} has no result after {timeout:g}s (status {self._status_or_unknown(job_id)})")
+                    raise ResultTimeout(
+                        job_id,
+                        f"job {job_id} has no result after {timeout:g}s (status {self._status_or_unknown(job_id)})",
+                    )
                 if gone:
                     if job.failure_ttl == 0:
-                        raise ResultNotKept(job_id, f"job {job_id} ended without a result and was deleted at once: it was enqueued with "
-                                                    "failure_ttl 0 (ARCFACE_FAILURE_TTL=0), so a failure leaves no record")
-                    raise JobNotFound(job_id, f"job {job_id} was deleted while waiting for it (its TTL passed, or it was removed)")
+                        raise ResultNotKept(
+                            job_id,
+                            f"job {job_id} ended without a result and was deleted at once: it was enqueued with "
+                            "failure_ttl 0 (ARCFACE_FAILURE_TTL=0), so a failure leaves no record",
+                        )
+                    raise JobNotFound(
+                        job_id, f"job {job_id} was deleted while waiting for it (its TTL passed, or it was removed)"
+                    )
                 continue
             latest: Result | None = None
             for rid, payload in response[0][1]:
                 last_id = rid
                 try:
-                    latest = Result.restore(job_id, rid.decode(), payload, connection=self.connection, serializer=JSONSerializer)
+                    latest = Result.restore(
+                        job_id, rid.decode(), payload, connection=self.connection, serializer=JSONSerializer
+                    )
                 except Exception as exc:
-                    raise JobNotFound(job_id, f"job {job_id}'s result cannot be read ({type(exc).__name__}): not an ArcFace result") from None
+                    raise JobNotFound(
+                        job_id, f"job {job_id}'s result cannot be read ({type(exc).__name__}): not an ArcFace result"
+                    ) from None
             if latest is None:
                 continue
             if latest.type == Result.Type.SUCCESSFUL:
                 try:
                     return parse_result(latest.return_value)  # type: ignore[return-value]
                 except (ValueError, ValidationError):
-                    raise JobNotFound(job_id, f"job {job_id} finished with a value that is not an ArcFace result") from None
+                    raise JobNotFound(
+                        job_id, f"job {job_id} finished with a value that is not an ArcFace result"
+                    ) from None
             if latest.type in _FINAL_FAILURES:
                 raise JobFailed(job_id, self._error_or_unknown(job_id, latest))
             # RETRIED: the job was requeued; keep waiting on the same stream.
@@ -403,7 +522,10 @@ class FaceClient:
     def _typed(self, job_id: str, timeout: float | None, kind: Any) -> Any:
         result = self.result(job_id, timeout)
         if not isinstance(result, kind):
-            raise InputError(ErrorCode.UNSUPPORTED_JOB, f"job {job_id} is a {result.kind} job, not {kind.model_fields['kind'].default}")
+            raise InputError(
+                ErrorCode.UNSUPPORTED_JOB,
+                f"job {job_id} is a {result.kind} job, not {kind.model_fields['kind'].default}",
+            )
         return result
 
     @staticmethod
@@ -412,8 +534,11 @@ class FaceClient:
         if status in (JobStatus.FINISHED, JobStatus.FAILED):
             return  # its outcome is already stored: read it
         if job.result_ttl == 0:
-            raise ResultNotKept(job.id, f"job {job.id} was enqueued with result_ttl 0 (ARCFACE_RESULT_TTL=0): its result is deleted as "
-                                        "soon as it is written, so there is nothing to wait for; enqueue with ARCFACE_RESULT_TTL > 0")
+            raise ResultNotKept(
+                job.id,
+                f"job {job.id} was enqueued with result_ttl 0 (ARCFACE_RESULT_TTL=0): its result is deleted as "
+                "soon as it is written, so there is nothing to wait for; enqueue with ARCFACE_RESULT_TTL > 0",
+            )
 
     def _status_or_unknown(self, job_id: str) -> str:
         try:
@@ -449,5 +574,15 @@ def _png(image: Any) -> bytes:
     return buf.getvalue()
 
 
-__all__ = ["EMBED_FUNC", "VERIFY_FUNC", "ArcFaceError", "FaceClient", "InputError", "JobFailed", "JobNotFound", "RedisUnavailable",
-           "ResultNotKept", "ResultTimeout"]
+__all__ = [
+    "EMBED_FUNC",
+    "VERIFY_FUNC",
+    "ArcFaceError",
+    "FaceClient",
+    "InputError",
+    "JobFailed",
+    "JobNotFound",
+    "RedisUnavailable",
+    "ResultNotKept",
+    "ResultTimeout",
+]

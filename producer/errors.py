@@ -97,4 +97,13 @@ class RedisUnavailable(ArcFaceError):
     exit_code = 4
 
 
-__all__ = ["ArcFaceError", "ConfigError", "InputError", "JobFailed", "JobNotFound", "RedisUnavailable", "ResultNotKept", "ResultTimeout"]
+__all__ = [
+    "ArcFaceError",
+    "ConfigError",
+    "InputError",
+    "JobFailed",
+    "JobNotFound",
+    "RedisUnavailable",
+    "ResultNotKept",
+    "ResultTimeout",
+]

@@ -31,7 +31,7 @@ def roc_auc(distances: np.ndarray, labels: np.ndarray) -> float:
         return float("nan")
     ranks = _average_ranks(np.concatenate([g, i]))
     # AUC of "smaller distance = genuine": count impostors above each genuine
-    u = ranks[len(g):].sum() - len(i) * (len(i) + 1) / 2.0  # impostor ranks above genuine ones
+    u = ranks[len(g) :].sum() - len(i) * (len(i) + 1) / 2.0  # impostor ranks above genuine ones
     return float(u / (len(g) * len(i)))
 
 
@@ -91,8 +91,14 @@ class Summary:
         return asdict(self)
 
 
-def summarise(distances: Sequence[float], labels: Sequence[bool | None], folds: Sequence[int | None], threshold: float,
-              pairs: int, failed: int) -> Summary:
+def summarise(
+    distances: Sequence[float],
+    labels: Sequence[bool | None],
+    folds: Sequence[int | None],
+    threshold: float,
+    pairs: int,
+    failed: int,
+) -> Summary:
     """All metrics over the pairs that have both a distance and a label."""
     s = Summary(pairs=pairs, failed=failed, threshold=threshold)
     keep = [i for i, lab in enumerate(labels) if lab is not None]

