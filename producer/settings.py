@@ -25,7 +25,9 @@ REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 class CommonSettings(BaseSettings):
     """What producers and workers must agree on: where Redis is, the queue, TTLs and limits."""
 
-    model_config = SettingsConfigDict(env_prefix="ARCFACE_", env_file=".env", env_file_encoding="utf-8", extra="ignore")
+    # env_ignore_empty: ARCFACE_X= (empty, as compose passes an unset ${ARCFACE_X:-}) means unset, i.e. the default.
+    model_config = SettingsConfigDict(env_prefix="ARCFACE_", env_file=".env", env_file_encoding="utf-8", extra="ignore",
+                                      env_ignore_empty=True)
 
     redis_url: SecretStr | None = Field(
         default=None,
@@ -137,24 +139,83 @@ def _redact_processor(_logger: Any, _name: str, event: dict[str, Any]) -> dict[s
     return {k: redact(v) if isinstance(v, str) else v for k, v in event.items()}
 
 
+# Keys shown first, in this order, after the event name: what a batch did, then how long it took.
+_FIRST_KEYS = ("jobs", "images")
+_LAST_KEYS = ("level", "logger", "timestamp")
+_HANDLER_TAG = "_arcface_handler"
+
+
+def _is_timing(key: str) -> bool:
+    return key.endswith(("_ms", "_s")) or key in ("timing", "timings")
+
+
+def _order_keys(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+    """A fixed, readable key order: event, then jobs*/images* keys, then timings (``*_ms``, ``*_s``), then the
+    rest in the order they were logged, and level/logger/timestamp last."""
+    keys = [k for k in event if k != "event" and k not in _LAST_KEYS]
+    first = [k for p in _FIRST_KEYS for k in keys if k == p or k.startswith(p + "_")]
+    timings = [k for k in keys if k not in first and _is_timing(k)]
+    rest = [k for k in keys if k not in first and k not in timings]
+    ordered = {"event": event["event"]} if "event" in event else {}
+    for k in (*first, *timings, *rest, *(k for k in _LAST_KEYS if k in event)):
+        ordered[k] = event[k]
+    return ordered
+
+
+def json_logs(settings: CommonSettings, stream: Any = None) -> bool:
+    """Whether logs are JSON lines: ``log_format=json``, or ``auto`` and ``stream`` (stderr) is not a TTY."""
+    stream = stream or sys.stderr
+    return settings.log_format == "json" or (settings.log_format == "auto" and not stream.isatty())
+
+
 def configure_logging(settings: CommonSettings, stream: Any = None) -> None:
     """structlog: JSON lines when not a TTY (or ``log_format=json``), a readable console otherwise.
 
-    Every event passes through :func:`redact`, so a Redis password never reaches a log line.
+    Python's own ``logging`` (rq's loggers, TensorFlow's Python logger) and ``warnings`` are routed through
+    the same renderer, one line per record, so a JSON log holds nothing but JSON lines. Every event passes
+    through :func:`redact`, so a Redis password never reaches a log line.
     """
     stream = stream or sys.stderr
-    use_json = settings.log_format == "json" or (settings.log_format == "auto" and not stream.isatty())
-    renderer: Any = structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer(colors=False)
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if json_logs(settings, stream)
+        else structlog.dev.ConsoleRenderer(colors=False, sort_keys=False, exception_formatter=structlog.dev.plain_traceback)
+    )
+    level = logging.getLevelName(settings.log_level.upper())
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[
+            structlog.stdlib.add_log_level,
+            structlog.stdlib.add_logger_name,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+        ],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            _redact_processor,
+            _order_keys,
+            renderer,
+        ],
+    )
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter)
+    setattr(handler, _HANDLER_TAG, True)
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, _HANDLER_TAG, False)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    # This project's loggers at the configured level; other libraries' chatter (h5py, matplotlib, redis) at INFO+.
+    root.setLevel(max(level, logging.INFO))
+    for name in ("arcface", "producer", "worker"):
+        logging.getLogger(name).setLevel(level)
+    logging.captureWarnings(True)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            _redact_processor,
-            renderer,
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(settings.log_level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.stdlib.LoggerFactory(),
         cache_logger_on_first_use=False,
     )
