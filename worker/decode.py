@@ -44,6 +44,7 @@ the whole image in bands of about 4 MiB into one ``uint8`` array. Nothing here m
 from __future__ import annotations
 
 import io
+import struct
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -78,6 +79,7 @@ _GREY_16 = {"I;16": "<u2", "I;16L": "<u2", "I;16B": ">u2", "I;16N": "=u2"}
 _LUT_16 = ((np.arange(65536, dtype=np.uint32) + 128) // 257).astype(np.uint8)
 _BAND_BYTES = 4 * 1024 * 1024
 _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+_SEGMENT = struct.Struct(">BBH")  # a JPEG marker (FF xx) and the segment length after it
 _METADATA = ("exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp")  # where Pillow's getexif() looks
 
 
@@ -191,40 +193,36 @@ def jpeg_header(data: bytes) -> JpegHeader | None:
     n, i = len(data), 2
     frame: tuple[int, int, int, int, int, float] | None = None
     metadata = False
+    segment = _SEGMENT.unpack_from
     while i + 4 <= n:
-        if data[i] != 0xFF:
+        ff, marker, length = segment(data, i)
+        if ff != 0xFF:
             i = data.find(b"\xff", i)  # garbage before a marker: libjpeg skips it too
             if i < 0:
                 return None
-            continue
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
+        elif marker == 0xDA:
+            return None if frame is None else JpegHeader(frame[2], frame[1], frame[3], frame[0], frame[4], frame[5], i, metadata)
+        elif marker == 0xFF:  # fill byte
             i += 1
-            continue
-        if marker == 0x01 or 0xD0 <= marker <= 0xD7:
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
             i += 2
-            continue
-        if marker in (0xD8, 0xD9):
+        elif marker in (0xD8, 0xD9):
             return None
-        if marker == 0xDA:
-            if frame is None:
-                return None
-            return JpegHeader(frame[2], frame[1], frame[3], frame[0], frame[4], frame[5], i, metadata)
-        length = int.from_bytes(data[i + 2:i + 4], "big")
-        if marker in _JPEG_SOF and frame is None:
-            seg = data[i + 4:i + 2 + length]
-            if len(seg) < 6:
-                return None
-            count = seg[5]
-            factors = [(b >> 4, b & 15) for b in seg[7:6 + 3 * count:3]]
-            if len(factors) != count or not factors or any(h == 0 or v == 0 for h, v in factors):
-                return None
-            hmax, vmax = max(h for h, _ in factors), max(v for _, v in factors)
-            samples = sum(h * v for h, v in factors) / (hmax * vmax)
-            frame = (seg[0], int.from_bytes(seg[1:3], "big"), int.from_bytes(seg[3:5], "big"), count, marker, samples)
-        elif marker == 0xE1:
-            metadata = True
-        i += 2 + length
+        else:
+            if marker in _JPEG_SOF and frame is None:
+                seg = data[i + 4:i + 2 + length]
+                if len(seg) < 6:
+                    return None
+                count = seg[5]
+                factors = [(b >> 4, b & 15) for b in seg[7:6 + 3 * count:3]]
+                if len(factors) != count or not factors or any(h == 0 or v == 0 for h, v in factors):
+                    return None
+                hmax, vmax = max(h for h, _ in factors), max(v for _, v in factors)
+                samples = sum(h * v for h, v in factors) / (hmax * vmax)
+                frame = (seg[0], int.from_bytes(seg[1:3], "big"), int.from_bytes(seg[3:5], "big"), count, marker, samples)
+            elif marker == 0xE1:
+                metadata = True
+            i += 2 + length
     return None
 
 
@@ -376,24 +374,35 @@ class Decoded:
     def _convert(self, band: Image.Image, rgbx: bool) -> np.ndarray:
         """One band of the image (same mode) -> uint8 (h, W, C)."""
         mode, (w, h) = band.mode, band.size
-        if mode == "L":
-            return np.frombuffer(band.tobytes(), np.uint8).reshape(h, w, 1)
-        if mode == "1":
-            return np.frombuffer(band.tobytes("raw", "L"), np.uint8).reshape(h, w, 1)
+        if mode in ("L", "1"):
+            return np.frombuffer(_raw_bytes(band, "L", 1), np.uint8).reshape(h, w, 1)
         if mode in ("RGB", "RGBA", "RGBX"):
             if rgbx:
-                return np.frombuffer(band.tobytes("raw", "RGBA" if mode == "RGBA" else "RGBX"), np.uint8).reshape(h, w, 4)
-            return np.frombuffer(band.tobytes("raw", "RGB"), np.uint8).reshape(h, w, 3)
+                return np.frombuffer(_raw_bytes(band, "RGBA" if mode == "RGBA" else "RGBX", 4), np.uint8).reshape(h, w, 4)
+            return np.frombuffer(_raw_bytes(band, "RGB", 3), np.uint8).reshape(h, w, 3)
         if mode in _GREY_16:
-            return _LUT_16[np.frombuffer(band.tobytes(), _GREY_16[mode]).reshape(h, w, 1)]
+            return _LUT_16[np.frombuffer(_raw_bytes(band, mode, 2), _GREY_16[mode]).reshape(h, w, 1)]
         if mode == "I":  # 32-bit grey: 8-bit values as they are, 16-bit values like I;16 (as before)
-            wide = np.frombuffer(band.tobytes(), np.int32).reshape(h, w, 1)
+            wide = np.frombuffer(_raw_bytes(band, "I", 4), np.int32).reshape(h, w, 1)
             if self._i_scale == 255:
                 return np.clip(wide, 0, 255).astype(np.uint8)
             return np.clip((wide.astype(np.int64) + 128) // 257, 0, 255).astype(np.uint8)
         if mode == "LA":
-            return np.frombuffer(band.convert("L").tobytes(), np.uint8).reshape(h, w, 1)
-        return np.frombuffer(band.convert("RGB").tobytes(), np.uint8).reshape(h, w, 3)
+            return np.frombuffer(_raw_bytes(band.convert("L"), "L", 1), np.uint8).reshape(h, w, 1)
+        return np.frombuffer(_raw_bytes(band.convert("RGB"), "RGB", 3), np.uint8).reshape(h, w, 3)
+
+
+def _raw_bytes(img: Image.Image, rawmode: str, bytes_per_pixel: int) -> bytes:
+    """``img.tobytes("raw", rawmode)`` in one encoder call. ``tobytes`` encodes in 64 KiB pieces and joins them,
+    which costs 30x more for a 250x250 RGB image (224 us instead of 7)."""
+    size = img.width * img.height * bytes_per_pixel
+    try:
+        encoder = Image._getencoder(img.mode, "raw", (rawmode,))
+        encoder.setimage(img.im, (0, 0, *img.size))
+        _, status, data = encoder.encode(max(size, 1))
+    except (AttributeError, TypeError):  # Pillow's internals moved: the public way
+        return img.tobytes("raw", rawmode)
+    return data if status == 1 and len(data) == size else img.tobytes("raw", rawmode)
 
 
 def _is_float(mode: str) -> bool:
