@@ -38,6 +38,7 @@ FACES = REPO / "tests" / "data" / "faces"
 
 # --- the previous implementation (float64 copy of the whole image, four full corner gathers), for reference ---
 
+
 def _old_decode(data: bytes) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -75,7 +76,12 @@ def old_pad_and_resize(image: np.ndarray, size: int) -> np.ndarray:
     def corner(yi, yok, xi, xok):
         return img[yi[:, None], xi[None, :]] * (yok[:, None] & xok[None, :])[:, :, None]
 
-    tl, tr, bl, br = corner(y0, y0ok, x0, x0ok), corner(y0, y0ok, x1, x1ok), corner(y1, y1ok, x0, x0ok), corner(y1, y1ok, x1, x1ok)
+    tl, tr, bl, br = (
+        corner(y0, y0ok, x0, x0ok),
+        corner(y0, y0ok, x1, x1ok),
+        corner(y1, y1ok, x0, x0ok),
+        corner(y1, y1ok, x1, x1ok),
+    )
     top = tl + (tr - tl) * fx[None, :, None]
     bottom = bl + (br - bl) * fx[None, :, None]
     return (top + (bottom - top) * fy[:, None, None]).astype(np.float32)
@@ -86,6 +92,7 @@ def old_preprocess(data: bytes, size: int) -> np.ndarray:
 
 
 # --- inputs and timing ---
+
 
 def jpeg(img: Image.Image, size: tuple[int, int]) -> bytes:
     buf = io.BytesIO()
@@ -192,7 +199,9 @@ def main() -> None:
         for d in images:  # the new pipeline must equal the reference bit for bit
             if not np.array_equal(old_preprocess(d, 112), preprocess(d, 112)):
                 raise SystemExit(f"{name}: new preprocessing differs from the reference")
-    print(f"{'input':14s} {'old ms':>8s} {'new ms':>8s} {'decode ms':>10s} {'1 thread img/s':>15s} {'2 threads img/s':>16s} {'serial share':>13s}")
+    print(
+        f"{'input':14s} {'old ms':>8s} {'new ms':>8s} {'decode ms':>10s} {'1 thread img/s':>15s} {'2 threads img/s':>16s} {'serial share':>13s}"
+    )
     results = []
     for name, images in all_cases.items():
         old = per_image_ms(lambda d: old_preprocess(d, 112), images, args.seconds, args.rounds)
@@ -203,12 +212,18 @@ def main() -> None:
         results.append((name, old, new, one, two, serial))
         print(f"{name:14s} {old:8.3f} {new:8.3f} {dec:10.3f} {one:15.0f} {two:16.0f} {serial:13.2f}")
     for name, old, new, *_ in results:
-        print(f"RATIO {name} new ms per image: {new:.3f} ms, {old / new:.1f}x faster than the previous implementation (target <= 0.5 ms for 112-250 px)")
+        print(
+            f"RATIO {name} new ms per image: {new:.3f} ms, {old / new:.1f}x faster than the previous implementation (target <= 0.5 ms for 112-250 px)"
+        )
     reference = reference_scaling(4 * args.seconds)
     for name, _, _, one, two, serial in results:
-        print(f"RATIO {name} 2 threads / 1 thread: {two / one:.2f}x measured, {1 / (serial + (1 - serial) / 2):.2f}x "
-              f"from the serial share {serial:.2f} (target >= 1.7x)")
-    print(f"RATIO GIL-free numpy reference 2 threads / 1 thread: {reference:.2f}x (the most this machine gave two threads during the run)")
+        print(
+            f"RATIO {name} 2 threads / 1 thread: {two / one:.2f}x measured, {1 / (serial + (1 - serial) / 2):.2f}x "
+            f"from the serial share {serial:.2f} (target >= 1.7x)"
+        )
+    print(
+        f"RATIO GIL-free numpy reference 2 threads / 1 thread: {reference:.2f}x (the most this machine gave two threads during the run)"
+    )
     print(f"load average {os.getloadavg()[0]:.2f} at end (2 cores shared: ratios under load understate the scaling)")
 
 

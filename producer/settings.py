@@ -26,25 +26,40 @@ class CommonSettings(BaseSettings):
     """What producers and workers must agree on: where Redis is, the queue, TTLs and limits."""
 
     # env_ignore_empty: ARCFACE_X= (empty, as compose passes an unset ${ARCFACE_X:-}) means unset, i.e. the default.
-    model_config = SettingsConfigDict(env_prefix="ARCFACE_", env_file=".env", env_file_encoding="utf-8", extra="ignore",
-                                      env_ignore_empty=True)
+    model_config = SettingsConfigDict(
+        env_prefix="ARCFACE_", env_file=".env", env_file_encoding="utf-8", extra="ignore", env_ignore_empty=True
+    )
 
     redis_url: SecretStr | None = Field(
         default=None,
         description="redis://[user:password@]host:port/db, rediss:// (TLS) or unix:///path.sock; unset = the embedded Redis",
     )
-    embedded_redis: bool = Field(default=True, description="false: never start or use the embedded Redis (ARCFACE_REDIS_URL required)")
-    redis_max_connections: int = Field(default=512, ge=1, description="connections one client process may open (threads wait for a free one)")
-    redis_tls_ca_file: Path | None = Field(default=None, description="CA bundle to verify a rediss:// server (default: the system's)")
-    data_dir: Path = Field(default=Path(user_data_dir("arcface-service")), description="where the embedded Redis keeps its data")
+    embedded_redis: bool = Field(
+        default=True, description="false: never start or use the embedded Redis (ARCFACE_REDIS_URL required)"
+    )
+    redis_max_connections: int = Field(
+        default=512, ge=1, description="connections one client process may open (threads wait for a free one)"
+    )
+    redis_tls_ca_file: Path | None = Field(
+        default=None, description="CA bundle to verify a rediss:// server (default: the system's)"
+    )
+    data_dir: Path = Field(
+        default=Path(user_data_dir("arcface-service")), description="where the embedded Redis keeps its data"
+    )
     queue: str = Field(default=DEFAULT_QUEUE, min_length=1, description="rq queue name")
-    result_ttl: int = Field(default=3600, ge=-1, description="seconds a result is kept under its job id (-1 forever, 0 not kept)")
+    result_ttl: int = Field(
+        default=3600, ge=-1, description="seconds a result is kept under its job id (-1 forever, 0 not kept)"
+    )
     failure_ttl: int = Field(default=86400, ge=-1, description="seconds a failed job is kept (-1 forever, 0 not kept)")
     job_timeout: int = Field(default=180, ge=1, description="seconds a job may run before it fails with job_timeout")
     retries: int = Field(default=3, ge=0, description="times a job is retried after its worker died")
     max_inline_bytes: int = Field(default=10 * 1024 * 1024, ge=1, description="largest inline image")
-    shared_root: Path | None = Field(default=None, description="directory path images are relative to; unset = path images refused")
-    log_format: Literal["auto", "json", "console"] = Field(default="auto", description="json, console, or auto (JSON when not a TTY)")
+    shared_root: Path | None = Field(
+        default=None, description="directory path images are relative to; unset = path images refused"
+    )
+    log_format: Literal["auto", "json", "console"] = Field(
+        default="auto", description="json, console, or auto (JSON when not a TTY)"
+    )
     log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL")
 
     @field_validator("redis_url")
@@ -83,7 +98,9 @@ class CommonSettings(BaseSettings):
 class ProducerSettings(CommonSettings):
     """The producer process's settings."""
 
-    wait_timeout: float = Field(default=60.0, gt=0, allow_inf_nan=False, description="default seconds to wait for a result")
+    wait_timeout: float = Field(
+        default=60.0, gt=0, allow_inf_nan=False, description="default seconds to wait for a result"
+    )
 
 
 S = TypeVar("S", bound=BaseSettings)
@@ -179,7 +196,9 @@ def configure_logging(settings: CommonSettings, stream: Any = None) -> None:
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if json_logs(settings, stream)
-        else structlog.dev.ConsoleRenderer(colors=False, sort_keys=False, exception_formatter=structlog.dev.plain_traceback)
+        else structlog.dev.ConsoleRenderer(
+            colors=False, sort_keys=False, exception_formatter=structlog.dev.plain_traceback
+        )
     )
     level = logging.getLevelName(settings.log_level.upper())
     formatter = structlog.stdlib.ProcessorFormatter(
