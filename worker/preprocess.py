@@ -27,6 +27,8 @@ Deliberate deviations from the seed, documented in the README:
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -41,6 +43,10 @@ __all__ = [
 ]
 
 _STRIP_MIN_PIXELS = 2_000_000  # from this size on, only the sampled rows are converted out of the decoder
+INDEX_CACHE_BYTES = 32 * 1024 * 1024  # gather index tables kept for the image geometries seen most recently
+_INDEX_CACHE: OrderedDict[tuple, np.ndarray] = OrderedDict()
+_INDEX_BYTES = 0
+_INDEX_LOCK = threading.Lock()
 
 
 def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
@@ -111,18 +117,28 @@ class _Plan:
     stored_col: np.ndarray
     row_ids: np.ndarray  # the distinct stored rows read, sorted
     identity: bool  # the samples are the image itself (size x size, no padding, no interpolation)
-    _index: dict[tuple[int, int, int, bool], np.ndarray] = field(default_factory=dict)
+    key: tuple[int, int, int, int] = (0, 0, 0, 1)  # (height, width, size, orientation)
     _weights: dict[int, np.ndarray] = field(default_factory=dict)
 
     def index(self, width: int, c_src: int, c_out: int, strip: bool) -> np.ndarray:
-        """Flat indices into a C-contiguous (rows, width, c_src) array, shaped (ny, nx * c_out)."""
-        key = (width, c_src, c_out, strip)
-        idx = self._index.get(key)
-        if idx is None:
-            row = np.searchsorted(self.row_ids, self.stored_row) if strip else self.stored_row
-            pixel = row * width + self.stored_col
-            idx = (pixel[:, :, None] * c_src + np.arange(c_out)).reshape(pixel.shape[0], -1).astype(np.intp)
-            self._index[key] = idx
+        """Flat indices into a C-contiguous (rows, width, c_src) array, shaped (ny, nx * c_out); kept in a
+        byte-bounded LRU cache (1.2 MB for a colour 112 px plan)."""
+        key = (*self.key, width, c_src, c_out, strip)
+        with _INDEX_LOCK:
+            idx = _INDEX_CACHE.get(key)
+            if idx is not None:
+                _INDEX_CACHE.move_to_end(key)
+                return idx
+        row = np.searchsorted(self.row_ids, self.stored_row) if strip else self.stored_row
+        pixel = row * width + self.stored_col
+        idx = (pixel[:, :, None] * c_src + np.arange(c_out)).reshape(pixel.shape[0], -1).astype(np.intp)
+        global _INDEX_BYTES
+        with _INDEX_LOCK:
+            if key not in _INDEX_CACHE:
+                _INDEX_CACHE[key] = idx
+                _INDEX_BYTES += idx.nbytes
+                while _INDEX_BYTES > INDEX_CACHE_BYTES and len(_INDEX_CACHE) > 1:
+                    _INDEX_BYTES -= _INDEX_CACHE.popitem(last=False)[1].nbytes
         return idx
 
     def fx(self, channels: int) -> np.ndarray:
@@ -147,7 +163,7 @@ def _plan(height: int, width: int, size: int, orientation: int = 1) -> _Plan:
     else:
         stored_row, stored_col = np.broadcast_to(u[:, None], (u.size, v.size)), np.broadcast_to(v[None, :], (u.size, v.size))
     identity = (orientation == 1 and height == width == size)
-    return _Plan(size, rows, cols, stored_row, stored_col, np.unique(stored_row), identity)
+    return _Plan(size, rows, cols, stored_row, stored_col, np.unique(stored_row), identity, (height, width, size, orientation))
 
 
 def _interpolate(samples: np.ndarray, plan: _Plan, channels: int) -> np.ndarray:
