@@ -89,6 +89,7 @@ class BatchWorker(SimpleWorker):
         self._infer = ThreadPoolExecutor(1, thread_name_prefix="infer")
         self._lock = threading.Lock()  # guards _jobs against the heartbeat thread
         self._jobs: dict[str, Taken] = {}  # registered, not yet completed
+        self._bytes_in_hand = 0  # payload bytes of _jobs: taking pauses at 2 x max_job_bytes
         self._waiting: deque[Item] = deque()  # images not yet in an engine batch
         self._stop = threading.Event()
         self._signals = 0
@@ -157,7 +158,8 @@ class BatchWorker(SimpleWorker):
             taken += self._admit([first])
         deadline = time.monotonic() + self.batch_timeout_s
         # While the model runs, take up to two batches ahead so preprocessing never starves (multi-image jobs).
-        while self._waiting_images() < self.max_batch_size * (2 if model_busy() else 1) and not self._stop.is_set():
+        while (self._waiting_images() < self.max_batch_size * (2 if model_busy() else 1) and not self._stop.is_set()
+               and self._bytes_in_hand < 2 * self.settings.max_job_bytes):
             ids = pop_many(self.connection, keys, max(1, self.max_batch_size - self._waiting_images()))
             if not ids and model_busy():
                 one = pop_first(self.connection, keys, _BUSY_POLL_S)
@@ -241,6 +243,7 @@ class BatchWorker(SimpleWorker):
         with self._lock:
             for t in jobs:
                 self._jobs[t.id] = t
+                self._bytes_in_hand += t.nbytes
         self._redis_retry("register", write)
         instant = [t for t in jobs if t.n_images == 0]  # nothing to embed (forget): complete now
         if instant:
@@ -443,7 +446,8 @@ class BatchWorker(SimpleWorker):
                     replies.append(0)
         with self._lock:
             for t in jobs:
-                self._jobs.pop(t.id, None)
+                if self._jobs.pop(t.id, None) is not None:
+                    self._bytes_in_hand -= t.nbytes
         for t, o, reply in zip(jobs, outcomes, replies):
             if reply == 0 and o.guard == "own":
                 log.warning("outcome_skipped", job_id=t.id, reason="started entry gone: recovered by another worker or Redis was flushed")

@@ -38,6 +38,7 @@ class Taken:
     started_at: datetime | None = None
     queued_ms: float = 0.0
     detect: bool = False
+    nbytes: int = 0  # inflated payload size: bounds what the worker holds (ARCFACE_MAX_JOB_BYTES)
     # filled as the job's images pass through the engine
     n_images: int = 0
     remaining: int = 0
@@ -107,6 +108,7 @@ def classify(job_id: str, fields: dict[bytes, bytes], connection: redis.Redis, m
         taken.rewrite = True
         taken.failure = JobFailure(ErrorCode.INVALID_PAYLOAD, f"job hash cannot be read by rq: {str(exc)[:300]}")
         return taken
+    taken.nbytes = len(taken.job.data or b"")
     taken.failure = _request(taken)
     if taken.failure is not None and b"data" not in fields:
         taken.rewrite = True  # rq's Job.fetch refuses a hash without data: leave a failed job rq can read
