@@ -199,9 +199,8 @@ def main() -> None:
         for d in images:  # the new pipeline must equal the reference bit for bit
             if not np.array_equal(old_preprocess(d, 112), preprocess(d, 112)):
                 raise SystemExit(f"{name}: new preprocessing differs from the reference")
-    print(
-        f"{'input':14s} {'old ms':>8s} {'new ms':>8s} {'decode ms':>10s} {'1 thread img/s':>15s} {'2 threads img/s':>16s} {'serial share':>13s}"
-    )
+    columns = ["old ms", "new ms", "decode ms", "1 thread img/s", "2 threads img/s", "serial share"]
+    print(f"{'input':14s} " + " ".join(f"{c:>15s}" for c in columns))
     results = []
     for name, images in all_cases.items():
         old = per_image_ms(lambda d: old_preprocess(d, 112), images, args.seconds, args.rounds)
@@ -210,10 +209,11 @@ def main() -> None:
         one, two = thread_scaling(images, 4 * args.seconds)
         serial = serial_share(images, args.rounds)
         results.append((name, old, new, one, two, serial))
-        print(f"{name:14s} {old:8.3f} {new:8.3f} {dec:10.3f} {one:15.0f} {two:16.0f} {serial:13.2f}")
+        print(f"{name:14s} {old:15.3f} {new:15.3f} {dec:15.3f} {one:15.0f} {two:15.0f} {serial:15.2f}")
     for name, old, new, *_ in results:
         print(
-            f"RATIO {name} new ms per image: {new:.3f} ms, {old / new:.1f}x faster than the previous implementation (target <= 0.5 ms for 112-250 px)"
+            f"RATIO {name} new ms per image: {new:.3f} ms, {old / new:.1f}x faster than the previous implementation "
+            "(target <= 0.5 ms for 112-250 px)"
         )
     reference = reference_scaling(4 * args.seconds)
     for name, _, _, one, two, serial in results:
@@ -222,7 +222,8 @@ def main() -> None:
             f"from the serial share {serial:.2f} (target >= 1.7x)"
         )
     print(
-        f"RATIO GIL-free numpy reference 2 threads / 1 thread: {reference:.2f}x (the most this machine gave two threads during the run)"
+        f"RATIO GIL-free numpy reference 2 threads / 1 thread: {reference:.2f}x "
+        "(the most this machine gave two threads during the run)"
     )
     print(f"load average {os.getloadavg()[0]:.2f} at end (2 cores shared: ratios under load understate the scaling)")
 

@@ -58,7 +58,8 @@ def reference_pad_and_resize(image: np.ndarray, size: int) -> np.ndarray:
     def corner(yi, yok, xi, xok):
         return img[yi[:, None], xi[None, :]] * (yok[:, None] & xok[None, :])[:, :, None]
 
-    tl, tr, bl, br = corner(y0, y0ok, x0, x0ok), corner(y0, y0ok, x1, x1ok), corner(y1, y1ok, x0, x0ok), corner(y1, y1ok, x1, x1ok)
+    tl, tr = corner(y0, y0ok, x0, x0ok), corner(y0, y0ok, x1, x1ok)
+    bl, br = corner(y1, y1ok, x0, x0ok), corner(y1, y1ok, x1, x1ok)
     top = tl + (tr - tl) * fx[None, :, None]
     bottom = bl + (br - bl) * fx[None, :, None]
     return (top + (bottom - top) * fy[:, None, None]).astype(np.float32)
@@ -143,8 +144,24 @@ def test_all_shared_faces_equal_the_previous_implementation(size):
             assert_same(decode_image(data), reference_decode(data))
 
 
-ODD_SHAPES = [(1, 50), (50, 1), (1, 1), (2, 4), (4, 2), (113, 7), (7, 113), (3000, 200), (200, 3000), (7, 13),
-              (116, 116), (112, 112), (224, 224), (111, 113), (250, 250), (480, 640)]
+ODD_SHAPES = [
+    (1, 50),
+    (50, 1),
+    (1, 1),
+    (2, 4),
+    (4, 2),
+    (113, 7),
+    (7, 113),
+    (3000, 200),
+    (200, 3000),
+    (7, 13),
+    (116, 116),
+    (112, 112),
+    (224, 224),
+    (111, 113),
+    (250, 250),
+    (480, 640),
+]
 
 
 @pytest.mark.parametrize("h,w", ODD_SHAPES)
@@ -186,7 +203,7 @@ def test_encoded_modes_equal_the_previous_implementation(h, w):
         for kw in ({}, {"progressive": True}, {"subsampling": 0}, {"quality": 40, "optimize": True}):
             for mode in ("RGB", "L", "CMYK"):
                 encoded[f"{mode} jpeg {kw}"] = encode(photo(h, w).convert(mode), "JPEG", **kw)
-    for name, data in encoded.items():
+    for data in encoded.values():
         assert_same(decode_image(data, LOOSE), reference_decode(data))
         assert_same(preprocess(data, 112, LOOSE), reference_preprocess(data, 112))
 
@@ -220,7 +237,8 @@ def test_every_exif_orientation_matches_pillow_exif_transpose(orientation):
     rgb = random_rgb(10, 16, seed=orientation)
     exif = Image.Exif()
     exif[0x0112] = orientation
-    for data in (png_bytes(Image.fromarray(rgb), exif=exif.tobytes()), encode(photo(30, 52), "JPEG", exif=exif.tobytes())):
+    tagged = exif.tobytes()
+    for data in (png_bytes(Image.fromarray(rgb), exif=tagged), encode(photo(30, 52), "JPEG", exif=tagged)):
         expected = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
         assert_same(decode_image(data), expected)
         for size in (112, 9):
@@ -266,7 +284,7 @@ def test_padding_and_resize_match_tensorflow_kernel_and_tfjs_formula(h, w):
     rgb = random_rgb(h, w)
     ours = pad_and_resize(rgb, 112)
     assert ours.shape == (112, 112, 3) and ours.dtype == np.float32
-    np.testing.assert_allclose(ours, reference_seed_pipeline(rgb), atol=5e-3)  # TF computes in float32: ~1e-5 after /255
+    np.testing.assert_allclose(ours, reference_seed_pipeline(rgb), atol=5e-3)  # TF computes in float32
     ph, pw = seed_padding(h, w)
     padded = np.pad(rgb.astype(np.float64), [(ph, ph), (pw, pw), (0, 0)])
     np.testing.assert_allclose(ours, tfjs_bilinear_numpy(padded, 112), atol=1e-4)
@@ -295,7 +313,7 @@ def test_grey_palette_and_rgba_images_become_rgb():
     grey = np.random.default_rng(1).integers(0, 256, (20, 30), dtype=np.uint8)
     assert np.array_equal(decode_image(png_bytes(Image.fromarray(grey, "L"))), np.repeat(grey[:, :, None], 3, axis=2))
     rgba = np.random.default_rng(2).integers(0, 256, (20, 30, 4), dtype=np.uint8)
-    assert np.array_equal(decode_image(png_bytes(Image.fromarray(rgba, "RGBA"))), rgba[:, :, :3])  # alpha dropped, like TF
+    assert np.array_equal(decode_image(png_bytes(Image.fromarray(rgba, "RGBA"))), rgba[:, :, :3])  # alpha dropped
     pal = Image.fromarray(random_rgb(20, 30)).convert("P")
     assert np.array_equal(decode_image(png_bytes(pal)), np.asarray(pal.convert("RGB")))
     assert as_rgb_array(grey).shape == (20, 30, 3) and as_rgb_array(rgba).shape == (20, 30, 3)
@@ -311,11 +329,12 @@ def test_exif_orientation_is_applied():
 
 
 def test_sixteen_bit_png_and_cmyk_jpeg_decode():
-    wide = (np.arange(20 * 20, dtype=np.uint16).reshape(20, 20) * 160)
+    wide = np.arange(20 * 20, dtype=np.uint16).reshape(20, 20) * 160
     out = decode_image(png_bytes(Image.fromarray(wide)))
     np.testing.assert_array_equal(out[:, :, 0], np.rint(wide / 257.0).astype(np.uint8))
     every = np.arange(65536, dtype=np.uint16).reshape(256, 256)  # the 16 -> 8 bit table, all values
-    np.testing.assert_array_equal(decode_image(png_bytes(Image.fromarray(every)))[:, :, 2], np.rint(every * (255.0 / 65535.0)).astype(np.uint8))
+    expected = np.rint(every * (255.0 / 65535.0)).astype(np.uint8)
+    np.testing.assert_array_equal(decode_image(png_bytes(Image.fromarray(every)))[:, :, 2], expected)
     buf = io.BytesIO()
     Image.new("CMYK", (20, 20), (0, 255, 0, 0)).save(buf, "JPEG", quality=95)
     rgb = decode_image(buf.getvalue())
@@ -333,7 +352,8 @@ def test_tensorflow_jpeg_decoder_gives_tensorflows_exact_pixels():
 
     limits = DecodeLimits(jpeg_decoder="tensorflow")
     jpegs = [p.read_bytes() for p in sorted((FACES / "group").glob("*.jpg"))] + [
-        encode(photo(90, 70), "JPEG", progressive=True), encode(photo(90, 70).convert("L"), "JPEG"),
+        encode(photo(90, 70), "JPEG", progressive=True),
+        encode(photo(90, 70).convert("L"), "JPEG"),
         encode(photo(90, 70).convert("CMYK"), "JPEG"),
     ]
     for data in jpegs:
@@ -341,18 +361,22 @@ def test_tensorflow_jpeg_decoder_gives_tensorflows_exact_pixels():
         assert_same(decode_image(data, limits), expected)
         assert_same(preprocess(data, 112, limits), reference_pad_and_resize(expected, 112))
     pillow = decode_image(jpegs[0]).astype(int)
-    assert 0 < np.abs(pillow - tf.io.decode_jpeg(jpegs[0], channels=3).numpy()).max() <= 20  # the two IDCTs differ (FINDINGS #2)
+    tf_pixels = tf.io.decode_jpeg(jpegs[0], channels=3).numpy()
+    assert 0 < np.abs(pillow - tf_pixels).max() <= 20  # the two IDCTs differ (FINDINGS #2)
     exif = Image.Exif()
     exif[0x0112] = 6
     rotated = encode(photo(40, 64), "JPEG", exif=exif.tobytes())
-    assert_same(decode_image(rotated, limits), np.ascontiguousarray(np.rot90(tf.io.decode_jpeg(rotated, channels=3).numpy(), k=-1)))
+    expected = np.ascontiguousarray(np.rot90(tf.io.decode_jpeg(rotated, channels=3).numpy(), k=-1))
+    assert_same(decode_image(rotated, limits), expected)
     png = png_bytes(Image.fromarray(random_rgb(30, 30)))
     assert_same(decode_image(png, limits), decode_image(png))  # PNGs decode identically everywhere
 
 
 def test_importing_preprocess_does_not_import_tensorflow():
     code = "import sys, worker.preprocess, worker.decode; print('tensorflow' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120, check=True
+    )
     assert out.stdout.strip() == "False"
 
 
@@ -371,7 +395,8 @@ def _png_header_only(width: int, height: int) -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+    ihdr = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    return b"\x89PNG\r\n\x1a\n" + ihdr + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
 
 
 def _truncated_jpeg(keep: int = 300) -> bytes:
@@ -397,8 +422,21 @@ def _truncated_jpeg(keep: int = 300) -> bytes:
         (encode(Image.new("RGB", (40, 40)), "ICO"), ErrorCode.IMAGE_DECODE_ERROR),
         (b"\xff\xd8\xff\xe0" + b"\0" * 100, ErrorCode.IMAGE_DECODE_ERROR),  # JPEG magic, no frame
     ],
-    ids=["zero-bytes", "text", "truncated-jpeg-header", "truncated-jpeg-data", "20000x20000-header", "broken-png-data",
-         "1x1", "bomb-over-limit", "jpeg-over-limit", "webp-over-limit", "tiff", "ico", "jpeg-without-frame"],
+    ids=[
+        "zero-bytes",
+        "text",
+        "truncated-jpeg-header",
+        "truncated-jpeg-data",
+        "20000x20000-header",
+        "broken-png-data",
+        "1x1",
+        "bomb-over-limit",
+        "jpeg-over-limit",
+        "webp-over-limit",
+        "tiff",
+        "ico",
+        "jpeg-without-frame",
+    ],
 )
 def test_bad_input_raises_one_typed_error(data, code):
     with pytest.raises(JobFailure) as info:

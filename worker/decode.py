@@ -69,10 +69,21 @@ warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 PngImagePlugin.MAX_TEXT_MEMORY = min(PngImagePlugin.MAX_TEXT_MEMORY, 4 * 1024 * 1024)
 
 _MAGIC: tuple[tuple[bytes, int, str], ...] = (
-    (b"\xff\xd8\xff", 0, "JPEG"), (b"\x89PNG\r\n\x1a\n", 0, "PNG"), (b"GIF87a", 0, "GIF"), (b"GIF89a", 0, "GIF"),
-    (b"BM", 0, "BMP"), (b"II*\x00", 0, "TIFF"), (b"MM\x00*", 0, "TIFF"), (b"WEBP", 8, "WEBP"),
-    (b"ftyp", 4, "HEIF/AVIF"), (b"\x00\x00\x00\x0cjP  ", 0, "JPEG 2000"), (b"\xff\x4f\xff\x51", 0, "JPEG 2000"),
-    (b"8BPS", 0, "PSD"), (b"\x00\x00\x01\x00", 0, "ICO"), (b"%PDF", 0, "PDF"), (b"<svg", 0, "SVG"),
+    (b"\xff\xd8\xff", 0, "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", 0, "PNG"),
+    (b"GIF87a", 0, "GIF"),
+    (b"GIF89a", 0, "GIF"),
+    (b"BM", 0, "BMP"),
+    (b"II*\x00", 0, "TIFF"),
+    (b"MM\x00*", 0, "TIFF"),
+    (b"WEBP", 8, "WEBP"),
+    (b"ftyp", 4, "HEIF/AVIF"),
+    (b"\x00\x00\x00\x0cjP  ", 0, "JPEG 2000"),
+    (b"\xff\x4f\xff\x51", 0, "JPEG 2000"),
+    (b"8BPS", 0, "PSD"),
+    (b"\x00\x00\x01\x00", 0, "ICO"),
+    (b"%PDF", 0, "PDF"),
+    (b"<svg", 0, "SVG"),
 )
 _GREY_16 = {"I;16": "<u2", "I;16L": "<u2", "I;16B": ">u2", "I;16N": "=u2"}
 # (v + 128) // 257 == rint(v * 255 / 65535) for every 16-bit v (no ties: v / 257 is never k + 1/2).
@@ -119,6 +130,9 @@ class DecodeLimits:
         return BYTES_PER_PIXEL * self.max_pixels
 
 
+DEFAULT_LIMITS = DecodeLimits()
+
+
 class _DecodeTimeout(Exception):
     pass
 
@@ -143,7 +157,7 @@ def sniff_format(data: bytes) -> str | None:
     """The image format the first bytes announce (``JPEG``, ``PNG``, ...), or ``None``."""
     head = bytes(data[:16])
     for magic, at, name in _MAGIC:
-        if head[at:at + len(magic)] == magic and (name != "WEBP" or head[:4] == b"RIFF"):
+        if head[at : at + len(magic)] == magic and (name != "WEBP" or head[:4] == b"RIFF"):
             return name
     return None
 
@@ -151,23 +165,33 @@ def sniff_format(data: bytes) -> str | None:
 def check_size(width: int, height: int, limits: DecodeLimits) -> None:
     """Refuse a width x height outside ``limits`` (``image_too_large`` / ``image_too_small``)."""
     if width * height > limits.max_pixels:
-        raise JobFailure(ErrorCode.IMAGE_TOO_LARGE, f"image is {width}x{height} = {width * height} pixels, over the limit of {limits.max_pixels}")
-    if min(width, height) < limits.min_side:
-        raise JobFailure(ErrorCode.IMAGE_TOO_SMALL, f"image is {width}x{height}; both sides must be at least {limits.min_side} pixels")
-
-
-def _check_memory(what: str, width: int, height: int, bytes_per_pixel: float, why: str, hint: str, limits: DecodeLimits) -> None:
-    need = width * height * bytes_per_pixel
-    if need > limits.memory_budget:
         raise JobFailure(
             ErrorCode.IMAGE_TOO_LARGE,
-            f"{what} of {width}x{height} needs about {need / 1e6:.0f} MB to decode ({bytes_per_pixel:g} bytes per pixel: {why}), "
-            f"over the {limits.memory_budget / 1e6:.0f} MB one image may use ({BYTES_PER_PIXEL} bytes x the {limits.max_pixels}-pixel "
-            f"limit); {hint} or at most {int(limits.memory_budget // bytes_per_pixel)} pixels",
+            f"image is {width}x{height} = {width * height} pixels, over the limit of {limits.max_pixels}",
+        )
+    if min(width, height) < limits.min_side:
+        raise JobFailure(
+            ErrorCode.IMAGE_TOO_SMALL,
+            f"image is {width}x{height}; both sides must be at least {limits.min_side} pixels",
+        )
+
+
+def _check_memory(
+    what: str, width: int, height: int, bytes_per_pixel: float, why: str, hint: str, limits: DecodeLimits
+) -> None:
+    need = width * height * bytes_per_pixel
+    budget = limits.memory_budget
+    if need > budget:
+        raise JobFailure(
+            ErrorCode.IMAGE_TOO_LARGE,
+            f"{what} of {width}x{height} needs about {need / 1e6:.0f} MB to decode ({bytes_per_pixel:g} bytes per "
+            f"pixel: {why}), over the {budget / 1e6:.0f} MB one image may use ({BYTES_PER_PIXEL} bytes x the "
+            f"{limits.max_pixels}-pixel limit); {hint} or at most {int(budget // bytes_per_pixel)} pixels",
         )
 
 
 # --- JPEG: header and scans, read without decoding ------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class JpegHeader:
@@ -185,7 +209,22 @@ class JpegHeader:
     @property
     def plain(self) -> bool:
         """8-bit grey or colour Huffman JPEG without EXIF/XMP: decoded without Pillow's Python header parser."""
-        return self.sof in (0xC0, 0xC1, 0xC2) and self.precision == 8 and self.components in (1, 3) and not self.metadata
+        return (
+            self.sof in (0xC0, 0xC1, 0xC2) and self.precision == 8 and self.components in (1, 3) and not self.metadata
+        )
+
+
+def _jpeg_frame(seg: bytes, marker: int) -> tuple[int, int, int, int, int, float] | None:
+    """(precision, height, width, components, marker, samples per pixel) of a frame header's body."""
+    if len(seg) < 6:
+        return None
+    count = seg[5]
+    factors = [(b >> 4, b & 15) for b in seg[7 : 6 + 3 * count : 3]]
+    if len(factors) != count or not factors or any(h == 0 or v == 0 for h, v in factors):
+        return None
+    hmax, vmax = max(h for h, _ in factors), max(v for _, v in factors)
+    samples = sum(h * v for h, v in factors) / (hmax * vmax)
+    return seg[0], int.from_bytes(seg[1:3], "big"), int.from_bytes(seg[3:5], "big"), count, marker, samples
 
 
 def jpeg_header(data: bytes) -> JpegHeader | None:
@@ -201,7 +240,10 @@ def jpeg_header(data: bytes) -> JpegHeader | None:
             if i < 0:
                 return None
         elif marker == 0xDA:
-            return None if frame is None else JpegHeader(frame[2], frame[1], frame[3], frame[0], frame[4], frame[5], i, metadata)
+            if frame is None:
+                return None
+            precision, height, width, count, sof, samples = frame
+            return JpegHeader(width, height, count, precision, sof, samples, i, metadata)
         elif marker == 0xFF:  # fill byte
             i += 1
         elif marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
@@ -210,16 +252,9 @@ def jpeg_header(data: bytes) -> JpegHeader | None:
             return None
         else:
             if marker in _JPEG_SOF and frame is None:
-                seg = data[i + 4:i + 2 + length]
-                if len(seg) < 6:
+                frame = _jpeg_frame(data[i + 4 : i + 2 + length], marker)
+                if frame is None:
                     return None
-                count = seg[5]
-                factors = [(b >> 4, b & 15) for b in seg[7:6 + 3 * count:3]]
-                if len(factors) != count or not factors or any(h == 0 or v == 0 for h, v in factors):
-                    return None
-                hmax, vmax = max(h for h, _ in factors), max(v for _, v in factors)
-                samples = sum(h * v for h, v in factors) / (hmax * vmax)
-                frame = (seg[0], int.from_bytes(seg[1:3], "big"), int.from_bytes(seg[3:5], "big"), count, marker, samples)
             elif marker == 0xE1:
                 metadata = True
             i += 2 + length
@@ -255,14 +290,21 @@ def _check_jpeg(data: bytes, header: JpegHeader, limits: DecodeLimits) -> None:
     if scans > allowed:
         raise JobFailure(
             ErrorCode.IMAGE_TOO_LARGE,
-            f"JPEG is {header.width}x{header.height} with more than {allowed} scans: decoding costs about one pass over the "
-            f"image per scan, and at most {limits.max_jpeg_scans} scans and {budget:.3g} pixels x scans are allowed (an "
-            "ordinary progressive JPEG has under 12); re-encode it, e.g. as a baseline JPEG",
+            f"JPEG is {header.width}x{header.height} with more than {allowed} scans: decoding costs about one pass "
+            f"over the image per scan, and at most {limits.max_jpeg_scans} scans and {budget:.3g} pixels x scans are "
+            "allowed (an ordinary progressive JPEG has under 12); re-encode it, e.g. as a baseline JPEG",
         )
     image = 1 if header.components == 1 and limits.jpeg_decoder == "pillow" else BYTES_PER_PIXEL
     if scans > 1:
-        _check_memory("a progressive (multi-scan) JPEG", header.width, header.height, image + 2 * header.samples,
-                      "the decoder keeps every DCT coefficient of a multi-scan JPEG", "send it as a baseline JPEG", limits)
+        _check_memory(
+            "a progressive (multi-scan) JPEG",
+            header.width,
+            header.height,
+            image + 2 * header.samples,
+            "the decoder keeps every DCT coefficient of a multi-scan JPEG",
+            "send it as a baseline JPEG",
+            limits,
+        )
 
 
 def _decode_plain_jpeg(data: bytes, header: JpegHeader) -> Image.Image:
@@ -271,8 +313,8 @@ def _decode_plain_jpeg(data: bytes, header: JpegHeader) -> Image.Image:
     holding the GIL). Errors as Pillow's."""
     mode = "L" if header.components == 1 else "RGB"
     size = (header.width, header.height)
-    core = Image.core.new(mode, size)
-    decoder = Image.core.jpeg_decoder(mode, mode, "")
+    core = Image.core.new(mode, size)  # type: ignore[attr-defined]
+    decoder = Image.core.jpeg_decoder(mode, mode, "")  # type: ignore[attr-defined]
     try:
         decoder.setimage(core, (0, 0, *size))
         consumed, err = decoder.decode(data)
@@ -297,7 +339,10 @@ def _decode_tensorflow(data: bytes, width: int, height: int) -> np.ndarray:
         raise JobFailure(ErrorCode.IMAGE_DECODE_ERROR, f"cannot decode JPEG: {first}") from None
     pixels = tensor._numpy() if hasattr(tensor, "_numpy") else tensor.numpy()  # _numpy: a view, .numpy(): a copy
     if pixels.shape[:2] != (height, width):
-        raise JobFailure(ErrorCode.IMAGE_DECODE_ERROR, f"JPEG decoded to {pixels.shape[1]}x{pixels.shape[0]}, not the {width}x{height} its header says")
+        raise JobFailure(
+            ErrorCode.IMAGE_DECODE_ERROR,
+            f"JPEG decoded to {pixels.shape[1]}x{pixels.shape[0]}, not the {width}x{height} of its header",
+        )
     return pixels
 
 
@@ -315,6 +360,7 @@ def webp_size(data: bytes) -> tuple[int, int] | None:
 
 
 # --- decoded images -------------------------------------------------------------------------------------------
+
 
 def _orientation(img: Image.Image) -> int:
     """The EXIF (or XMP) orientation 1..8; 1 when absent, out of range or unreadable (malformed EXIF)."""
@@ -378,7 +424,8 @@ class Decoded:
             return np.frombuffer(_raw_bytes(band, "L", 1), np.uint8).reshape(h, w, 1)
         if mode in ("RGB", "RGBA", "RGBX"):
             if rgbx:
-                return np.frombuffer(_raw_bytes(band, "RGBA" if mode == "RGBA" else "RGBX", 4), np.uint8).reshape(h, w, 4)
+                rawmode = "RGBA" if mode == "RGBA" else "RGBX"
+                return np.frombuffer(_raw_bytes(band, rawmode, 4), np.uint8).reshape(h, w, 4)
             return np.frombuffer(_raw_bytes(band, "RGB", 3), np.uint8).reshape(h, w, 3)
         if mode in _GREY_16:
             return _LUT_16[np.frombuffer(_raw_bytes(band, mode, 2), _GREY_16[mode]).reshape(h, w, 1)]
@@ -409,69 +456,111 @@ def _is_float(mode: str) -> bool:
     return mode == "F" or mode.startswith("F;")
 
 
-def open_image(data: bytes | bytearray | memoryview, limits: DecodeLimits = DecodeLimits()) -> Decoded:
+def _sniff(data: bytes, limits: DecodeLimits) -> str:
+    accepted = ", ".join(limits.formats)
+    fmt = sniff_format(data)
+    if fmt is None:
+        raise JobFailure(
+            ErrorCode.IMAGE_DECODE_ERROR, f"not a recognised image format ({len(data)} bytes); send one of {accepted}"
+        )
+    if fmt not in limits.formats:
+        raise JobFailure(ErrorCode.IMAGE_DECODE_ERROR, f"{fmt} images are not accepted; send one of {accepted}")
+    return fmt
+
+
+def _check_webp(width: int, height: int, limits: DecodeLimits) -> None:
+    check_size(width, height, limits)
+    _check_memory(
+        "a WebP image",
+        width,
+        height,
+        WEBP_BYTES_PER_PIXEL,
+        "libwebp's canvas, its frame and Pillow's image",
+        "send it as PNG or JPEG",
+        limits,
+    )
+
+
+def _check_opened(img: Image.Image, fmt: str, limits: DecodeLimits) -> None:
+    """What Pillow's header parser tells, checked before any pixel is decoded."""
+    check_size(img.width, img.height, limits)
+    if fmt == "WEBP":
+        _check_webp(img.width, img.height, limits)
+    if _is_float(img.mode):
+        raise JobFailure(
+            ErrorCode.IMAGE_DECODE_ERROR, "floating-point images are not supported; send 8- or 16-bit integer pixels"
+        )
+    if fmt == "BMP" and img.info.get("compression") in (1, 2):
+        raise JobFailure(
+            ErrorCode.IMAGE_DECODE_ERROR,
+            "run-length-encoded BMP is not supported; send an uncompressed BMP, a PNG or a JPEG",
+        )
+
+
+def _decode(data: bytes, fmt: str, limits: DecodeLimits, deadline: float) -> Decoded:
+    header = None
+    if fmt == "JPEG":
+        header = jpeg_header(data)
+        if header is None:
+            raise JobFailure(
+                ErrorCode.IMAGE_DECODE_ERROR, f"not a decodable JPEG ({len(data)} bytes): no frame header before a scan"
+            )
+        _check_jpeg(data, header, limits)
+        width, height = header.width, header.height
+        if header.plain:  # the common face crop: no Python header parsing at all
+            if limits.jpeg_decoder == "tensorflow":
+                return Decoded(width, height, 3, pixels=_decode_tensorflow(data, width, height))
+            return Decoded(width, height, header.components, image=_decode_plain_jpeg(data, header))
+    elif fmt == "WEBP" and (size := webp_size(data)) is not None:  # Pillow allocates the canvas when opening
+        _check_webp(*size, limits)
+    fp = _Input(data)
+    img = Image.open(fp, formats=[fmt])
+    _check_opened(img, fmt, limits)
+    width, height = img.size
+    if header is not None and limits.jpeg_decoder == "tensorflow":
+        return Decoded(width, height, 3, _orientation(img), pixels=_decode_tensorflow(data, width, height))
+    _arm(fp, deadline)
+    img.load()
+    if img.size != (width, height) or _is_float(img.mode):
+        raise JobFailure(
+            ErrorCode.IMAGE_DECODE_ERROR,
+            f"{fmt} decoded to {img.width}x{img.height} {img.mode}, not the {width}x{height} its header says",
+        )
+    grey = img.mode in ("L", "1", "LA", "I") or img.mode in _GREY_16
+    decoded = Decoded(width, height, 1 if grey else 3, _orientation(img), image=img)
+    if img.mode == "I":
+        decoded._i_scale = 65535 if img.getextrema()[1] > 255 else 255  # type: ignore[operator]
+    return decoded
+
+
+def open_image(data: bytes | bytearray | memoryview, limits: DecodeLimits = DEFAULT_LIMITS) -> Decoded:
     """Check and decode encoded image bytes (see the module docstring); raises :class:`JobFailure` with
     ``image_decode_error``, ``image_too_large`` or ``image_too_small``."""
     if not data:
         raise JobFailure(ErrorCode.IMAGE_DECODE_ERROR, "image is empty (0 bytes)")
     data = data if isinstance(data, bytes) else bytes(data)
-    fmt = sniff_format(data)
-    accepted = ", ".join(limits.formats)
-    if fmt is None:
-        raise JobFailure(ErrorCode.IMAGE_DECODE_ERROR, f"not a recognised image format ({len(data)} bytes); send one of {accepted}")
-    if fmt not in limits.formats:
-        raise JobFailure(ErrorCode.IMAGE_DECODE_ERROR, f"{fmt} images are not accepted; send one of {accepted}")
+    fmt = _sniff(data, limits)
     deadline = time.monotonic() + limits.max_decode_s
     Image.MAX_IMAGE_PIXELS = limits.max_pixels  # Pillow refuses twice this when opening; check_size refuses more
     try:
-        header = None
-        if fmt == "JPEG":
-            header = jpeg_header(data)
-            if header is None:
-                raise JobFailure(ErrorCode.IMAGE_DECODE_ERROR, f"not a decodable JPEG ({len(data)} bytes): no frame header before a scan")
-            _check_jpeg(data, header, limits)
-            if header.plain:  # the common face crop: no Python header parsing at all
-                if limits.jpeg_decoder == "tensorflow":
-                    return Decoded(header.width, header.height, 3, pixels=_decode_tensorflow(data, header.width, header.height))
-                return Decoded(header.width, header.height, header.components, image=_decode_plain_jpeg(data, header))
-        elif fmt == "WEBP" and (size := webp_size(data)) is not None:  # Pillow allocates the canvas when opening
-            check_size(*size, limits)
-            _check_memory("a WebP image", *size, WEBP_BYTES_PER_PIXEL, "libwebp's canvas, its frame and Pillow's image",
-                          "send it as PNG or JPEG", limits)
-        fp = _Input(data)
-        img = Image.open(fp, formats=[fmt])
-        width, height = img.size
-        check_size(width, height, limits)
-        if fmt == "WEBP":
-            _check_memory("a WebP image", width, height, WEBP_BYTES_PER_PIXEL, "libwebp's canvas, its frame and Pillow's image",
-                          "send it as PNG or JPEG", limits)
-        if _is_float(img.mode):
-            raise JobFailure(ErrorCode.IMAGE_DECODE_ERROR, "floating-point images are not supported; send 8- or 16-bit integer pixels")
-        if fmt == "BMP" and img.info.get("compression") in (1, 2):
-            raise JobFailure(ErrorCode.IMAGE_DECODE_ERROR, "run-length-encoded BMP is not supported; send an uncompressed BMP, a PNG or a JPEG")
-        if header is not None and limits.jpeg_decoder == "tensorflow":
-            return Decoded(width, height, 3, _orientation(img), pixels=_decode_tensorflow(data, width, height))
-        _arm(fp, deadline)
-        img.load()
-        if img.size != (width, height) or _is_float(img.mode):
-            raise JobFailure(ErrorCode.IMAGE_DECODE_ERROR, f"{fmt} decoded to {img.size[0]}x{img.size[1]} {img.mode}, not the {width}x{height} its header says")
-        grey = img.mode in ("L", "1", "LA", "I") or img.mode in _GREY_16
-        decoded = Decoded(width, height, 1 if grey else 3, _orientation(img), image=img)
-        if img.mode == "I":
-            decoded._i_scale = 65535 if img.getextrema()[1] > 255 else 255  # type: ignore[operator]
-        return decoded
+        return _decode(data, fmt, limits, deadline)
     except JobFailure:
         raise
     except _DecodeTimeout:
-        raise JobFailure(ErrorCode.IMAGE_DECODE_ERROR, f"{fmt} image ({len(data)} bytes) still decoding after {limits.max_decode_s:g} s; send a smaller or simpler image") from None
+        message = f"{fmt} image ({len(data)} bytes) still decoding after {limits.max_decode_s:g} s; send a smaller one"
+        raise JobFailure(ErrorCode.IMAGE_DECODE_ERROR, message) from None
     except Image.DecompressionBombError:
-        raise JobFailure(ErrorCode.IMAGE_TOO_LARGE, f"image has over twice the limit of {limits.max_pixels} pixels") from None
+        message = f"image has over twice the limit of {limits.max_pixels} pixels"
+        raise JobFailure(ErrorCode.IMAGE_TOO_LARGE, message) from None
     except UnidentifiedImageError:
-        raise JobFailure(ErrorCode.IMAGE_DECODE_ERROR, f"cannot read this {fmt} image ({len(data)} bytes): its header is invalid") from None
+        message = f"cannot read this {fmt} image ({len(data)} bytes): its header is invalid"
+        raise JobFailure(ErrorCode.IMAGE_DECODE_ERROR, message) from None
     except MemoryError:
-        raise JobFailure(ErrorCode.IMAGE_TOO_LARGE, f"not enough memory to decode this {fmt} image ({len(data)} bytes)") from None
+        message = f"not enough memory to decode this {fmt} image ({len(data)} bytes)"
+        raise JobFailure(ErrorCode.IMAGE_TOO_LARGE, message) from None
     except Exception as exc:  # noqa: BLE001 - decoders raise OSError, ValueError, SyntaxError, struct.error, ...
-        raise JobFailure(ErrorCode.IMAGE_DECODE_ERROR, f"cannot decode {fmt} image: {type(exc).__name__}: {exc}") from None
+        message = f"cannot decode {fmt} image: {type(exc).__name__}: {exc}"
+        raise JobFailure(ErrorCode.IMAGE_DECODE_ERROR, message) from None
 
 
 def orient(array: np.ndarray, orientation: int) -> np.ndarray:

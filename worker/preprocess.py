@@ -35,21 +35,35 @@ from functools import lru_cache
 import numpy as np
 
 from producer.jobs import ErrorCode, JobFailure
-from worker.decode import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, DecodeLimits, Decoded, open_image, orient
+from worker.decode import (
+    DEFAULT_LIMITS,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MIN_SIDE,
+    Decoded,
+    DecodeLimits,
+    open_image,
+    orient,
+)
 
 __all__ = [
-    "DEFAULT_MAX_PIXELS", "DEFAULT_MIN_SIDE", "DecodeLimits", "as_rgb_array", "decode_image", "pad_and_resize",
-    "preprocess", "seed_padding",
+    "DEFAULT_MAX_PIXELS",
+    "DEFAULT_MIN_SIDE",
+    "DecodeLimits",
+    "as_rgb_array",
+    "decode_image",
+    "pad_and_resize",
+    "preprocess",
+    "seed_padding",
 ]
 
 _STRIP_MIN_PIXELS = 2_000_000  # from this size on, only the sampled rows are converted out of the decoder
 INDEX_CACHE_BYTES = 32 * 1024 * 1024  # gather index tables kept for the image geometries seen most recently
-_INDEX_CACHE: OrderedDict[tuple, np.ndarray] = OrderedDict()
+_INDEX_CACHE: OrderedDict[tuple[int | bool, ...], np.ndarray] = OrderedDict()
 _INDEX_BYTES = 0
 _INDEX_LOCK = threading.Lock()
 
 
-def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
+def decode_image(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> np.ndarray:
     """Decode an encoded image (JPEG, PNG, WebP, GIF first frame, BMP) to RGB ``uint8`` HxWx3.
 
     EXIF orientation is applied; grey, palette, CMYK, RGBA and 16-bit images are converted to RGB
@@ -72,7 +86,9 @@ def _as_channels(image: np.ndarray) -> np.ndarray:
     if arr.ndim == 2:
         arr = arr[:, :, None]
     if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
-        raise JobFailure(ErrorCode.INVALID_PAYLOAD, f"array image must be HxW, HxWx1, HxWx3 or HxWx4; got shape {arr.shape}")
+        raise JobFailure(
+            ErrorCode.INVALID_PAYLOAD, f"array image must be HxW, HxWx1, HxWx3 or HxWx4; got shape {arr.shape}"
+        )
     if min(arr.shape[:2]) < 1:
         raise JobFailure(ErrorCode.IMAGE_TOO_SMALL, f"array image has shape {arr.shape}")
     return arr
@@ -158,12 +174,12 @@ def _plan(height: int, width: int, size: int, orientation: int = 1) -> _Plan:
     flips = {5: 1, 6: 2, 7: 3, 8: 4}.get(orientation, orientation)
     u = dh - 1 - rows.pos if flips in (3, 4) else rows.pos  # row of the (maybe transposed) stored image
     v = dw - 1 - cols.pos if flips in (2, 3) else cols.pos
-    if transposed:  # T = A^T: T[u, v] = A[v, u]
-        stored_row, stored_col = np.broadcast_to(v[None, :], (u.size, v.size)), np.broadcast_to(u[:, None], (u.size, v.size))
-    else:
-        stored_row, stored_col = np.broadcast_to(u[:, None], (u.size, v.size)), np.broadcast_to(v[None, :], (u.size, v.size))
-    identity = (orientation == 1 and height == width == size)
-    return _Plan(size, rows, cols, stored_row, stored_col, np.unique(stored_row), identity, (height, width, size, orientation))
+    grid = (u.size, v.size)
+    by_row, by_col = np.broadcast_to(u[:, None], grid), np.broadcast_to(v[None, :], grid)
+    stored_row, stored_col = (by_col, by_row) if transposed else (by_row, by_col)  # transposed: T[u, v] = A[v, u]
+    identity = orientation == 1 and height == width == size
+    key = (height, width, size, orientation)
+    return _Plan(size, rows, cols, stored_row, stored_col, np.unique(stored_row), identity, key)
 
 
 def _interpolate(samples: np.ndarray, plan: _Plan, channels: int) -> np.ndarray:
@@ -227,14 +243,14 @@ def pad_and_resize(image: np.ndarray, size: int) -> np.ndarray:
 
 def _preprocess_decoded(decoded: Decoded, size: int) -> np.ndarray:
     plan = _plan(decoded.height, decoded.width, size, decoded.orientation)
-    if decoded.image is not None and decoded.width * decoded.height >= _STRIP_MIN_PIXELS and plan.row_ids.size * 2 < decoded.height:
+    large = decoded.width * decoded.height >= _STRIP_MIN_PIXELS and plan.row_ids.size * 2 < decoded.height
+    if decoded.image is not None and large:
         return _resize(decoded.rows(plan.row_ids, rgbx=True), plan, strip=True, stored_width=decoded.width)
     return _resize(decoded.array(rgbx=True), plan)
 
 
-def preprocess(image: bytes | np.ndarray, size: int, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
+def preprocess(image: bytes | np.ndarray, size: int, limits: DecodeLimits = DEFAULT_LIMITS) -> np.ndarray:
     """Encoded bytes or a decoded array -> the model's ``size`` x ``size`` x 3 float32 input (0..255)."""
     if isinstance(image, (bytes, bytearray, memoryview)):
         return _preprocess_decoded(open_image(image, limits), size)
     return pad_and_resize(image, size)
-
