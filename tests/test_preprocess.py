@@ -248,8 +248,9 @@ def test_every_exif_orientation_matches_pillow_exif_transpose(orientation):
 
 
 def test_fast_jpeg_path_equals_pillows_own_decoding():
-    """Plain JPEGs skip Pillow's Python header parser (worker.decode._decode_plain_jpeg); the pixels must be
-    those of Image.open().load() for every variant the fast path takes, and the slow path takes the rest."""
+    """Plain JPEGs skip Pillow's Python header parser and decode straight into numpy
+    (worker.decode._decode_plain_jpeg); the pixels must be those of Image.open().load() for every variant the
+    fast path takes, and the slow path takes the rest."""
     variants = {
         "baseline 4:2:0": encode(photo(67, 91), "JPEG", quality=85),
         "4:4:4": encode(photo(67, 91), "JPEG", subsampling=0, quality=95),
@@ -267,8 +268,11 @@ def test_fast_jpeg_path_equals_pillows_own_decoding():
         decoded = open_image(data)
         expected = Image.open(io.BytesIO(data))
         expected.load()
-        assert decoded.image is not None and decoded.image.mode == expected.mode
-        assert decoded.image.tobytes() == expected.tobytes(), name
+        assert decoded.image is None and decoded.pixels is not None  # decoded straight into numpy
+        assert decoded.pixels.shape[2] == (1 if expected.mode == "L" else 4)
+        if expected.mode == "RGB":
+            assert (decoded.pixels[:, :, 3] == 255).all()
+        assert decoded.array().tobytes() == expected.tobytes(), name
     exif = Image.Exif()
     exif[0x0112] = 1
     with_exif = encode(photo(40, 40), "JPEG", exif=exif.tobytes())

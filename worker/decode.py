@@ -307,16 +307,19 @@ def _check_jpeg(data: bytes, header: JpegHeader, limits: DecodeLimits) -> None:
         )
 
 
-def _decode_plain_jpeg(data: bytes, header: JpegHeader) -> Image.Image:
-    """libjpeg-turbo through Pillow's C decoder, as ``Image.open(...).load()`` runs it for such a file (mode and
-    raw mode ``L`` or ``RGB``), without the Python header parser (a third of a 112 px crop's cost, all of it
-    holding the GIL). Errors as Pillow's."""
-    mode = "L" if header.components == 1 else "RGB"
-    size = (header.width, header.height)
-    core = Image.core.new(mode, size)  # type: ignore[attr-defined]
-    decoder = Image.core.jpeg_decoder(mode, mode, "")  # type: ignore[attr-defined]
+def _decode_plain_jpeg(data: bytes, header: JpegHeader) -> np.ndarray:
+    """libjpeg-turbo through Pillow's C decoder, as ``Image.open(...).load()`` runs it for such a file, but
+    without the Python header parser (a third of a 112 px crop's cost, all of it holding the GIL) and writing
+    straight into a numpy array: (H, W, 1) for grey, (H, W, 4) RGB + a padding byte for colour (Pillow's own
+    layout), so no copy out of Pillow follows. Errors as Pillow's."""
+    width, height = header.width, header.height
+    grey = header.components == 1
+    pixels = np.empty((height, width, 1 if grey else 4), np.uint8)
+    mode, rawmode = ("L", "L") if grey else ("RGBX", "RGB")
+    core = Image.core.map_buffer(pixels, (width, height), "raw", 0, (mode, 0, 1))  # type: ignore[attr-defined]
+    decoder = Image.core.jpeg_decoder(mode, rawmode, "")  # type: ignore[attr-defined]
     try:
-        decoder.setimage(core, (0, 0, *size))
+        decoder.setimage(core, (0, 0, width, height))
         consumed, err = decoder.decode(data)
     finally:
         decoder.cleanup()
@@ -324,7 +327,7 @@ def _decode_plain_jpeg(data: bytes, header: JpegHeader) -> Image.Image:
         raise OSError(f"decoder error {err}")
     if consumed >= 0:  # the decoder wants more input than there is
         raise OSError("image file is truncated")
-    return Image.Image()._new(core)
+    return pixels
 
 
 def _decode_tensorflow(data: bytes, width: int, height: int) -> np.ndarray:
@@ -386,14 +389,14 @@ class Decoded:
     channels: int
     orientation: int = 1
     image: Image.Image | None = None
-    pixels: np.ndarray | None = None  # already decoded (TensorFlow): H x W x C uint8
+    pixels: np.ndarray | None = None  # decoded straight to numpy (plain JPEG, TensorFlow): H x W x (1, 3 or 4) uint8
     _i_scale: int = field(default=65535, repr=False)
 
     def array(self, rgbx: bool = False) -> np.ndarray:
         """All stored rows as ``uint8`` (H, W, C); with ``rgbx`` a colour image may come back as (H, W, 4) whose 4th
         channel is to be ignored (cheaper to get out of Pillow)."""
         if self.pixels is not None:
-            return self.pixels
+            return self.pixels if rgbx or self.pixels.shape[2] != 4 else self.pixels[:, :, :3]
         img = self.image
         assert img is not None
         step = max(1, _BAND_BYTES // (self.width * 4))
@@ -410,7 +413,8 @@ class Decoded:
     def rows(self, indices: np.ndarray, rgbx: bool = False) -> np.ndarray:
         """Only the stored rows ``indices`` (sorted, unique), as ``uint8`` (len(indices), W, C)."""
         if self.pixels is not None:
-            return self.pixels[indices]
+            rows = self.pixels[indices]
+            return rows if rgbx or rows.shape[2] != 4 else rows[:, :, :3]
         img = self.image
         assert img is not None
         runs = np.split(indices, np.flatnonzero(np.diff(indices) != 1) + 1)  # consecutive rows are cropped at once
@@ -510,7 +514,7 @@ def _decode(data: bytes, fmt: str, limits: DecodeLimits, deadline: float) -> Dec
         if header.plain:  # the common face crop: no Python header parsing at all
             if limits.jpeg_decoder == "tensorflow":
                 return Decoded(width, height, 3, pixels=_decode_tensorflow(data, width, height))
-            return Decoded(width, height, header.components, image=_decode_plain_jpeg(data, header))
+            return Decoded(width, height, header.components, pixels=_decode_plain_jpeg(data, header))
     elif fmt == "WEBP" and (size := webp_size(data)) is not None:  # Pillow allocates the canvas when opening
         _check_webp(*size, limits)
     fp = _Input(data)
