@@ -32,7 +32,8 @@ other than the next one (events trimmed while it was away, a Redis that lost wri
 Wire format of the jobs (same rq envelope as embed/verify, see README "Wire format")::
 
     ["worker.jobs.enroll", null, [{"kind": "enroll", "image": {...}, "subject": "alice", "gallery": "staff"}], {}]
-    ["worker.jobs.enroll_batch", null, [{"kind": "enroll_batch", "gallery": "staff", "items": [{"image": {...}, "subject": "alice"}, ...]}], {}]
+    ["worker.jobs.enroll_batch", null, [{"kind": "enroll_batch", "gallery": "staff",
+                                         "items": [{"image": {...}, "subject": "alice"}, ...]}], {}]
     ["worker.jobs.identify", null, [{"kind": "identify", "image": {...}, "gallery": "staff", "top_k": 5}], {}]
     ["worker.jobs.verify", null, [{"kind": "verify", "a": {...}, "b": {"subject": "alice", "gallery": "staff"}}], {}]
     ["worker.jobs.verify", null, [{"kind": "verify", "a": {...}, "b": {"embedding_b64": "..."}}], {}]
@@ -43,16 +44,34 @@ from __future__ import annotations
 
 import base64
 import binascii
-import enum
 import hashlib
 import json
 import re
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from producer.jobs import (  # noqa: F401  (func names re-exported)
+from producer.gallery_results import (
+    AnyErrorCode,
+    EnrollBatchResult,
+    Enrolled,
+    EnrollResult,
+    ForgetResult,
+    GalleryErrorCode,
+    GalleryFailure,
+    GalleryInfo,
+    GalleryItemError,
+    GalleryJobError,
+    GalleryResult,
+    IdentifyResult,
+    Match,
+    SubjectInfo,
+    VerifySubjectResult,
+    error_code,
+    parse_gallery_result,
+)
+from producer.jobs import (
     ENROLL_BATCH_FUNC,
     ENROLL_FUNC,
     FORGET_FUNC,
@@ -63,8 +82,8 @@ from producer.jobs import (  # noqa: F401  (func names re-exported)
     ErrorCode,
     ImageRef,
     JobFailure,
-    Timing,
-    VerifyResult,
+    check_arguments,
+    validate_payload,
 )
 
 # --- Redis names -----------------------------------------------------------------------------------
@@ -101,45 +120,8 @@ def enrollments_key(gallery: str) -> str:
     return f"{GALLERY_KEY_PREFIX}{gallery}:enrollments"
 
 
-# --- job functions ---------------------------------------------------------------------------------
-# ENROLL_FUNC, IDENTIFY_FUNC, FORGET_FUNC, ENROLL_BATCH_FUNC, GALLERY_FUNCTIONS: in producer.jobs (one allow-list)
+# --- job functions: ENROLL_FUNC, ENROLL_BATCH_FUNC, ... are in producer.jobs (one allow-list) ----------------
 MAX_ENROLL_ITEMS = 1024  # contract ceiling of one enroll_batch job (workers may enforce a lower images-per-job limit)
-
-
-# --- errors ----------------------------------------------------------------------------------------
-class GalleryErrorCode(str, enum.Enum):
-    """Error codes of the gallery jobs (to be merged into :class:`producer.jobs.ErrorCode`)."""
-
-    UNKNOWN_GALLERY = "unknown_gallery"
-    UNKNOWN_SUBJECT = "unknown_subject"
-    GALLERY_MODEL_MISMATCH = "gallery_model_mismatch"
-    ENROLLMENT_CONFLICT = "enrollment_conflict"
-
-
-AnyErrorCode = Union[ErrorCode, GalleryErrorCode]
-
-
-def error_code(value: str) -> AnyErrorCode:
-    """The member for ``value``: :class:`ErrorCode`'s when the contract has it, else :class:`GalleryErrorCode`'s."""
-    member = ErrorCode._value2member_map_.get(value)
-    return member if member is not None else GalleryErrorCode(value)  # type: ignore[return-value]
-
-
-class GalleryJobError(BaseModel):
-    """A failure's stored form (``job.meta['error']``), accepting the gallery codes too."""
-
-    code: AnyErrorCode
-    message: str
-
-
-class GalleryFailure(JobFailure):
-    """A :class:`JobFailure` whose code may be a gallery code; stores as ``{"code", "message"}`` like any other."""
-
-    def __init__(self, code: AnyErrorCode | str, message: str) -> None:
-        super().__init__(error_code(code.value if isinstance(code, enum.Enum) else code), message)  # type: ignore[arg-type]
-
-    def to_error(self) -> GalleryJobError:  # type: ignore[override]
-        return GalleryJobError(code=self.code, message=self.message)
 
 
 # --- names -----------------------------------------------------------------------------------------
@@ -154,10 +136,23 @@ def _check_id(value: str, what: str) -> str:
     return value
 
 
-def _check_meta(value: dict | None) -> dict | None:
-    if value is not None and len(json.dumps(value, separators=(",", ":"))) > MAX_META_BYTES:
+def _check_subject(value: str) -> str:
+    return _check_id(value, "subject")
+
+
+def _check_enrollment_id(value: str) -> str:
+    return _check_id(value, "enrollment_id")
+
+
+def _check_meta(value: dict[str, Any]) -> dict[str, Any]:
+    if len(json.dumps(value, separators=(",", ":"))) > MAX_META_BYTES:
         raise ValueError(f"meta is over {MAX_META_BYTES} bytes as JSON")
     return value
+
+
+SubjectId = Annotated[str, AfterValidator(_check_subject)]
+EnrollmentId = Annotated[str, AfterValidator(_check_enrollment_id)]
+Meta = Annotated[dict[str, Any], AfterValidator(_check_meta)]
 
 
 class _Strict(BaseModel):
@@ -179,12 +174,7 @@ class _GalleryField(_Strict):
 class SubjectRef(_GalleryField):
     """``b`` of a verify job: compare ``a`` with the closest enrollment of an enrolled subject."""
 
-    subject: str
-
-    @field_validator("subject")
-    @classmethod
-    def _subject(cls, value: str) -> str:
-        return _check_id(value, "subject")
+    subject: SubjectId
 
 
 class EmbeddingRef(_Strict):
@@ -228,53 +218,23 @@ class EnrollRequest(_GalleryField):
 
     kind: Literal["enroll"] = "enroll"
     image: ImageRef
-    subject: str
-    enrollment_id: str | None = None
-    meta: dict[str, Any] | None = Field(
+    subject: SubjectId
+    enrollment_id: EnrollmentId | None = None
+    meta: Meta | None = Field(
         default=None, description=f"JSON object stored with the enrollment, at most {MAX_META_BYTES} bytes"
     )
     model: str | None = None
     detect: Detect | None = None
     ref: str | None = Field(default=None, max_length=1024)
 
-    @field_validator("subject")
-    @classmethod
-    def _subject(cls, value: str) -> str:
-        return _check_id(value, "subject")
-
-    @field_validator("enrollment_id")
-    @classmethod
-    def _eid(cls, value: str | None) -> str | None:
-        return None if value is None else _check_id(value, "enrollment_id")
-
-    @field_validator("meta")
-    @classmethod
-    def _meta_size(cls, value: dict | None) -> dict | None:
-        return _check_meta(value)
-
 
 class EnrollItem(_Strict):
     """One image of an ``enroll_batch`` job (same fields and rules as :class:`EnrollRequest`)."""
 
     image: ImageRef
-    subject: str
-    enrollment_id: str | None = None
-    meta: dict[str, Any] | None = None
-
-    @field_validator("subject")
-    @classmethod
-    def _subject(cls, value: str) -> str:
-        return _check_id(value, "subject")
-
-    @field_validator("enrollment_id")
-    @classmethod
-    def _eid(cls, value: str | None) -> str | None:
-        return None if value is None else _check_id(value, "enrollment_id")
-
-    @field_validator("meta")
-    @classmethod
-    def _meta_size(cls, value: dict | None) -> dict | None:
-        return _check_meta(value)
+    subject: SubjectId
+    enrollment_id: EnrollmentId | None = None
+    meta: Meta | None = None
 
 
 class EnrollBatchRequest(_GalleryField):
@@ -319,14 +279,9 @@ class ForgetRequest(_GalleryField):
     what is not there succeeds with ``removed: 0``."""
 
     kind: Literal["forget"] = "forget"
-    subject: str
+    subject: SubjectId
     enrollment_id: str | None = None
     ref: str | None = Field(default=None, max_length=1024)
-
-    @field_validator("subject")
-    @classmethod
-    def _subject(cls, value: str) -> str:
-        return _check_id(value, "subject")
 
 
 def enrollment_id_for(request: EnrollRequest | EnrollItem) -> str:
@@ -343,20 +298,14 @@ def enrollment_id_for(request: EnrollRequest | EnrollItem) -> str:
 
 
 GalleryRequest = Union[EnrollRequest, EnrollBatchRequest, IdentifyRequest, GalleryVerifyRequest, ForgetRequest]
-_FUNC_FOR_KIND = {
-    "enroll": ENROLL_FUNC,
-    "enroll_batch": ENROLL_BATCH_FUNC,
-    "identify": IDENTIFY_FUNC,
-    "forget": FORGET_FUNC,
-    "verify": VERIFY_FUNC,
-}
-_MODEL_FOR_FUNC: dict[str, type[BaseModel]] = {
+_MODEL_FOR_FUNC: dict[str, type[GalleryRequest]] = {
     ENROLL_FUNC: EnrollRequest,
     ENROLL_BATCH_FUNC: EnrollBatchRequest,
     IDENTIFY_FUNC: IdentifyRequest,
     FORGET_FUNC: ForgetRequest,
     VERIFY_FUNC: GalleryVerifyRequest,
 }
+_FUNC_FOR_KIND = {model.model_fields["kind"].default: func for func, model in _MODEL_FOR_FUNC.items()}
 
 
 def gallery_func_for(request: GalleryRequest) -> str:
@@ -373,14 +322,7 @@ def parse_gallery_request(func_name: str | None, args: Any, kwargs: Any) -> Gall
             ErrorCode.UNSUPPORTED_JOB,
             f"function {func_name!r} is not a gallery job; allowed: {sorted(_MODEL_FOR_FUNC)}",
         )
-    if kwargs or not isinstance(args, (list, tuple)) or len(args) != 1 or not isinstance(args[0], dict):
-        raise JobFailure(ErrorCode.INVALID_PAYLOAD, "job arguments must be exactly one JSON object (the request)")
-    try:
-        return model.model_validate(args[0])  # type: ignore[return-value]
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "payload"
-        raise JobFailure(ErrorCode.INVALID_PAYLOAD, f"{where}: {first['msg']}") from None
+    return validate_payload(model, check_arguments(args, kwargs))
 
 
 def images_for(request: Any) -> list[ImageRef]:
@@ -398,128 +340,11 @@ def images_for(request: Any) -> list[ImageRef]:
     raise JobFailure(ErrorCode.UNSUPPORTED_JOB, f"{type(request).__name__} is not a gallery job")
 
 
-# --- results ---------------------------------------------------------------------------------------
-class EnrollResult(BaseModel):
-    kind: Literal["enroll"] = "enroll"
-    gallery: str
-    subject: str
-    enrollment_id: str
-    created: bool = Field(description="false when this enrollment id was already stored (nothing changed)")
-    subject_enrollments: int = Field(description="the subject's enrollments after this job")
-    model: str
-    dim: int
-    ref: str | None = None
-    face: dict | None = None
-    timing: Timing = Field(default_factory=Timing)
-
-
-class Enrolled(BaseModel):
-    """One stored item of an ``enroll_batch`` job."""
-
-    subject: str
-    enrollment_id: str
-    created: bool
-    subject_enrollments: int
-
-
-class GalleryItemError(BaseModel):
-    """Why one item of a multi-item gallery job failed (by index); the other items are unaffected."""
-
-    index: int
-    code: AnyErrorCode
-    message: str
-
-
-class EnrollBatchResult(BaseModel):
-    kind: Literal["enroll_batch"] = "enroll_batch"
-    gallery: str
-    count: int
-    results: list[Enrolled | None] = Field(
-        description="one per item, in order; null where the item failed (see errors)"
-    )
-    errors: list[GalleryItemError] = Field(default_factory=list)
-    model: str
-    dim: int
-    ref: str | None = None
-    faces: list[dict | None] | None = None
-    timing: Timing = Field(default_factory=Timing)
-
-
-class Match(BaseModel):
-    subject: str
-    distance: float = Field(description="cosine distance to the subject's closest enrollment")
-    enrollment_id: str = Field(description="that closest enrollment")
-
-
-class IdentifyResult(BaseModel):
-    kind: Literal["identify"] = "identify"
-    gallery: str
-    matches: list[Match] = Field(description="at most top_k subjects within the threshold, closest first")
-    top_k: int
-    threshold: float
-    searched: int = Field(description="enrollments searched")
-    model: str
-    ref: str | None = None
-    face: dict | None = None
-    timing: Timing = Field(default_factory=Timing)
-
-
-class VerifySubjectResult(VerifyResult):
-    """A verify result against an enrolled subject: the distance to the subject's closest enrollment."""
-
-    subject: str
-    gallery: str
-    enrollment_id: str = Field(description="the subject's closest enrollment")
-    enrollments: int = Field(description="the subject's enrollments compared")
-
-
-class ForgetResult(BaseModel):
-    kind: Literal["forget"] = "forget"
-    gallery: str
-    subject: str
-    enrollment_id: str | None = None
-    removed: int = Field(description="enrollments deleted (0: there was nothing to delete)")
-    subject_enrollments: int = Field(description="the subject's enrollments left")
-    ref: str | None = None
-
-
-GalleryResult = Union[EnrollResult, EnrollBatchResult, IdentifyResult, VerifySubjectResult, VerifyResult, ForgetResult]
-
-
-def parse_gallery_result(value: Any) -> GalleryResult:
-    """Turn a stored rq return value of a gallery job (or a verify job) back into its typed result."""
-    kind = value.get("kind") if isinstance(value, dict) else None
-    if kind == "enroll":
-        return EnrollResult.model_validate(value)
-    if kind == "enroll_batch":
-        return EnrollBatchResult.model_validate(value)
-    if kind == "identify":
-        return IdentifyResult.model_validate(value)
-    if kind == "forget":
-        return ForgetResult.model_validate(value)
-    if kind == "verify":
-        return (VerifySubjectResult if "subject" in value else VerifyResult).model_validate(value)
-    raise ValueError(f"not a gallery job result: {str(value)[:80]!r}")
-
-
-# --- listing -----------------------------------------------------------------------------------------
-class GalleryInfo(BaseModel):
-    """A gallery as stored: its binding and counts."""
-
-    name: str
-    model: str
-    dim: int
-    created_at: float
-    subjects: int
-    enrollments: int
-
-
-class SubjectInfo(BaseModel):
-    subject: str
-    enrollments: int
-
-
 __all__ = [
+    "AnyErrorCode",
+    "GalleryRequest",
+    "GalleryResult",
+    "VerifyTarget",
     "DEFAULT_GALLERY",
     "ENROLL_BATCH_FUNC",
     "EnrollBatchRequest",

@@ -12,14 +12,33 @@ from __future__ import annotations
 
 import base64
 import binascii
-import enum
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, Union
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from producer.codes import ErrorCode, JobError
+from producer.results import (
+    AnyResult,
+    EmbedBatchResult,
+    EmbedResult,
+    FaceEmbedding,
+    ItemError,
+    PairResult,
+    Timing,
+    VerifyBatchResult,
+    VerifyResult,
+    cosine_distance,
+    decode_embedding,
+    encode_embedding,
+    encode_matrix,
+    parse_result,
+)
+
+if TYPE_CHECKING:
+    from producer.gallery import GalleryRequest
 
 # --- Redis names -----------------------------------------------------------------------------------
 DEFAULT_QUEUE = "arcface"
@@ -31,19 +50,16 @@ ENROLL_FUNC = "worker.jobs.enroll"
 ENROLL_BATCH_FUNC = "worker.jobs.enroll_batch"
 IDENTIFY_FUNC = "worker.jobs.identify"
 FORGET_FUNC = "worker.jobs.forget"
-GALLERY_FUNCTIONS = frozenset(
-    {ENROLL_FUNC, ENROLL_BATCH_FUNC, IDENTIFY_FUNC, FORGET_FUNC}
-)  # producer.gallery; verify also takes a subject
+# The gallery kinds (producer.gallery); verify also takes a subject or an embedding there.
+GALLERY_FUNCTIONS = frozenset({ENROLL_FUNC, ENROLL_BATCH_FUNC, IDENTIFY_FUNC, FORGET_FUNC})
 ALLOWED_FUNCTIONS = frozenset({EMBED_FUNC, VERIFY_FUNC, EMBED_BATCH_FUNC, VERIFY_BATCH_FUNC}) | GALLERY_FUNCTIONS
-MAX_IMAGES_PER_JOB = (
-    4096  # hard ceiling of the contract; workers enforce their own (ARCFACE_MAX_IMAGES_PER_JOB, default 256)
-)
+# Hard ceiling of the contract; workers enforce their own (ARCFACE_MAX_IMAGES_PER_JOB, default 256).
+MAX_IMAGES_PER_JOB = 4096
 ERROR_META_KEY = "error"  # job.meta[...] holds {"code", "message"} of a failed job
 SERIALIZER = "producer.jobs.JSONSerializer"  # dotted path, for `rq worker --serializer`
 JOB_CLASS = "producer.jobs.SafeJob"  # dotted path, for `rq worker --job-class`
-MODEL_INFO_PREFIX = (
-    "arcface:model:"  # + queue: JSON {"model","dim","threshold","input_size","detect","started_at"}, set by workers
-)
+# + queue: JSON {"model","dim","threshold","input_size","detect","started_at"}, set by workers.
+MODEL_INFO_PREFIX = "arcface:model:"
 
 
 def model_info_key(queue: str) -> str:
@@ -65,34 +81,7 @@ class JSONSerializer:
         return json.loads(data)
 
 
-# --- errors ----------------------------------------------------------------------------------------
-class ErrorCode(str, enum.Enum):
-    """Stable error codes a failed job carries (``job.meta['error']['code']``)."""
-
-    IMAGE_DECODE_ERROR = "image_decode_error"
-    IMAGE_TOO_LARGE = "image_too_large"
-    IMAGE_TOO_SMALL = "image_too_small"
-    PATH_NOT_ALLOWED = "path_not_allowed"
-    UNSUPPORTED_JOB = "unsupported_job"
-    INVALID_PAYLOAD = "invalid_payload"
-    UNKNOWN_MODEL = "unknown_model"
-    NO_FACE_DETECTED = "no_face_detected"
-    UNKNOWN_GALLERY = "unknown_gallery"
-    UNKNOWN_SUBJECT = "unknown_subject"
-    GALLERY_MODEL_MISMATCH = "gallery_model_mismatch"
-    ENROLLMENT_CONFLICT = "enrollment_conflict"
-    JOB_TIMEOUT = "job_timeout"
-    WORKER_DIED = "worker_died"
-    INTERNAL_ERROR = "internal_error"
-
-
-class JobError(BaseModel):
-    """A typed failure: a stable ``code`` and a message a person can act on."""
-
-    code: ErrorCode
-    message: str
-
-
+# --- errors (the codes and the stored record: producer.codes) -----------------------------------------
 class JobFailure(Exception):
     """Raised by worker code when one job cannot be done; carries the :class:`ErrorCode`."""
 
@@ -166,6 +155,7 @@ class ImageRef(_Strict):
 
 
 Detect = Literal["none", "blazeface"]
+M = TypeVar("M", bound=BaseModel)
 
 
 class EmbedRequest(_Strict):
@@ -218,19 +208,13 @@ class VerifyBatchRequest(_Strict):
 
 
 AnyRequest = Union[EmbedRequest, VerifyRequest, EmbedBatchRequest, VerifyBatchRequest]
-JobRequest = Annotated[AnyRequest, Field(discriminator="kind")]
-_FUNC_FOR_KIND = {
-    "embed": EMBED_FUNC,
-    "verify": VERIFY_FUNC,
-    "embed_batch": EMBED_BATCH_FUNC,
-    "verify_batch": VERIFY_BATCH_FUNC,
-}
-_REQUEST_FOR_FUNC: dict[str, type[BaseModel]] = {
+_REQUEST_FOR_FUNC: dict[str, type[AnyRequest]] = {
     EMBED_FUNC: EmbedRequest,
     VERIFY_FUNC: VerifyRequest,
     EMBED_BATCH_FUNC: EmbedBatchRequest,
     VERIFY_BATCH_FUNC: VerifyBatchRequest,
 }
+_FUNC_FOR_KIND = {model.model_fields["kind"].default: func for func, model in _REQUEST_FOR_FUNC.items()}
 
 
 def request_images(request: AnyRequest) -> list[ImageRef]:
@@ -253,15 +237,13 @@ def _targets_gallery(b: Any) -> bool:
     return isinstance(b, dict) and ("subject" in b or "embedding_b64" in b)
 
 
-def func_for(request: AnyRequest) -> str:
-    """The rq function path that runs ``request``."""
-    if request.kind in ("enroll", "enroll_batch", "identify", "forget") or not isinstance(
-        getattr(request, "b", None), (ImageRef, type(None))
-    ):
-        from producer.gallery import gallery_func_for
+def func_for(request: AnyRequest | GalleryRequest) -> str:
+    """The rq function path that runs ``request`` (any kind, gallery kinds included)."""
+    if isinstance(request, (EmbedRequest, VerifyRequest, EmbedBatchRequest, VerifyBatchRequest)):
+        return _FUNC_FOR_KIND[request.kind]
+    from producer.gallery import gallery_func_for
 
-        return gallery_func_for(request)  # type: ignore[arg-type]
-    return _FUNC_FOR_KIND[request.kind]
+    return gallery_func_for(request)
 
 
 def parse_request(func_name: str | None, args: Any, kwargs: Any) -> AnyRequest:
@@ -275,169 +257,29 @@ def parse_request(func_name: str | None, args: Any, kwargs: Any) -> AnyRequest:
             ErrorCode.UNSUPPORTED_JOB,
             f"function {func_name!r} is not an ArcFace job; allowed: {sorted(ALLOWED_FUNCTIONS)}",
         )
-    if kwargs or not isinstance(args, (list, tuple)) or len(args) != 1 or not isinstance(args[0], dict):
-        raise JobFailure(ErrorCode.INVALID_PAYLOAD, "job arguments must be exactly one JSON object (the request)")
-    if func_name in GALLERY_FUNCTIONS or (func_name == VERIFY_FUNC and _targets_gallery(args[0].get("b"))):
+    payload = check_arguments(args, kwargs)
+    if func_name in GALLERY_FUNCTIONS or (func_name == VERIFY_FUNC and _targets_gallery(payload.get("b"))):
         from producer.gallery import parse_gallery_request
 
-        return parse_gallery_request(func_name, args, kwargs)  # type: ignore[return-value]
-    model = _REQUEST_FOR_FUNC[func_name]
+        return parse_gallery_request(func_name, args, kwargs)  # type: ignore[return-value]  # a gallery request
+    return validate_payload(_REQUEST_FOR_FUNC[func_name], args[0])
+
+
+def check_arguments(args: Any, kwargs: Any) -> dict[str, Any]:
+    """The one request dict of an rq job's arguments; ``invalid_payload`` for anything else."""
+    if kwargs or not isinstance(args, (list, tuple)) or len(args) != 1 or not isinstance(args[0], dict):
+        raise JobFailure(ErrorCode.INVALID_PAYLOAD, "job arguments must be exactly one JSON object (the request)")
+    return args[0]
+
+
+def validate_payload(model: type[M], payload: dict[str, Any]) -> M:
+    """``payload`` as ``model``; ``invalid_payload`` naming the first field that is wrong."""
     try:
-        return model.model_validate(args[0])  # type: ignore[return-value]
+        return model.model_validate(payload)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "payload"
         raise JobFailure(ErrorCode.INVALID_PAYLOAD, f"{where}: {first['msg']}") from None
-
-
-# --- results ---------------------------------------------------------------------------------------
-class Timing(BaseModel):
-    """Observability fields: time in queue, the batch the job ran in, and the model's share."""
-
-    queued_ms: float = 0.0
-    batch_size: int = 1
-    preprocess_ms: float = 0.0
-    detect_ms: float = 0.0
-    inference_ms: float = 0.0
-
-
-def encode_embedding(vector: np.ndarray) -> str:
-    """Base64 of little-endian float32: 2,732 characters for a 512-d embedding."""
-    return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
-
-
-def decode_embedding(data: str) -> np.ndarray:
-    return np.frombuffer(base64.b64decode(data), dtype="<f4").astype(np.float32)
-
-
-def cosine_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """``1 - a.b`` for L2-normalised embeddings (0 same direction, 1 orthogonal, 2 opposite)."""
-    return float(1.0 - np.dot(np.asarray(a, np.float64), np.asarray(b, np.float64)))
-
-
-class FaceEmbedding(BaseModel):
-    """One detected face of an image and its embedding (``faces: "all"``)."""
-
-    box: list[float]
-    keypoints: list[list[float]] = Field(default_factory=list)
-    score: float
-    embedding_b64: str
-
-    @property
-    def embedding(self) -> np.ndarray:
-        return decode_embedding(self.embedding_b64)
-
-
-class EmbedResult(BaseModel):
-    kind: Literal["embed"] = "embed"
-    embedding_b64: str = Field(description="L2-normalised embedding, base64 of little-endian float32")
-    dim: int
-    model: str
-    ref: str | None = None
-    face: dict | None = Field(default=None, description="with detection: box [x1,y1,x2,y2], keypoints, score")
-    faces: list[FaceEmbedding] | None = Field(
-        default=None, description="with faces='all': every face, largest first (the first is `face`)"
-    )
-    timing: Timing = Field(default_factory=Timing)
-
-    @property
-    def embedding(self) -> np.ndarray:
-        """The embedding as a float32 numpy vector of length :attr:`dim`."""
-        return decode_embedding(self.embedding_b64)
-
-
-class VerifyResult(BaseModel):
-    kind: Literal["verify"] = "verify"
-    distance: float = Field(description="cosine distance 1 - a.b of the L2-normalised embeddings")
-    threshold: float
-    similar: bool = Field(description="distance <= threshold")
-    model: str
-    ref: str | None = None
-    face_a: dict | None = None
-    face_b: dict | None = None
-    timing: Timing = Field(default_factory=Timing)
-
-
-class ItemError(BaseModel):
-    """Why one item (image or pair) of a multi-item job failed; the other items are unaffected."""
-
-    index: int
-    code: ErrorCode
-    message: str
-
-
-def encode_matrix(rows: np.ndarray) -> str:
-    """Base64 of an N x D little-endian float32 matrix, row-major."""
-    return base64.b64encode(np.ascontiguousarray(rows, dtype="<f4").tobytes()).decode("ascii")
-
-
-class EmbedBatchResult(BaseModel):
-    kind: Literal["embed_batch"] = "embed_batch"
-    count: int = Field(description="number of images in the job (rows of the matrix)")
-    dim: int
-    embeddings_b64: str = Field(
-        description="count x dim little-endian float32, row-major; rows of failed items are zero"
-    )
-    errors: list[ItemError] = Field(default_factory=list, description="one entry per failed image, by index")
-    model: str
-    ref: str | None = None
-    faces: list[dict | None] | None = Field(default=None, description="with detection: the face used for each image")
-    timing: Timing = Field(default_factory=Timing)
-
-    @property
-    def embeddings(self) -> np.ndarray:
-        """All embeddings as a ``[count, dim]`` float32 array (zero rows where :attr:`errors` has the index)."""
-        flat = np.frombuffer(base64.b64decode(self.embeddings_b64), dtype="<f4").astype(np.float32)
-        return flat.reshape(self.count, self.dim)
-
-    @property
-    def ok(self) -> np.ndarray:
-        """Boolean mask of the images that were embedded."""
-        mask = np.ones(self.count, dtype=bool)
-        mask[[e.index for e in self.errors]] = False
-        return mask
-
-
-class PairResult(BaseModel):
-    distance: float
-    similar: bool
-
-
-class VerifyBatchResult(BaseModel):
-    kind: Literal["verify_batch"] = "verify_batch"
-    count: int
-    threshold: float
-    results: list[PairResult | None] = Field(
-        description="one per pair, in order; null where the pair failed (see errors)"
-    )
-    errors: list[ItemError] = Field(default_factory=list, description="one entry per failed pair, by pair index")
-    model: str
-    ref: str | None = None
-    timing: Timing = Field(default_factory=Timing)
-
-
-AnyResult = Union[EmbedResult, VerifyResult, EmbedBatchResult, VerifyBatchResult]
-JobResult = Annotated[AnyResult, Field(discriminator="kind")]
-_RESULT_FOR_KIND: dict[str, type[BaseModel]] = {
-    "embed": EmbedResult,
-    "verify": VerifyResult,
-    "embed_batch": EmbedBatchResult,
-    "verify_batch": VerifyBatchResult,
-}
-
-
-def parse_result(value: Any) -> AnyResult:
-    """Turn a stored rq return value back into its typed result."""
-    if isinstance(value, dict) and (
-        value.get("kind") in ("enroll", "enroll_batch", "identify", "forget")
-        or (value.get("kind") == "verify" and "subject" in value)
-    ):
-        from producer.gallery import parse_gallery_result
-
-        return parse_gallery_result(value)  # type: ignore[return-value]
-    if not isinstance(value, dict) or value.get("kind") not in _RESULT_FOR_KIND:
-        raise ValueError(f"not an ArcFace job result: {str(value)[:80]!r}")
-    return _RESULT_FOR_KIND[value["kind"]].model_validate(value)  # type: ignore[return-value]
 
 
 # --- the rq job class both sides use -------------------------------------------------------------------
@@ -453,7 +295,61 @@ class SafeJob(_RqJob):
     """
 
     @property
-    def func(self) -> Any:  # type: ignore[override]
+    def func(self) -> Any:
         if self.func_name not in ALLOWED_FUNCTIONS or self.instance is not None:
             raise JobFailure(ErrorCode.UNSUPPORTED_JOB, f"function {self.func_name!r} is not an ArcFace job")
         return super().func
+
+
+__all__ = [
+    "ALLOWED_FUNCTIONS",
+    "DEFAULT_QUEUE",
+    "EMBED_BATCH_FUNC",
+    "EMBED_FUNC",
+    "ENROLL_BATCH_FUNC",
+    "ENROLL_FUNC",
+    "ERROR_META_KEY",
+    "FORGET_FUNC",
+    "GALLERY_FUNCTIONS",
+    "IDENTIFY_FUNC",
+    "JOB_CLASS",
+    "MAX_IMAGES_PER_JOB",
+    "MODEL_INFO_PREFIX",
+    "SERIALIZER",
+    "VERIFY_BATCH_FUNC",
+    "VERIFY_FUNC",
+    "AnyRequest",
+    "AnyResult",
+    "Detect",
+    "EmbedBatchRequest",
+    "EmbedBatchResult",
+    "EmbedRequest",
+    "EmbedResult",
+    "ErrorCode",
+    "FaceEmbedding",
+    "ImageRef",
+    "ItemError",
+    "JSONSerializer",
+    "JobError",
+    "JobFailure",
+    "Pair",
+    "PairResult",
+    "SafeJob",
+    "Timing",
+    "VerifyBatchRequest",
+    "VerifyBatchResult",
+    "VerifyRequest",
+    "VerifyResult",
+    "check_arguments",
+    "cosine_distance",
+    "decode_embedding",
+    "encode_embedding",
+    "encode_matrix",
+    "func_for",
+    "model_info_key",
+    "parse_request",
+    "parse_result",
+    "request_images",
+    "resolve_shared_path",
+    "validate_payload",
+]

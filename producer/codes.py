@@ -1,0 +1,39 @@
+"""The error vocabulary of the job contract: the stable codes a failed job (or a failed item of a
+multi-item job) carries, and the ``{"code", "message"}`` record a failure is stored as.
+
+Imported by :mod:`producer.jobs` (which re-exports both names) and :mod:`producer.results`; it imports
+nothing of the project, so neither needs the other to load.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from pydantic import BaseModel
+
+
+class ErrorCode(str, enum.Enum):
+    """Stable error codes a failed job carries (``job.meta['error']['code']``)."""
+
+    IMAGE_DECODE_ERROR = "image_decode_error"
+    IMAGE_TOO_LARGE = "image_too_large"
+    IMAGE_TOO_SMALL = "image_too_small"
+    PATH_NOT_ALLOWED = "path_not_allowed"
+    UNSUPPORTED_JOB = "unsupported_job"
+    INVALID_PAYLOAD = "invalid_payload"
+    UNKNOWN_MODEL = "unknown_model"
+    NO_FACE_DETECTED = "no_face_detected"
+    UNKNOWN_GALLERY = "unknown_gallery"
+    UNKNOWN_SUBJECT = "unknown_subject"
+    GALLERY_MODEL_MISMATCH = "gallery_model_mismatch"
+    ENROLLMENT_CONFLICT = "enrollment_conflict"
+    JOB_TIMEOUT = "job_timeout"
+    WORKER_DIED = "worker_died"
+    INTERNAL_ERROR = "internal_error"
+
+
+class JobError(BaseModel):
+    """A typed failure: a stable ``code`` and a message a person can act on."""
+
+    code: ErrorCode
+    message: str

@@ -1,0 +1,162 @@
+"""The typed results of the job contract: what a worker stores as a job's return value (JSON through
+:class:`~producer.jobs.JSONSerializer`) and :func:`parse_result` reads back, with the embedding encodings.
+
+:mod:`producer.jobs` re-exports every name, so ``from producer.jobs import EmbedResult`` keeps working.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any, Literal, Union
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from producer.codes import ErrorCode
+
+
+class Timing(BaseModel):
+    """Observability fields: time in queue, the batch the job ran in, and the model's share."""
+
+    queued_ms: float = 0.0
+    batch_size: int = 1
+    preprocess_ms: float = 0.0
+    detect_ms: float = 0.0
+    inference_ms: float = 0.0
+
+
+def encode_embedding(vector: np.ndarray) -> str:
+    """Base64 of little-endian float32: 2,732 characters for a 512-d embedding."""
+    return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+
+
+def decode_embedding(data: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(data), dtype="<f4").astype(np.float32)
+
+
+def cosine_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """``1 - a.b`` for L2-normalised embeddings (0 same direction, 1 orthogonal, 2 opposite)."""
+    return float(1.0 - np.dot(np.asarray(a, np.float64), np.asarray(b, np.float64)))
+
+
+class FaceEmbedding(BaseModel):
+    """One detected face of an image and its embedding (``faces: "all"``)."""
+
+    box: list[float]
+    keypoints: list[list[float]] = Field(default_factory=list)
+    score: float
+    embedding_b64: str
+
+    @property
+    def embedding(self) -> np.ndarray:
+        return decode_embedding(self.embedding_b64)
+
+
+class EmbedResult(BaseModel):
+    kind: Literal["embed"] = "embed"
+    embedding_b64: str = Field(description="L2-normalised embedding, base64 of little-endian float32")
+    dim: int
+    model: str
+    ref: str | None = None
+    face: dict[str, Any] | None = Field(default=None, description="with detection: box [x1,y1,x2,y2], keypoints, score")
+    faces: list[FaceEmbedding] | None = Field(
+        default=None, description="with faces='all': every face, largest first (the first is `face`)"
+    )
+    timing: Timing = Field(default_factory=Timing)
+
+    @property
+    def embedding(self) -> np.ndarray:
+        """The embedding as a float32 numpy vector of length :attr:`dim`."""
+        return decode_embedding(self.embedding_b64)
+
+
+class VerifyResult(BaseModel):
+    kind: Literal["verify"] = "verify"
+    distance: float = Field(description="cosine distance 1 - a.b of the L2-normalised embeddings")
+    threshold: float
+    similar: bool = Field(description="distance <= threshold")
+    model: str
+    ref: str | None = None
+    face_a: dict[str, Any] | None = None
+    face_b: dict[str, Any] | None = None
+    timing: Timing = Field(default_factory=Timing)
+
+
+class ItemError(BaseModel):
+    """Why one item (image or pair) of a multi-item job failed; the other items are unaffected."""
+
+    index: int
+    code: ErrorCode
+    message: str
+
+
+def encode_matrix(rows: np.ndarray) -> str:
+    """Base64 of an N x D little-endian float32 matrix, row-major."""
+    return base64.b64encode(np.ascontiguousarray(rows, dtype="<f4").tobytes()).decode("ascii")
+
+
+class EmbedBatchResult(BaseModel):
+    kind: Literal["embed_batch"] = "embed_batch"
+    count: int = Field(description="number of images in the job (rows of the matrix)")
+    dim: int
+    embeddings_b64: str = Field(
+        description="count x dim little-endian float32, row-major; rows of failed items are zero"
+    )
+    errors: list[ItemError] = Field(default_factory=list, description="one entry per failed image, by index")
+    model: str
+    ref: str | None = None
+    faces: list[dict[str, Any] | None] | None = Field(
+        default=None, description="with detection: the face used for each image"
+    )
+    timing: Timing = Field(default_factory=Timing)
+
+    @property
+    def embeddings(self) -> np.ndarray:
+        """All embeddings as a ``[count, dim]`` float32 array (zero rows where :attr:`errors` has the index)."""
+        flat = np.frombuffer(base64.b64decode(self.embeddings_b64), dtype="<f4").astype(np.float32)
+        return flat.reshape(self.count, self.dim)
+
+    @property
+    def ok(self) -> np.ndarray:
+        """Boolean mask of the images that were embedded."""
+        mask = np.ones(self.count, dtype=bool)
+        mask[[e.index for e in self.errors]] = False
+        return mask
+
+
+class PairResult(BaseModel):
+    distance: float
+    similar: bool
+
+
+class VerifyBatchResult(BaseModel):
+    kind: Literal["verify_batch"] = "verify_batch"
+    count: int
+    threshold: float
+    results: list[PairResult | None] = Field(
+        description="one per pair, in order; null where the pair failed (see errors)"
+    )
+    errors: list[ItemError] = Field(default_factory=list, description="one entry per failed pair, by pair index")
+    model: str
+    ref: str | None = None
+    timing: Timing = Field(default_factory=Timing)
+
+
+AnyResult = Union[EmbedResult, VerifyResult, EmbedBatchResult, VerifyBatchResult]
+_RESULT_FOR_KIND: dict[str, type[AnyResult]] = {
+    m.model_fields["kind"].default: m for m in (EmbedResult, VerifyResult, EmbedBatchResult, VerifyBatchResult)
+}
+
+
+def parse_result(value: Any) -> AnyResult:
+    """Turn a stored rq return value back into its typed result."""
+    if isinstance(value, dict) and (
+        value.get("kind") in ("enroll", "enroll_batch", "identify", "forget")
+        or (value.get("kind") == "verify" and "subject" in value)
+    ):
+        from producer.gallery import parse_gallery_result
+
+        return parse_gallery_result(value)  # type: ignore[return-value]  # a gallery result (see producer.gallery)
+    if not isinstance(value, dict) or value.get("kind") not in _RESULT_FOR_KIND:
+        raise ValueError(f"not an ArcFace job result: {str(value)[:80]!r}")
+    return _RESULT_FOR_KIND[value["kind"]].model_validate(value)
