@@ -22,30 +22,33 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import IO, Any
 
 import numpy as np
 
+from producer.bulk_io import (
+    BulkError,
+    Progress,
+    check_output_path,
+    check_plot_available,
+    plot,
+    read_results,
+    summary_from_output,
+)
 from producer.client import FaceClient
-from producer.errors import ArcFaceError, InputError, JobFailed, JobNotFound, ResultTimeout
-from producer.evaluation import Summary, summarise
+from producer.errors import InputError, JobFailed, JobNotFound, ResultTimeout
+from producer.evaluation import Summary
 from producer.jobs import EmbedRequest, ErrorCode, cosine_distance, decode_embedding, encode_embedding
 from producer.pairs import Pair, PairFile
 
 COLUMNS = ["a", "b", "label", "distance", "similar", "error", "message"]
 DEFAULT_THRESHOLD = 0.68  # ArcFace's; used only when neither --threshold nor a worker's published model gives one
-
-
-class BulkError(ArcFaceError):
-    """A bulk run that cannot start (output path, plot, shared root, a sidecar from other parameters)."""
-
-    exit_code = 2
 
 
 class BulkInterrupted(KeyboardInterrupt):
@@ -96,7 +99,7 @@ def resolve_threshold(client: FaceClient, given: float | None) -> tuple[float, s
     info = client.model_info()
     t = info.get("threshold") if info else None
     if isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t):
-        return float(t), f"the workers' model {info.get('model', '?')}"  # type: ignore[union-attr]
+        return float(t), f"the workers' model {info.get('model', '?') if info else '?'}"
     return (
         DEFAULT_THRESHOLD,
         f"the ArcFace default: no worker has published its model on queue {client.settings.queue!r} yet",
@@ -110,22 +113,9 @@ class _Sidecar:
         self.path = path
         self.vectors: dict[str, np.ndarray] = {}
         self.jobs: dict[str, str] = {}  # image key -> job id of an earlier run, not yet collected
-        self.errors: dict[str, tuple[str, str]] = {}  # image key -> (code, message); never persisted: retried next run
-        found_params: dict[str, Any] | None = None
-        if path.exists():
-            with path.open() as f:
-                for line in f:
-                    try:
-                        obj = json.loads(line)
-                        if "params" in obj:
-                            found_params = obj["params"]
-                        elif "embedding_b64" in obj:
-                            self.vectors[obj["image"]] = decode_embedding(obj["embedding_b64"])
-                            self.jobs.pop(obj["image"], None)
-                        elif "job_id" in obj:
-                            self.jobs[obj["image"]] = obj["job_id"]
-                    except (ValueError, KeyError, TypeError):
-                        continue  # a torn last line from an interrupted run
+        # image key -> (code, message); never persisted: retried next run
+        self.errors: dict[str, tuple[str, str]] = {}
+        found_params = self._load(path) if path.exists() else None
         if found_params is not None and found_params != params:
             changed = sorted(k for k in set(params) | set(found_params) if params.get(k) != found_params.get(k))
             raise BulkError(
@@ -135,6 +125,24 @@ class _Sidecar:
         self._out = path.open("a")
         if found_params is None:
             self._write({"params": params})
+
+    def _load(self, path: Path) -> dict[str, Any] | None:
+        """Read an earlier run's lines; returns the parameters it was made with."""
+        found_params: dict[str, Any] | None = None
+        with path.open() as f:
+            for line in f:
+                try:
+                    obj = json.loads(line)
+                    if "params" in obj:
+                        found_params = obj["params"]
+                    elif "embedding_b64" in obj:
+                        self.vectors[obj["image"]] = decode_embedding(obj["embedding_b64"])
+                        self.jobs.pop(obj["image"], None)
+                    elif "job_id" in obj:
+                        self.jobs[obj["image"]] = obj["job_id"]
+                except (ValueError, KeyError, TypeError):
+                    continue  # a torn last line from an interrupted run
+        return found_params
 
     def _write(self, obj: dict[str, Any]) -> None:
         self._out.write(json.dumps(obj) + "\n")
@@ -157,6 +165,80 @@ class _Sidecar:
 
     def close(self) -> None:
         self._out.close()
+
+
+class _EmbedJobs:
+    """The embed jobs of a run: each unique image key is reused from the sidecar, resumed from a job an
+    interrupted run left queued, or enqueued (in chunks of ``options.chunk``, one ``enqueue_many`` each);
+    results are collected oldest first."""
+
+    def __init__(self, client: FaceClient, options: BulkOptions, side: _Sidecar, stats: BulkStats) -> None:
+        self.client, self.options, self.side, self.stats = client, options, side, stats
+        self.in_flight: dict[str, str] = {}  # image key -> job id
+        self.order: deque[str] = deque()  # keys in submission order
+        self.resumed: set[str] = set()  # keys whose job an earlier run enqueued
+        self.to_submit: list[tuple[str, EmbedRequest]] = []
+        self.fresh: set[str] = set()  # keys embedded (or failed) in this run
+        self.seen: set[str] = set()  # keys already handled in this run
+
+    def start(self, key: str) -> None:
+        """The first time ``key`` appears in this run: reuse, resume or enqueue its embedding."""
+        if key in self.seen:
+            return
+        self.seen.add(key)
+        if key in self.side.vectors:  # from the sidecar of an earlier run
+            self.stats.images_reused += 1
+        elif key in self.side.jobs:  # queued by an interrupted run: wait for that job
+            self.in_flight[key] = self.side.jobs[key]
+            self.order.append(key)
+            self.resumed.add(key)
+        else:
+            self._enqueue(key)
+
+    def _enqueue(self, key: str) -> None:
+        o = self.options
+        try:
+            path = key if o.shared_root else (o.root / key) if o.root else Path(key)
+            self.to_submit.append((key, self.client.embed_request(path, as_path=o.shared_root, detect=o.detect)))
+        except InputError as exc:
+            self.side.fail(key, exc.code.value, exc.message)
+            self.fresh.add(key)
+
+    def submit(self, force: bool = False) -> None:
+        """Enqueue the waiting requests in full chunks (all of them with ``force``)."""
+        size = self.options.chunk
+        while self.to_submit and (force or len(self.to_submit) >= size):
+            chunk, self.to_submit[:] = self.to_submit[:size], self.to_submit[size:]
+            ids = self.client.submit_many(req for _, req in chunk)
+            queued = [(key, jid) for (key, _), jid in zip(chunk, ids, strict=True)]
+            self.side.queued(queued)
+            for key, jid in queued:
+                self.in_flight[key] = jid
+                self.order.append(key)
+
+    def collect_oldest(self) -> None:
+        """Wait for the oldest job's embedding; a failure is recorded (an earlier run's job is retried)."""
+        key = self.order.popleft()
+        jid = self.in_flight.pop(key)
+        earlier = key in self.resumed
+        self.resumed.discard(key)
+        try:
+            self.side.add(key, self.client.result_embed(jid, timeout=self.options.job_timeout_s).embedding)
+            if earlier:
+                self.stats.jobs_resumed += 1
+            else:
+                self.stats.images_embedded += 1
+        except (JobFailed, JobNotFound) as exc:
+            if earlier:  # an earlier run's job that failed or expired: this run tries the image again
+                self._enqueue(key)
+                self.submit(force=True)
+                return
+            code = exc.code.value if isinstance(exc, JobFailed) else ErrorCode.INTERNAL_ERROR.value
+            self.side.fail(key, code, exc.error.message if isinstance(exc, JobFailed) else exc.message)
+        except ResultTimeout:
+            message = f"no result within {self.options.job_timeout_s:g}s (job {jid})"
+            self.side.fail(key, ErrorCode.JOB_TIMEOUT.value, message)
+        self.fresh.add(key)
 
 
 class BulkRun:
@@ -187,116 +269,72 @@ class BulkRun:
             "root": None if o.shared_root else str(Path(o.root).resolve()) if o.root else None,
         }
 
-    def _request(self, key: str) -> EmbedRequest:
-        if self.options.shared_root:
-            return self.client._embed_request(key, None, None, True, self.options.detect)
-        path = (self.options.root / key) if self.options.root else Path(key)
-        return self.client._embed_request(path, None, None, False, self.options.detect)
-
     def run(self) -> BulkStats:
+        """Embed every unique image, write every pair's row in file order; returns the run's stats.
+        :class:`BulkInterrupted` on Ctrl-C (the rows so far stay, queued jobs are in the sidecar)."""
         start = time.monotonic()
         total = self.pairs.validate()  # broken lines are reported before anything is enqueued
         side = _Sidecar(self.sidecar_path, self._params())
-        in_flight: dict[str, str] = {}  # image key -> job id
-        order: deque[str] = deque()  # keys in submission order
-        resumed: set[str] = set()  # keys whose job an earlier run enqueued
-        to_submit: list[tuple[str, EmbedRequest]] = []
-        pending: deque[Pair] = deque()
-        fresh: set[str] = set()  # keys embedded (or failed) in this run
+        jobs = _EmbedJobs(self.client, self.options, side, self.stats)
         try:
             with self.out.open("w", newline="") as f:
-                writer = csv.writer(f)
-                writer.writerow(COLUMNS)
-
-                def submit(force: bool = False) -> None:
-                    while to_submit and (force or len(to_submit) >= self.options.chunk):
-                        chunk, to_submit[:] = to_submit[: self.options.chunk], to_submit[self.options.chunk :]
-                        ids = self.client.submit_many(req for _, req in chunk)
-                        side.queued([(key, jid) for (key, _), jid in zip(chunk, ids)])
-                        for (key, _), jid in zip(chunk, ids):
-                            in_flight[key] = jid
-                            order.append(key)
-
-                def enqueue(key: str) -> None:
-                    try:
-                        to_submit.append((key, self._request(key)))
-                    except InputError as exc:
-                        side.fail(key, exc.code.value, exc.message)
-                        fresh.add(key)
-
-                def collect_oldest() -> None:
-                    key = order.popleft()
-                    jid = in_flight.pop(key)
-                    earlier = key in resumed
-                    resumed.discard(key)
-                    try:
-                        side.add(key, self.client.result_embed(jid, timeout=self.options.job_timeout_s).embedding)
-                        if earlier:
-                            self.stats.jobs_resumed += 1
-                        else:
-                            self.stats.images_embedded += 1
-                    except (JobFailed, JobNotFound) as exc:
-                        if earlier:  # an earlier run's job that failed or expired: this run tries the image again
-                            enqueue(key)
-                            submit(force=True)
-                            return
-                        code = exc.code.value if isinstance(exc, JobFailed) else ErrorCode.INTERNAL_ERROR.value
-                        side.fail(key, code, exc.error.message if isinstance(exc, JobFailed) else exc.message)
-                    except ResultTimeout:
-                        side.fail(
-                            key,
-                            ErrorCode.JOB_TIMEOUT.value,
-                            f"no result within {self.options.job_timeout_s:g}s (job {jid})",
-                        )
-                    fresh.add(key)
-
-                def flush() -> None:
-                    while pending and side.known(pending[0].a) and side.known(pending[0].b):
-                        pair = pending.popleft()
-                        self._write(writer, pair, side, cached=pair.a not in fresh and pair.b not in fresh)
-                        f.flush()
-                        if self.on_progress:
-                            self.on_progress(self.stats, total)
-
-                seen: set[str] = set()  # image keys already handled in this run
+                rows = _Rows(self, f, side, jobs, total)
                 for pair in self.pairs:
-                    for key in (pair.a, pair.b):
-                        if key in seen:
-                            continue
-                        seen.add(key)
-                        if key in side.vectors:  # from the sidecar of an earlier run
-                            self.stats.images_reused += 1
-                        elif key in side.jobs:  # queued by an interrupted run: wait for that job
-                            in_flight[key] = side.jobs[key]
-                            order.append(key)
-                            resumed.add(key)
-                        else:
-                            enqueue(key)
-                    pending.append(pair)
-                    submit()
-                    while len(in_flight) >= self.options.window or len(pending) > self.options.max_pending_pairs:
-                        if not order:
-                            submit(force=True)
-                            if not order:
-                                break
-                        collect_oldest()
-                        flush()
-                    flush()
-                submit(force=True)
-                while order:
-                    collect_oldest()
-                    flush()
-                flush()
+                    rows.add(pair)
+                jobs.submit(force=True)
+                while jobs.order:
+                    jobs.collect_oldest()
+                    rows.flush()
+                rows.flush()
         except KeyboardInterrupt:
             self.stats.seconds = time.monotonic() - start
-            raise BulkInterrupted(self.stats, list(in_flight.values()), self.sidecar_path) from None
+            raise BulkInterrupted(self.stats, list(jobs.in_flight.values()), self.sidecar_path) from None
         finally:
             self.stats.images_failed = len(side.errors)
             side.close()
         self.stats.seconds = time.monotonic() - start
         return self.stats
 
-    def _write(self, writer: Any, pair: Pair, side: _Sidecar, cached: bool) -> None:
+
+class _Rows:
+    """The results CSV of a run: pairs wait (at most ``max_pending_pairs``) until both embeddings are in,
+    then are written in file order."""
+
+    def __init__(self, run: BulkRun, f: IO[str], side: _Sidecar, jobs: _EmbedJobs, total: int) -> None:
+        self.run, self.f, self.side, self.jobs, self.total = run, f, side, jobs, total
+        self.stats, self.options = run.stats, run.options
+        self.writer = csv.writer(f)
+        self.writer.writerow(COLUMNS)
+        self.pending: deque[Pair] = deque()
+
+    def add(self, pair: Pair) -> None:
+        """Start the pair's images, then collect results while the window or the pending pairs are full."""
+        jobs = self.jobs
+        jobs.start(pair.a)
+        jobs.start(pair.b)
+        self.pending.append(pair)
+        jobs.submit()
+        while len(jobs.in_flight) >= self.options.window or len(self.pending) > self.options.max_pending_pairs:
+            if not jobs.order:
+                jobs.submit(force=True)
+                if not jobs.order:
+                    break
+            jobs.collect_oldest()
+            self.flush()
+        self.flush()
+
+    def flush(self) -> None:
+        """Write every leading pending pair whose two images are done."""
+        side = self.side
+        while self.pending and side.known(self.pending[0].a) and side.known(self.pending[0].b):
+            pair = self.pending.popleft()
+            self._write(pair, cached=pair.a not in self.jobs.fresh and pair.b not in self.jobs.fresh)
+            self.f.flush()
+            if self.run.on_progress:
+                self.run.on_progress(self.stats, self.total)
+
+    def _write(self, pair: Pair, cached: bool) -> None:
+        side = self.side
         failed = [(which, key, side.errors[key]) for which, key in (("a", pair.a), ("b", pair.b)) if key in side.errors]
         label = "" if pair.label is None else ("1" if pair.label else "0")
         self.stats.rows += 1
@@ -304,124 +342,10 @@ class BulkRun:
         if failed:
             self.stats.failed += 1
             message = "; ".join(f"image {which} {key}: {err[1]}" for which, key, err in failed)
-            writer.writerow([pair.a, pair.b, label, "", "", failed[0][2][0], message])
+            self.writer.writerow([pair.a, pair.b, label, "", "", failed[0][2][0], message])
             return
         d = cosine_distance(side.vectors[pair.a], side.vectors[pair.b])
-        writer.writerow([pair.a, pair.b, label, f"{d:.6f}", "1" if d <= self.options.threshold else "0", "", ""])
-
-
-def read_results(out: Path) -> Iterator[dict[str, str]]:
-    with Path(out).open(newline="") as f:
-        yield from csv.DictReader(f)
-
-
-def summary_from_output(out: Path, pairs: PairFile, threshold: float) -> Summary:
-    """Metrics over the whole output file, which holds every pair of the file."""
-    distances: list[float] = []
-    labels: list[bool | None] = []
-    folds: list[int | None] = []
-    total = failed = 0
-    for row, pair in zip(read_results(out), pairs):
-        total += 1
-        if row["error"]:
-            failed += 1
-            continue
-        distances.append(float(row["distance"]))
-        labels.append(pair.label)
-        folds.append(pair.fold)
-    return summarise(distances, labels, folds, threshold, total, failed)
-
-
-def check_plot_available() -> None:
-    """``--plot`` needs matplotlib: refuse before any job is enqueued, not after the run."""
-    import importlib.util
-
-    try:
-        found = importlib.util.find_spec("matplotlib") is not None
-    except (ImportError, ValueError):
-        found = False
-    if not found:
-        raise BulkError(
-            "--plot needs matplotlib, which is not installed: pip install 'arcface-service[plot]', or drop --plot"
-        )
-
-
-def check_output_path(path: Path, flag: str) -> None:
-    """An output file path whose directory exists and is writable, and that is not itself a directory."""
-    path = Path(path)
-    if path.is_dir():
-        raise BulkError(f"{flag} {path}: is a directory; give a file name")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise BulkError(f"{flag} {path}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise BulkError(f"{flag} {path}: not writable")
-
-
-def plot(out_png: Path, results: Path, threshold: float) -> None:
-    """ROC curve and genuine/impostor distance histograms with the threshold marked (needs matplotlib)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in read_results(results) if not r["error"] and r["label"] in ("0", "1")]
-    d = np.array([float(r["distance"]) for r in rows])
-    y = np.array([r["label"] == "1" for r in rows])
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
-    ts = np.unique(np.concatenate([[-1.0], d, [3.0]]))
-    tpr = [(d[y] <= t).mean() if y.any() else 0 for t in ts]
-    fpr = [(d[~y] <= t).mean() if (~y).any() else 0 for t in ts]
-    ax1.plot(fpr, tpr)
-    ax1.plot([0, 1], [0, 1], "--", color="grey")
-    ax1.set(xlabel="false accept rate", ylabel="true accept rate", title="ROC")
-    bins = np.linspace(min(d.min(initial=0), 0), max(d.max(initial=1), 1), 40)
-    ax2.hist(d[y], bins=bins, alpha=0.6, label="same person")
-    ax2.hist(d[~y], bins=bins, alpha=0.6, label="different people")
-    ax2.axvline(threshold, color="k", linestyle="--", label=f"threshold {threshold}")
-    ax2.set(xlabel="cosine distance", ylabel="pairs", title="distances")
-    ax2.legend()
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
-
-
-class Progress:
-    """A progress line on stderr (a terminal only), redrawn per written row: rows done of total, images
-    embedded, rows/s and the time left."""
-
-    def __init__(self, stream: Any = None, min_interval_s: float = 0.1) -> None:
-        self.stream = stream or sys.stderr
-        self.start = time.monotonic()
-        self.min_interval_s = min_interval_s
-        self._last = 0.0
-        self._width = 0
-        self._first_rows: int | None = None
-
-    def __call__(self, stats: BulkStats, total: int) -> None:
-        now = time.monotonic()
-        if stats.rows < total and now - self._last < self.min_interval_s:
-            return
-        self._last = now
-        if self._first_rows is None:
-            self._first_rows = stats.rows_cached  # rows from the cache come at once: not part of the rate
-        elapsed = max(now - self.start, 1e-6)
-        live = stats.rows - stats.rows_cached
-        rate = live / elapsed
-        left = total - stats.rows
-        eta = f"{left / rate:.0f}s" if rate > 0 and left else ("0s" if not left else "?")
-        line = (
-            f"{stats.rows}/{total} rows ({100.0 * stats.rows / max(total, 1):.0f}%), {stats.images_embedded + stats.jobs_resumed} images "
-            f"embedded, {stats.failed} failed, {rate:.1f} rows/s, ETA {eta}"
-        )
-        self.stream.write("\r" + line.ljust(self._width))
-        self._width = len(line)
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self._width:
-            self.stream.write("\n")
-            self.stream.flush()
+        self.writer.writerow([pair.a, pair.b, label, f"{d:.6f}", "1" if d <= self.options.threshold else "0", "", ""])
 
 
 def run_bulk(
@@ -439,3 +363,22 @@ def run_bulk(
         if progress is not None:
             progress.close()
     return stats, summary_from_output(out, pairs, options.threshold)
+
+
+__all__ = [
+    "COLUMNS",
+    "DEFAULT_THRESHOLD",
+    "BulkError",
+    "BulkInterrupted",
+    "BulkOptions",
+    "BulkRun",
+    "BulkStats",
+    "Progress",
+    "check_output_path",
+    "check_plot_available",
+    "plot",
+    "read_results",
+    "resolve_threshold",
+    "run_bulk",
+    "summary_from_output",
+]

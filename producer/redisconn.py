@@ -8,17 +8,33 @@ the socket and uses the same server. ``ARCFACE_EMBEDDED_REDIS=false`` forbids th
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import redis
 
 from producer.errors import RedisUnavailable
 from producer.settings import CommonSettings, redact
+
+
+def unavailable(what: str, exc: redis.RedisError) -> RedisUnavailable:
+    """:class:`RedisUnavailable` for a failed Redis call, with a one-line, password-free reason."""
+    kind = "unreachable" if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)) else "refused the command"
+    return RedisUnavailable(f"Redis {kind} while {what}: {redact(str(exc)) or type(exc).__name__}")
+
+
+@contextlib.contextmanager
+def redis_errors(what: str) -> Iterator[None]:
+    """Turn any Redis failure inside the block into :class:`RedisUnavailable` (see :func:`unavailable`)."""
+    try:
+        yield
+    except redis.RedisError as exc:
+        raise unavailable(what, exc) from None
 
 
 def redis_server_binary() -> str:
@@ -46,7 +62,7 @@ class EmbeddedRedis:
     def client(self, max_connections: int | None = None) -> redis.Redis:
         if max_connections is None:
             return redis.Redis(unix_socket_path=str(self.socket))
-        pool = redis.BlockingConnectionPool(
+        pool = redis.BlockingConnectionPool(  # type: ignore[no-untyped-call]  # unannotated in redis-py
             connection_class=redis.UnixDomainSocketConnection,
             path=str(self.socket),
             max_connections=max_connections,

@@ -1,0 +1,126 @@
+"""Waiting for a job's outcome on rq's result stream (``rq:results:<id>``): a server-side blocking read
+(XREAD), woken the moment a worker writes the result, in chunks so a socket's read timeout never fires during
+a long wait and a restarted Redis is noticed, with backoff (never a tight loop) while Redis is unreachable.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any, cast
+
+import redis
+from pydantic import ValidationError
+from rq.job import Job, JobStatus
+from rq.results import Result
+
+from producer.errors import JobNotFound, RedisUnavailable, ResultNotKept
+from producer.jobs import ERROR_META_KEY, ErrorCode, JobError, JSONSerializer
+from producer.redisconn import redis_errors
+
+BLOCK_CHUNK_MS = 2000  # one XREAD blocks at most this long
+FINAL_FAILURES = frozenset({Result.Type.FAILED, Result.Type.STOPPED, Result.Type.MAX_RETRIES_EXCEEDED})
+_BACKOFF_FIRST_S, _BACKOFF_MAX_S = 0.25, 5.0
+_CODED_ERROR = re.compile(r"JobFailure: \[(?P<code>[a-z_]+)\] (?P<message>.*)")
+
+StreamEntry = tuple[Any, dict[Any, Any]]  # (entry id, fields) as redis-py returns them (bytes)
+
+
+def result_stream_key(job_id: str) -> str:
+    """The stream rq appends a job's results to."""
+    key: str = Result.get_key(job_id)  # type: ignore[no-untyped-call]  # unannotated in rq
+    return key
+
+
+class ResultStream:
+    """One wait on one job's result stream, up to a deadline ``timeout`` seconds from now."""
+
+    def __init__(self, connection: redis.Redis, job_id: str, timeout: float) -> None:
+        self.connection = connection
+        self.job_id = job_id
+        self.key = result_stream_key(job_id)
+        self.deadline = time.monotonic() + timeout
+        self.last_id: Any = "0-0"
+        self.remaining_ms = 0  # at the last read
+        self.gone = False  # the last read found nothing and the job hash no longer exists
+        self._backoff = 0.0
+
+    def read(self, job_key: str) -> list[StreamEntry]:
+        """The entries after the last one read: blocks up to :data:`BLOCK_CHUNK_MS` (never past the deadline),
+        or, past the deadline, one last look without blocking. When nothing came before the deadline, also
+        checks whether the job hash ``job_key`` still exists (:attr:`gone`). :class:`RedisUnavailable` on a
+        Redis failure."""
+        self.remaining_ms = int((self.deadline - time.monotonic()) * 1000)
+        with redis_errors("waiting for the result"):
+            if self.remaining_ms > 0:
+                response = self.connection.xread({self.key: self.last_id}, block=min(self.remaining_ms, BLOCK_CHUNK_MS))
+            else:  # past the deadline: one last look, without blocking
+                response = self.connection.xread({self.key: self.last_id})
+            self.gone = not response and self.remaining_ms > 0 and not self.connection.exists(job_key)
+        self._backoff = 0.0
+        streams = cast("list[tuple[Any, list[StreamEntry]]]", response)  # RESP2: [[key, [(id, fields), ...]]]
+        return list(streams[0][1]) if streams else []
+
+    def back_off(self, exc: RedisUnavailable) -> None:
+        """Sleep before trying again (0.25 s, doubling up to 5 s, never past the deadline); past the deadline,
+        raise ``exc``."""
+        if time.monotonic() >= self.deadline:
+            raise exc
+        self._backoff = min(self._backoff * 2, _BACKOFF_MAX_S) if self._backoff else _BACKOFF_FIRST_S
+        time.sleep(min(self._backoff, max(0.0, self.deadline - time.monotonic())))
+
+    def latest(self, entries: list[StreamEntry]) -> Result | None:
+        """The last of ``entries`` as an rq :class:`Result` (the read goes on after it); :class:`JobNotFound`
+        when an entry is not a result this client can read."""
+        latest: Result | None = None
+        for rid, payload in entries:
+            self.last_id = rid
+            try:
+                latest = Result.restore(
+                    self.job_id, rid.decode(), payload, connection=self.connection, serializer=JSONSerializer
+                )
+            except Exception as exc:
+                raise JobNotFound(
+                    self.job_id,
+                    f"job {self.job_id}'s result cannot be read ({type(exc).__name__}): not an ArcFace result",
+                ) from None
+        return latest
+
+
+def check_keeps_result(job: Job) -> None:
+    """:class:`ResultNotKept` for a job still to run that was enqueued with ``result_ttl`` 0."""
+    status = job.get_status(refresh=False)
+    if status in (JobStatus.FINISHED, JobStatus.FAILED):
+        return  # its outcome is already stored: read it
+    if job.result_ttl == 0:
+        raise ResultNotKept(
+            job.id,
+            f"job {job.id} was enqueued with result_ttl 0 (ARCFACE_RESULT_TTL=0): its result is deleted as "
+            "soon as it is written, so there is nothing to wait for; enqueue with ARCFACE_RESULT_TTL > 0",
+        )
+
+
+def coded_error(text: str) -> JobError | None:
+    """The ``[code] message`` a worker's :class:`~producer.jobs.JobFailure` left in rq's exception text."""
+    coded = _CODED_ERROR.search(text)
+    if coded and coded["code"] in ErrorCode._value2member_map_:
+        return JobError(code=ErrorCode(coded["code"]), message=coded["message"])
+    return None
+
+
+def job_error(job: Job, result: Result | None = None) -> JobError:
+    """The typed error of a failed job: the one its worker stored in its meta, else derived from rq's record
+    (``result``'s exception text, or the job's): the worker died, the job timed out, or the text's last line."""
+    stored = job.meta.get(ERROR_META_KEY)
+    if stored:
+        try:
+            return JobError.model_validate(stored)
+        except ValidationError:
+            pass
+    text = (result.exc_string if result is not None else None) or job.exc_info or ""
+    if "AbandonedJobError" in text:
+        return JobError(code=ErrorCode.WORKER_DIED, message="the worker running this job died and no retries were left")
+    if "JobTimeoutException" in text:
+        return JobError(code=ErrorCode.JOB_TIMEOUT, message=f"the job ran past its timeout of {job.timeout}s")
+    last = text.strip().splitlines()[-1] if text.strip() else "no error details stored"
+    return coded_error(text) or JobError(code=ErrorCode.INTERNAL_ERROR, message=last)
