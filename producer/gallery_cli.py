@@ -8,7 +8,7 @@ entry point with the same exit codes (``python -m producer.gallery_cli ...``)::
     arcface-producer enroll --folder photos/ --out enrolled.csv --gallery staff   # photos/<subject>/<image>, resumable
     arcface-producer identify someone.jpg --gallery staff --top-k 3 --wait
     arcface-producer forget alice --gallery staff [--id ENROLLMENT_ID] --wait
-    arcface-producer gallery [staff] [--json]                          # galleries, or one gallery's subjects, with counts
+    arcface-producer gallery [staff] [--json]             # galleries, or one gallery's subjects, with counts
 """
 
 from __future__ import annotations
@@ -17,47 +17,80 @@ import argparse
 import json
 import sys
 import uuid
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any
+
+from producer.cli_common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    PROG,
+    _Parser,
+    _positive_int,
+    _ref,
+    _threshold,
+    add_image_options,
+    add_json,
+    add_wait,
+    report,
+)
+
+if TYPE_CHECKING:
+    from producer.client import FaceClient
 
 COMMANDS = ("enroll", "identify", "forget", "gallery")
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2  # as producer.cli
 
 
 def register(sub: Any) -> None:
     """Add the gallery subcommands to ``arcface-producer``'s subparsers."""
-    from producer.cli import _positive_int, _ref, _seconds, _threshold
+    _add_enroll(sub)
+    i = sub.add_parser(
+        "identify",
+        help="find the enrolled subjects closest to a face (1:N)",
+        description="Search a gallery for the subjects closest to the face in an image.",
+    )
+    i.add_argument("image", help="image file")
+    i.add_argument("--top-k", type=_positive_int, default=5, help="subjects to return at most (default 5, at most 100)")
+    i.add_argument(
+        "--threshold", type=_threshold, default=None, help="keep subjects within this distance (default: the worker's)"
+    )
+    _common(i)
+    _image_options(i)
+    f = sub.add_parser(
+        "forget",
+        help="delete a subject (or one enrollment) from a gallery",
+        description="Delete a subject's enrollments from Redis and from every worker's memory within a second.",
+    )
+    f.add_argument("subject", help="the subject id whose enrollments are deleted")
+    f.add_argument("--id", dest="enrollment_id", default=None, help="delete only this enrollment")
+    _common(f)
+    g = sub.add_parser(
+        "gallery",
+        help="list galleries, or one gallery's subjects, with counts",
+        description="Without NAME: every gallery with its model and counts. "
+        "With NAME: its subjects and their enrollments.",
+    )
+    g.add_argument("name", nargs="?", help="a gallery")
+    g.add_argument("--limit", type=_positive_int, default=None, help="list at most this many subjects")
+    g.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
-    def common(sp: argparse.ArgumentParser, waits: bool = True) -> None:
-        sp.add_argument("--json", action="store_true", help="print one JSON object on stdout (errors too)")
-        sp.add_argument("--gallery", default="default", help="gallery name (default: default)")
-        if waits:
-            sp.add_argument("--wait", action="store_true", help="wait for the result and print it")
-            sp.add_argument(
-                "--timeout",
-                type=_seconds,
-                default=None,
-                metavar="S",
-                help="seconds to wait (default: ARCFACE_WAIT_TIMEOUT)",
-            )
-            sp.add_argument("--ref", type=_ref, default=None, help="client reference, echoed in the result")
 
-    def image_options(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument(
-            "--model",
-            default=None,
-            help="the model the job needs (a worker serving another fails it with unknown_model)",
-        )
-        sp.add_argument(
-            "--path", action="store_true", help="send images as paths relative to ARCFACE_SHARED_ROOT instead of bytes"
-        )
-        sp.add_argument(
-            "--detect",
-            choices=["none", "blazeface"],
-            default=None,
-            help="find the face first (default: the worker's setting)",
-        )
+def _common(sp: argparse.ArgumentParser) -> None:
+    add_json(sp)
+    sp.add_argument("--gallery", default="default", help="gallery name (default: default)")
+    add_wait(sp)
+    sp.add_argument("--ref", type=_ref, default=None, help="client reference, echoed in the result")
 
+
+def _image_options(sp: argparse.ArgumentParser) -> None:
+    add_image_options(
+        sp,
+        path_help="send images as paths relative to ARCFACE_SHARED_ROOT instead of bytes",
+        detect_help="find the face first (default: the worker's setting)",
+    )
+
+
+def _add_enroll(sub: Any) -> None:
     e = sub.add_parser(
         "enroll",
         help="enroll a subject's image(s), or a folder root/<subject>/<image>",
@@ -91,46 +124,67 @@ def register(sub: Any) -> None:
         help="with --folder: send paths relative to ARCFACE_SHARED_ROOT (the folder lies under it)",
     )
     e.add_argument("--quiet", action="store_true", help="with --folder: no progress line")
-    common(e)
-    image_options(e)
-
-    i = sub.add_parser(
-        "identify",
-        help="find the enrolled subjects closest to a face (1:N)",
-        description="Search a gallery for the subjects closest to the face in an image.",
-    )
-    i.add_argument("image", help="image file")
-    i.add_argument("--top-k", type=_positive_int, default=5, help="subjects to return at most (default 5, at most 100)")
-    i.add_argument(
-        "--threshold", type=_threshold, default=None, help="keep subjects within this distance (default: the worker's)"
-    )
-    common(i)
-    image_options(i)
-
-    f = sub.add_parser(
-        "forget",
-        help="delete a subject (or one enrollment) from a gallery",
-        description="Delete a subject's enrollments from Redis and from every worker's memory within a second.",
-    )
-    f.add_argument("subject")
-    f.add_argument("--id", dest="enrollment_id", default=None, help="delete only this enrollment")
-    common(f)
-
-    g = sub.add_parser(
-        "gallery",
-        help="list galleries, or one gallery's subjects, with counts",
-        description="Without NAME: every gallery with its model and counts. With NAME: its subjects and their enrollments.",
-    )
-    g.add_argument("name", nargs="?", help="a gallery")
-    g.add_argument("--limit", type=_positive_int, default=None, help="list at most this many subjects")
-    g.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    _common(e)
+    _image_options(e)
 
 
-def handle(args: argparse.Namespace, client: Any, state: Any = None) -> int:
-    """Run one gallery subcommand with ``client``; ``state`` (``producer.cli``'s) learns the job id for Ctrl-C."""
-    from producer import gallery_client as gc
+def _invalid(message: str) -> Exception:
     from producer.errors import InputError
     from producer.jobs import ErrorCode
+
+    return InputError(ErrorCode.INVALID_PAYLOAD, message)
+
+
+def _meta(args: argparse.Namespace) -> dict[str, Any] | None:
+    if args.meta is None:
+        return None
+    try:
+        meta = json.loads(args.meta)
+    except ValueError as exc:
+        raise _invalid(f"--meta is not JSON: {exc}") from None
+    if not isinstance(meta, dict):
+        raise _invalid("--meta must be a JSON object")
+    return meta
+
+
+def _enroll(client: FaceClient, args: argparse.Namespace, options: dict[str, Any]) -> None:
+    from producer import gallery_client as gc
+
+    if not args.subject or not args.images:
+        raise _invalid("enroll needs SUBJECT and at least one IMAGE (or --folder ROOT --out CSV)")
+    meta = _meta(args)
+    if len(args.images) == 1:
+        gc.enroll(
+            client, args.subject, args.images[0], args.gallery, enrollment_id=args.enrollment_id, meta=meta, **options
+        )
+        return
+    if args.enrollment_id or meta is not None:
+        raise _invalid("--id and --meta apply to one image; enroll several without them")
+    gc.enroll_many(client, [(args.subject, im) for im in args.images], args.gallery, **options)
+
+
+def _enqueue(client: FaceClient, args: argparse.Namespace, job_id: str) -> None:
+    """Enqueue the enroll, identify or forget job under ``job_id``."""
+    from producer import gallery_client as gc
+
+    if args.command == "forget":
+        gc.forget(client, args.subject, args.gallery, enrollment_id=args.enrollment_id, ref=args.ref, job_id=job_id)
+        return
+    options = dict(model=args.model, detect=args.detect, as_path=args.path, ref=args.ref, job_id=job_id)
+    if args.command == "enroll":
+        _enroll(client, args, options)
+    elif args.command == "identify":
+        gc.identify(client, args.image, args.gallery, args.top_k, threshold=args.threshold, **options)
+    else:
+        from producer.errors import InputError
+        from producer.jobs import ErrorCode
+
+        raise InputError(ErrorCode.UNSUPPORTED_JOB, f"{args.command!r} is not a gallery command")
+
+
+def handle(args: argparse.Namespace, client: FaceClient, state: Any = None) -> int:
+    """Run one gallery subcommand with ``client``; ``state`` (``producer.cli``'s) learns the job id for Ctrl-C."""
+    from producer import gallery_client as gc
 
     if args.command == "gallery":
         return _list(client, args)
@@ -139,65 +193,7 @@ def handle(args: argparse.Namespace, client: Any, state: Any = None) -> int:
     job_id = uuid.uuid4().hex
     if state is not None:
         state.job_id = job_id
-    if args.command == "enroll":
-        if not args.subject or not args.images:
-            raise InputError(
-                ErrorCode.INVALID_PAYLOAD, "enroll needs SUBJECT and at least one IMAGE (or --folder ROOT --out CSV)"
-            )
-        meta = None
-        if args.meta is not None:
-            try:
-                meta = json.loads(args.meta)
-            except ValueError as exc:
-                raise InputError(ErrorCode.INVALID_PAYLOAD, f"--meta is not JSON: {exc}") from None
-            if not isinstance(meta, dict):
-                raise InputError(ErrorCode.INVALID_PAYLOAD, "--meta must be a JSON object")
-        if len(args.images) == 1:
-            gc.enroll(
-                client,
-                args.subject,
-                args.images[0],
-                args.gallery,
-                enrollment_id=args.enrollment_id,
-                meta=meta,
-                model=args.model,
-                detect=args.detect,
-                as_path=args.path,
-                ref=args.ref,
-                job_id=job_id,
-            )
-        else:
-            if args.enrollment_id or meta is not None:
-                raise InputError(
-                    ErrorCode.INVALID_PAYLOAD, "--id and --meta apply to one image; enroll several without them"
-                )
-            gc.enroll_many(
-                client,
-                [(args.subject, im) for im in args.images],
-                args.gallery,
-                model=args.model,
-                detect=args.detect,
-                as_path=args.path,
-                ref=args.ref,
-                job_id=job_id,
-            )
-    elif args.command == "identify":
-        gc.identify(
-            client,
-            args.image,
-            args.gallery,
-            args.top_k,
-            threshold=args.threshold,
-            model=args.model,
-            detect=args.detect,
-            as_path=args.path,
-            ref=args.ref,
-            job_id=job_id,
-        )
-    elif args.command == "forget":
-        gc.forget(client, args.subject, args.gallery, enrollment_id=args.enrollment_id, ref=args.ref, job_id=job_id)
-    else:
-        raise InputError(ErrorCode.UNSUPPORTED_JOB, f"{args.command!r} is not a gallery command")
+    _enqueue(client, args, job_id)
     if state is not None:
         state.enqueued = True
     if not args.wait:
@@ -207,62 +203,82 @@ def handle(args: argparse.Namespace, client: Any, state: Any = None) -> int:
     return EXIT_OK
 
 
+# --- printing results ------------------------------------------------------------------------------------
+def _print_enroll(job_id: str, result: Any) -> None:
+    how = "new" if result.created else "already enrolled, nothing changed"
+    print(
+        f"job {job_id} finished: {result.subject} enrolled in gallery {result.gallery} ({how}; "
+        f"enrollment {result.enrollment_id}, {result.subject_enrollments} enrollment(s) for the subject)"
+    )
+
+
+def _print_enroll_batch(job_id: str, result: Any) -> None:
+    stored = [r for r in result.results if r is not None]
+    new = sum(r.created for r in stored)
+    print(
+        f"job {job_id} finished: {len(stored)} of {result.count} images enrolled in gallery {result.gallery} "
+        f"({new} new, {len(stored) - new} already enrolled, {len(result.errors)} failed)"
+    )
+    for err in result.errors:
+        print(f"  image {err.index}: [{err.code.value}] {err.message}")
+
+
+def _print_identify(job_id: str, result: Any) -> None:
+    searched = f"({result.searched} enrollments searched)"
+    if not result.matches:
+        where = f"gallery {result.gallery} within distance {result.threshold:g}"
+        print(f"job {job_id} finished: no subject of {where} {searched}")
+        return
+    print(
+        f"job {job_id} finished: {len(result.matches)} subject(s) of gallery {result.gallery} "
+        f"within {result.threshold:g} {searched}:"
+    )
+    for rank, m in enumerate(result.matches, 1):
+        print(f"  {rank}. {m.subject}  distance {m.distance:.4f}  (enrollment {m.enrollment_id})")
+
+
+def _print_forget(job_id: str, result: Any) -> None:
+    what = f"enrollment {result.enrollment_id} of {result.subject}" if result.enrollment_id else result.subject
+    print(
+        f"job {job_id} finished: forgot {what} in gallery {result.gallery}: "
+        f"{result.removed} enrollment(s) removed, {result.subject_enrollments} left"
+    )
+
+
+def _print_verify(job_id: str, result: Any) -> None:
+    from producer.cli import print_verify
+
+    whom = (
+        f" as {result.subject} (gallery {result.gallery}, closest of {result.enrollments})"
+        if hasattr(result, "subject")
+        else ""
+    )
+    print_verify(job_id, result, whom)
+
+
+_PRINTERS: dict[str, Callable[[str, Any], None]] = {
+    "enroll": _print_enroll,
+    "enroll_batch": _print_enroll_batch,
+    "identify": _print_identify,
+    "forget": _print_forget,
+    "verify": _print_verify,
+}
+
+
 def print_result(job_id: str, result: Any, as_json: bool) -> None:
     """One result of a gallery job (or a verify against a subject), as a line or as JSON."""
     if as_json:
         print(json.dumps({"job_id": job_id, "status": "finished", "result": result.model_dump(mode="json")}))
         return
-    kind = result.kind
-    if kind == "enroll":
-        how = "new" if result.created else "already enrolled, nothing changed"
-        print(
-            f"job {job_id} finished: {result.subject} enrolled in gallery {result.gallery} ({how}; enrollment {result.enrollment_id}, "
-            f"{result.subject_enrollments} enrollment(s) for the subject)"
-        )
-    elif kind == "enroll_batch":
-        stored = [r for r in result.results if r is not None]
-        new = sum(r.created for r in stored)
-        print(
-            f"job {job_id} finished: {len(stored)} of {result.count} images enrolled in gallery {result.gallery} "
-            f"({new} new, {len(stored) - new} already enrolled, {len(result.errors)} failed)"
-        )
-        for err in result.errors:
-            print(f"  image {err.index}: [{err.code.value}] {err.message}")
-    elif kind == "identify":
-        if not result.matches:
-            print(
-                f"job {job_id} finished: no subject of gallery {result.gallery} within distance {result.threshold:g} "
-                f"({result.searched} enrollments searched)"
-            )
-        else:
-            print(
-                f"job {job_id} finished: {len(result.matches)} subject(s) of gallery {result.gallery} within {result.threshold:g} "
-                f"({result.searched} enrollments searched):"
-            )
-            for rank, m in enumerate(result.matches, 1):
-                print(f"  {rank}. {m.subject}  distance {m.distance:.4f}  (enrollment {m.enrollment_id})")
-    elif kind == "forget":
-        what = f"enrollment {result.enrollment_id} of {result.subject}" if result.enrollment_id else result.subject
-        print(
-            f"job {job_id} finished: forgot {what} in gallery {result.gallery}: {result.removed} enrollment(s) removed, "
-            f"{result.subject_enrollments} left"
-        )
-    elif kind == "verify":
-        verdict = "same person" if result.similar else "different people"
-        op = "<=" if result.similar else ">"
-        whom = (
-            f" as {result.subject} (gallery {result.gallery}, closest of {result.enrollments})"
-            if hasattr(result, "subject")
-            else ""
-        )
-        print(
-            f"job {job_id} finished: {verdict}{whom}: distance {result.distance:.4f} {op} threshold {result.threshold:.2f} ({result.model})"
-        )
-    else:
+    printer = _PRINTERS.get(result.kind)
+    if printer is None:
         print(f"job {job_id} finished: {result.model_dump_json()}")
+    else:
+        printer(job_id, result)
 
 
-def _list(client: Any, args: argparse.Namespace) -> int:
+# --- listing and folders -----------------------------------------------------------------------------------
+def _list(client: FaceClient, args: argparse.Namespace) -> int:
     from producer import gallery_client as gc
 
     if args.name is None:
@@ -284,20 +300,13 @@ def _list(client: Any, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _folder(client: Any, args: argparse.Namespace) -> int:
+def _folder(client: FaceClient, args: argparse.Namespace) -> int:
     from producer import gallery_client as gc
-    from producer.errors import InputError
-    from producer.jobs import ErrorCode
 
     if args.out is None:
-        raise InputError(
-            ErrorCode.INVALID_PAYLOAD, "enroll --folder needs --out CSV (one row per image; rerun with it to resume)"
-        )
+        raise _invalid("enroll --folder needs --out CSV (one row per image; rerun with it to resume)")
     if args.subject or args.images:
-        raise InputError(
-            ErrorCode.INVALID_PAYLOAD,
-            "enroll --folder takes the subjects from the folder names: give no SUBJECT or IMAGE",
-        )
+        raise _invalid("enroll --folder takes the subjects from the folder names: give no SUBJECT or IMAGE")
     options = gc.BulkEnrollOptions(
         gallery=args.gallery, per_job=args.per_job, window=args.window, shared_root=args.shared_root, detect=args.detect
     )
@@ -306,48 +315,34 @@ def _folder(client: Any, args: argparse.Namespace) -> int:
     stats = gc.bulk_enroll(client, Path(args.folder), Path(args.out), options, on_progress=progress)
     if progress is not None:
         print(file=sys.stderr)
-    body = {
-        "images": stats.images,
-        "skipped": stats.skipped,
-        "enrolled": stats.enrolled,
-        "already": stats.already,
-        "failed": stats.failed,
-        "seconds": round(stats.seconds, 2),
-        "gallery": args.gallery,
-        "out": args.out,
-    }
+    names = ("images", "skipped", "enrolled", "already", "failed")
+    body = {**{n: getattr(stats, n) for n in names}, "seconds": round(stats.seconds, 2)}
     if args.json:
-        print(json.dumps(body))
+        print(json.dumps({**body, "gallery": args.gallery, "out": args.out}))
     else:
         print(
-            f"{stats.images} images under {args.folder}: {stats.skipped} enrolled by earlier runs, {stats.enrolled} enrolled now, "
-            f"{stats.already} already enrolled, {stats.failed} failed (see {args.out}) in {stats.seconds:.1f}s; gallery {args.gallery}"
+            f"{stats.images} images under {args.folder}: {stats.skipped} enrolled by earlier runs, "
+            f"{stats.enrolled} enrolled now, {stats.already} already enrolled, {stats.failed} failed "
+            f"(see {args.out}) in {stats.seconds:.1f}s; gallery {args.gallery}"
         )
     return EXIT_FAILED if stats.failed else EXIT_OK
 
 
 def run(argv: Sequence[str] | None = None) -> int:
     """Parse and run one gallery subcommand; returns the exit code (as ``arcface-producer``)."""
-    from producer.cli import PROG, _fail, _Parser
-
     parser = _Parser(prog=PROG, description="Gallery commands of arcface-producer.")
     register(parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser))
     args = parser.parse_args(argv)
-    as_json = getattr(args, "json", False)
     from producer.client import FaceClient
-    from producer.errors import ArcFaceError, JobFailed, JobNotFound, ResultTimeout
+    from producer.errors import ArcFaceError
     from producer.settings import ProducerSettings, configure_logging, load_settings
 
     try:
         settings = load_settings(ProducerSettings)
         configure_logging(settings)
         return handle(args, FaceClient(settings))
-    except JobFailed as exc:
-        return _fail(str(exc), exc.exit_code, as_json, job_id=exc.job_id, code=exc.code.value)
-    except (JobNotFound, ResultTimeout) as exc:
-        return _fail(exc.message, exc.exit_code, as_json, job_id=exc.job_id)
     except ArcFaceError as exc:
-        return _fail(exc.message, exc.exit_code, as_json, **({"code": exc.code.value} if hasattr(exc, "code") else {}))
+        return report(exc, getattr(args, "json", False))
 
 
 if __name__ == "__main__":
