@@ -4,7 +4,7 @@ TAR at fixed FAR, and LFW's 10-fold protocol. Pure numpy; a smaller distance mea
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -87,7 +87,7 @@ class Summary:
     ten_fold_accuracy_std: float | None = None
     ten_fold_accuracies: list[float] = field(default_factory=list)
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 

@@ -14,6 +14,7 @@ import structlog
 from platformdirs import user_data_dir
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
+from structlog.typing import EventDict
 
 from producer.errors import ConfigError
 from producer.jobs import DEFAULT_QUEUE
@@ -32,7 +33,8 @@ class CommonSettings(BaseSettings):
 
     redis_url: SecretStr | None = Field(
         default=None,
-        description="redis://[user:password@]host:port/db, rediss:// (TLS) or unix:///path.sock; unset = the embedded Redis",
+        description="redis://[user:password@]host:port/db, rediss:// (TLS) or unix:///path.sock; "
+        "unset = the embedded Redis",
     )
     embedded_redis: bool = Field(
         default=True, description="false: never start or use the embedded Redis (ARCFACE_REDIS_URL required)"
@@ -73,7 +75,7 @@ class CommonSettings(BaseSettings):
         from redis.connection import parse_url
 
         try:
-            parse_url(url)
+            parse_url(url)  # type: ignore[no-untyped-call]  # unannotated in redis-py
         except ValueError as exc:
             raise ValueError(f"not a valid Redis URL ({redact(str(exc))})") from None
         return value
@@ -152,7 +154,7 @@ def redact(text: str) -> str:
     return _URL_SECRET.sub(lambda m: f"{m['scheme']}://{m['user']}:***@", text)
 
 
-def _redact_processor(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+def _redact_processor(_logger: Any, _name: str, event: EventDict) -> EventDict:
     return {k: redact(v) if isinstance(v, str) else v for k, v in event.items()}
 
 
@@ -166,7 +168,7 @@ def _is_timing(key: str) -> bool:
     return key.endswith(("_ms", "_s")) or key in ("timing", "timings")
 
 
-def _order_keys(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+def _order_keys(_logger: Any, _name: str, event: EventDict) -> EventDict:
     """A fixed, readable key order: event, then jobs*/images* keys, then timings (``*_ms``, ``*_s``), then the
     rest in the order they were logged, and level/logger/timestamp last."""
     keys = [k for k in event if k != "event" and k not in _LAST_KEYS]
@@ -193,6 +195,31 @@ def configure_logging(settings: CommonSettings, stream: Any = None) -> None:
     through :func:`redact`, so a Redis password never reaches a log line.
     """
     stream = stream or sys.stderr
+    level = logging.getLevelName(settings.log_level.upper())
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, _HANDLER_TAG, False)]:
+        root.removeHandler(old)
+    root.addHandler(_handler(settings, stream))
+    # This project's loggers at the configured level; other libraries' chatter (h5py, matplotlib, redis) at INFO+.
+    root.setLevel(max(level, logging.INFO))
+    for name in ("arcface", "producer", "worker"):
+        logging.getLogger(name).setLevel(level)
+    logging.captureWarnings(True)
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        cache_logger_on_first_use=False,
+    )
+
+
+def _handler(settings: CommonSettings, stream: Any) -> logging.Handler:
+    """The root logger's handler: every record through :func:`redact`, :func:`_order_keys` and the renderer."""
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if json_logs(settings, stream)
@@ -200,7 +227,6 @@ def configure_logging(settings: CommonSettings, stream: Any = None) -> None:
             colors=False, sort_keys=False, exception_formatter=structlog.dev.plain_traceback
         )
     )
-    level = logging.getLevelName(settings.log_level.upper())
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[
             structlog.stdlib.add_log_level,
@@ -218,23 +244,4 @@ def configure_logging(settings: CommonSettings, stream: Any = None) -> None:
     handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter)
     setattr(handler, _HANDLER_TAG, True)
-    root = logging.getLogger()
-    for old in [h for h in root.handlers if getattr(h, _HANDLER_TAG, False)]:
-        root.removeHandler(old)
-    root.addHandler(handler)
-    # This project's loggers at the configured level; other libraries' chatter (h5py, matplotlib, redis) at INFO+.
-    root.setLevel(max(level, logging.INFO))
-    for name in ("arcface", "producer", "worker"):
-        logging.getLogger(name).setLevel(level)
-    logging.captureWarnings(True)
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        cache_logger_on_first_use=False,
-    )
+    return handler
