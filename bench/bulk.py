@@ -46,6 +46,32 @@ def make_images(folder: Path, n: int) -> list[str]:
     return names
 
 
+def write_pairs(path: Path, names: list[str], n: int) -> None:
+    """A pair file of ``n`` random pairs of distinct images (seeded)."""
+    rng = np.random.default_rng(0)
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["a", "b"])
+        for _ in range(n):
+            a, b = rng.choice(len(names), 2, replace=False)
+            w.writerow([names[a], names[b]])
+
+
+def raw_engine_rate(weights: Path, folder: Path, names: list[str], batch: int) -> float:
+    """img/s of the engine alone in this process, at ``batch``."""
+    from worker.engine import Engine
+    from worker.model import load_face_model
+    from worker.preprocess import preprocess
+
+    engine = Engine(load_face_model(weights), [batch])
+    engine.warm_up()
+    x = np.stack([preprocess((folder / names[i % len(names)]).read_bytes(), 112) for i in range(batch)])
+    t = time.perf_counter()
+    for _ in range(4):
+        engine.embed(x)
+    return 4 * batch / (time.perf_counter() - t)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=160)
@@ -55,18 +81,9 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="arcface-bulk-"))
     (tmp / "img").mkdir()
     names = make_images(tmp / "img", args.images)
-    rng = np.random.default_rng(0)
-    with (tmp / "pairs.csv").open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["a", "b"])
-        for _ in range(args.pairs):
-            a, b = rng.choice(len(names), 2, replace=False)
-            w.writerow([names[a], names[b]])
-
+    write_pairs(tmp / "pairs.csv", names, args.pairs)
     server = RedisServer(tmp / "redis").start()
-    from worker.engine import Engine
-    from worker.model import build_arcface, load_face_model
-    from worker.preprocess import preprocess
+    from worker.model import build_arcface
 
     weights = save_deepface_h5(build_arcface(), tmp / "w.h5")
     env = {
@@ -78,25 +95,17 @@ def main() -> None:
     }
     os.environ.update(env)
     try:
-        engine = Engine(load_face_model(weights), [args.batch])
-        engine.warm_up()
-        x = np.stack([preprocess((tmp / "img" / names[i % len(names)]).read_bytes(), 112) for i in range(args.batch)])
-        t = time.perf_counter()
-        for _ in range(4):
-            engine.embed(x)
-        raw = 4 * args.batch / (time.perf_counter() - t)
-        del engine
+        raw = raw_engine_rate(weights, tmp / "img", names, args.batch)
         print(f"raw engine at batch {args.batch}: {raw:.1f} img/s")
         worker = WorkerProcess(env, tmp / "worker.log")
         worker.wait_ready(300)
         client = FaceClient(ProducerSettings())
-        stats, summary = run_bulk(
-            client, tmp / "pairs.csv", tmp / "out.csv", BulkOptions(root=tmp / "img", window=4 * args.batch), quiet=True
-        )
+        options = BulkOptions(root=tmp / "img", window=4 * args.batch)
+        stats, _summary = run_bulk(client, tmp / "pairs.csv", tmp / "out.csv", options, quiet=True)
         img_rate = stats.images_embedded / stats.seconds
         print(
-            f"bulk: {stats.pairs} pairs over {stats.images_embedded} unique images in {stats.seconds:.1f}s: "
-            f"{img_rate:.1f} img/s, {stats.pairs / stats.seconds:.1f} pairs/s"
+            f"bulk: {stats.rows} pairs over {stats.images_embedded} unique images in {stats.seconds:.1f}s: "
+            f"{img_rate:.1f} img/s, {stats.rows / stats.seconds:.1f} pairs/s"
         )
         print(f"RATIO bulk img/s / raw engine img/s: {img_rate / raw:.2f}x  (target >= 0.9)")
         worker.signal(15)

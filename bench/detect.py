@@ -16,6 +16,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -26,6 +27,9 @@ from worker.detect import SELECT_POLICIES, BlazeFace, Face, align, pick, pick_al
 from worker.engine import Engine  # noqa: E402
 from worker.model import FaceModel, build_arcface  # noqa: E402
 from worker.preprocess import decode_image, preprocess  # noqa: E402
+
+if TYPE_CHECKING:
+    from worker.settings import WorkerSettings
 
 
 def _auc_figures(
@@ -42,7 +46,7 @@ def _auc_figures(
 
     size = engine.model.input_size
     inputs = []
-    for image, faces in zip(images, found):
+    for image, faces in zip(images, found, strict=True):
         face = pick(faces, select)
         if face is None:
             raise SystemExit("no face found in an evaluation image")
@@ -51,89 +55,93 @@ def _auc_figures(
         )
     emb = engine.embed(np.stack(inputs))
     i, j = np.triu_indices(len(images), 1)
-    same = np.array([people[a] == people[b] for a, b in zip(i, j)])
+    same = np.array([people[a] == people[b] for a, b in zip(i, j, strict=True)])
     return roc_auc(1.0 - np.sum(emb[i] * emb[j], axis=1), same)
 
 
 def quality(blazeface: Path) -> None:
     """Detection precision/recall and selection on the labelled photos; faceres ROC AUC per selection and crop."""
-    from tests.conftest import FACERES_SAVEDMODEL, face_paths
-    from tests.test_detect_labelled import box_iou, labels, match, portraits
-    from worker.runtime import load_engine
+    from tests.test_detect_labelled import labels
     from worker.settings import WorkerSettings
 
     s = WorkerSettings()
     print(
-        f"configured: detect_min_score {s.detect_min_score}, detect_min_face {s.detect_min_face}, face_select {s.face_select}, "
-        f"crop_margin {s.crop_margin}"
+        f"configured: detect_min_score {s.detect_min_score}, detect_min_face {s.detect_min_face}, "
+        f"face_select {s.face_select}, crop_margin {s.crop_margin}"
     )
     photos = labels()
     detector = BlazeFace(blazeface, min_score=0.3)
     images = {p: decode_image((ROOT / "tests" / "data" / "faces" / "group" / p).read_bytes()) for p in photos}
-    found = dict(zip(photos, detector.detect(list(images.values()))))
+    found = dict(zip(photos, detector.detect(list(images.values())), strict=True))
+    _detection_quality(s, photos, found)
+    crops = _selection_quality(s, photos, found, detector)
+    _auc_quality(s, blazeface, crops)
+
+
+def _detection_quality(s: WorkerSettings, photos: dict[str, Any], found: dict[str, list[Face]]) -> None:
+    from tests.test_detect_labelled import match
+
     print("\nall faces (pick_all) over the labelled group photos, matched at IoU >= 0.5:")
     for floor in (0.3, 0.4, 0.5, 0.55, 0.6, 0.75):
         hits = kept_n = total = 0
         for p, boxes in photos.items():
             kept = pick_all([f for f in found[p] if f.score >= floor], s.detect_min_face)
-            hits, kept_n, total = (
-                hits + len(match(kept, [b["box"] for b in boxes])),
-                kept_n + len(kept),
-                total + len(boxes),
-            )
+            hits += len(match(kept, [b["box"] for b in boxes]))
+            kept_n += len(kept)
+            total += len(boxes)
         mark = "  (configured)" if floor == s.detect_min_score else ""
         print(
-            f"  min score {floor:.2f}: {total} faces, {kept_n} detections, {hits} matched: precision {hits / max(kept_n, 1):.3f}, "
-            f"recall {hits / total:.3f}{mark}"
+            f"  min score {floor:.2f}: {total} faces, {kept_n} detections, {hits} matched: "
+            f"precision {hits / max(kept_n, 1):.3f}, recall {hits / total:.3f}{mark}"
         )
 
-    def right(face: Face | None, boxes: list[list[float]]) -> bool:
+
+def _selection_quality(
+    s: WorkerSettings, photos: dict[str, Any], found: dict[str, list[Face]], detector: BlazeFace
+) -> dict[float, Any]:
+    """How often each selection policy picks a labelled face; returns the portrait crops by context factor."""
+    from tests.test_detect_labelled import box_iou, portraits
+
+    def ok(faces: list[Face], boxes: list[list[float]], policy: str) -> bool:
+        face = pick([f for f in faces if f.score >= s.detect_min_score], policy, s.detect_min_face)
         return face is not None and max(box_iou(face.box, b) for b in boxes) >= 0.5
 
     print(
-        f"\nthe picked face at min score {s.detect_min_score}: a labelled face in N of {len(photos)} photos; the crop's person in N "
-        "portrait crops (side = context x face; from x3.5 on, several whole faces share a crop)"
+        f"\nthe picked face at min score {s.detect_min_score}: a labelled face in N of {len(photos)} photos; "
+        "the crop's person in N portrait crops (side = context x face; from x3.5 on, several whole faces share a crop)"
     )
     crops = {c: portraits(c) for c in (2.0, 2.5, 3.0, 3.5, 4.0)}
     crop_found = {c: detector.detect([x.image for x in v]) for c, v in crops.items()}
     for policy in SELECT_POLICIES:
-
-        def ok(faces: list[Face], boxes: list[list[float]]) -> bool:
-            return right(pick([f for f in faces if f.score >= s.detect_min_score], policy, s.detect_min_face), boxes)
-
-        line = f"  {policy:9s}: photos {sum(ok(found[p], [b['box'] for b in photos[p]]) for p in photos)}/{len(photos)}"
+        right = sum(ok(found[p], [b["box"] for b in photos[p]], policy) for p in photos)
+        line = f"  {policy:9s}: photos {right}/{len(photos)}"
         for c, v in crops.items():
-            line += f", crops x{c} {sum(ok(f, [x.box]) for x, f in zip(v, crop_found[c]))}/{len(v)}"
+            line += (
+                f", crops x{c} {sum(ok(f, [x.box], policy) for x, f in zip(v, crop_found[c], strict=True))}/{len(v)}"
+            )
         print(line + ("  (configured)" if policy == s.face_select else ""))
+    return crops
+
+
+def _auc_quality(s: WorkerSettings, blazeface: Path, crops: dict[float, Any]) -> None:
+    from tests.conftest import FACERES_SAVEDMODEL, face_paths
+    from worker.runtime import load_engine
 
     if not FACERES_SAVEDMODEL.exists():
         print(f"\n{FACERES_SAVEDMODEL} absent: no ROC AUC figures")
         return
-    es = s.model_copy(
-        update=dict(
-            model_path=FACERES_SAVEDMODEL,
-            model_name="faceres",
-            input_scale=1.0,
-            input_offset=0.0,
-            input_mean=[103.939, 116.779, 123.68],
-            channel_order="BGR",
-            threshold=0.45,
-            allowed_batch_sizes=[1, 8, 32],
-        )
-    )
-    engine = load_engine(es)
+    faceres = dict(model_path=FACERES_SAVEDMODEL, model_name="faceres", input_scale=1.0, input_offset=0.0)
+    bgr = dict(input_mean=[103.939, 116.779, 123.68], channel_order="BGR", threshold=0.45)
+    engine = load_engine(s.model_copy(update={**faceres, **bgr, "allowed_batch_sizes": [1, 8, 32]}))
     detector = BlazeFace(blazeface, min_score=s.detect_min_score)
     crop40 = [decode_image(p.read_bytes()) for p in face_paths()]
     sets = {"40 crops": (crop40, [p.parent.name for p in face_paths()], detector.detect(crop40))}
     for c in (2.5, 3.0):
-        sets[f"portraits x{c}"] = (
-            [x.image for x in crops[c]],
-            [x.person for x in crops[c]],
-            detector.detect([x.image for x in crops[c]]),
-        )
+        ims = [x.image for x in crops[c]]
+        sets[f"portraits x{c}"] = (ims, [x.person for x in crops[c]], detector.detect(ims))
     print(
-        "\nfaceres ROC AUC (cosine distance, all pairs; 40 crops: 780 pairs, 80 same; portrait crops of the group photos: "
-        "22 crops, 231 pairs, 32 same)"
+        "\nfaceres ROC AUC (cosine distance, all pairs; 40 crops: 780 pairs, 80 same; portrait crops of the group "
+        "photos: 22 crops, 231 pairs, 32 same)"
     )
     variants = [("square", m) for m in (0.0, 0.1, 0.2, 0.3)] + [("align", 0.0)]
     for name, (ims, people, fs) in sets.items():
@@ -175,7 +183,7 @@ def main() -> None:
     def detected() -> None:
         images = [decode_image(r) for r in raw]
         found = detector.detect(images)
-        engine.embed(np.stack([preprocess(align(im, pick(f)), 112) for im, f in zip(images, found)]))
+        engine.embed(np.stack([preprocess(align(im, pick(f)), 112) for im, f in zip(images, found, strict=True)]))
 
     for name, fn in (("embedding alone", plain), ("detection + alignment + embedding", detected)):
         fn()

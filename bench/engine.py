@@ -9,9 +9,11 @@ Random weights (speed does not depend on them); the real faces in tests/data/fac
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +31,7 @@ def inputs(n: int) -> np.ndarray:
     return np.stack([base[i % len(base)] for i in range(n)])
 
 
-def rate(fn, n_images: int, seconds: float) -> float:
+def rate(fn: Callable[[], object], n_images: int, seconds: float) -> float:
     fn()  # warm
     done, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
@@ -56,7 +58,7 @@ def main() -> None:
     print(f"naive model.predict, one image per call: {naive:8.1f} img/s")
     best_size, best = 0, 0.0
     for size in sizes:
-        r = rate(lambda: engine.embed(x[:size]), size, args.seconds)
+        r = rate(functools.partial(engine.embed, x[:size]), size, args.seconds)
         print(f"engine fp32 batch {size:3d}:                 {r:8.1f} img/s")
         if r > best:
             best_size, best = size, r
@@ -73,7 +75,8 @@ def main() -> None:
     print(f"engine {policy} batch {best_size:3d}:     {low_rate:8.1f} img/s  (cosine to fp32: min {cos.min():.5f})")
     print(f"RATIO best batch ({best_size}) / naive predict loop: {best / naive:.2f}x  (target >= 3.5x)")
     print(
-        f"RATIO {policy} / fp32 at batch {best_size}: {low_rate / best:.2f}x  (target >= 1.6x), cosine min {cos.min():.5f} (target >= 0.999)"
+        f"RATIO {policy} / fp32 at batch {best_size}: {low_rate / best:.2f}x  (target >= 1.6x), "
+        f"cosine min {cos.min():.5f} (target >= 0.999)"
     )
 
 

@@ -119,8 +119,9 @@ def redis_figures(n: int, dtype: str) -> None:
         write_s = time.perf_counter() - t0
         used = conn.info("memory")["used_memory"] - before
         print(
-            f"redis: {n} enrollments written in {write_s:.1f}s ({n / write_s:.0f}/s, one Lua script each, pipelined by 1000); "
-            f"Redis memory {used / MiB:.0f} MiB ({used / n / 1024:.2f} KiB/enrollment incl. the {10_000}-event stream)"
+            f"redis: {n} enrollments written in {write_s:.1f}s ({n / write_s:.0f}/s, one Lua script each, pipelined "
+            f"by 1000); Redis memory {used / MiB:.0f} MiB ({used / n / 1024:.2f} KiB/enrollment incl. the "
+            f"{10_000}-event stream)"
         )
         t0 = time.perf_counter()
         a = GalleryStore(server.client(), "arcface", dtype=dtype).start()
@@ -143,6 +144,29 @@ def redis_figures(n: int, dtype: str) -> None:
         b.stop()
     finally:
         server.stop()
+
+
+def identify_figures(n: int, dtype: str, args: argparse.Namespace) -> tuple[float, int]:
+    """Search time and memory of an index of ``n`` enrollments: (seconds per batch of queries, bytes held)."""
+    t0 = time.perf_counter()
+    index, held = build(n, dtype)
+    build_s = time.perf_counter() - t0
+    q, truth = queries_for(index, args.batch)
+    device = DeviceCopy() if args.device == "tf" else None
+    per_batch, peak = time_search(index, q, args.seconds, device)
+    found = index.search(q, 5, 0.68, device)
+    top1 = sum(1 for m, t in zip(found, truth, strict=True) if m and m[0].subject == t) / len(truth)
+    matrix = sum(p.nbytes for p in index.pages)
+    qps = args.batch / per_batch
+    print(
+        f"identify {n:>9,} x {DIM} {dtype}: batch of {args.batch} in {per_batch * 1000:8.2f} ms -> {qps:10,.0f} "
+        f"queries/s ({per_batch / args.batch * 1000:.3f} ms/query); memory {held / MiB:7.1f} MiB = "
+        f"{held / n:,.0f} B/enrollment (matrix {matrix / n:,.0f}, index tables {(held - matrix) / n:,.0f}); "
+        f"search peak +{peak / MiB:.1f} MiB; top-1 {top1:.2f}; built in {build_s:.1f}s"
+    )
+    del index, device
+    gc.collect()
+    return per_batch, held
 
 
 def main() -> None:
@@ -174,29 +198,8 @@ def main() -> None:
         f"plain verify (cosine_distance of two {DIM}-d embeddings, as Engine.verify): {verify_rate:,.0f}/s "
         f"({1e6 / verify_rate:.2f} us); bare float32 dot: {dot_rate:,.0f}/s ({1e6 / dot_rate:.2f} us)"
     )
-    results: dict[tuple[int, str], tuple[float, int]] = {}
-    for n in sizes:
-        for dtype in dtypes:
-            t0 = time.perf_counter()
-            index, held = build(n, dtype)
-            build_s = time.perf_counter() - t0
-            q, truth = queries_for(index, args.batch)
-            device = DeviceCopy() if args.device == "tf" else None
-            per_batch, peak = time_search(index, q, args.seconds, device)
-            found = index.search(q, 5, 0.68, device)
-            top1 = sum(1 for m, t in zip(found, truth) if m and m[0].subject == t) / len(truth)
-            matrix = sum(p.nbytes for p in index.pages)
-            qps = args.batch / per_batch
-            results[(n, dtype)] = (per_batch, held)
-            print(
-                f"identify {n:>9,} x {DIM} {dtype}: batch of {args.batch} in {per_batch * 1000:8.2f} ms -> {qps:10,.0f} queries/s "
-                f"({per_batch / args.batch * 1000:.3f} ms/query); memory {held / MiB:7.1f} MiB = {held / n:,.0f} B/enrollment "
-                f"(matrix {matrix / n:,.0f}, index tables {(held - matrix) / n:,.0f}); search peak +{peak / MiB:.1f} MiB; "
-                f"top-1 {top1:.2f}; built in {build_s:.1f}s"
-            )
-            del index, device
-            gc.collect()
-    for (n, dtype), (per_batch, held) in results.items():
+    results = {(n, dtype): identify_figures(n, dtype, args) for n in sizes for dtype in dtypes}
+    for (n, dtype), (per_batch, _held) in results.items():
         per_query = per_batch / args.batch
         print(
             f"RATIO identify per query ({n:,} {dtype}) / plain verify: {per_query * verify_rate:,.0f}x  "

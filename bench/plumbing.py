@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 import redis  # noqa: E402
 
+from bench._common import job_span_s, run_plain_rq_worker
 from producer.client import FaceClient  # noqa: E402
 from producer.jobs import ImageRef  # noqa: E402
 from producer.settings import ProducerSettings  # noqa: E402
@@ -53,7 +54,9 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def drain(conn: redis.Redis, queue: str, n: int, pid: int | None, start_fn) -> tuple[float, int, float]:
+def drain(
+    conn: redis.Redis, queue: str, n: int, pid: int | None, start_fn: Callable[[], object]
+) -> tuple[float, int, float]:
     """Start the drain with ``start_fn``, wait until ``n`` jobs finished. Returns (seconds, commands, worker cpu s)."""
     finished = f"rq:finished:{queue}"
     base = conn.zcard(finished)
@@ -68,6 +71,54 @@ def drain(conn: redis.Redis, queue: str, n: int, pid: int | None, start_fn) -> t
     elapsed = time.perf_counter() - t0
     used = commands(conn) - c0 - polls - 2  # our own ZCARD polls and INFO calls
     return elapsed, used, (cpu_s(pid) - cpu0) if pid else 0.0
+
+
+def single_image_jobs(
+    conn: redis.Redis, client: FaceClient, worker: WorkerProcess, refs: list[ImageRef], jobs: int
+) -> tuple[float, float, float]:
+    """1. Single-image jobs through one arcface-worker: (jobs/s, Redis commands/job, worker CPU ms/job)."""
+    client.result(client.embed(refs[0]), timeout=60)  # warm
+    conn.set(SUSPENDED_KEY, 1)
+    time.sleep(1.5)
+    for chunk in range(0, jobs, 500):
+        client.embed_many(refs[i % len(refs)] for i in range(chunk, min(jobs, chunk + 500)))
+    secs, cmds, cpu = drain(conn, "plumb", jobs, worker.proc.pid, lambda: conn.delete(SUSPENDED_KEY))
+    rate, per_job, cpu_ms = jobs / secs, cmds / jobs, cpu / jobs * 1000
+    print(f"single-image jobs: {rate:.0f} jobs/s, {per_job:.1f} Redis commands/job, worker CPU {cpu_ms:.2f} ms/job")
+    return rate, per_job, cpu_ms
+
+
+def multi_image_jobs(
+    conn: redis.Redis, client: FaceClient, worker: WorkerProcess, refs: list[ImageRef], jobs: int, k: int
+) -> tuple[float, float, float]:
+    """2. ``jobs`` embed_batch jobs of ``k`` images: (images/s, Redis commands/image, worker CPU ms/image)."""
+    conn.set(SUSPENDED_KEY, 1)
+    time.sleep(1.5)
+    for j in range(jobs):
+        client.embed_batch([refs[(j * k + i) % len(refs)] for i in range(k)])
+    n_images = jobs * k
+    secs, cmds, cpu = drain(conn, "plumb", jobs, worker.proc.pid, lambda: conn.delete(SUSPENDED_KEY))
+    rate, per_image, cpu_ms = n_images / secs, cmds / n_images, cpu / n_images * 1000
+    print(
+        f"multi-image jobs ({k} images each): {rate:.0f} images/s, {per_image:.2f} Redis commands/image, "
+        f"worker CPU {cpu_ms:.2f} ms/image"
+    )
+    return rate, per_image, cpu_ms
+
+
+def plain_rq(conn: redis.Redis, url: str, refs: list[ImageRef], jobs: int) -> float:
+    """3. A plain rq SimpleWorker on the same single-image jobs (model loaded once in its process, before the
+    span): jobs/s."""
+    plain = FaceClient(ProducerSettings(queue="plumb-plain"))
+    ids = plain.embed_many(refs[i % len(refs)] for i in range(jobs))
+    c0 = commands(conn)
+    run_plain_rq_worker(url, "plumb-plain")
+    plain_cmds = (commands(conn) - c0 - 1) / jobs
+    rate = (len(ids) - 1) / job_span_s(plain, ids[1:])
+    print(
+        f"plain rq SimpleWorker: {rate:.0f} jobs/s, {plain_cmds:.1f} Redis commands/job (its start and stop included)"
+    )
+    return rate
 
 
 def main() -> None:
@@ -95,74 +146,16 @@ def main() -> None:
     refs = [ImageRef.inline(p.read_bytes()) for p in faces]
     conn = redis.Redis.from_url(server.url)
     try:
-        # 1. single-image jobs through one arcface-worker
         client = FaceClient(ProducerSettings(queue="plumb"))
         worker = WorkerProcess({**env, "ARCFACE_QUEUE": "plumb"}, tmp / "worker.log", ARCFACE_LOG_LEVEL="INFO")
         worker.wait_ready(300)
-        client.result(client.embed(refs[0]), timeout=60)  # warm
-        conn.set(SUSPENDED_KEY, 1)
-        time.sleep(1.5)
-        for chunk in range(0, args.jobs, 500):
-            client.embed_many(refs[i % len(refs)] for i in range(chunk, min(args.jobs, chunk + 500)))
-        secs, cmds, cpu = drain(conn, "plumb", args.jobs, worker.proc.pid, lambda: conn.delete(SUSPENDED_KEY))
-        single_rate, single_cmds, single_cpu = args.jobs / secs, cmds / args.jobs, cpu / args.jobs * 1000
-        print(
-            f"single-image jobs: {single_rate:.0f} jobs/s, {single_cmds:.1f} Redis commands/job, worker CPU {single_cpu:.2f} ms/job"
-        )
-
-        # 2. multi-image jobs
-        conn.set(SUSPENDED_KEY, 1)
-        time.sleep(1.5)
+        single_rate, single_cmds, single_cpu = single_image_jobs(conn, client, worker, refs, args.jobs)
         k = args.images_per_job
-        for j in range(args.batch_jobs):
-            client.embed_batch([refs[(j * k + i) % len(refs)] for i in range(k)])
-        n_images = args.batch_jobs * k
-        secs, cmds, cpu = drain(conn, "plumb", args.batch_jobs, worker.proc.pid, lambda: conn.delete(SUSPENDED_KEY))
-        multi_rate, multi_cmds, multi_cpu = n_images / secs, cmds / n_images, cpu / n_images * 1000
-        print(
-            f"multi-image jobs ({k} images each): {multi_rate:.0f} images/s, {multi_cmds:.2f} Redis commands/image, "
-            f"worker CPU {multi_cpu:.2f} ms/image"
-        )
+        multi_rate, multi_cmds, multi_cpu = multi_image_jobs(conn, client, worker, refs, args.batch_jobs, k)
         worker.signal(15)
         worker.wait(60)
         worker.stop()
-
-        # 3. plain rq SimpleWorker on the same single-image jobs (model loaded once in its process, before the span)
-        plain = FaceClient(ProducerSettings(queue="plumb-plain"))
-        ids = plain.embed_many(refs[i % len(refs)] for i in range(args.plain_jobs))
-        cmd = [
-            sys.executable,
-            "-m",
-            "rq.cli",
-            "worker",
-            "--burst",
-            "--url",
-            server.url,
-            "--worker-class",
-            "rq.worker.SimpleWorker",
-            "--job-class",
-            "producer.jobs.SafeJob",
-            "--serializer",
-            "producer.jobs.JSONSerializer",
-            "plumb-plain",
-        ]
-        c0 = commands(conn)
-        subprocess.run(
-            cmd,
-            env={**os.environ, "ARCFACE_QUEUE": "plumb-plain", "TF_CPP_MIN_LOG_LEVEL": "2"},
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            check=True,
-        )
-        plain_cmds = (commands(conn) - c0 - 1) / args.plain_jobs
-        jobs = plain.queue.job_class.fetch_many(ids[1:], connection=conn, serializer=plain.queue.serializer)
-        span = (max(j.ended_at for j in jobs) - min(j.started_at for j in jobs)).total_seconds()
-        plain_rate = (len(ids) - 1) / span
-        print(
-            f"plain rq SimpleWorker: {plain_rate:.0f} jobs/s, {plain_cmds:.1f} Redis commands/job (its start and stop included)"
-        )
-
+        plain_rate = plain_rq(conn, server.url, refs, args.plain_jobs)
         print(f"RATIO single-image jobs/s per worker: {single_rate:.0f}  (target >= 1000)")
         print(f"RATIO Redis commands per single-image job: {single_cmds:.1f}  (target <= 15)")
         print(f"RATIO multi-image images/s per worker: {multi_rate:.0f}  (target >= 2500)")
