@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# GPU benchmark in one command (< 5 minutes on a GPU machine): engine img/s per batch size in fp32 and float16,
-# then the end-to-end benchmark (Redis + producer + one worker). Prints nvidia-smi's GPU model first.
+# GPU benchmark in one command (< 9 minutes on a GPU machine): engine img/s per batch size in fp32 and float16,
+# then the end-to-end benchmark (Redis + producer + one worker) and the plumbing benchmark (a near-free model).
+# Prints nvidia-smi's GPU model first.
 #   bash bench/gpu.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,3 +15,4 @@ export TF_CPP_MIN_LOG_LEVEL=2 PYTHONUNBUFFERED=1
 .venv/bin/python -c "import tensorflow as tf; print('TensorFlow', tf.__version__, 'GPUs:', tf.config.list_physical_devices('GPU'))"
 timeout 150 .venv/bin/python bench/engine.py --sizes 1,8,32,64,128 --seconds 3
 timeout 150 .venv/bin/python bench/e2e.py --jobs 1024 --plain-jobs 256 --load-seconds 15 --max-batch-size 64
+timeout 200 .venv/bin/python bench/plumbing.py --jobs 4000 --batch-jobs 100 --plain-jobs 400

@@ -1,0 +1,91 @@
+"""The rq internals ``worker/rqfence.py`` relies on, pinned against the installed rq: key layouts, formats, and what
+rq's own readers see after the fence writes a job's outcome. If rq changes any of these, this fails first."""
+
+from __future__ import annotations
+
+import inspect
+import time
+from datetime import datetime, timezone
+
+from rq import Queue
+from rq.intermediate_queue import IntermediateQueue
+from rq.job import JOB_ID_PATTERN, Job, JobStatus
+from rq.registry import FailedJobRegistry, FinishedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
+from rq.results import Result
+from rq.utils import parse_composite_key, utcformat, utcparse
+
+from producer.jobs import EMBED_FUNC, ErrorCode, JobFailure, JSONSerializer, SafeJob
+from worker.rqfence import (
+    Fence, Outcome, QueueKeys, exc_string, failure_entry, failure_meta, inflate, parse_timestamp, restore, success_entry,
+    timestamp, valid_job_id,
+)
+
+
+def test_rq_key_layouts_and_formats_are_the_ones_the_fence_writes():
+    k = QueueKeys("q")
+    assert Job.redis_job_namespace_prefix == "rq:job:"
+    assert StartedJobRegistry.key_template.format("q") == k.started == "rq:wip:q"
+    assert FinishedJobRegistry.key_template.format("q") == k.finished
+    assert FailedJobRegistry.key_template.format("q") == k.failed
+    assert ScheduledJobRegistry.key_template.format("q") == k.scheduled
+    assert IntermediateQueue.get_intermediate_queue_key("rq:queue:q") == k.intermediate
+    assert Queue.redis_queue_namespace_prefix + "q" == k.queue
+    assert [t.value for t in Result.Type] == [1, 2, 3, 4, 5]
+    assert parse_composite_key("abc-1:0123abcd") == ("abc-1", "0123abcd")
+    now = datetime(2026, 11, 29, 16, 0, 0, 123456, tzinfo=timezone.utc)
+    assert timestamp(now) == utcformat(now) == "2026-11-29T16:00:00.123456Z" and utcparse(timestamp(now)) == now
+    assert parse_timestamp(b"2026-11-29T16:00:00+00:00") == now.replace(microsecond=0)
+    assert valid_job_id("a-b_C9") and not valid_job_id("order.42") and not valid_job_id("a:b")
+    assert JOB_ID_PATTERN.fullmatch("order.42") is None
+    assert list(inspect.signature(Job.restore).parameters) == ["self", "raw_data"]
+    assert "dependents_key" in dir(Job) and "enqueue_dependents" in dir(Queue)
+
+
+def test_inflate_bounds_a_zlib_bomb_and_passes_plain_json():
+    import zlib
+
+    assert inflate(b'["x",null,[],{}]', 100) == b'["x",null,[],{}]'
+    bomb = zlib.compress(b"[" + b" " * 5_000_000 + b"]", 9)
+    try:
+        inflate(bomb, 1_000_000)
+    except ValueError as exc:
+        assert "ARCFACE_MAX_JOB_BYTES" in str(exc)
+    else:
+        raise AssertionError("a 5 MB inflation passed a 1 MB bound")
+
+
+def test_outcomes_written_by_the_fence_read_back_through_rq(redis_server):
+    conn = redis_server.client()
+    q = Queue(f"fence-{time.time_ns()}", connection=conn, serializer=JSONSerializer, job_class=SafeJob)
+    ok = q.enqueue_call(EMBED_FUNC, args=({"kind": "embed", "image": {"path": "x.png"}},), result_ttl=600, failure_ttl=700)
+    bad = q.enqueue_call(EMBED_FUNC, args=({"kind": "embed", "image": {"path": "y.png"}},), result_ttl=600, failure_ttl=700)
+    fence = Fence(conn, q.name)
+    for job in (ok, bad):  # as registration does
+        with conn.pipeline() as pipe:
+            fence.register(pipe, job.id, f"{job.id}:e1", {"status": "started", "started_at": timestamp(datetime.now(timezone.utc))})
+            fence.add_started(pipe, {f"{job.id}:e1": time.time() + 30})
+            pipe.execute()
+    assert set(StartedJobRegistry(queue=q).get_job_ids(cleanup=False)) == {ok.id, bad.id}
+    restored = restore(ok.id, conn.hgetall(f"rq:job:{ok.id}"), conn, 1 << 20)
+    assert restored.func_name == EMBED_FUNC and restored.result_ttl == 600
+    now = datetime.now(timezone.utc)
+    failure = JobFailure(ErrorCode.IMAGE_DECODE_ERROR, "cannot decode")
+    outcomes = [
+        Outcome("own", "finished", ok.id, f"{ok.id}:e1", 600, {"status": "finished", "ended_at": timestamp(now)},
+                success_entry({"kind": "embed", "x": 1}, "w1", "e1", now, now)),
+        Outcome("own", "failed", bad.id, f"{bad.id}:e1", 700,
+                {"status": "failed", "ended_at": timestamp(now), "meta": failure_meta({}, failure).decode()},
+                failure_entry(exc_string(failure), "w1", "e1", now, now)),
+    ]
+    assert fence.apply(outcomes, time.time(), "rq:worker:w1", "w1") == [1, 1]
+    assert fence.apply(outcomes, time.time(), "rq:worker:w1", "w1") == [0, 0]  # not ours any more: nothing written twice
+
+    job = SafeJob.fetch(ok.id, connection=conn, serializer=JSONSerializer)
+    assert job.get_status() == JobStatus.FINISHED and job.latest_result().return_value == {"kind": "embed", "x": 1}
+    assert 590 <= conn.ttl(f"rq:job:{ok.id}") <= 600 and 590 <= conn.ttl(f"rq:results:{ok.id}") <= 600
+    failed = SafeJob.fetch(bad.id, connection=conn, serializer=JSONSerializer)
+    result = failed.latest_result()
+    assert failed.get_status() == JobStatus.FAILED and result.type == Result.Type.FAILED
+    assert "[image_decode_error] cannot decode" in result.exc_string and failed.meta["error"]["code"] == "image_decode_error"
+    assert FinishedJobRegistry(queue=q).get_job_ids() == [ok.id] and FailedJobRegistry(queue=q).get_job_ids() == [bad.id]
+    assert StartedJobRegistry(queue=q).get_job_ids() == []
