@@ -317,10 +317,11 @@ def _env_args(env: dict[str, str]) -> list[str]:
     return [arg for key, value in env.items() for arg in ("-e", f"{key}={value}")]
 
 
-def _producer(redis_host: str, data: Path, *args: str) -> dict:
-    """arcface-producer in the producer image, with exactly the compose producer service's environment."""
+def _producer(redis_host: str, data: Path, *args: str, **env: str) -> dict:
+    """arcface-producer in the producer image, with the compose producer service's environment (plus ``env``)."""
     out = _run([*PODMAN, "run", "--rm", "--network=host", "--add-host", f"redis:{redis_host}", *ULIMITS,
-                *_env_args(service_environment("producer")), "-v", f"{data}:/data:ro", IMAGES["producer"], *args, "--json"], timeout=180)
+                *_env_args({**service_environment("producer"), **env}), "-v", f"{data}:/data:ro", IMAGES["producer"], *args, "--json"],
+               timeout=180)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -384,11 +385,8 @@ def test_producer_image_has_no_tensorflow_and_runs_as_a_non_root_user(images):
 
 
 def test_dashboard_image_shows_a_job_with_the_json_serializer(images, redis_6379, tmp_path):
-    from producer.client import FaceClient
-    from producer.settings import ProducerSettings
-
-    client = FaceClient(ProducerSettings(redis_url=f"redis://{redis_6379.host}:6379/0", queue="dashboard-test"))
-    job_id = client.embed(FACES / "amy" / "amy1.png")
+    data, _ = _shared_dirs(tmp_path)
+    job_id = _producer(redis_6379.host, data, "embed", "/data/amy1.png", ARCFACE_QUEUE="dashboard-test")["job_id"]  # no worker: queued
     port = _free_port()
     name = f"arcface-test-dashboard-{uuid.uuid4().hex[:8]}"
     env = service_environment("dashboard")  # compose's, plus this test's port; loopback only on the shared host network
