@@ -102,7 +102,8 @@ class FaceClient:
     def embed_request(self, image: ImageInput, *, faces: str = "one", **options: Unpack[JobOptions]) -> EmbedRequest:
         """The checked :class:`EmbedRequest` :meth:`embed` would enqueue (for :meth:`submit_many`)."""
         o = Options(**options)
-        return build(EmbedRequest, image=self.image_ref(image, o.as_path), faces=faces, **o.request_fields())
+        extra = {"faces": faces} if faces != "one" else {}
+        return build(EmbedRequest, image=self.image_ref(image, o.as_path), **extra, **o.request_fields())
 
     def verify_request(
         self, a: ImageInput, b: ImageInput, *, threshold: float | None = None, **options: Unpack[JobOptions]

@@ -165,8 +165,8 @@ class EmbedRequest(_Strict):
     detect: Detect | None = Field(
         default=None, description="find and align the face first; default: the worker's setting"
     )
-    faces: Literal["one", "all"] = Field(
-        default="one", description="with detection: 'all' embeds every face (largest first)"
+    faces: Literal["one", "all"] | None = Field(
+        default=None, description="with detection: 'all' embeds every face (largest first); default one"
     )
     ref: str | None = Field(default=None, max_length=1024, description="client reference, echoed back")
 

@@ -127,8 +127,15 @@ def restore(job_id: str, fields: dict[bytes, bytes], connection: redis.Redis, ma
     return job
 
 
+_BLAME_MAX_FIELDS = 64
+
+
 def _blame(job_id: str, raw: dict[bytes, bytes], connection: redis.Redis) -> str:
-    """Name the hash field rq chokes on (only computed for a hash that failed), e.g. ``field 'timeout': ``."""
+    """Name the hash field rq chokes on (only computed for a hash that failed), e.g. ``field 'timeout': ``.
+    Each try restores the whole hash, so a hash of thousands of fields is not searched (rq writes about 30):
+    quadratic work there would stall the worker for minutes (5,000 fields: 5 s)."""
+    if len(raw) > _BLAME_MAX_FIELDS:
+        return ""
     for name in raw:
         if name == b"data":
             continue
@@ -149,17 +156,27 @@ def decode_data(job: SafeJob) -> tuple[str, Any, Any, Any]:
     return value[0], value[1], value[2], value[3]
 
 
-def success_entry(return_value: dict, worker_name: str, execution_id: str, started: datetime, ended: datetime) -> dict[str, Any]:
+def success_entry(
+    return_value: dict, worker_name: str, execution_id: str, started: datetime, ended: datetime
+) -> dict[str, Any]:
     """The result-stream entry rq writes for a finished job (``Result.Type.SUCCESSFUL``)."""
-    entry = {"type": Result.Type.SUCCESSFUL.value, "worker_name": worker_name,
-             "return_value": base64.b64encode(JSONSerializer.dumps(return_value)).decode("ascii")}
+    entry = {
+        "type": Result.Type.SUCCESSFUL.value,
+        "worker_name": worker_name,
+        "return_value": base64.b64encode(JSONSerializer.dumps(return_value)).decode("ascii"),
+    }
     return {**entry, **_execution_fields(execution_id, started, ended)}
 
 
-def failure_entry(exc_string: str, worker_name: str, execution_id: str | None, started: datetime | None, ended: datetime) -> dict[str, Any]:
+def failure_entry(
+    exc_string: str, worker_name: str, execution_id: str | None, started: datetime | None, ended: datetime
+) -> dict[str, Any]:
     """The result-stream entry rq writes for a failed job (``Result.Type.FAILED``)."""
-    entry = {"type": Result.Type.FAILED.value, "worker_name": worker_name,
-             "exc_string": base64.b64encode(zlib.compress(exc_string.encode())).decode("ascii")}
+    entry = {
+        "type": Result.Type.FAILED.value,
+        "worker_name": worker_name,
+        "exc_string": base64.b64encode(zlib.compress(exc_string.encode())).decode("ascii"),
+    }
     return {**entry, **_execution_fields(execution_id, started, ended)}
 
 
@@ -270,8 +287,17 @@ class Outcome:
     lrem_from: str = ""
 
     def argv(self) -> list[str]:
-        return [self.guard, self.kind, self.job_id, self.member, str(int(self.ttl)), json.dumps(self.fields or {}, separators=(",", ":")),
-                json.dumps(self.entry, separators=(",", ":")) if self.entry else "", self.extra, self.lrem_from]
+        return [
+            self.guard,
+            self.kind,
+            self.job_id,
+            self.member,
+            str(int(self.ttl)),
+            json.dumps(self.fields or {}, separators=(",", ":")),
+            json.dumps(self.entry, separators=(",", ":")) if self.entry else "",
+            self.extra,
+            self.lrem_from,
+        ]
 
 
 class Fence:

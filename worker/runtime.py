@@ -9,17 +9,33 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import structlog
 
-from producer.jobs import (
-    AnyRequest, EmbedBatchRequest, EmbedBatchResult, EmbedRequest, EmbedResult, ErrorCode, FaceEmbedding, ImageRef, ItemError, JobFailure, PairResult,
-    Timing, VerifyBatchRequest, VerifyBatchResult, VerifyRequest, VerifyResult, encode_embedding, encode_matrix, request_images,
-)
 from producer.gallery import EnrollBatchRequest, EnrollRequest, ForgetRequest, GalleryVerifyRequest, IdentifyRequest
+from producer.jobs import (
+    EmbedBatchRequest,
+    EmbedBatchResult,
+    EmbedRequest,
+    EmbedResult,
+    ErrorCode,
+    FaceEmbedding,
+    ImageRef,
+    ItemError,
+    JobFailure,
+    PairResult,
+    Timing,
+    VerifyBatchRequest,
+    VerifyBatchResult,
+    VerifyRequest,
+    VerifyResult,
+    encode_embedding,
+    encode_matrix,
+    request_images,
+)
 from worker.detect import BlazeFace, Face, align, pick, pick_all, square_crop
 from worker.engine import Engine, configure_tensorflow, reduced_precision_policy
 from worker.files import read_shared_file
@@ -35,7 +51,13 @@ GALLERY_REQUESTS = (EnrollRequest, EnrollBatchRequest, IdentifyRequest, GalleryV
 
 def default_weights(settings: WorkerSettings, retries: int = 3, timeout_s: float = 30.0) -> Path:
     """deepface's published weights from ``model_url``, downloaded once into ``cache_dir``."""
-    return download(settings.model_url, settings.cache_dir / Path(settings.model_url).name, settings.model_sha256, retries, timeout_s)
+    return download(
+        settings.model_url,
+        settings.cache_dir / Path(settings.model_url).name,
+        settings.model_sha256,
+        retries,
+        timeout_s,
+    )
 
 
 def load_engine(settings: WorkerSettings) -> Engine:
@@ -45,8 +67,12 @@ def load_engine(settings: WorkerSettings) -> Engine:
     path = settings.model_path or default_weights(settings)
     precision = reduced_precision_policy() if settings.precision == "reduced" else "float32"
     model = load_face_model(
-        path, precision=precision, name=settings.model_name, scale=settings.input_scale,
-        offset=settings.input_offset, threshold=settings.threshold,
+        path,
+        precision=precision,
+        name=settings.model_name,
+        scale=settings.input_scale,
+        offset=settings.input_offset,
+        threshold=settings.threshold,
     )
     model.threshold = settings.threshold
     if settings.input_mean is not None:
@@ -55,8 +81,15 @@ def load_engine(settings: WorkerSettings) -> Engine:
         model.mean = tuple(settings.input_mean)  # type: ignore[assignment]
     model.bgr = settings.channel_order == "BGR"
     engine = Engine(model, settings.allowed_batch_sizes)
-    log.info("model_loaded", model=model.name, source=str(path), input_size=model.input_size, dim=model.embedding_dim,
-             precision=precision, load_s=round(time.perf_counter() - start, 3))
+    log.info(
+        "model_loaded",
+        model=model.name,
+        source=str(path),
+        input_size=model.input_size,
+        dim=model.embedding_dim,
+        precision=precision,
+        load_s=round(time.perf_counter() - start, 3),
+    )
     return engine
 
 
@@ -74,11 +107,17 @@ def load_detector(settings: WorkerSettings) -> BlazeFace | None:
     if path is None and settings.detector_url:
         base = settings.cache_dir / "blazeface"
         path = download(settings.detector_url, base / Path(settings.detector_url).name, settings.detector_sha256)
-        bin_url = settings.detector_url.rsplit("/", 1)[0] + "/" + json.loads(path.read_text())["weightsManifest"][0]["paths"][0]
+        bin_url = (
+            settings.detector_url.rsplit("/", 1)[0]
+            + "/"
+            + json.loads(path.read_text())["weightsManifest"][0]["paths"][0]
+        )
         download(bin_url, base / Path(bin_url).name)
     if path is None:
         if settings.detect != "none":
-            raise WeightsError("ARCFACE_DETECT=blazeface needs ARCFACE_DETECTOR_PATH (blazeface-front.json) or ARCFACE_DETECTOR_URL")
+            raise WeightsError(
+                "ARCFACE_DETECT=blazeface needs ARCFACE_DETECTOR_PATH (blazeface-front.json) or ARCFACE_DETECTOR_URL"
+            )
         return None
     detector = BlazeFace(path, min_score=settings.detect_min_score)
     detector.warm_up()
@@ -101,7 +140,9 @@ class PreparedImage:
 class Runtime:
     """Executes requests against one engine."""
 
-    def __init__(self, settings: WorkerSettings, engine: Engine, detector: BlazeFace | None = None, gallery: Any = None) -> None:
+    def __init__(
+        self, settings: WorkerSettings, engine: Engine, detector: BlazeFace | None = None, gallery: Any = None
+    ) -> None:
         self.settings = settings
         self.engine = engine
         self.detector = detector
@@ -119,17 +160,29 @@ class Runtime:
         """Refuse a request this worker cannot serve; returns whether its images go through the detector."""
         model = getattr(request, "model", None)
         if model is not None and model != self.engine.model.name:
-            raise JobFailure(ErrorCode.UNKNOWN_MODEL, f"this worker serves model {self.engine.model.name!r}, not {model!r}; send it to that model's queue")
+            raise JobFailure(
+                ErrorCode.UNKNOWN_MODEL,
+                f"this worker serves model {self.engine.model.name!r}, not {model!r}; send it to that model's queue",
+            )
         n = len(request_images(request))
         if n > self.settings.max_images_per_job:
-            raise JobFailure(ErrorCode.INVALID_PAYLOAD, f"job has {n} images, over this worker's limit of {self.settings.max_images_per_job} (ARCFACE_MAX_IMAGES_PER_JOB); split it")
+            raise JobFailure(
+                ErrorCode.INVALID_PAYLOAD,
+                f"job has {n} images, over this worker's limit of {self.settings.max_images_per_job} (ARCFACE_MAX_IMAGES_PER_JOB); split it",
+            )
         if isinstance(request, GALLERY_REQUESTS) and self.gallery is None:
-            raise JobFailure(ErrorCode.UNSUPPORTED_JOB, "this worker serves no galleries; send gallery jobs to a worker started with them")
+            raise JobFailure(
+                ErrorCode.UNSUPPORTED_JOB,
+                "this worker serves no galleries; send gallery jobs to a worker started with them",
+            )
         if n == 0:
             return False
         detect = (getattr(request, "detect", None) or self.settings.detect) == "blazeface"
         if detect and self.detector is None:
-            raise JobFailure(ErrorCode.UNSUPPORTED_JOB, "this worker has no face detector (set ARCFACE_DETECTOR_PATH); send detect=none or another queue")
+            raise JobFailure(
+                ErrorCode.UNSUPPORTED_JOB,
+                "this worker has no face detector (set ARCFACE_DETECTOR_PATH); send detect=none or another queue",
+            )
         return detect
 
     def prepare_image(self, ref: ImageRef, detect: bool, all_faces: bool = False) -> PreparedImage:
@@ -137,8 +190,12 @@ class Runtime:
         start = time.perf_counter()
         data = self.image_bytes(ref)
         if detect:
-            return PreparedImage(raw=decode_image(data, self.limits), ms=(time.perf_counter() - start) * 1000.0, all_faces=all_faces)
-        return PreparedImage(input=preprocess(data, self.engine.model.input_size, self.limits), ms=(time.perf_counter() - start) * 1000.0)
+            return PreparedImage(
+                raw=decode_image(data, self.limits), ms=(time.perf_counter() - start) * 1000.0, all_faces=all_faces
+            )
+        return PreparedImage(
+            input=preprocess(data, self.engine.model.input_size, self.limits), ms=(time.perf_counter() - start) * 1000.0
+        )
 
     def detect_images(self, images: list[PreparedImage]) -> tuple[dict[int, JobFailure], float]:
         """One batched detector call for every image still waiting in ``raw``; picks and crops each face.
@@ -150,27 +207,51 @@ class Runtime:
         found = self.detector.detect([images[i].raw for i in waiting])
         failures: dict[int, JobFailure] = {}
         size, s = self.engine.model.input_size, self.settings
-        for i, faces in zip(waiting, found):
+        for i, faces in zip(waiting, found, strict=True):
             im = images[i]
             image, im.raw = im.raw, None
-            chosen = pick_all(faces, s.detect_min_face, s.max_faces) if im.all_faces else [pick(faces, s.face_select, s.detect_min_face)]
+            chosen = (
+                pick_all(faces, s.detect_min_face, s.max_faces)
+                if im.all_faces
+                else [pick(faces, s.face_select, s.detect_min_face)]
+            )
             if not chosen or chosen[0] is None:
-                failures[i] = JobFailure(ErrorCode.NO_FACE_DETECTED, f"no face (score >= {s.detect_min_score}, at least {s.detect_min_face:g} px)")
+                failures[i] = JobFailure(
+                    ErrorCode.NO_FACE_DETECTED,
+                    f"no face (score >= {s.detect_min_score}, at least {s.detect_min_face:g} px)",
+                )
                 continue
-            inputs = [preprocess(align(image, f, size) if s.crop == "align" else square_crop(image, f, s.crop_margin), size, self.limits)
-                      for f in chosen]
+            inputs = [
+                preprocess(
+                    align(image, f, size) if s.crop == "align" else square_crop(image, f, s.crop_margin),
+                    size,
+                    self.limits,
+                )
+                for f in chosen
+            ]
             im.input, im.face = inputs[0], chosen[0]
-            im.extra = list(zip(inputs[1:], chosen[1:])) if im.all_faces else None
+            im.extra = list(zip(inputs[1:], chosen[1:], strict=True)) if im.all_faces else None
         return failures, (time.perf_counter() - start) * 1000.0
 
     def embed_inputs(self, inputs: list[np.ndarray]) -> tuple[np.ndarray, float]:
         """One engine call for ``inputs``; returns (embeddings, inference ms)."""
         start = time.perf_counter()
-        out = self.engine.embed(np.stack(inputs)) if inputs else np.empty((0, self.engine.model.embedding_dim), np.float32)
+        out = (
+            self.engine.embed(np.stack(inputs))
+            if inputs
+            else np.empty((0, self.engine.model.embedding_dim), np.float32)
+        )
         return out, (time.perf_counter() - start) * 1000.0
 
-    def finish(self, request: Request, embeddings: np.ndarray, failures: dict[int, JobFailure], faces: list[Face | None], timing: Timing,
-               extra_faces: list[tuple[Face, np.ndarray]] | None = None) -> dict:
+    def finish(
+        self,
+        request: Request,
+        embeddings: np.ndarray,
+        failures: dict[int, JobFailure],
+        faces: list[Face | None],
+        timing: Timing,
+        extra_faces: list[tuple[Face, np.ndarray]] | None = None,
+    ) -> dict:
         """The JSON-ready result of a request from the embeddings of its images (rows in request order; rows
         of failed images are ignored). Single-image kinds raise the failure of their image; multi-item kinds
         report failed items in ``errors`` and never fail as a whole."""
@@ -178,7 +259,9 @@ class Runtime:
         face_dicts = [f.as_dict() if f is not None else None for f in faces]
         if isinstance(request, GALLERY_REQUESTS):
             assert self.gallery is not None
-            return self.gallery.complete(request.kind, request, embeddings, timing=timing, faces=face_dicts, failures=failures)
+            return self.gallery.complete(
+                request.kind, request, embeddings, timing=timing, faces=face_dicts, failures=failures
+            )
         if isinstance(request, EmbedRequest):
             if 0 in failures:
                 raise failures[0]
@@ -186,39 +269,74 @@ class Runtime:
             if request.faces == "all" and faces[0] is not None:
                 pairs = [(faces[0], embeddings[0]), *(extra_faces or [])]
                 every = [FaceEmbedding(**f.as_dict(), embedding_b64=encode_embedding(row)) for f, row in pairs]
-            return EmbedResult(embedding_b64=encode_embedding(embeddings[0]), dim=int(embeddings.shape[1]), model=name,
-                               ref=request.ref, face=face_dicts[0], faces=every, timing=timing).model_dump(mode="json")
+            return EmbedResult(
+                embedding_b64=encode_embedding(embeddings[0]),
+                dim=int(embeddings.shape[1]),
+                model=name,
+                ref=request.ref,
+                face=face_dicts[0],
+                faces=every,
+                timing=timing,
+            ).model_dump(mode="json")
         if isinstance(request, VerifyRequest):
             for i in (0, 1):
                 if i in failures:
                     f = failures[i]
                     raise JobFailure(f.code, f"image {'ab'[i]}: {f.message}")
             v = self.engine.verify(embeddings[0], embeddings[1], request.threshold)
-            return VerifyResult(distance=v.distance, threshold=v.threshold, similar=v.similar, model=name, ref=request.ref,
-                                face_a=face_dicts[0], face_b=face_dicts[1], timing=timing).model_dump(mode="json")
+            return VerifyResult(
+                distance=v.distance,
+                threshold=v.threshold,
+                similar=v.similar,
+                model=name,
+                ref=request.ref,
+                face_a=face_dicts[0],
+                face_b=face_dicts[1],
+                timing=timing,
+            ).model_dump(mode="json")
         if isinstance(request, EmbedBatchRequest):
             rows = np.array(embeddings, dtype=np.float32, copy=True)
             errors = [ItemError(index=i, code=f.code, message=f.message) for i, f in sorted(failures.items())]
             rows[[e.index for e in errors]] = 0.0
-            return EmbedBatchResult(count=len(rows), dim=int(rows.shape[1]), embeddings_b64=encode_matrix(rows), errors=errors, model=name,
-                                    ref=request.ref, faces=face_dicts if self.detector is not None and any(face_dicts) else None,
-                                    timing=timing).model_dump(mode="json")
+            return EmbedBatchResult(
+                count=len(rows),
+                dim=int(rows.shape[1]),
+                embeddings_b64=encode_matrix(rows),
+                errors=errors,
+                model=name,
+                ref=request.ref,
+                faces=face_dicts if self.detector is not None and any(face_dicts) else None,
+                timing=timing,
+            ).model_dump(mode="json")
         return self._finish_pairs(request, embeddings, failures, timing)
 
-    def _finish_pairs(self, request: VerifyBatchRequest, embeddings: np.ndarray, failures: dict[int, JobFailure], timing: Timing) -> dict:
+    def _finish_pairs(
+        self, request: VerifyBatchRequest, embeddings: np.ndarray, failures: dict[int, JobFailure], timing: Timing
+    ) -> dict:
         results: list[PairResult | None] = []
         errors: list[ItemError] = []
         threshold = self.engine.model.threshold if request.threshold is None else request.threshold
         for k in range(len(request.pairs)):
             bad = next((i for i in (2 * k, 2 * k + 1) if i in failures), None)
             if bad is not None:
-                errors.append(ItemError(index=k, code=failures[bad].code, message=f"image {'ab'[bad % 2]}: {failures[bad].message}"))
+                errors.append(
+                    ItemError(
+                        index=k, code=failures[bad].code, message=f"image {'ab'[bad % 2]}: {failures[bad].message}"
+                    )
+                )
                 results.append(None)
                 continue
             v = self.engine.verify(embeddings[2 * k], embeddings[2 * k + 1], threshold)
             results.append(PairResult(distance=v.distance, similar=v.similar))
-        return VerifyBatchResult(count=len(results), threshold=threshold, results=results, errors=errors, model=self.engine.model.name,
-                                 ref=request.ref, timing=timing).model_dump(mode="json")
+        return VerifyBatchResult(
+            count=len(results),
+            threshold=threshold,
+            results=results,
+            errors=errors,
+            model=self.engine.model.name,
+            ref=request.ref,
+            timing=timing,
+        ).model_dump(mode="json")
 
     def run_one(self, request: Request, queued_ms: float = 0.0) -> dict:
         """Prepare, embed and finish a single request in this thread (the plain-rq path)."""
@@ -238,7 +356,12 @@ class Runtime:
         emb, inference_ms = self.embed_inputs([images[i].input for i in ok] + [x for x, _ in extra])  # type: ignore[misc]
         rows = np.zeros((len(images), self.engine.model.embedding_dim), np.float32)
         rows[ok] = emb[: len(ok)]
-        extra_faces = [(f, row) for (_, f), row in zip(extra, emb[len(ok):])]
-        timing = Timing(queued_ms=queued_ms, batch_size=len(ok), preprocess_ms=sum(im.ms for im in images), detect_ms=detect_ms,
-                        inference_ms=inference_ms)
+        extra_faces = [(f, row) for (_, f), row in zip(extra, emb[len(ok) :], strict=True)]
+        timing = Timing(
+            queued_ms=queued_ms,
+            batch_size=len(ok),
+            preprocess_ms=sum(im.ms for im in images),
+            detect_ms=detect_ms,
+            inference_ms=inference_ms,
+        )
         return self.finish(request, rows, failures, [im.face for im in images], timing, extra_faces)

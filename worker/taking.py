@@ -45,7 +45,9 @@ class Taken:
     embeddings: np.ndarray | None = None
     item_failures: dict[int, JobFailure] = field(default_factory=dict)
     faces: list[Any] = field(default_factory=list)
-    extra_faces: list[tuple[Any, np.ndarray]] = field(default_factory=list)  # faces="all": the other faces and their rows
+    extra_faces: list[tuple[Any, np.ndarray]] = field(
+        default_factory=list
+    )  # faces="all": the other faces and their rows
     preprocess_ms: float = 0.0
     detect_ms: float = 0.0
     inference_ms: float = 0.0
@@ -85,8 +87,14 @@ def decode_id(raw: bytes | str) -> str | None:
         return None
 
 
-def classify(job_id: str, fields: dict[bytes, bytes], connection: redis.Redis, max_job_bytes: int, now: datetime,
-             recovering: bool = False) -> Taken | None:
+def classify(
+    job_id: str,
+    fields: dict[bytes, bytes],
+    connection: redis.Redis,
+    max_job_bytes: int,
+    now: datetime,
+    recovering: bool = False,
+) -> Taken | None:
     """What to do with one popped job: run it, fail it, or (``None``) drop a stale entry. ``recovering``: the
     job of a dead worker (status started), read to decide between retry and failure."""
     if not fields:
@@ -100,7 +108,10 @@ def classify(job_id: str, fields: dict[bytes, bytes], connection: redis.Redis, m
         taken.queued_ms = max(0.0, (now - taken.enqueued_at).total_seconds() * 1000.0)
     if not valid_job_id(job_id):
         taken.valid_id = False
-        taken.failure = JobFailure(ErrorCode.INVALID_PAYLOAD, f"job id {job_id[:80]!r} is not a valid rq id (letters, digits, '_' and '-' only)")
+        taken.failure = JobFailure(
+            ErrorCode.INVALID_PAYLOAD,
+            f"job id {job_id[:80]!r} is not a valid rq id (letters, digits, '_' and '-' only)",
+        )
         return taken
     try:
         taken.job = restore(job_id, fields, connection, max_job_bytes)
@@ -119,9 +130,13 @@ def _request(taken: Taken) -> JobFailure | None:
     try:
         func_name, instance, args, kwargs = decode_data(taken.job)
     except Exception as exc:  # a pickle, garbage, wrong shape: never executed
+        taken.rewrite = True  # no JSON reader (rq's tools, our client) could read it: leave a failed job they can
         return JobFailure(ErrorCode.INVALID_PAYLOAD, f"job data is not the JSON job array ({type(exc).__name__})")
     if func_name not in ALLOWED_FUNCTIONS or instance is not None:
-        return JobFailure(ErrorCode.UNSUPPORTED_JOB, f"function {func_name[:200]!r} is not an ArcFace job; allowed: {sorted(ALLOWED_FUNCTIONS)}")
+        return JobFailure(
+            ErrorCode.UNSUPPORTED_JOB,
+            f"function {func_name[:200]!r} is not an ArcFace job; allowed: {sorted(ALLOWED_FUNCTIONS)}",
+        )
     try:
         taken.request = parse_request(func_name, args, kwargs or {})
     except JobFailure as failure:

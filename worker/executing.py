@@ -1,0 +1,150 @@
+"""Executing: the images of registered jobs, packed into engine batches (from any jobs, oldest first), through
+preprocessing, the detector and the engine; a job whose last image is embedded is completed. A mixin of
+:class:`~worker.batcher.BatchWorker` (uses its ``runtime``, ``settings``, ``metrics``, ``_waiting`` queue and
+:class:`~worker.completion.CompletionMixin`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any
+
+import numpy as np
+import structlog
+
+from producer.jobs import ErrorCode, JobFailure
+from worker.runtime import PreparedImage
+from worker.taking import Taken
+
+log = structlog.get_logger("arcface.batcher")
+
+
+class Item:
+    """One image of a job on its way through preprocessing and the engine."""
+
+    __slots__ = ("taken", "index", "future")
+
+    def __init__(self, taken: Taken, index: int, future: Future) -> None:
+        self.taken, self.index, self.future = taken, index, future
+
+
+class ExecutionMixin:
+    """Engine batches of waiting images."""
+
+    runtime: Any
+    settings: Any
+    metrics: Any
+    max_batch_size: int
+    batches_done: int
+    _waiting: deque[Item]
+    _finish: Any  # CompletionMixin's
+    _complete: Any
+
+    def next_engine_batch(self) -> list[Item]:
+        """Up to ``max_batch_size`` waiting images, oldest first."""
+        out: list[Item] = []
+        while self._waiting and len(out) < self.max_batch_size:
+            out.append(self._waiting.popleft())
+        return out
+
+    def run_batch(self, items: list[Item]) -> None:
+        """Wait for the images' preprocessing, run detection and the engine once, complete finished jobs."""
+        t0 = time.perf_counter()
+        images = [self._prepared(item) for item in items]
+        alive = [k for k, im in enumerate(images) if im.input is not None or im.raw is not None]
+        alive, detect_ms = self._detect(items, images, alive)
+        t1 = time.perf_counter()
+        inference_ms = self._embed(items, images, alive) if alive else 0.0
+        done: list[Taken] = []
+        for item in items:
+            t = item.taken
+            t.remaining -= 1
+            t.batch_size = len(items)
+            t.inference_ms += inference_ms / len(items)
+            t.detect_ms += detect_ms / len(items)
+            if t.remaining == 0:
+                done.append(t)
+        t2 = time.perf_counter()
+        outcomes = [self._finish(t) for t in done]
+        self._complete(outcomes, done, working_s=t2 - t0)
+        t3 = time.perf_counter()
+        self.batches_done += 1
+        failed = sum(1 for o in outcomes if o.kind == "failed")
+        if self.metrics is not None:
+            self.metrics.observe_batch(
+                len(items), len(alive), t1 - t0 - detect_ms / 1000.0, detect_ms / 1000.0, inference_ms / 1000.0, t3 - t2
+            )
+        log.info(
+            "batch",
+            images=len(items),
+            jobs=len(done),
+            failed=failed,
+            preprocess_ms=round((t1 - t0) * 1000.0 - detect_ms, 1),
+            detect_ms=round(detect_ms, 1),
+            inference_ms=round(inference_ms, 1),
+            write_ms=round((t3 - t2) * 1000.0, 1),
+            queue_wait_ms=round(max((t.queued_ms for t in done), default=0.0), 1),
+        )
+        log.debug("batch_jobs", job_ids=[t.id for t in done])
+
+    def _detect(self, items: list[Item], images: list[PreparedImage], alive: list[int]) -> tuple[list[int], float]:
+        """One detector call for the images waiting for it; returns the images still alive and the ms spent."""
+        if not any(images[k].raw is not None for k in alive):
+            return alive, 0.0
+        try:
+            found, detect_ms = self.runtime.detect_images([images[k] for k in alive])
+        except Exception as exc:
+            log.exception("detection_crashed", images=len(alive))
+            failure = JobFailure(ErrorCode.INTERNAL_ERROR, f"detection failed: {type(exc).__name__}: {exc}")
+            found, detect_ms = dict.fromkeys(range(len(alive)), failure), 0.0
+        for j, failure in found.items():
+            items[alive[j]].taken.item_failures[items[alive[j]].index] = failure
+        return [k for j, k in enumerate(alive) if j not in found], detect_ms
+
+    def _embed(self, items: list[Item], images: list[PreparedImage], alive: list[int]) -> float:
+        """One engine call for the alive images (and the extra faces of ``faces="all"``); returns the ms spent."""
+        extra = [(k, x, f) for k in alive for x, f in (images[k].extra or [])]
+        inputs: list[Any] = [images[k].input for k in alive] + [x for _, x, _ in extra]
+        try:
+            emb, inference_ms = self.runtime.embed_inputs(inputs)
+        except Exception as exc:
+            log.exception("inference_crashed", images=len(alive))
+            for k in alive:
+                failure = JobFailure(ErrorCode.INTERNAL_ERROR, f"inference failed: {type(exc).__name__}: {exc}")
+                items[k].taken.item_failures[items[k].index] = failure
+            return 0.0
+        for k, row in zip(alive, emb[: len(alive)], strict=True):
+            self._store(items[k], row, images[k])
+        for (k, _, f), row in zip(extra, emb[len(alive) :], strict=True):
+            items[k].taken.extra_faces.append((f, row))
+        return inference_ms
+
+    def _prepared(self, item: Item) -> PreparedImage:
+        t = item.taken
+        try:
+            im = item.future.result(timeout=self.settings.decode_timeout_s)
+            t.preprocess_ms += im.ms
+            return im
+        except JobFailure as failure:
+            t.item_failures[item.index] = failure
+        except FutureTimeout:
+            t.item_failures[item.index] = JobFailure(
+                ErrorCode.IMAGE_DECODE_ERROR,
+                f"image took over {self.settings.decode_timeout_s:g}s to decode (ARCFACE_DECODE_TIMEOUT_S)",
+            )
+        except Exception as exc:  # a bug, not bad input: fail this image, keep the worker
+            log.exception("prepare_crashed", job_id=t.id)
+            t.item_failures[item.index] = JobFailure(
+                ErrorCode.INTERNAL_ERROR, f"preprocessing crashed: {type(exc).__name__}: {exc}"
+            )
+        return PreparedImage()
+
+    def _store(self, item: Item, row: np.ndarray, image: PreparedImage) -> None:
+        t = item.taken
+        if t.embeddings is None:
+            t.embeddings = np.zeros((t.n_images, row.shape[0]), np.float32)
+        t.embeddings[item.index] = row
+        t.faces[item.index] = image.face
