@@ -32,13 +32,15 @@ others by Pillow's header parser, which allocates no pixels):
 Pixels: EXIF orientation is applied (the seed ignores it). Only the orientation tag is read; EXIF that cannot be
 parsed, or an orientation outside 1..8, counts as "no orientation" (as browsers treat it), never as a failed
 job, and nothing is re-serialised (Pillow's ``exif_transpose`` raises on some malformed blocks when it writes
-the EXIF back). Grey, bilevel and 16-bit grey images stay one channel (16 bits -> ``(v + 128) // 257``,
-TensorFlow's rounding); palette, CMYK and other colour modes become RGB; alpha is dropped, as TensorFlow's
+the EXIF back). Grey, bilevel and 16-bit grey images stay one channel (16 bits -> ``(v + 128) // 257``, i.e.
+``round(v / 257)``); palette, CMYK and other colour modes become RGB; alpha is dropped, as TensorFlow's
 ``decode_image(channels=3)`` does. Floating-point images (Pillow mode ``F``, e.g. a float TIFF holding 0..1) are
 refused: cast to 8 bits they would silently become a black square.
 
-Memory after decoding: :meth:`Decoded.rows` converts only the rows asked for; :meth:`Decoded.array` converts
-the whole image in bands of about 4 MiB into one ``uint8`` array. Nothing here makes a float copy of an image.
+Memory after decoding: 8-bit grey and colour JPEGs without EXIF (the usual face crop) are decoded by Pillow's C
+decoder straight into a numpy array, skipping Pillow's Python header parser; other images stay in Pillow's image,
+from which :meth:`Decoded.rows` converts only the rows asked for and :meth:`Decoded.array` the whole image, in
+bands of about 4 MiB, into one ``uint8`` array. Nothing here makes a float copy of an image.
 """
 
 from __future__ import annotations
