@@ -92,6 +92,8 @@ _GREY_16 = {"I;16": "<u2", "I;16L": "<u2", "I;16B": ">u2", "I;16N": "=u2"}
 _LUT_16 = ((np.arange(65536, dtype=np.uint32) + 128) // 257).astype(np.uint8)
 _BAND_BYTES = 4 * 1024 * 1024
 _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+# Pillow's C decoder called directly (plain JPEGs); Pillow's own path is used if a release ever drops these.
+_FAST_JPEG = hasattr(Image.core, "map_buffer") and hasattr(Image.core, "jpeg_decoder")  # type: ignore[attr-defined]
 _SEGMENT = struct.Struct(">BBH")  # a JPEG marker (FF xx) and the segment length after it
 _METADATA = ("exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp")  # where Pillow's getexif() looks
 
@@ -513,7 +515,7 @@ def _decode(data: bytes, fmt: str, limits: DecodeLimits, deadline: float) -> Dec
             )
         _check_jpeg(data, header, limits)
         width, height = header.width, header.height
-        if header.plain:  # the common face crop: no Python header parsing at all
+        if header.plain and _FAST_JPEG:  # the common face crop: no Python header parsing at all
             if limits.jpeg_decoder == "tensorflow":
                 return Decoded(width, height, 3, pixels=_decode_tensorflow(data, width, height))
             return Decoded(width, height, header.components, pixels=_decode_plain_jpeg(data, header))
