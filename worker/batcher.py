@@ -35,8 +35,8 @@ from typing import Any, Callable
 import redis
 import structlog
 from rq.suspension import is_suspended
-from rq.worker_registration import REDIS_WORKER_KEYS
 from rq.worker import SimpleWorker, WorkerStatus
+from rq.worker_registration import REDIS_WORKER_KEYS
 
 from producer.jobs import JobFailure
 from worker.completion import CompletionMixin
@@ -53,8 +53,13 @@ from worker.taking import Taken, classify, decode_id, pop_first, pop_many, read_
 
 log = structlog.get_logger("arcface.batcher")
 _BUSY_POLL_S = 0.05  # BLMOVE timeout while the model is busy: wakes at once when a job arrives
-_TRANSIENT = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.BusyLoadingError,
-              redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError)
+_TRANSIENT = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.exceptions.BusyLoadingError,
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.ReadOnlyError,
+)
 
 
 def _transient(exc: BaseException) -> bool:
@@ -93,7 +98,9 @@ class BatchWorker(ExecutionMixin, CompletionMixin, MaintenanceMixin, SimpleWorke
         self.runtime = runtime
         self.settings = settings
         self.metrics = metrics
-        self.max_batch_size = settings.max_batch_size
+        self.max_batch_size = (
+            settings.max_batch_size if isinstance(settings.max_batch_size, int) else 32
+        )  # auto: cli sets it
         self.batch_timeout_s = settings.batch_timeout_ms / 1000.0
         self.fence = Fence(queue.connection, queue.name)
         self._pool = ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="preprocess")
@@ -370,12 +377,13 @@ class BatchWorker(ExecutionMixin, CompletionMixin, MaintenanceMixin, SimpleWorke
     def _cycle(self, burst: bool, pending: Future | None) -> bool:
         """Maintenance, then take jobs (gathering while the model runs ``pending``). Returns whether any job came."""
         self.maintain()
+        if self._stop.is_set():
+            return False
+        suspended = is_suspended(self.connection, self)  # a real round trip: Redis answers again
         if self._outage:
             self._outage = False
             log.info("redis_reachable_again", during="take")
-        if self._stop.is_set():
-            return False
-        if is_suspended(self.connection, self):
+        if suspended:
             if not self._waiting and pending is None:
                 self.set_state(WorkerStatus.SUSPENDED)
                 time.sleep(1.0 if not burst else 0)
@@ -383,6 +391,9 @@ class BatchWorker(ExecutionMixin, CompletionMixin, MaintenanceMixin, SimpleWorke
         if pending is None and not self._waiting:
             self.set_state(WorkerStatus.IDLE)
             self.heartbeat()
-        busy = (lambda p=pending: not p.done()) if pending is not None else (lambda: False)
+
+        def busy() -> bool:
+            return pending is not None and not pending.done()
+
         block = 0.0 if burst or pending is not None or self._waiting else 1.0
         return self.take(block, busy) > 0

@@ -60,7 +60,9 @@ def _checked_settings() -> Any:
         _config_exit(exc.message)
     missing = [m for m in _WORKER_MODULES if not _installed(m)]
     if missing:
-        _config_exit(f"{', '.join(missing)} not installed (a producer-only install): pip install 'arcface-service[worker]'")
+        _config_exit(
+            f"{', '.join(missing)} not installed (a producer-only install): pip install 'arcface-service[worker]'"
+        )
     port = settings.metrics_port
     if port is not None:
         if not 1 <= port <= 65535:
@@ -70,7 +72,10 @@ def _checked_settings() -> Any:
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 probe.bind(("0.0.0.0", port))
         except OSError as exc:
-            _config_exit(f"ARCFACE_METRICS_PORT={port}: cannot serve metrics there ({exc.strerror or exc}); choose a free port or unset it")
+            _config_exit(
+                f"ARCFACE_METRICS_PORT={port}: cannot serve metrics there ({exc.strerror or exc}); "
+                "choose a free port or unset it"
+            )
     return settings
 
 
@@ -83,9 +88,14 @@ def publish_model(connection: Any, settings: Any, engine: Any) -> dict[str, Any]
     from producer.jobs import model_info_key
 
     model = engine.model
-    info = {"model": model.name, "dim": int(model.embedding_dim), "threshold": float(model.threshold),
-            "input_size": int(model.input_size), "detect": settings.detect,
-            "started_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")}
+    info = {
+        "model": model.name,
+        "dim": int(model.embedding_dim),
+        "threshold": float(model.threshold),
+        "input_size": int(model.input_size),
+        "detect": settings.detect,
+        "started_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+    }
     connection.set(model_info_key(settings.queue), json.dumps(info))
     return info
 
@@ -95,14 +105,19 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from producer.cli import _Parser, version
 
-    parser = _Parser(prog="arcface-worker", description="Serve ArcFace jobs from Redis in micro-batches.",
-                                     epilog=settings_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(
+        prog="arcface-worker",
+        description="Serve ArcFace jobs from Redis in micro-batches.",
+        epilog=settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--burst", action="store_true", help="exit once the queue is empty")
     parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     args = parser.parse_args(argv)
 
+    from producer.errors import RedisUnavailable
     from producer.jobs import JSONSerializer, SafeJob
-    from producer.redisconn import RedisUnavailable, connect
+    from producer.redisconn import connect
     from producer.settings import configure_logging
     from worker.settings import WorkerSettings
 
@@ -115,12 +130,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         log.error("redis_unreachable", error=str(exc))
         sys.exit(EXIT_REDIS)
 
+    import time
+
     from rq import Queue
 
     from worker.runtime import Runtime, load_detector, load_engine, load_gallery
     from worker.weights import WeightsError
-
-    import time
 
     started = time.perf_counter()
     try:
@@ -131,41 +146,67 @@ def main(argv: Sequence[str] | None = None) -> None:
         log.error("model_load_failed", error=str(exc))
         sys.exit(EXIT_MODEL)
     except Exception as exc:  # anything else while loading: still exit before taking a job
-        log.error("model_load_failed", error=f"{settings.model_path or settings.model_url}: {type(exc).__name__}: {exc}")
+        log.error(
+            "model_load_failed", error=f"{settings.model_path or settings.model_url}: {type(exc).__name__}: {exc}"
+        )
         sys.exit(EXIT_MODEL)
-    log.info("engine_ready", allowed_batch_sizes=list(engine.allowed_batch_sizes), max_batch_size=settings.max_batch_size,
-             chosen="auto" if batch_rates else "setting", images_per_s={str(k): round(v, 1) for k, v in batch_rates.items()},
-             warm_up_s=round(warm_s, 2))
+    log.info(
+        "engine_ready",
+        allowed_batch_sizes=list(engine.allowed_batch_sizes),
+        max_batch_size=settings.max_batch_size,
+        chosen="auto" if batch_rates else "setting",
+        images_per_s={str(k): round(v, 1) for k, v in batch_rates.items()},
+        warm_up_s=round(warm_s, 2),
+    )
 
     from worker.batcher import BatchWorker
     from worker.metrics import WorkerMetrics
 
     queue = Queue(settings.queue, connection=connection, serializer=JSONSerializer, job_class=SafeJob)
-    from importlib.metadata import PackageNotFoundError, version
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
 
     try:
-        pkg_version = version("arcface-service")
+        pkg_version = package_version("arcface-service")
     except PackageNotFoundError:
         pkg_version = "unknown"
-    metrics = WorkerMetrics(queue_depth=lambda: queue.count, info={
-        "model": engine.model.name, "queue": settings.queue, "dim": str(engine.model.embedding_dim), "version": pkg_version,
-        "max_batch_size": str(settings.max_batch_size)})
+    metrics = WorkerMetrics(
+        queue_depth=lambda: queue.count,
+        info={
+            "model": engine.model.name,
+            "queue": settings.queue,
+            "dim": str(engine.model.embedding_dim),
+            "version": pkg_version,
+            "max_batch_size": str(settings.max_batch_size),
+        },
+    )
     metrics.model_load.set(time.perf_counter() - started)
     if settings.metrics_port is not None:
         try:
             metrics.serve(settings.metrics_port)
         except OSError as exc:  # taken while the model loaded
-            log.error("config_error", error=f"ARCFACE_METRICS_PORT={settings.metrics_port}: cannot serve metrics there ({exc.strerror or exc})")
+            log.error(
+                "config_error",
+                error=f"ARCFACE_METRICS_PORT={settings.metrics_port}: cannot serve metrics there "
+                f"({exc.strerror or exc})",
+            )
             sys.exit(EXIT_CONFIG)
         log.info("metrics_serving", port=settings.metrics_port)
     log.info("model_published", **publish_model(connection, settings, engine))
     # default_result_ttl: a job hash written without result_ttl (a non-Python producer) keeps its result RESULT_TTL s
     gallery = load_gallery(settings, connection, engine)
     log.info("galleries_loaded", galleries=gallery.stats())
-    worker = BatchWorker(queue, Runtime(settings, engine, detector, gallery), settings, metrics, default_result_ttl=settings.result_ttl)
-    log.info("worker_started", worker=worker.name, queue=settings.queue, redis=settings.redis_url_value() or f"embedded:{settings.data_dir}",
-             max_batch_size=settings.max_batch_size,
-             batch_timeout_ms=settings.batch_timeout_ms)
+    worker = BatchWorker(
+        queue, Runtime(settings, engine, detector, gallery), settings, metrics, default_result_ttl=settings.result_ttl
+    )
+    log.info(
+        "worker_started",
+        worker=worker.name,
+        queue=settings.queue,
+        redis=settings.redis_url_value() or f"embedded:{settings.data_dir}",
+        max_batch_size=settings.max_batch_size,
+        batch_timeout_ms=settings.batch_timeout_ms,
+    )
     try:
         worker.work(burst=args.burst)
     finally:
@@ -221,8 +262,9 @@ def health(argv: Sequence[str] | None = None) -> None:
     from rq import Queue
     from rq.worker import Worker
 
+    from producer.errors import RedisUnavailable
     from producer.jobs import JSONSerializer
-    from producer.redisconn import RedisUnavailable, connect
+    from producer.redisconn import connect
     from worker.settings import WorkerSettings
 
     settings = WorkerSettings()
@@ -234,7 +276,8 @@ def health(argv: Sequence[str] | None = None) -> None:
         sys.exit(1)
     now = datetime.now(timezone.utc)
     mine = [w for w in workers if w.hostname == socket.gethostname() and w.last_heartbeat is not None]
-    ages = [(now - (w.last_heartbeat if w.last_heartbeat.tzinfo else w.last_heartbeat.replace(tzinfo=timezone.utc))).total_seconds() for w in mine]
+    beats = [w.last_heartbeat for w in mine if w.last_heartbeat is not None]
+    ages = [(now - (b if b.tzinfo else b.replace(tzinfo=timezone.utc))).total_seconds() for b in beats]
     if ages and min(ages) <= args.max_age:
         print(f"healthy: heartbeat {min(ages):.1f}s ago")
         sys.exit(0)

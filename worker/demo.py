@@ -31,7 +31,9 @@ def _model_path() -> tuple[str, bool]:
     try:
         return str(default_weights(settings, retries=1, timeout_s=15)), True
     except WeightsError as exc:
-        print(f"demo: {exc}\ndemo: continuing with a RANDOMLY INITIALISED ArcFace (plumbing only: distances mean nothing)")
+        print(
+            f"demo: {exc}\ndemo: continuing with a RANDOMLY INITIALISED ArcFace (plumbing only: distances mean nothing)"
+        )
     fallback = settings.cache_dir / "demo-random-arcface.h5"
     if not fallback.exists():
         from worker.model import build_arcface
@@ -48,8 +50,10 @@ def _faces() -> list[Path]:
     root = Path(os.environ.get("ARCFACE_DEMO_FACES", REPO / "tests" / "data" / "faces"))
     found = sorted(root.glob("*/*.png"))
     if len(found) < 3:
-        raise SystemExit(f"demo: need at least 3 face crops as {root}/<person>/*.png, found {len(found)};"
-                         " set ARCFACE_DEMO_FACES to a folder laid out that way")
+        raise SystemExit(
+            f"demo: need at least 3 face crops as {root}/<person>/*.png, found {len(found)};"
+            " set ARCFACE_DEMO_FACES to a folder laid out that way"
+        )
     return found
 
 
@@ -64,8 +68,13 @@ def main() -> None:
     connection = connect(settings)
     print(f"demo: Redis: {where}")
     model, trained = _model_path()
-    env = {**os.environ, "ARCFACE_MODEL_PATH": model, "ARCFACE_ALLOWED_BATCH_SIZES": os.environ.get("ARCFACE_ALLOWED_BATCH_SIZES", "1,4,16"),
-           "ARCFACE_MAX_BATCH_SIZE": os.environ.get("ARCFACE_MAX_BATCH_SIZE", "16"), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = {
+        **os.environ,
+        "ARCFACE_MODEL_PATH": model,
+        "ARCFACE_ALLOWED_BATCH_SIZES": os.environ.get("ARCFACE_ALLOWED_BATCH_SIZES", "1,4,16"),
+        "ARCFACE_MAX_BATCH_SIZE": os.environ.get("ARCFACE_MAX_BATCH_SIZE", "16"),
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+    }
     print(f"demo: starting arcface-worker with model {model}")
     worker = subprocess.Popen([sys.executable, "-m", "worker.cli"], env=env, cwd=REPO)
     try:
@@ -75,14 +84,19 @@ def main() -> None:
         embed_ids = client.embed_many(faces[:8])
         same = client.verify(a, b, ref="same person?")
         other = client.verify(a, c, ref="different people?")
-        first = client.result(embed_ids[0], timeout=600)
-        print(f"demo: embed {a.name}: {first.dim}-d, norm {float((first.embedding ** 2).sum()) ** 0.5:.4f}, batch {first.timing.batch_size}")
+        first = client.result_embed(embed_ids[0], timeout=600)
+        print(
+            f"demo: embed {a.name}: {first.dim}-d, norm {float((first.embedding**2).sum()) ** 0.5:.4f}, "
+            f"batch {first.timing.batch_size}"
+        )
         for jid, label in ((same, f"{a.name} vs {b.name}"), (other, f"{a.name} vs {c.name}")):
-            r = client.result(jid, timeout=600)
+            r = client.result_verify(jid, timeout=600)
             print(f"demo: verify {label}: distance {r.distance:.4f}, threshold {r.threshold}, similar={r.similar}")
         done = [client.result(j, timeout=600) for j in embed_ids]
-        print(f"demo: {len(done) + 2} jobs finished in {time.monotonic() - start:.1f}s (model load included);"
-              f" largest batch {max(r.timing.batch_size for r in done)}")
+        print(
+            f"demo: {len(done) + 2} jobs finished in {time.monotonic() - start:.1f}s (model load included);"
+            f" largest batch {max(r.timing.batch_size for r in done)}"
+        )
         if not trained:
             print("demo: (random weights: the distances above carry no meaning)")
     finally:

@@ -24,8 +24,10 @@ from worker.tfjs_graph import TfjsGraphModel
 SIZE = 128
 # insightface's 112x112 ArcFace template (eyes, nose, mouth corners); BlazeFace gives the mouth centre,
 # so the two corners are averaged.
-ARCFACE_TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [(41.5493 + 70.7299) / 2, (92.3655 + 92.2041) / 2]],
-                            np.float64)
+ARCFACE_TEMPLATE = np.array(
+    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [(41.5493 + 70.7299) / 2, (92.3655 + 92.2041) / 2]],
+    np.float64,
+)
 
 
 @dataclass
@@ -53,7 +55,11 @@ class Face:
         return max(0.0, min(min(x2, w) - max(x1, 0.0), min(y2, h) - max(y1, 0.0)))
 
     def as_dict(self) -> dict:
-        return {"box": [round(float(v), 2) for v in self.box], "keypoints": np.round(self.keypoints, 2).tolist(), "score": round(self.score, 4)}
+        return {
+            "box": [round(float(v), 2) for v in self.box],
+            "keypoints": np.round(self.keypoints, 2).tolist(),
+            "score": round(self.score, 4),
+        }
 
 
 def _anchors() -> np.ndarray:
@@ -89,7 +95,13 @@ def weighted_nms(boxes: np.ndarray, keypoints: np.ndarray, scores: np.ndarray, i
         group[i] = True
         taken |= group
         w = scores[group][:, None]
-        faces.append(Face(tuple((boxes[group] * w).sum(0) / w.sum()), (keypoints[group] * w[:, :, None]).sum(0) / w.sum(), float(scores[i])))
+        faces.append(
+            Face(
+                tuple((boxes[group] * w).sum(0) / w.sum()),
+                (keypoints[group] * w[:, :, None]).sum(0) / w.sum(),
+                float(scores[i]),
+            )
+        )
     return faces
 
 
@@ -118,16 +130,26 @@ def render(image: np.ndarray, view: View) -> np.ndarray:
     """The 128x128 detector input for a view (zero outside the image), x / 127.5 - 1."""
     scale = SIZE / view.side
     pil = Image.fromarray(image)
-    out = pil.transform((SIZE, SIZE), Image.Transform.AFFINE, (1 / scale, 0, view.x0, 0, 1 / scale, view.y0),
-                        resample=Image.Resampling.BILINEAR, fillcolor=(0, 0, 0))
+    out = pil.transform(
+        (SIZE, SIZE),
+        Image.Transform.AFFINE,
+        (1 / scale, 0, view.x0, 0, 1 / scale, view.y0),
+        resample=Image.Resampling.BILINEAR,
+        fillcolor=(0, 0, 0),
+    )
     return np.asarray(out, np.float32) / 127.5 - 1.0
 
 
 class BlazeFace:
     """Batched BlazeFace on fixed batch shapes, with anchor decoding and NMS."""
 
-    def __init__(self, model_json: str | Path, allowed_batch_sizes: Sequence[int] = (1, 4, 16), min_score: float = 0.5,
-                 iou: float = 0.3) -> None:
+    def __init__(
+        self,
+        model_json: str | Path,
+        allowed_batch_sizes: Sequence[int] = (1, 4, 16),
+        min_score: float = 0.5,
+        iou: float = 0.3,
+    ) -> None:
         self.model = TfjsGraphModel(model_json)
         self.allowed = tuple(sorted(allowed_batch_sizes))
         self.min_score = min_score
@@ -150,7 +172,11 @@ class BlazeFace:
         for start in range(0, len(batch), top):
             chunk = batch[start : start + top]
             size = next(s for s in self.allowed if s >= len(chunk))
-            padded = np.concatenate([chunk, np.zeros((size - len(chunk), SIZE, SIZE, 3), np.float32)]) if size > len(chunk) else chunk
+            padded = (
+                np.concatenate([chunk, np.zeros((size - len(chunk), SIZE, SIZE, 3), np.float32)])
+                if size > len(chunk)
+                else chunk
+            )
             out = self.model(padded)
             scores.append(np.concatenate([out[self._s512][:, :, 0], out[self._s384][:, :, 0]], 1)[: len(chunk)])
             regs.append(np.concatenate([out[self._r512], out[self._r384]], 1)[: len(chunk)])
@@ -164,7 +190,7 @@ class BlazeFace:
         logits, regs = self._run(np.stack([render(images[i], v) for i, v in jobs]))
         scores = 1.0 / (1.0 + np.exp(-np.clip(logits, -80, 80)))
         per_image: list[tuple[list, list, list]] = [([], [], []) for _ in images]
-        for (i, view), s, r in zip(jobs, scores, regs):
+        for (i, view), s, r in zip(jobs, scores, regs, strict=True):
             keep = s >= self.min_score
             if not keep.any():
                 continue
@@ -176,9 +202,11 @@ class BlazeFace:
             per_image[i][0].append(boxes * scale + [view.x0, view.y0, view.x0, view.y0])
             per_image[i][1].append(kps * scale + [view.x0, view.y0])
             per_image[i][2].append(s)
-        result = []
-        for image, (boxes, kps, s) in zip(images, per_image):
-            faces = weighted_nms(np.concatenate(boxes), np.concatenate(kps), np.concatenate(s), self.iou) if boxes else []
+        result: list = []
+        for image, (bx, kp, sc) in zip(images, per_image, strict=True):
+            faces: list[Face] = (
+                weighted_nms(np.concatenate(bx), np.concatenate(kp), np.concatenate(sc), self.iou) if bx else []
+            )
             for face in faces:
                 face.image_size = (int(image.shape[1]), int(image.shape[0]))
             result.append(faces)
@@ -203,8 +231,13 @@ def align(image: np.ndarray, face: Face, size: int = 112) -> np.ndarray:
     """Warp the face onto the ArcFace template (eyes, nose, mouth) at ``size`` x ``size``; RGB uint8."""
     m = umeyama(face.keypoints[:4].astype(np.float64), ARCFACE_TEMPLATE * (size / 112.0))
     inv = np.linalg.inv(np.vstack([m, [0, 0, 1]]))[:2]  # PIL maps output pixels back to input pixels
-    out = Image.fromarray(image).transform((size, size), Image.Transform.AFFINE, tuple(inv.ravel()),
-                                           resample=Image.Resampling.BILINEAR, fillcolor=(0, 0, 0))
+    out = Image.fromarray(image).transform(
+        (size, size),
+        Image.Transform.AFFINE,
+        tuple(inv.ravel()),
+        resample=Image.Resampling.BILINEAR,
+        fillcolor=(0, 0, 0),
+    )
     return np.asarray(out)
 
 
@@ -226,7 +259,9 @@ SELECT_POLICIES = ("auto", "largest", "confident")
 AUTO_SCORE_MARGIN = 0.25
 
 
-def pick(faces: Sequence[Face], policy: str = "auto", min_size: float = 0.0, margin: float = AUTO_SCORE_MARGIN) -> Face | None:
+def pick(
+    faces: Sequence[Face], policy: str = "auto", min_size: float = 0.0, margin: float = AUTO_SCORE_MARGIN
+) -> Face | None:
     """The face a job is about, among faces of at least ``min_size`` pixels; None when there is none.
 
     ``auto``: of the faces scoring at least (best score - ``margin``), the one with the largest visible size
@@ -253,5 +288,16 @@ def pick_all(faces: Sequence[Face], min_face: float = 0.0, max_faces: int = 20) 
     return sorted(kept, key=lambda f: (-f.size, -f.score))[:max_faces]
 
 
-__all__ = ["ARCFACE_TEMPLATE", "AUTO_SCORE_MARGIN", "SELECT_POLICIES", "BlazeFace", "Face", "align", "pick", "pick_all", "square_crop",
-           "umeyama", "weighted_nms"]
+__all__ = [
+    "ARCFACE_TEMPLATE",
+    "AUTO_SCORE_MARGIN",
+    "SELECT_POLICIES",
+    "BlazeFace",
+    "Face",
+    "align",
+    "pick",
+    "pick_all",
+    "square_crop",
+    "umeyama",
+    "weighted_nms",
+]

@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from producer.jobs import cosine_distance
+from worker.decode import DEFAULT_LIMITS
 from worker.model import FaceModel
 from worker.preprocess import DecodeLimits, preprocess
 
@@ -121,14 +122,22 @@ class Engine:
             size = self.padded_size(len(chunk))
             if size != len(chunk):
                 chunk = np.concatenate([chunk, np.zeros((size - len(chunk), *self.input_shape), np.float32)])
-            out[start : start + self.max_batch_size] = self._predict(tf.constant(chunk)).numpy()[: min(len(arr) - start, self.max_batch_size)]
+            out[start : start + self.max_batch_size] = self._predict(tf.constant(chunk)).numpy()[
+                : min(len(arr) - start, self.max_batch_size)
+            ]
         return out
 
-    def embed_images(self, images: Iterable[bytes | np.ndarray], limits: DecodeLimits = DecodeLimits(), pool: Executor | None = None) -> np.ndarray:
+    def embed_images(
+        self, images: Iterable[bytes | np.ndarray], limits: DecodeLimits = DEFAULT_LIMITS, pool: Executor | None = None
+    ) -> np.ndarray:
         """Preprocess (in ``pool`` when given) and embed encoded images or decoded arrays."""
         items = list(images)
         size = self.model.input_size
-        inputs = list(pool.map(lambda im: preprocess(im, size, limits), items)) if pool else [preprocess(im, size, limits) for im in items]
+        inputs = (
+            list(pool.map(lambda im: preprocess(im, size, limits), items))
+            if pool
+            else [preprocess(im, size, limits) for im in items]
+        )
         return self.embed(np.stack(inputs)) if inputs else np.empty((0, self.model.embedding_dim), np.float32)
 
     def verify(self, a: np.ndarray, b: np.ndarray, threshold: float | None = None) -> Verification:
@@ -136,8 +145,6 @@ class Engine:
         t = self.model.threshold if threshold is None else threshold
         d = cosine_distance(a, b)
         return Verification(distance=d, threshold=t, similar=d <= t)
-
-
 
 
 def choose_batch_size(rates: dict[int, float], prefer_large: bool, tolerance: float = 0.03) -> int:

@@ -34,7 +34,13 @@ _SYS_OPENAT2 = 437
 _RESOLVE_NO_MAGICLINKS = 0x02
 _RESOLVE_NO_SYMLINKS = 0x04
 _RESOLVE_BENEATH = 0x08
-_READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+_READ_FLAGS = (
+    os.O_RDONLY
+    | os.O_CLOEXEC
+    | getattr(os, "O_NOFOLLOW", 0)
+    | getattr(os, "O_NONBLOCK", 0)
+    | getattr(os, "O_NOCTTY", 0)
+)
 _DIR_FLAGS = os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_DIRECTORY", 0)
 _CHUNK = 1 << 20
 _RETRIES = 16
@@ -68,8 +74,14 @@ def _openat2(root_fd: int, relative: str) -> int:
     global openat2_usable
     how = _OpenHow(_READ_FLAGS, 0, _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS)
     for _ in range(_RETRIES):  # EAGAIN: a rename raced the lookup (the kernel asks RESOLVE_BENEATH callers to retry)
-        fd = _syscall(ctypes.c_long(_SYS_OPENAT2), ctypes.c_int(root_fd), ctypes.c_char_p(os.fsencode(relative)),
-                      ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)))
+        assert _syscall is not None
+        fd = _syscall(
+            ctypes.c_long(_SYS_OPENAT2),
+            ctypes.c_int(root_fd),
+            ctypes.c_char_p(os.fsencode(relative)),
+            ctypes.byref(how),
+            ctypes.c_size_t(ctypes.sizeof(how)),
+        )
         if fd >= 0:
             return int(fd)
         err = ctypes.get_errno()
@@ -89,7 +101,9 @@ def _walk(root_fd: int, parts: tuple[str, ...]) -> int:
         for name in parts[:-1]:
             try:
                 nxt = os.open(name, _DIR_FLAGS, dir_fd=fd)
-            except NotADirectoryError:  # Linux says ENOTDIR for a symlink under O_NOFOLLOW | O_DIRECTORY: name the reason
+            except (
+                NotADirectoryError
+            ):  # Linux says ENOTDIR for a symlink under O_NOFOLLOW | O_DIRECTORY: name the reason
                 if stat.S_ISLNK(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode):
                     raise OSError(errno.ELOOP, os.strerror(errno.ELOOP)) from None
                 raise
@@ -118,7 +132,9 @@ def _reason(exc: OSError) -> str:
 
 def _validate(root: Path | None, relative: str) -> tuple[str, ...]:
     if root is None:
-        raise JobFailure(ErrorCode.PATH_NOT_ALLOWED, "path images are disabled: no shared root is configured (ARCFACE_SHARED_ROOT)")
+        raise JobFailure(
+            ErrorCode.PATH_NOT_ALLOWED, "path images are disabled: no shared root is configured (ARCFACE_SHARED_ROOT)"
+        )
     if not isinstance(relative, str) or not relative or os.path.isabs(relative) or relative.startswith(("/", "\\")):
         raise JobFailure(ErrorCode.PATH_NOT_ALLOWED, f"image path {relative!r} must be relative to the shared root")
     if "\x00" in relative:
@@ -162,7 +178,9 @@ def read_shared_file(root: Path | None, relative: str, limit: int) -> bytes:
     try:
         root_fd = os.open(root, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_DIRECTORY", 0))
     except OSError as exc:
-        raise JobFailure(ErrorCode.PATH_NOT_ALLOWED, f"the shared root cannot be opened on this worker: {exc.strerror}") from None
+        raise JobFailure(
+            ErrorCode.PATH_NOT_ALLOWED, f"the shared root cannot be opened on this worker: {exc.strerror}"
+        ) from None
     try:
         try:
             if openat2_usable:
@@ -181,12 +199,16 @@ def read_shared_file(root: Path | None, relative: str, limit: int) -> bytes:
         if not stat.S_ISREG(st.st_mode):
             raise JobFailure(ErrorCode.PATH_NOT_ALLOWED, f"cannot read image {relative!r}: not a regular file")
         if st.st_size > limit:
-            raise JobFailure(ErrorCode.IMAGE_TOO_LARGE, f"image file {relative!r} has {st.st_size} bytes, over the {limit}-byte limit")
+            raise JobFailure(
+                ErrorCode.IMAGE_TOO_LARGE,
+                f"image file {relative!r} has {st.st_size} bytes, over the {limit}-byte limit",
+            )
         try:
             return _read_limited(fd, st.st_size, limit)
         except OverflowError:
-            raise JobFailure(ErrorCode.IMAGE_TOO_LARGE,
-                             f"image file {relative!r} grew past the {limit}-byte limit while it was read") from None
+            raise JobFailure(
+                ErrorCode.IMAGE_TOO_LARGE, f"image file {relative!r} grew past the {limit}-byte limit while it was read"
+            ) from None
         except OSError as exc:
             raise JobFailure(ErrorCode.PATH_NOT_ALLOWED, f"cannot read image {relative!r}: {_reason(exc)}") from None
     finally:

@@ -12,7 +12,19 @@ from typing import Any
 
 from rq import get_current_job
 
-from producer.jobs import EMBED_BATCH_FUNC, EMBED_FUNC, ENROLL_BATCH_FUNC, ENROLL_FUNC, ERROR_META_KEY, FORGET_FUNC, IDENTIFY_FUNC, VERIFY_BATCH_FUNC, VERIFY_FUNC, JobFailure, parse_request
+from producer.jobs import (
+    EMBED_BATCH_FUNC,
+    EMBED_FUNC,
+    ENROLL_BATCH_FUNC,
+    ENROLL_FUNC,
+    ERROR_META_KEY,
+    FORGET_FUNC,
+    IDENTIFY_FUNC,
+    VERIFY_BATCH_FUNC,
+    VERIFY_FUNC,
+    JobFailure,
+    parse_request,
+)
 from worker.runtime import Runtime, load_detector, load_engine, load_gallery
 from worker.settings import WorkerSettings
 
@@ -45,7 +57,9 @@ def _run(func_name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict:
         request = parse_request(func_name, list(args), kwargs)
         queued_ms = 0.0
         if job is not None and job.enqueued_at is not None:
-            enqueued = job.enqueued_at.replace(tzinfo=timezone.utc) if job.enqueued_at.tzinfo is None else job.enqueued_at
+            enqueued = (
+                job.enqueued_at.replace(tzinfo=timezone.utc) if job.enqueued_at.tzinfo is None else job.enqueued_at
+            )
             queued_ms = (datetime.now(timezone.utc) - enqueued).total_seconds() * 1000.0
         return runtime().run_one(request, queued_ms)
     except JobFailure as failure:

@@ -116,7 +116,10 @@ def _custom(model: Any, source: str, name: str, scale: float, offset: float, thr
     """Wrap a user's Keras model or SavedModel signature: one 4-D image input, one 2-D output."""
     if isinstance(model, keras.Model):
         if len(model.inputs) != 1 or len(model.outputs) != 1:
-            raise WeightsError(f"{source}: the model must have one input and one output, has {len(model.inputs)} and {len(model.outputs)}")
+            raise WeightsError(
+                f"{source}: the model must have one input and one output, "
+                f"has {len(model.inputs)} and {len(model.outputs)}"
+            )
         in_shape, out_shape, fn = tuple(model.inputs[0].shape), tuple(model.outputs[0].shape), model
     else:
         sig = model.signatures.get("serving_default")
@@ -125,7 +128,9 @@ def _custom(model: Any, source: str, name: str, scale: float, offset: float, thr
         inputs = sig.structured_input_signature[1]
         outputs = sig.structured_outputs
         if len(inputs) != 1 or len(outputs) != 1:
-            raise WeightsError(f"{source}: serving_default must have one input and one output, has {len(inputs)} and {len(outputs)}")
+            raise WeightsError(
+                f"{source}: serving_default must have one input and one output, has {len(inputs)} and {len(outputs)}"
+            )
         (in_key, in_spec), (out_key, out_spec) = next(iter(inputs.items())), next(iter(outputs.items()))
         in_shape, out_shape = tuple(in_spec.shape), tuple(out_spec.shape)
 
@@ -137,8 +142,16 @@ def _custom(model: Any, source: str, name: str, scale: float, offset: float, thr
         raise WeightsError(f"{source}: input must be a square RGB image batch [N, S, S, 3], got {in_shape}")
     if len(out_shape) != 2 or out_shape[1] is None:
         raise WeightsError(f"{source}: output must be a 2-D embedding batch [N, D], got {out_shape}")
-    return FaceModel(name=name, fn=fn, input_size=int(in_shape[1]), embedding_dim=int(out_shape[1]),
-                     scale=scale, offset=offset, threshold=threshold, keras_model=model if isinstance(model, keras.Model) else None)
+    return FaceModel(
+        name=name,
+        fn=fn,
+        input_size=int(in_shape[1]),
+        embedding_dim=int(out_shape[1]),
+        scale=scale,
+        offset=offset,
+        threshold=threshold,
+        keras_model=model if isinstance(model, keras.Model) else None,
+    )
 
 
 def load_face_model(
@@ -172,7 +185,9 @@ def load_face_model(
         if (p / "model.json").exists():
             p = p / "model.json"
         else:
-            raise WeightsError(f"{source}: directory is neither a SavedModel (saved_model.pb) nor a TF.js model (model.json)")
+            raise WeightsError(
+                f"{source}: directory is neither a SavedModel (saved_model.pb) nor a TF.js model (model.json)"
+            )
     head = p.read_bytes()[:8] if p.is_file() else b""
     if p.suffix == ".json":
         try:
@@ -180,7 +195,9 @@ def load_face_model(
         except ValueError as exc:
             raise WeightsError(f"{p}: not valid JSON ({exc})") from None
         if fmt != "layers-model":
-            raise WeightsError(f"{p}: TF.js format {fmt!r} is not a layers model; ArcFace needs the seed's layers model.json")
+            raise WeightsError(
+                f"{p}: TF.js format {fmt!r} is not a layers model; ArcFace needs the seed's layers model.json"
+            )
         return _arcface(read_tfjs_weights(p), str(p), precision, name)
     if p.suffix == ".keras" or head.startswith(b"PK"):
         return _custom(keras.models.load_model(p, compile=False), source, name, scale, offset, threshold)
@@ -195,4 +212,7 @@ def load_face_model(
         if full_model:
             return _custom(keras.models.load_model(p, compile=False), source, name, scale, offset, threshold)
         return _arcface(read_keras_h5_weights(p), source, precision, name)
-    raise WeightsError(f"{source}: matches no supported format (deepface .h5 weights, TF.js model.json, .keras, .h5 model, SavedModel directory)")
+    raise WeightsError(
+        f"{source}: matches no supported format "
+        "(deepface .h5 weights, TF.js model.json, .keras, .h5 model, SavedModel directory)"
+    )

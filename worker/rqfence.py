@@ -331,8 +331,8 @@ class Fence:
 
     def expired_started(self, now: float) -> list[tuple[str, float]]:
         """Started-registry members whose heartbeat ran out, with their scores."""
-        rows = self.connection.zrangebyscore(self.keys.started, "-inf", now, withscores=True)
-        return [(m.decode() if isinstance(m, bytes) else m, float(s)) for m, s in rows]
+        rows: Any = self.connection.zrangebyscore(self.keys.started, "-inf", now, withscores=True)
+        return [(m.decode() if isinstance(m, bytes) else str(m), float(s)) for m, s in rows]
 
 
 def split_member(member: str) -> str:

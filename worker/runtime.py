@@ -147,7 +147,7 @@ class Runtime:
         self.engine = engine
         self.detector = detector
         self.gallery = gallery  # worker.gallery.GalleryStore: enrolled identities (enroll, identify, verify a subject)
-        self.limits = DecodeLimits(max_pixels=settings.max_image_pixels, min_side=settings.min_image_side)
+        self.limits = DecodeLimits.from_settings(settings)
 
     def image_bytes(self, ref: ImageRef) -> bytes:
         """The encoded image: inline bytes, or a path image read once from the shared root (no symlinks, regular
@@ -168,7 +168,8 @@ class Runtime:
         if n > self.settings.max_images_per_job:
             raise JobFailure(
                 ErrorCode.INVALID_PAYLOAD,
-                f"job has {n} images, over this worker's limit of {self.settings.max_images_per_job} (ARCFACE_MAX_IMAGES_PER_JOB); split it",
+                f"job has {n} images, over this worker's limit of {self.settings.max_images_per_job} "
+                "(ARCFACE_MAX_IMAGES_PER_JOB); split it",
             )
         if isinstance(request, GALLERY_REQUESTS) and self.gallery is None:
             raise JobFailure(
@@ -204,18 +205,16 @@ class Runtime:
         if not waiting or self.detector is None:
             return {}, 0.0
         start = time.perf_counter()
-        found = self.detector.detect([images[i].raw for i in waiting])
+        found = self.detector.detect([images[i].raw for i in waiting])  # type: ignore[misc]
         failures: dict[int, JobFailure] = {}
         size, s = self.engine.model.input_size, self.settings
         for i, faces in zip(waiting, found, strict=True):
             im = images[i]
             image, im.raw = im.raw, None
-            chosen = (
-                pick_all(faces, s.detect_min_face, s.max_faces)
-                if im.all_faces
-                else [pick(faces, s.face_select, s.detect_min_face)]
-            )
-            if not chosen or chosen[0] is None:
+            assert image is not None
+            picked = pick(faces, s.face_select, s.detect_min_face)
+            chosen = pick_all(faces, s.detect_min_face, s.max_faces) if im.all_faces else [picked] if picked else []
+            if not chosen:
                 failures[i] = JobFailure(
                     ErrorCode.NO_FACE_DETECTED,
                     f"no face (score >= {s.detect_min_score}, at least {s.detect_min_face:g} px)",
@@ -353,7 +352,8 @@ class Runtime:
         failures.update(found)
         ok = [i for i in range(len(images)) if i not in failures]
         extra = [(x, f) for i in ok for x, f in (images[i].extra or [])]
-        emb, inference_ms = self.embed_inputs([images[i].input for i in ok] + [x for x, _ in extra])  # type: ignore[misc]
+        inputs: list[Any] = [images[i].input for i in ok] + [x for x, _ in extra]
+        emb, inference_ms = self.embed_inputs(inputs)
         rows = np.zeros((len(images), self.engine.model.embedding_dim), np.float32)
         rows[ok] = emb[: len(ok)]
         extra_faces = [(f, row) for (_, f), row in zip(extra, emb[len(ok) :], strict=True)]

@@ -7,7 +7,6 @@ from typing import Annotated, Literal
 
 from platformdirs import user_cache_dir
 from pydantic import Field, field_validator, model_validator
-
 from pydantic_settings import NoDecode
 
 from producer.settings import CommonSettings
@@ -18,51 +17,101 @@ class WorkerSettings(CommonSettings):
     """Model, engine, batching and rq-worker settings on top of :class:`~producer.settings.CommonSettings`."""
 
     # model
-    model_path: Path | None = Field(default=None, description="deepface .h5, TF.js model.json, .keras/.h5 model or SavedModel dir; unset = download")
-    model_url: str = Field(default=DEEPFACE_WEIGHTS_URL, description="where the default ArcFace weights are downloaded from")
+    model_path: Path | None = Field(
+        default=None, description="deepface .h5, TF.js model.json, .keras/.h5 model or SavedModel dir; unset = download"
+    )
+    model_url: str = Field(
+        default=DEEPFACE_WEIGHTS_URL, description="where the default ArcFace weights are downloaded from"
+    )
     model_sha256: str | None = Field(default=None, description="pin the downloaded file's sha256")
     cache_dir: Path = Field(default=Path(user_cache_dir("arcface-service")), description="download cache")
     model_name: str = Field(default="arcface", description="name reported in results; jobs naming another model fail")
-    precision: Literal["float32", "reduced"] = Field(default="float32", description="reduced = bfloat16 on CPU, float16 on GPU (ArcFace only)")
+    precision: Literal["float32", "reduced"] = Field(
+        default="float32", description="reduced = bfloat16 on CPU, float16 on GPU (ArcFace only)"
+    )
     input_scale: float = Field(default=1.0 / 255.0, description="model input = pixel * scale + offset (pixels 0..255)")
     input_offset: float = 0.0
-    input_mean: Annotated[list[float] | None, NoDecode] = Field(default=None, description="per-channel mean subtracted before scaling (e.g. 103.939,116.779,123.68)")
+    input_mean: Annotated[list[float] | None, NoDecode] = Field(
+        default=None, description="per-channel mean subtracted before scaling (e.g. 103.939,116.779,123.68)"
+    )
     channel_order: Literal["RGB", "BGR"] = "RGB"
     # detection
-    detect: Literal["none", "blazeface"] = Field(default="none", description="find the face before embedding (jobs may override)")
-    detector_path: Path | None = Field(default=None, description="BlazeFace TF.js graph model.json (blazeface-front.json)")
-    detector_url: str | None = Field(default=None, description="download the detector's model.json from here (its .bin beside it)")
+    detect: Literal["none", "blazeface"] = Field(
+        default="none", description="find the face before embedding (jobs may override)"
+    )
+    detector_path: Path | None = Field(
+        default=None, description="BlazeFace TF.js graph model.json (blazeface-front.json)"
+    )
+    detector_url: str | None = Field(
+        default=None, description="download the detector's model.json from here (its .bin beside it)"
+    )
     detector_sha256: str | None = None
-    detect_min_score: float = Field(default=0.5, description="detections scoring less are dropped (MediaPipe's default)")
+    detect_min_score: float = Field(
+        default=0.5, description="detections scoring less are dropped (MediaPipe's default)"
+    )
     detect_min_face: float = Field(default=20.0, description="faces smaller than this (pixels) are ignored")
     face_select: Literal["auto", "largest", "confident"] = Field(
-        default="auto", description="auto: the largest visible face among those within 0.25 of the best score; or largest / confident")
-    max_faces: int = Field(default=20, ge=1, le=1000, description="faces='all' embeds at most this many faces per image")
-    crop: Literal["align", "square"] = Field(default="align", description="align: warp to the ArcFace template; square: crop with a margin")
+        default="auto",
+        description="auto: the largest visible face among those within 0.25 of the best score; or largest / confident",
+    )
+    max_faces: int = Field(
+        default=20, ge=1, le=1000, description="faces='all' embeds at most this many faces per image"
+    )
+    crop: Literal["align", "square"] = Field(
+        default="align", description="align: warp to the ArcFace template; square: crop with a margin"
+    )
     crop_margin: float = Field(default=0.1, description="crop=square: margin added on each side, x the face box side")
     threshold: float = Field(default=0.68, description="verify: similar when distance <= threshold")
     # enrolled identities
-    gallery_dtype: Literal["float32", "float16"] = Field(default="float32", description="in-memory gallery matrices (Redis keeps float32)")
-    gallery_names: Annotated[list[str] | None, NoDecode] = Field(default=None, description="serve only these galleries (comma-separated); unset = all of the model's")
-    gallery_device: Literal["auto", "cpu", "tf"] = Field(default="auto", description="identify search on numpy (cpu) or TensorFlow's device (tf; auto = tf when a GPU is visible)")
+    gallery_dtype: Literal["float32", "float16"] = Field(
+        default="float32", description="in-memory gallery matrices (Redis keeps float32)"
+    )
+    gallery_names: Annotated[list[str] | None, NoDecode] = Field(
+        default=None, description="serve only these galleries (comma-separated); unset = all of the model's"
+    )
+    gallery_device: Literal["auto", "cpu", "tf"] = Field(
+        default="auto",
+        description="identify search on numpy (cpu) or TensorFlow's device (tf; auto = tf when a GPU is visible)",
+    )
     # engine
-    allowed_batch_sizes: Annotated[list[int], NoDecode] = Field(default=[1, 2, 4, 8, 16, 32, 64], description="compiled batch shapes")
+    allowed_batch_sizes: Annotated[list[int], NoDecode] = Field(
+        default=[1, 2, 4, 8, 16, 32, 64], description="compiled batch shapes"
+    )
     intra_op_threads: int = 0
     inter_op_threads: int = 0
     max_image_pixels: int = Field(default=40_000_000, description="larger images fail with image_too_large")
     min_image_side: int = Field(default=8, description="smaller images fail with image_too_small")
-    jpeg_decoder: Literal["pillow", "tensorflow"] = Field(default="pillow", description="tensorflow = the seed's JPEG decoder (INTEGER_FAST IDCT, exact seed pixels); pillow = libjpeg-turbo's accurate IDCT")
+    jpeg_decoder: Literal["pillow", "tensorflow"] = Field(
+        default="pillow",
+        description="tensorflow = the seed's JPEG decoder (INTEGER_FAST IDCT, exact seed pixels); "
+        "pillow = libjpeg-turbo's accurate IDCT",
+    )
     # batching
     max_batch_size: int | Literal["auto"] = Field(
-        default="auto", description="images per engine batch; auto = the fastest allowed size, timed at start (largest within 3 % on a GPU)")
-    batch_timeout_ms: float = Field(default=5.0, ge=0, description="how long a batch may wait to fill after its first job")
+        default="auto",
+        description="images per engine batch; auto = the fastest allowed size, timed at start "
+        "(largest within 3 % on a GPU)",
+    )
+    batch_timeout_ms: float = Field(
+        default=5.0, ge=0, description="how long a batch may wait to fill after its first job"
+    )
     preprocess_threads: int = Field(default=2, ge=1)
-    max_images_per_job: int = Field(default=256, ge=1, le=4096, description="largest multi-image job (embed_batch, verify_batch pairs x 2)")
-    decode_timeout_s: float = Field(default=30.0, gt=0, description="an image still decoding after this long fails alone (image_decode_error)")
-    max_job_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, description="largest job payload (after zlib inflation); larger jobs fail with invalid_payload")
+    max_images_per_job: int = Field(
+        default=256, ge=1, le=4096, description="largest multi-image job (embed_batch, verify_batch pairs x 2)"
+    )
+    decode_timeout_s: float = Field(
+        default=30.0, gt=0, description="an image still decoding after this long fails alone (image_decode_error)"
+    )
+    max_job_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=1024,
+        description="largest job payload (after zlib inflation); larger jobs fail with invalid_payload",
+    )
     # rq worker liveness
     heartbeat_interval_s: float = Field(default=3.0, description="how often a busy worker refreshes its heartbeat")
-    execution_ttl_s: int = Field(default=15, description="a job's started-registry entry lives this long past each heartbeat")
+    execution_ttl_s: int = Field(
+        default=15, description="a job's started-registry entry lives this long past each heartbeat"
+    )
     maintenance_interval_s: int = Field(default=10, description="how often a worker looks for jobs of dead workers")
     worker_ttl_s: int = Field(default=60, description="a worker's registration lives this long past its last heartbeat")
     metrics_port: int | None = Field(default=None, description="serve Prometheus metrics on this port (unset = off)")
@@ -78,8 +127,11 @@ class WorkerSettings(CommonSettings):
     def _batch_within_allowed(self) -> "WorkerSettings":
         largest = max(self.allowed_batch_sizes) if self.allowed_batch_sizes else 0
         if isinstance(self.max_batch_size, int) and self.max_batch_size > largest:
-            raise ValueError(f"ARCFACE_MAX_BATCH_SIZE={self.max_batch_size} is larger than the largest of ARCFACE_ALLOWED_BATCH_SIZES "
-                             f"({largest}): raise one or lower the other")
+            raise ValueError(
+                f"ARCFACE_MAX_BATCH_SIZE={self.max_batch_size} is larger than the largest of "
+                "ARCFACE_ALLOWED_BATCH_SIZES "
+                f"({largest}): raise one or lower the other"
+            )
         return self
 
     @field_validator("gallery_names", mode="before")

@@ -68,7 +68,9 @@ class StdioCapture:
         # A native crash (SIGSEGV, SIGABRT) still leaves its trace on the real stderr.
         faulthandler.enable(file=self.log_stream)
         sys.excepthook = _log_uncaught
-        threading.excepthook = lambda args: _log_uncaught(args.exc_type, args.exc_value, args.exc_traceback, args.thread)
+        threading.excepthook = lambda args: _log_uncaught(
+            args.exc_type, args.exc_value, args.exc_traceback, args.thread
+        )
         atexit.register(self.stop)
         return self.log_stream
 
@@ -101,12 +103,16 @@ class StdioCapture:
             reader.join(timeout_s)
 
 
-def _log_uncaught(exc_type: type[BaseException], exc: BaseException | None, tb: TracebackType | None,
-                  thread: Any = None) -> None:
+def _log_uncaught(
+    exc_type: type[BaseException], exc: BaseException | None, tb: TracebackType | None, thread: Any = None
+) -> None:
     if exc_type is not None and issubclass(exc_type, (KeyboardInterrupt, SystemExit)):
         return
-    log.critical("uncaught_exception", thread=getattr(thread, "name", None) or threading.current_thread().name,
-                 exc_info=(exc_type, exc, tb))
+    log.critical(
+        "uncaught_exception",
+        thread=getattr(thread, "name", None) or threading.current_thread().name,
+        exc_info=(exc_type, exc, tb),
+    )
 
 
 def capture_stdio(fds: tuple[int, ...] = (1, 2)) -> TextIO:

@@ -56,7 +56,7 @@ class Taken:
 
 def pop_first(connection: redis.Redis, keys: QueueKeys, timeout_s: float) -> bytes | None:
     """Block up to ``timeout_s`` for one id, moved atomically into the intermediate list (rq's BLMOVE pop)."""
-    return connection.blmove(keys.queue, keys.intermediate, timeout_s, "LEFT", "RIGHT")
+    return connection.blmove(keys.queue, keys.intermediate, timeout_s, "LEFT", "RIGHT")  # type: ignore[arg-type, return-value]
 
 
 def pop_many(connection: redis.Redis, keys: QueueKeys, n: int) -> list[bytes]:

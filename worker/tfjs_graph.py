@@ -97,6 +97,57 @@ def _padding(node: dict) -> Any:
     return padding
 
 
+_CONV_OPS = frozenset(
+    {"_FusedConv2D", "Conv2D", "DepthwiseConv2dNative", "FusedDepthwiseConv2dNative", "_FusedMatMul", "MatMul"}
+)
+
+
+_STRUCTURAL_OPS = frozenset({"Reshape", "Pad", "MaxPool", "AvgPool", "Mean", "ConcatV2"})
+
+
+def _conv(op: str, node: dict, args: list[tf.Tensor]) -> tf.Tensor:
+    """Convolutions and matrix products, fused (bias and activation) or not."""
+    if op == "_FusedConv2D":
+        y = tf.nn.conv2d(
+            args[0],
+            args[1],
+            strides=_attr(node, "strides"),
+            padding=_padding(node),
+            dilations=_attr(node, "dilations", [1, 1, 1, 1]),
+        )
+        return _fused(node, y, args[2:])
+    if op == "Conv2D":
+        return tf.nn.conv2d(
+            args[0],
+            args[1],
+            strides=_attr(node, "strides"),
+            padding=_padding(node),
+            dilations=_attr(node, "dilations", [1, 1, 1, 1]),
+        )
+    if op in ("DepthwiseConv2dNative", "FusedDepthwiseConv2dNative"):
+        dilations = _attr(node, "dilations", [1, 1, 1, 1])  # NHWC: the spatial ones are [1:3]
+        y = tf.nn.depthwise_conv2d(
+            args[0], args[1], strides=_attr(node, "strides"), padding=_padding(node), dilations=dilations[1:3]
+        )
+        return _fused(node, y, args[2:]) if op == "FusedDepthwiseConv2dNative" else y
+    if op == "_FusedMatMul":
+        y = tf.linalg.matmul(
+            args[0],
+            args[1],
+            transpose_a=_attr(node, "transpose_a", False),
+            transpose_b=_attr(node, "transpose_b", False),
+        )
+        return _fused(node, y, args[2:])
+    if op == "MatMul":
+        return tf.linalg.matmul(
+            args[0],
+            args[1],
+            transpose_a=_attr(node, "transpose_a", False),
+            transpose_b=_attr(node, "transpose_b", False),
+        )
+    raise ValueError(f"not a convolution or matmul op: {op}")
+
+
 class TfjsGraphModel:
     """A loaded TF.js graph model: call it on a float32 NHWC batch; returns its outputs by name."""
 
@@ -138,33 +189,8 @@ class TfjsGraphModel:
 
         return {out: value(out) for out in self.outputs}
 
-    def _node(self, node: dict, value: Callable[[str], tf.Tensor]) -> tf.Tensor:
-        op = node["op"]
-        if op == "Const":
-            return self.constants[node["name"]]
-        args = [value(i) for i in node.get("input", []) if not i.startswith("^")]
-        if op in ("Identity", "StopGradient", "Snapshot"):
-            return args[0]
-        if op == "_FusedConv2D":
-            y = tf.nn.conv2d(args[0], args[1], strides=_attr(node, "strides"), padding=_padding(node),
-                             dilations=_attr(node, "dilations", [1, 1, 1, 1]))
-            return _fused(node, y, args[2:])
-        if op == "Conv2D":
-            return tf.nn.conv2d(args[0], args[1], strides=_attr(node, "strides"), padding=_padding(node),
-                                dilations=_attr(node, "dilations", [1, 1, 1, 1]))
-        if op in ("DepthwiseConv2dNative", "FusedDepthwiseConv2dNative"):
-            dilations = _attr(node, "dilations", [1, 1, 1, 1])  # NHWC: the spatial ones are [1:3]
-            y = tf.nn.depthwise_conv2d(args[0], args[1], strides=_attr(node, "strides"), padding=_padding(node), dilations=dilations[1:3])
-            return _fused(node, y, args[2:]) if op == "FusedDepthwiseConv2dNative" else y
-        if op == "_FusedMatMul":
-            y = tf.linalg.matmul(args[0], args[1], transpose_a=_attr(node, "transpose_a", False), transpose_b=_attr(node, "transpose_b", False))
-            return _fused(node, y, args[2:])
-        if op == "MatMul":
-            return tf.linalg.matmul(args[0], args[1], transpose_a=_attr(node, "transpose_a", False), transpose_b=_attr(node, "transpose_b", False))
-        if op == "BiasAdd":
-            return _bias(args[0], args[1])
-        if op == "Prelu":
-            return _prelu(args[0], args[1])
+    def _structural(self, op: str, node: dict, args: list[tf.Tensor]) -> tf.Tensor:
+        """Reshape, padding, pooling, mean and concatenation."""
         if op == "Reshape":
             shape = self.weights.get(node.get("input", ["", ""])[1].split(":")[0])
             if shape is not None and len(shape) and int(shape[0]) == 1:
@@ -179,12 +205,46 @@ class TfjsGraphModel:
             return tf.reduce_mean(args[0], axis=args[1], keepdims=_attr(node, "keep_dims", False))
         if op == "ConcatV2":
             return tf.concat(args[:-1], axis=args[-1])
-        binary = {"Add": tf.math.add, "AddV2": tf.math.add, "Sub": tf.math.subtract, "Mul": tf.math.multiply,
-                  "RealDiv": tf.math.divide, "Maximum": tf.math.maximum, "Minimum": tf.math.minimum}
+        raise ValueError(f"not a structural op: {op}")
+
+    def _node(self, node: dict, value: Callable[[str], tf.Tensor]) -> tf.Tensor:
+        op = node["op"]
+        if op == "Const":
+            return self.constants[node["name"]]
+        args = [value(i) for i in node.get("input", []) if not i.startswith("^")]
+        if op in ("Identity", "StopGradient", "Snapshot"):
+            return args[0]
+        if op in _CONV_OPS:
+            return _conv(op, node, args)
+        if op == "BiasAdd":
+            return _bias(args[0], args[1])
+        if op == "Prelu":
+            return _prelu(args[0], args[1])
+        if op in _STRUCTURAL_OPS:
+            return self._structural(op, node, args)
+        binary = {
+            "Add": tf.math.add,
+            "AddV2": tf.math.add,
+            "Sub": tf.math.subtract,
+            "Mul": tf.math.multiply,
+            "RealDiv": tf.math.divide,
+            "Maximum": tf.math.maximum,
+            "Minimum": tf.math.minimum,
+        }
         if op in binary:
             return binary[op](args[0], args[1])
-        unary = {"Relu": tf.nn.relu, "Relu6": tf.nn.relu6, "Sigmoid": tf.sigmoid, "Tanh": tf.tanh, "Softmax": tf.nn.softmax,
-                 "Elu": tf.nn.elu, "Exp": tf.exp, "Sqrt": tf.sqrt, "Rsqrt": tf.math.rsqrt, "Square": tf.square}
+        unary = {
+            "Relu": tf.nn.relu,
+            "Relu6": tf.nn.relu6,
+            "Sigmoid": tf.sigmoid,
+            "Tanh": tf.tanh,
+            "Softmax": tf.nn.softmax,
+            "Elu": tf.nn.elu,
+            "Exp": tf.exp,
+            "Sqrt": tf.sqrt,
+            "Rsqrt": tf.math.rsqrt,
+            "Square": tf.square,
+        }
         if op in unary:
             return unary[op](args[0])
         raise WeightsError(f"node {node['name']!r}: op {op!r} is not supported by the TF.js graph loader")

@@ -42,7 +42,8 @@ def _tfjs_entry_bytes(entry: dict[str, Any]) -> tuple[int, np.dtype]:
         dtype = _TFJS_DTYPES.get(entry["dtype"])
         if dtype is None:
             raise WeightsError(f"{entry['name']}: unsupported dtype {entry['dtype']!r}")
-    return count * dtype.itemsize, dtype
+    dt: Any = np.dtype(dtype)  # type: ignore[call-overload]
+    return count * dt.itemsize, dt
 
 
 def _dequantize(raw: np.ndarray, entry: dict[str, Any]) -> np.ndarray:
@@ -77,12 +78,17 @@ def read_tfjs_weights(model_json: str | os.PathLike[str]) -> dict[str, np.ndarra
         for entry in group["weights"]:
             nbytes, dtype = _tfjs_entry_bytes(entry)
             if offset + nbytes > len(buffer):
-                raise WeightsError(f"{path}: shards of group {gi} end before tensor {entry['name']!r} (need {offset + nbytes} bytes, have {len(buffer)})")
+                raise WeightsError(
+                    f"{path}: shards of group {gi} end before tensor {entry['name']!r} "
+                    f"(need {offset + nbytes} bytes, have {len(buffer)})"
+                )
             raw = np.frombuffer(buffer, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset)
             out[entry["name"]] = _dequantize(raw, entry).reshape(entry["shape"])
             offset += nbytes
         if offset != len(buffer):
-            raise WeightsError(f"{path}: group {gi} shards hold {len(buffer)} bytes but the manifest describes {offset}")
+            raise WeightsError(
+                f"{path}: group {gi} shards hold {len(buffer)} bytes but the manifest describes {offset}"
+            )
     return out
 
 
@@ -115,7 +121,10 @@ def read_keras_h5_weights(path: str | os.PathLike[str]) -> dict[str, np.ndarray]
                     var = wname.split("/")[-1].split(":")[0]
                     out[f"{layer}/{var}"] = np.asarray(group[wname])
             return out
-    raise WeightsError(f"{path}: HDF5 file holds no Keras weights (no 'layer_names' attribute); a Keras 3 .weights.h5 stores weights by position, not name: save the whole model as .keras instead")
+    raise WeightsError(
+        f"{path}: HDF5 file holds no Keras weights (no 'layer_names' attribute); a Keras 3 .weights.h5 stores "
+        "weights by position, not name: save the whole model as .keras instead"
+    )
 
 
 def save_deepface_h5(model: Any, path: str | os.PathLike[str], keras2_names: bool = True) -> Path:
@@ -152,9 +161,14 @@ def assign_weights(model: Any, weights: dict[str, np.ndarray], source: str) -> N
     variables = variable_names(model)
     for name, var in variables.items():
         if name not in weights:
-            raise WeightsError(f"{source}: no tensor for model variable {name!r} ({len(weights)} tensors in the file, {len(variables)} expected)")
+            raise WeightsError(
+                f"{source}: no tensor for model variable {name!r} "
+                f"({len(weights)} tensors in the file, {len(variables)} expected)"
+            )
         if tuple(weights[name].shape) != tuple(var.shape):
-            raise WeightsError(f"{source}: tensor {name!r} has shape {tuple(weights[name].shape)}, the model needs {tuple(var.shape)}")
+            raise WeightsError(
+                f"{source}: tensor {name!r} has shape {tuple(weights[name].shape)}, the model needs {tuple(var.shape)}"
+            )
     extra = sorted(set(weights) - set(variables))
     if extra:
         raise WeightsError(f"{source}: tensor {extra[0]!r} matches no model variable ({len(extra)} unexpected)")
