@@ -61,7 +61,9 @@ def load_compose(path: Path = REPO / "compose.yaml", host: dict[str, str] | None
     return _resolve(data, host or {})
 
 
-def service_environment(service: str, host: dict[str, str] | None = None, path: Path = REPO / "compose.yaml") -> dict[str, str]:
+def service_environment(
+    service: str, host: dict[str, str] | None = None, path: Path = REPO / "compose.yaml"
+) -> dict[str, str]:
     """The ``environment`` compose passes to ``service`` (without ``env_file`` contents: no .env on a fresh host).
     A variable listed without a value takes the host's, and is left out when the host has none."""
     host = host or {}

@@ -115,5 +115,11 @@ def worker_env(monkeypatch, arcface_h5, redis_server, queue_name, tmp_path):
     monkeypatch.setenv("ARCFACE_ALLOWED_BATCH_SIZES", "1,4,16")
     monkeypatch.setenv("ARCFACE_MAX_BATCH_SIZE", "16")  # a fixed cap: workers start without timing the sizes (auto)
     monkeypatch.setenv("ARCFACE_DATA_DIR", str(tmp_path / "data"))
-    return {"ARCFACE_REDIS_URL": redis_server.url, "ARCFACE_QUEUE": queue_name, "ARCFACE_MODEL_PATH": str(arcface_h5),
-            "ARCFACE_ALLOWED_BATCH_SIZES": "1,4,16", "ARCFACE_MAX_BATCH_SIZE": "16", "ARCFACE_DATA_DIR": str(tmp_path / "data")}
+    return {
+        "ARCFACE_REDIS_URL": redis_server.url,
+        "ARCFACE_QUEUE": queue_name,
+        "ARCFACE_MODEL_PATH": str(arcface_h5),
+        "ARCFACE_ALLOWED_BATCH_SIZES": "1,4,16",
+        "ARCFACE_MAX_BATCH_SIZE": "16",
+        "ARCFACE_DATA_DIR": str(tmp_path / "data"),
+    }

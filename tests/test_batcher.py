@@ -21,8 +21,12 @@ from producer.settings import ProducerSettings
 from tests.conftest import face_paths
 from tests.workers import WorkerProcess
 
-FAST_RECOVERY = {"ARCFACE_EXECUTION_TTL_S": "4", "ARCFACE_HEARTBEAT_INTERVAL_S": "1", "ARCFACE_MAINTENANCE_INTERVAL_S": "2",
-                 "ARCFACE_WORKER_TTL_S": "10"}
+FAST_RECOVERY = {
+    "ARCFACE_EXECUTION_TTL_S": "4",
+    "ARCFACE_HEARTBEAT_INTERVAL_S": "1",
+    "ARCFACE_MAINTENANCE_INTERVAL_S": "2",
+    "ARCFACE_WORKER_TTL_S": "10",
+}
 
 
 @pytest.fixture()
@@ -34,7 +38,7 @@ def client(worker_env) -> FaceClient:
 def direct(engine) -> dict[Path, np.ndarray]:
     """The engine's own embedding of every real face, computed in this process."""
     paths = face_paths()
-    return dict(zip(paths, engine.embed_images([p.read_bytes() for p in paths])))
+    return dict(zip(paths, engine.embed_images([p.read_bytes() for p in paths]), strict=True))
 
 
 @pytest.fixture()
@@ -53,7 +57,9 @@ def workers(tmp_path):
 
 def mixed_requests(n: int) -> list[tuple]:
     paths = face_paths()
-    return [("verify", paths[i % 40], paths[(i * 7 + 3) % 40]) if i % 4 == 3 else ("embed", paths[i % 40]) for i in range(n)]
+    return [
+        ("verify", paths[i % 40], paths[(i * 7 + 3) % 40]) if i % 4 == 3 else ("embed", paths[i % 40]) for i in range(n)
+    ]
 
 
 def enqueue(client: FaceClient, requests: list[tuple]) -> list[str]:
@@ -63,10 +69,12 @@ def enqueue(client: FaceClient, requests: list[tuple]) -> list[str]:
     return ids
 
 
-def check_results(client: FaceClient, requests: list[tuple], ids: list[str], direct: dict, timeout: float = 240) -> list:
+def check_results(
+    client: FaceClient, requests: list[tuple], ids: list[str], direct: dict, timeout: float = 240
+) -> list:
     results = []
     deadline = time.monotonic() + timeout
-    for (kind, *images), job_id in zip(requests, ids):
+    for (kind, *images), job_id in zip(requests, ids, strict=True):
         r = client.result(job_id, timeout=max(1.0, deadline - time.monotonic()))
         if kind == "embed":
             np.testing.assert_allclose(r.embedding, direct[images[0]], atol=1e-5)
@@ -77,7 +85,9 @@ def check_results(client: FaceClient, requests: list[tuple], ids: list[str], dir
 
 
 def executions_per_job(logs: list[WorkerProcess]) -> collections.Counter:
-    return collections.Counter(jid for w in logs for e in w.events() if e.get("event") == "batch_jobs" for jid in e["job_ids"])
+    return collections.Counter(
+        jid for w in logs for e in w.events() if e.get("event") == "batch_jobs" for jid in e["job_ids"]
+    )
 
 
 def test_two_hundred_mixed_jobs_through_one_worker_equal_the_engine(client, worker_env, workers, direct):
@@ -112,18 +122,26 @@ def test_bad_jobs_in_a_batch_fail_alone_with_their_codes(client, worker_env, wor
     text.write_text("plain text")
     bad_decode = client.embed(text.read_bytes())
     bad_function = client.queue.enqueue_call("os.system", args=(f"touch {marker}",), description="hostile").id
-    bad_payload = client.queue.enqueue_call(EMBED_FUNC, args=({"kind": "embed", "image": {"path": "../../etc/passwd"}},)).id
-    pickled = Job.create(EMBED_FUNC, args=(Evil(),), connection=client.connection, id="pickled-job", origin=client.queue.name)  # pickle serializer
+    bad_payload = client.queue.enqueue_call(
+        EMBED_FUNC, args=({"kind": "embed", "image": {"path": "../../etc/passwd"}},)
+    ).id
+    pickled = Job.create(
+        EMBED_FUNC, args=(Evil(),), connection=client.connection, id="pickled-job", origin=client.queue.name
+    )  # pickle serializer
     pickled.save()
     client.connection.rpush(client.queue.key, pickled.id)
     good += [client.embed(p) for p in paths[6:10]]
 
     w = workers(worker_env, "w1", "--burst")
     assert w.wait(180) == 0, w.log_path.read_text()[-2000:]
-    for jid, p in zip(good, paths[:10]):
+    for jid, p in zip(good, paths[:10], strict=True):
         np.testing.assert_allclose(client.result(jid, timeout=5).embedding, direct[p], atol=1e-5)
-    expected = {bad_decode: ErrorCode.IMAGE_DECODE_ERROR, bad_function: ErrorCode.UNSUPPORTED_JOB,
-                bad_payload: ErrorCode.PATH_NOT_ALLOWED, "pickled-job": ErrorCode.INVALID_PAYLOAD}
+    expected = {
+        bad_decode: ErrorCode.IMAGE_DECODE_ERROR,
+        bad_function: ErrorCode.UNSUPPORTED_JOB,
+        bad_payload: ErrorCode.PATH_NOT_ALLOWED,
+        "pickled-job": ErrorCode.INVALID_PAYLOAD,
+    }
     for jid, code in expected.items():
         with pytest.raises(JobFailed) as info:
             client.result(jid, timeout=5)

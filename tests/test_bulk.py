@@ -22,7 +22,9 @@ from tests.workers import WorkerProcess
 # --- readers -----------------------------------------------------------------------------------------
 def test_csv_with_every_label_spelling(tmp_path):
     f = tmp_path / "p.csv"
-    f.write_text("a,b,label\nx.jpg,y.jpg,yes\nx.jpg,z.jpg,No\np,q,1\np,r,0\ns,t,TRUE\ns,u,false\nv,w,same\nv,x,different\nm,n,\n")
+    f.write_text(
+        "a,b,label\nx.jpg,y.jpg,yes\nx.jpg,z.jpg,No\np,q,1\np,r,0\ns,t,TRUE\ns,u,false\nv,w,same\nv,x,different\nm,n,\n"
+    )
     pairs = read_pairs(f)
     assert [p.label for p in pairs] == [True, False, True, False, True, False, True, False, None]
     assert (pairs[0].a, pairs[0].b) == ("x.jpg", "y.jpg")
@@ -33,13 +35,22 @@ def test_csv_with_every_label_spelling(tmp_path):
 
 def test_jsonl_pairs(tmp_path):
     f = tmp_path / "p.jsonl"
-    f.write_text('{"a": "1.png", "b": "2.png", "label": true}\n\n{"a": "1.png", "b": "3.png", "label": "different"}\n{"a": "4", "b": "5"}\n')
-    assert [(p.a, p.b, p.label) for p in read_pairs(f)] == [("1.png", "2.png", True), ("1.png", "3.png", False), ("4", "5", None)]
+    f.write_text(
+        '{"a": "1.png", "b": "2.png", "label": true}\n\n'
+        '{"a": "1.png", "b": "3.png", "label": "different"}\n{"a": "4", "b": "5"}\n'
+    )
+    assert [(p.a, p.b, p.label) for p in read_pairs(f)] == [
+        ("1.png", "2.png", True),
+        ("1.png", "3.png", False),
+        ("4", "5", None),
+    ]
 
 
 def test_lfw_ten_fold_and_plain_forms(tmp_path):
     tenfold = tmp_path / "pairs.txt"  # 2 folds x (1 same + 1 different)
-    tenfold.write_text("2\t1\nAbel_Pacheco\t1\t4\nAkhmed_Zakayev\t3\tBob_Hope\t2\nAmber_Tamblyn\t1\t2\nAnn_Veneman\t3\tBill_Gates\t12\n")
+    tenfold.write_text(
+        "2\t1\nAbel_Pacheco\t1\t4\nAkhmed_Zakayev\t3\tBob_Hope\t2\nAmber_Tamblyn\t1\t2\nAnn_Veneman\t3\tBill_Gates\t12\n"
+    )
     assert [(p.a, p.b, p.label, p.fold) for p in read_pairs(tenfold)] == [
         ("Abel_Pacheco/Abel_Pacheco_0001.jpg", "Abel_Pacheco/Abel_Pacheco_0004.jpg", True, 0),
         ("Akhmed_Zakayev/Akhmed_Zakayev_0003.jpg", "Bob_Hope/Bob_Hope_0002.jpg", False, 0),
@@ -49,7 +60,9 @@ def test_lfw_ten_fold_and_plain_forms(tmp_path):
     plain = tmp_path / "plain.txt"
     plain.write_text("Abel_Pacheco 1 4\nAnn_Veneman 3 Bill_Gates 12\n")
     assert [(p.b, p.label, p.fold) for p in read_pairs(plain)] == [
-        ("Abel_Pacheco/Abel_Pacheco_0004.jpg", True, None), ("Bill_Gates/Bill_Gates_0012.jpg", False, None)]
+        ("Abel_Pacheco/Abel_Pacheco_0004.jpg", True, None),
+        ("Bill_Gates/Bill_Gates_0012.jpg", False, None),
+    ]
 
 
 @pytest.mark.parametrize(
@@ -108,9 +121,15 @@ def test_tar_at_far_and_ten_fold_protocol():
 # --- end to end through a real worker -----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def bulk_env(arcface_h5, redis_server, tmp_path_factory):
-    env = {"ARCFACE_REDIS_URL": redis_server.url, "ARCFACE_QUEUE": f"bulk-{uuid.uuid4().hex[:8]}", "ARCFACE_MODEL_PATH": str(arcface_h5),
-           "ARCFACE_ALLOWED_BATCH_SIZES": "1,4,16", "ARCFACE_SHARED_ROOT": str(FACES), "ARCFACE_MAX_BATCH_SIZE": "16",
-           "ARCFACE_THRESHOLD": "0.61"}
+    env = {
+        "ARCFACE_REDIS_URL": redis_server.url,
+        "ARCFACE_QUEUE": f"bulk-{uuid.uuid4().hex[:8]}",
+        "ARCFACE_MODEL_PATH": str(arcface_h5),
+        "ARCFACE_ALLOWED_BATCH_SIZES": "1,4,16",
+        "ARCFACE_SHARED_ROOT": str(FACES),
+        "ARCFACE_MAX_BATCH_SIZE": "16",
+        "ARCFACE_THRESHOLD": "0.61",
+    }
     worker = WorkerProcess(env, tmp_path_factory.mktemp("bulkworker") / "worker.log")
     worker.wait_ready()
     yield env
@@ -130,7 +149,10 @@ def bulk_client(bulk_env, monkeypatch):
 def write_face_pairs(path: Path, n: int = 60) -> list[tuple[str, str, bool]]:
     """n labelled pairs over the 40 crops (paths relative to the faces folder; images recur)."""
     rel = [str(p.relative_to(FACES)) for p in face_paths()]
-    rows = [(rel[i % 40], rel[(i * 13 + 1) % 40], rel[i % 40].split("/")[0] == rel[(i * 13 + 1) % 40].split("/")[0]) for i in range(n)]
+    rows = [
+        (rel[i % 40], rel[(i * 13 + 1) % 40], rel[i % 40].split("/")[0] == rel[(i * 13 + 1) % 40].split("/")[0])
+        for i in range(n)
+    ]
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["a", "b", "label"])
@@ -144,9 +166,11 @@ def test_bulk_csv_over_real_faces_equals_the_engine(bulk_client, engine, tmp_pat
     rows = write_face_pairs(tmp_path / "pairs.csv")
     unique = {x for a, b, _ in rows for x in (a, b)}
     out = tmp_path / "results.csv"
-    stats, summary = run_bulk(bulk_client, tmp_path / "pairs.csv", out, BulkOptions(root=FACES, window=8, chunk=4), quiet=True)
+    stats, summary = run_bulk(
+        bulk_client, tmp_path / "pairs.csv", out, BulkOptions(root=FACES, window=8, chunk=4), quiet=True
+    )
     assert stats.images_embedded == len(unique) < 2 * len(rows)  # each unique image embedded once
-    direct = dict(zip(unique, engine.embed_images([(FACES / k).read_bytes() for k in unique])))
+    direct = dict(zip(unique, engine.embed_images([(FACES / k).read_bytes() for k in unique]), strict=True))
     written = list(read_results(out))
     assert [(r["a"], r["b"]) for r in written] == [(a, b) for a, b, _ in rows]
     for r in written:
@@ -176,14 +200,36 @@ def test_resume_after_interruption_writes_no_duplicates_and_recomputes_nothing(b
 def test_cli_bulk_with_shared_root_paths_failed_image_and_plot(bulk_env, tmp_path):
     bad = FACES / "white.png"  # a real image, decodes fine; the failing one is a missing path
     pairs = tmp_path / "pairs.jsonl"
-    lines = [{"a": "amy/amy1.png", "b": "amy/amy2.png", "label": 1}, {"a": "amy/amy1.png", "b": "raj/raj1.png", "label": 0},
-             {"a": "amy/amy1.png", "b": "nobody/missing.png", "label": 0}, {"a": "white.png", "b": "raj/raj2.png", "label": 0}]
+    lines = [
+        {"a": "amy/amy1.png", "b": "amy/amy2.png", "label": 1},
+        {"a": "amy/amy1.png", "b": "raj/raj1.png", "label": 0},
+        {"a": "amy/amy1.png", "b": "nobody/missing.png", "label": 0},
+        {"a": "white.png", "b": "raj/raj2.png", "label": 0},
+    ]
     pairs.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     assert bad.exists()
     env = {**os.environ, **bulk_env}
     out = tmp_path / "r.csv"
-    proc = subprocess.run([sys.executable, "-m", "producer.cli", "bulk", str(pairs), "--out", str(out), "--shared-root", "--json",
-                           "--plot", str(tmp_path / "roc.png")], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "producer.cli",
+            "bulk",
+            str(pairs),
+            "--out",
+            str(out),
+            "--shared-root",
+            "--json",
+            "--plot",
+            str(tmp_path / "roc.png"),
+        ],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 1, proc.stderr  # one pair failed
     body = json.loads(proc.stdout)
     assert body["summary"]["pairs"] == 4 and body["summary"]["failed"] == 1
@@ -191,13 +237,21 @@ def test_cli_bulk_with_shared_root_paths_failed_image_and_plot(bulk_env, tmp_pat
     assert rows[2]["error"] == "path_not_allowed" and rows[2]["distance"] == ""
     assert "image b nobody/missing.png" in rows[2]["message"]
     assert body["threshold"] == {"value": 0.61, "source": "the workers' model arcface"}  # published by the worker
-    assert [r["similar"] for r in rows if not r["error"]] == ["1" if float(r["distance"]) <= 0.61 else "0" for r in rows if not r["error"]]
+    assert [r["similar"] for r in rows if not r["error"]] == [
+        "1" if float(r["distance"]) <= 0.61 else "0" for r in rows if not r["error"]
+    ]
     assert all(r["error"] == "" for i, r in enumerate(rows) if i != 2)
     assert (tmp_path / "roc.png").read_bytes()[:4] == b"\x89PNG"
     broken = tmp_path / "broken.csv"
     broken.write_text("a,b,label\nx,y,perhaps\n")
-    bad_run = subprocess.run([sys.executable, "-m", "producer.cli", "bulk", str(broken), "--out", str(tmp_path / "o.csv")],
-                             env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    bad_run = subprocess.run(
+        [sys.executable, "-m", "producer.cli", "bulk", str(broken), "--out", str(tmp_path / "o.csv")],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad_run.returncode == 2 and "broken.csv:2" in bad_run.stderr
     assert not (tmp_path / "o.csv").exists()
 
@@ -215,11 +269,15 @@ def test_rerun_retries_failed_rows_and_rewrites_similar_for_the_new_threshold(bu
     stats, summary = run_bulk(bulk_client, pairs, out, BulkOptions(root=root, threshold=0.3), quiet=True)
     rows = list(read_results(out))
     assert summary.failed == stats.failed == 1 and rows[1]["error"] == "invalid_payload"
-    assert "image b late.png" in rows[1]["message"] and "No such file" in rows[1]["message"]  # the reason, not only a code
+    assert (
+        "image b late.png" in rows[1]["message"] and "No such file" in rows[1]["message"]
+    )  # the reason, not only a code
     (root / "late.png").write_bytes(face_paths()[5].read_bytes())  # the missing image appears
     stats, summary = run_bulk(bulk_client, pairs, out, BulkOptions(root=root, threshold=1.5), quiet=True)
     rows = list(read_results(out))
-    assert summary.failed == 0 and stats.images_embedded == 1 and stats.rows_cached == 2  # only the failed row's image ran
+    assert (
+        summary.failed == 0 and stats.images_embedded == 1 and stats.rows_cached == 2
+    )  # only the failed row's image ran
     assert summary.threshold == 1.5 and all(r["similar"] == ("1" if float(r["distance"]) <= 1.5 else "0") for r in rows)
     # the summary's accuracy is exactly what the CSV's similar column says against the labels
     assert summary.accuracy == pytest.approx(np.mean([(r["similar"] == "1") == (r["label"] == "1") for r in rows]))
@@ -233,14 +291,35 @@ def test_interrupted_bulk_run_is_resumed_reusing_its_queued_jobs(bulk_env, bulk_
 
     from producer.bulk import BulkOptions, read_results, run_bulk
 
-    filler = bulk_client.embed_many([face_paths()[i % 40] for i in range(24)])  # keeps the worker busy for a few seconds
+    filler = bulk_client.embed_many(
+        [face_paths()[i % 40] for i in range(24)]
+    )  # keeps the worker busy for a few seconds
     rows = write_face_pairs(tmp_path / "pairs.csv", 30)
     unique = {x for a, b, _ in rows for x in (a, b)}
     out = tmp_path / "r.csv"
     side = tmp_path / "r.csv.embeddings.jsonl"
     env = {**os.environ, **bulk_env}
-    proc = subprocess.Popen([sys.executable, "-m", "producer.cli", "bulk", str(tmp_path / "pairs.csv"), "--out", str(out), "--root", str(FACES),
-                             "--json", "--window", "512"], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "producer.cli",
+            "bulk",
+            str(tmp_path / "pairs.csv"),
+            "--out",
+            str(out),
+            "--root",
+            str(FACES),
+            "--json",
+            "--window",
+            "512",
+        ],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and (not side.exists() or side.read_text().count('"job_id"') < len(unique)):
         time.sleep(0.05)
@@ -269,8 +348,26 @@ def test_progress_on_a_terminal_counts_rows_as_they_are_written(bulk_env, tmp_pa
     rows = write_face_pairs(tmp_path / "pairs.csv", 60)
     master, slave = pty.openpty()
     env = {**os.environ, **bulk_env}
-    proc = subprocess.Popen([sys.executable, "-m", "producer.cli", "bulk", str(tmp_path / "pairs.csv"), "--out", str(tmp_path / "r.csv"),
-                             "--root", str(FACES), "--window", "4"], env=env, cwd=REPO, stdin=slave, stdout=slave, stderr=slave)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "producer.cli",
+            "bulk",
+            str(tmp_path / "pairs.csv"),
+            "--out",
+            str(tmp_path / "r.csv"),
+            "--root",
+            str(FACES),
+            "--window",
+            "4",
+        ],
+        env=env,
+        cwd=REPO,
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+    )
     os.close(slave)
     seen = b""
     while True:

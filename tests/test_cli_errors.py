@@ -4,13 +4,11 @@ documented exit code, exactly one line on stderr naming the flag or ``ARCFACE_*`
 from __future__ import annotations
 
 import os
-import pickle
 import socket
 import subprocess
 import sys
 import time
 import uuid
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -39,10 +37,14 @@ main()
 PRODUCER_ONLY = "tensorflow,keras,h5py,prometheus_client,worker"
 
 
-def run(prog: str, *args: str, env: dict[str, str], cwd: Path = REPO, block: str = "", timeout: float = 60) -> subprocess.CompletedProcess:
+def run(
+    prog: str, *args: str, env: dict[str, str], cwd: Path = REPO, block: str = "", timeout: float = 60
+) -> subprocess.CompletedProcess:
     full = {k: v for k, v in os.environ.items() if not k.startswith("ARCFACE_")}
     full.update({"PYTHONPATH": str(REPO), "TEST_BLOCK_MODULES": block, **env})
-    return subprocess.run([sys.executable, "-c", RUNNER, prog, *args], env=full, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-c", RUNNER, prog, *args], env=full, cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @dataclass
@@ -62,7 +64,10 @@ FACE = str(face_paths()[0])
 
 
 def _corrupt_hash(tmp: Path, r, queue: str) -> dict[str, str]:
-    r.hset("rq:job:corrupt-job", mapping={"data": b"\x80\x04 not json", "created_at": "2026-11-29T16:00:00+00:00", "status": "queued"})
+    r.hset(
+        "rq:job:corrupt-job",
+        mapping={"data": b"\x80\x04 not json", "created_at": "2026-11-29T16:00:00+00:00", "status": "queued"},
+    )
     return {}
 
 
@@ -102,42 +107,168 @@ CASES = [
     Case("missing-image", lambda t: ["embed", str(t / "nope.jpg")], 2, ["nope.jpg"]),
     Case("verify-missing-b", lambda t: ["verify", FACE, str(t / "nope.jpg")], 2, ["image b", "nope.jpg"]),
     # producer settings
-    Case("redis-url-no-scheme", lambda t: ["embed", FACE], 2, ["ARCFACE_REDIS_URL", "redis://"], env={"ARCFACE_REDIS_URL": "redis//x"}),
-    Case("redis-url-http", lambda t: ["embed", FACE], 2, ["ARCFACE_REDIS_URL", "redis://"], env={"ARCFACE_REDIS_URL": "http://x"}),
-    Case("redis-url-bad-port-secret", lambda t: ["embed", FACE], 2, ["ARCFACE_REDIS_URL", "***"],
-         env={"ARCFACE_REDIS_URL": "redis://:s3cret@h:xx/0"}),
-    Case("dotenv-wait-timeout", lambda t: ["embed", FACE], 2, ["ARCFACE_WAIT_TIMEOUT", "soon", ".env"], dotenv="ARCFACE_WAIT_TIMEOUT=soon\n"),
+    Case(
+        "redis-url-no-scheme",
+        lambda t: ["embed", FACE],
+        2,
+        ["ARCFACE_REDIS_URL", "redis://"],
+        env={"ARCFACE_REDIS_URL": "redis//x"},
+    ),
+    Case(
+        "redis-url-http",
+        lambda t: ["embed", FACE],
+        2,
+        ["ARCFACE_REDIS_URL", "redis://"],
+        env={"ARCFACE_REDIS_URL": "http://x"},
+    ),
+    Case(
+        "redis-url-bad-port-secret",
+        lambda t: ["embed", FACE],
+        2,
+        ["ARCFACE_REDIS_URL", "***"],
+        env={"ARCFACE_REDIS_URL": "redis://:s3cret@h:xx/0"},
+    ),
+    Case(
+        "dotenv-wait-timeout",
+        lambda t: ["embed", FACE],
+        2,
+        ["ARCFACE_WAIT_TIMEOUT", "soon", ".env"],
+        dotenv="ARCFACE_WAIT_TIMEOUT=soon\n",
+    ),
     Case("retries-negative", lambda t: ["embed", FACE], 2, ["ARCFACE_RETRIES", "-1"], env={"ARCFACE_RETRIES": "-1"}),
     Case("log-level", lambda t: ["embed", FACE], 2, ["ARCFACE_LOG_LEVEL", "INFO"], env={"ARCFACE_LOG_LEVEL": "LOUD"}),
-    Case("embedded-forbidden", lambda t: ["embed", FACE], 2, ["ARCFACE_REDIS_URL", "ARCFACE_EMBEDDED_REDIS"],
-         env={"ARCFACE_EMBEDDED_REDIS": "false", "ARCFACE_REDIS_URL": ""}),
-    Case("wait-with-result-ttl-0", lambda t: ["embed", FACE, "--wait"], 2, ["ARCFACE_RESULT_TTL"], env={"ARCFACE_RESULT_TTL": "0"}),
+    Case(
+        "embedded-forbidden",
+        lambda t: ["embed", FACE],
+        2,
+        ["ARCFACE_REDIS_URL", "ARCFACE_EMBEDDED_REDIS"],
+        env={"ARCFACE_EMBEDDED_REDIS": "false", "ARCFACE_REDIS_URL": ""},
+    ),
+    Case(
+        "wait-with-result-ttl-0",
+        lambda t: ["embed", FACE, "--wait"],
+        2,
+        ["ARCFACE_RESULT_TTL"],
+        env={"ARCFACE_RESULT_TTL": "0"},
+    ),
     # jobs that are not ours
-    Case("corrupt-job-hash", lambda t: ["status", "corrupt-job"], 2, ["corrupt-job", "not an ArcFace job"], setup=_corrupt_hash),
-    Case("pickled-job-status", lambda t: ["status", "pickled-job"], 2, ["pickled-job", "not an ArcFace job"], setup=_pickled_job),
-    Case("pickled-job-result", lambda t: ["result", "pickled-job", "--timeout", "1"], 2, ["pickled-job"], setup=_pickled_job),
+    Case(
+        "corrupt-job-hash",
+        lambda t: ["status", "corrupt-job"],
+        2,
+        ["corrupt-job", "not an ArcFace job"],
+        setup=_corrupt_hash,
+    ),
+    Case(
+        "pickled-job-status",
+        lambda t: ["status", "pickled-job"],
+        2,
+        ["pickled-job", "not an ArcFace job"],
+        setup=_pickled_job,
+    ),
+    Case(
+        "pickled-job-result",
+        lambda t: ["result", "pickled-job", "--timeout", "1"],
+        2,
+        ["pickled-job"],
+        setup=_pickled_job,
+    ),
     # bulk: refused before anything is enqueued
-    Case("bulk-out-missing-dir", lambda t: ["bulk", str(t / "pairs.csv"), "--out", str(t / "no" / "r.csv")], 2, ["--out", "does not exist"],
-         setup=_pairs),
-    Case("bulk-out-is-dir", lambda t: ["bulk", str(t / "pairs.csv"), "--out", str(t / "outdir")], 2, ["--out", "directory"], setup=_pairs),
-    Case("bulk-threshold-nan", lambda t: ["bulk", str(t / "pairs.csv"), "--out", str(t / "r.csv"), "--threshold", "nan"], 2, ["--threshold"],
-         setup=_pairs),
-    Case("bulk-window-negative", lambda t: ["bulk", str(t / "pairs.csv"), "--out", str(t / "r.csv"), "--window", "-5"], 2, ["--window"],
-         setup=_pairs),
-    Case("bulk-plot-without-matplotlib", lambda t: ["bulk", str(t / "pairs.csv"), "--out", str(t / "r.csv"), "--plot", str(t / "p.png")],
-         2, ["--plot", "matplotlib"], setup=_pairs, block=PRODUCER_ONLY + ",matplotlib"),
-    Case("bulk-shared-root-unset", lambda t: ["bulk", str(t / "pairs.csv"), "--out", str(t / "r.csv"), "--shared-root"], 2,
-         ["--shared-root", "ARCFACE_SHARED_ROOT"], setup=_pairs),
-    Case("bulk-broken-pair-file", lambda t: ["bulk", str(t / "bad.csv"), "--out", str(t / "r.csv")], 2, ["bad.csv:2"],
-         setup=lambda t, r, q: (t / "bad.csv").write_text("a,b,label\nx,y,perhaps\n") and {}),
+    Case(
+        "bulk-out-missing-dir",
+        lambda t: ["bulk", str(t / "pairs.csv"), "--out", str(t / "no" / "r.csv")],
+        2,
+        ["--out", "does not exist"],
+        setup=_pairs,
+    ),
+    Case(
+        "bulk-out-is-dir",
+        lambda t: ["bulk", str(t / "pairs.csv"), "--out", str(t / "outdir")],
+        2,
+        ["--out", "directory"],
+        setup=_pairs,
+    ),
+    Case(
+        "bulk-threshold-nan",
+        lambda t: ["bulk", str(t / "pairs.csv"), "--out", str(t / "r.csv"), "--threshold", "nan"],
+        2,
+        ["--threshold"],
+        setup=_pairs,
+    ),
+    Case(
+        "bulk-window-negative",
+        lambda t: ["bulk", str(t / "pairs.csv"), "--out", str(t / "r.csv"), "--window", "-5"],
+        2,
+        ["--window"],
+        setup=_pairs,
+    ),
+    Case(
+        "bulk-plot-without-matplotlib",
+        lambda t: ["bulk", str(t / "pairs.csv"), "--out", str(t / "r.csv"), "--plot", str(t / "p.png")],
+        2,
+        ["--plot", "matplotlib"],
+        setup=_pairs,
+        block=PRODUCER_ONLY + ",matplotlib",
+    ),
+    Case(
+        "bulk-shared-root-unset",
+        lambda t: ["bulk", str(t / "pairs.csv"), "--out", str(t / "r.csv"), "--shared-root"],
+        2,
+        ["--shared-root", "ARCFACE_SHARED_ROOT"],
+        setup=_pairs,
+    ),
+    Case(
+        "bulk-broken-pair-file",
+        lambda t: ["bulk", str(t / "bad.csv"), "--out", str(t / "r.csv")],
+        2,
+        ["bad.csv:2"],
+        setup=lambda t, r, q: (t / "bad.csv").write_text("a,b,label\nx,y,perhaps\n") and {},
+    ),
     # worker configuration
-    Case("worker-max-batch-size", lambda t: [], 2, ["ARCFACE_MAX_BATCH_SIZE", "abc"], env={"ARCFACE_MAX_BATCH_SIZE": "abc"},
-         prog="arcface-worker", block=""),
-    Case("worker-precision", lambda t: [], 2, ["ARCFACE_PRECISION", "float32", "reduced"], env={"ARCFACE_PRECISION": "bogus"},
-         prog="arcface-worker", block=""),
-    Case("worker-log-level", lambda t: [], 2, ["ARCFACE_LOG_LEVEL", "DEBUG"], env={"ARCFACE_LOG_LEVEL": "LOUD"}, prog="arcface-worker", block=""),
-    Case("worker-metrics-port-in-use", lambda t: [], 2, ["ARCFACE_METRICS_PORT"], setup=_busy_port, prog="arcface-worker", block=""),
-    Case("worker-producer-only-install", lambda t: [], 2, ["arcface-service[worker]"], prog="arcface-worker", block=PRODUCER_ONLY.replace(",worker", "")),
+    Case(
+        "worker-max-batch-size",
+        lambda t: [],
+        2,
+        ["ARCFACE_MAX_BATCH_SIZE", "abc"],
+        env={"ARCFACE_MAX_BATCH_SIZE": "abc"},
+        prog="arcface-worker",
+        block="",
+    ),
+    Case(
+        "worker-precision",
+        lambda t: [],
+        2,
+        ["ARCFACE_PRECISION", "float32", "reduced"],
+        env={"ARCFACE_PRECISION": "bogus"},
+        prog="arcface-worker",
+        block="",
+    ),
+    Case(
+        "worker-log-level",
+        lambda t: [],
+        2,
+        ["ARCFACE_LOG_LEVEL", "DEBUG"],
+        env={"ARCFACE_LOG_LEVEL": "LOUD"},
+        prog="arcface-worker",
+        block="",
+    ),
+    Case(
+        "worker-metrics-port-in-use",
+        lambda t: [],
+        2,
+        ["ARCFACE_METRICS_PORT"],
+        setup=_busy_port,
+        prog="arcface-worker",
+        block="",
+    ),
+    Case(
+        "worker-producer-only-install",
+        lambda t: [],
+        2,
+        ["arcface-service[worker]"],
+        prog="arcface-worker",
+        block=PRODUCER_ONLY.replace(",worker", ""),
+    ),
     Case("worker-bad-flag", lambda t: ["--bogus"], 2, ["--bogus"], prog="arcface-worker", block=""),
 ]
 
@@ -146,8 +277,12 @@ CASES = [
 def test_bad_invocation_exits_with_one_line(case: Case, redis_server, tmp_path):
     r = redis_server.client()
     queue = f"cli-{uuid.uuid4().hex[:8]}"
-    env = {"ARCFACE_REDIS_URL": redis_server.url, "ARCFACE_QUEUE": queue, "ARCFACE_DATA_DIR": str(tmp_path / "data"),
-           "ARCFACE_MODEL_PATH": str(tmp_path / "never-loaded.h5")}
+    env = {
+        "ARCFACE_REDIS_URL": redis_server.url,
+        "ARCFACE_QUEUE": queue,
+        "ARCFACE_DATA_DIR": str(tmp_path / "data"),
+        "ARCFACE_MODEL_PATH": str(tmp_path / "never-loaded.h5"),
+    }
     if case.setup:
         env.update(case.setup(tmp_path, r, queue) or {})
     env.update(case.env)

@@ -41,8 +41,11 @@ from tests.conftest import FACES, REPO
 pytestmark = pytest.mark.slow
 
 BASE_IMAGE = "localhost/arcface-test-base:bookworm"
-IMAGES = {"worker": "localhost/arcface-test-worker:latest", "producer": "localhost/arcface-test-producer:latest",
-          "dashboard": "localhost/arcface-test-dashboard:latest"}
+IMAGES = {
+    "worker": "localhost/arcface-test-worker:latest",
+    "producer": "localhost/arcface-test-producer:latest",
+    "dashboard": "localhost/arcface-test-dashboard:latest",
+}
 PODMAN = ["podman", "--runtime", "runc"]
 # podman's default limits are refused on these machines
 ULIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]
@@ -53,16 +56,23 @@ TIMINGS: dict[str, float] = {}
 def _run(args: list[str], timeout: float = 120, check: bool = True, **kw) -> subprocess.CompletedProcess:
     out = subprocess.run(args, capture_output=True, text=True, timeout=timeout, **kw)
     if check and out.returncode != 0:
-        raise AssertionError(f"{' '.join(args[:6])}... exited {out.returncode}:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+        raise AssertionError(
+            f"{' '.join(args[:6])}... exited {out.returncode}:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+        )
     return out
 
 
 def _why_podman_cannot_run() -> str | None:
     missing = [tool for tool in ("podman", "runc") if shutil.which(tool) is None]
     if missing:
-        why = os.environ.get("CONTAINER_TOOLS_UNAVAILABLE") or "install them: apt-get install podman buildah runc debootstrap"
+        why = (
+            os.environ.get("CONTAINER_TOOLS_UNAVAILABLE")
+            or "install them: apt-get install podman buildah runc debootstrap"
+        )
         return f"{' and '.join(missing)} not installed ({why})"
-    probe = subprocess.run([*PODMAN, "info", "--format", "{{.Host.OCIRuntime.Name}}"], capture_output=True, text=True, timeout=60)
+    probe = subprocess.run(
+        [*PODMAN, "info", "--format", "{{.Host.OCIRuntime.Name}}"], capture_output=True, text=True, timeout=60
+    )
     if probe.returncode != 0:
         return f"podman cannot run here: {(probe.stderr or probe.stdout).strip()[-500:]}"
     return None
@@ -82,7 +92,9 @@ def _debian_mirror() -> str:
         if not path.is_file():
             continue
         for stanza in path.read_text().split("\n\n"):
-            fields = dict(line.split(":", 1) for line in stanza.splitlines() if ":" in line and not line.startswith(("#", " ")))
+            fields = dict(
+                line.split(":", 1) for line in stanza.splitlines() if ":" in line and not line.startswith(("#", " "))
+            )
             if "bookworm" in fields.get("Suites", "").split() and "URIs" in fields:
                 return fields["URIs"].split()[0]
         for line in path.read_text().splitlines():
@@ -96,7 +108,9 @@ def _pip_ca_bundle() -> Path:
     """The CA bundle pip is configured with on this machine (pip inside the build needs it)."""
     if os.environ.get("PIP_CERT"):
         return Path(os.environ["PIP_CERT"])
-    out = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True, timeout=60).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True, timeout=60
+    ).stdout
     for line in out.splitlines():
         key, _, value = line.partition("=")
         if key.endswith(".cert"):
@@ -110,12 +124,23 @@ def base_image(podman):
     if subprocess.run([*PODMAN, "image", "exists", BASE_IMAGE]).returncode == 0:
         return BASE_IMAGE
     if shutil.which("debootstrap") is None:
-        pytest.skip(f"{BASE_IMAGE} is missing and debootstrap is not installed to build it (apt-get install debootstrap)")
+        pytest.skip(
+            f"{BASE_IMAGE} is missing and debootstrap is not installed to build it (apt-get install debootstrap)"
+        )
     started = time.monotonic()
     with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
         root = Path(tmp) / "rootfs"
-        _run(["debootstrap", "--variant=minbase", "--include=python3.11,python3.11-venv,python3-pip,ca-certificates,passwd",
-              "bookworm", str(root), _debian_mirror()], timeout=900)
+        _run(
+            [
+                "debootstrap",
+                "--variant=minbase",
+                "--include=python3.11,python3.11-venv,python3-pip,ca-certificates,passwd",
+                "bookworm",
+                str(root),
+                _debian_mirror(),
+            ],
+            timeout=900,
+        )
         (root / "usr/bin/python").symlink_to("python3.11")
         shutil.copyfile(_pip_ca_bundle(), root / "etc/ssl/certs/pip-ca-bundle.crt")
         for cache in (root / "var/cache/apt/archives", root / "var/lib/apt/lists"):
@@ -123,10 +148,22 @@ def base_image(podman):
                 if item.is_file():
                     item.unlink()
         tar = subprocess.Popen(["tar", "-C", str(root), "-c", "."], stdout=subprocess.PIPE)
-        _run([*PODMAN, "import",
-              "--change", "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-              "--change", "ENV PIP_CERT=/etc/ssl/certs/pip-ca-bundle.crt",
-              "--change", 'CMD ["python"]', "-", BASE_IMAGE], timeout=600, stdin=tar.stdout)
+        _run(
+            [
+                *PODMAN,
+                "import",
+                "--change",
+                "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                "--change",
+                "ENV PIP_CERT=/etc/ssl/certs/pip-ca-bundle.crt",
+                "--change",
+                'CMD ["python"]',
+                "-",
+                BASE_IMAGE,
+            ],
+            timeout=600,
+            stdin=tar.stdout,
+        )
         tar.wait(60)
     TIMINGS["base image (debootstrap + import), s"] = round(time.monotonic() - started, 1)
     return BASE_IMAGE
@@ -195,10 +232,14 @@ def weights_server(stand_in_weights):
     named through --add-host), so the build argument WEIGHTS_URL is the same on every run."""
     host = _free_loopback(80)
     try:
-        server = http.server.ThreadingHTTPServer((host, 80), functools.partial(_Quiet, directory=str(stand_in_weights.parent)))
+        server = http.server.ThreadingHTTPServer(
+            (host, 80), functools.partial(_Quiet, directory=str(stand_in_weights.parent))
+        )
         url = f"http://{WEIGHTS_HOST}/{stand_in_weights.name}"
     except OSError:  # not root: any port (the weights layer is then rebuilt each run)
-        server = http.server.ThreadingHTTPServer((host, 0), functools.partial(_Quiet, directory=str(stand_in_weights.parent)))
+        server = http.server.ThreadingHTTPServer(
+            (host, 0), functools.partial(_Quiet, directory=str(stand_in_weights.parent))
+        )
         url = f"http://{WEIGHTS_HOST}:{server.server_address[1]}/{stand_in_weights.name}"
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -212,9 +253,29 @@ def _image_size(tag: str) -> int:
 
 def _build(target: str, *args: str) -> None:
     started = time.monotonic()
-    old = subprocess.run([*PODMAN, "image", "inspect", "--format", "{{.Id}}", IMAGES[target]], capture_output=True, text=True).stdout.strip()
-    _run([*PODMAN, "build", "--format", "docker", "--network=host", "--pull=never", *ULIMITS,
-          "--build-arg", f"PYTHON_IMAGE={BASE_IMAGE}", "--target", target, "-t", IMAGES[target], *args, str(REPO)], timeout=1200)
+    old = subprocess.run(
+        [*PODMAN, "image", "inspect", "--format", "{{.Id}}", IMAGES[target]], capture_output=True, text=True
+    ).stdout.strip()
+    _run(
+        [
+            *PODMAN,
+            "build",
+            "--format",
+            "docker",
+            "--network=host",
+            "--pull=never",
+            *ULIMITS,
+            "--build-arg",
+            f"PYTHON_IMAGE={BASE_IMAGE}",
+            "--target",
+            target,
+            "-t",
+            IMAGES[target],
+            *args,
+            str(REPO),
+        ],
+        timeout=1200,
+    )
     TIMINGS[f"build {target}, s"] = round(time.monotonic() - started, 1)
     new = _run([*PODMAN, "image", "inspect", "--format", "{{.Id}}", IMAGES[target]]).stdout.strip()
     if old and old != new:  # the previous build of this tag: no longer needed (kept if something still uses it)
@@ -228,7 +289,15 @@ def images(base_image, weights_server, stand_in_weights, request):
     sha = hashlib.sha256(stand_in_weights.read_bytes()).hexdigest()
     _build("producer")
     _build("dashboard")
-    _build("worker", "--add-host", f"{WEIGHTS_HOST}:{host}", "--build-arg", f"WEIGHTS_URL={url}", "--build-arg", f"WEIGHTS_SHA256={sha}")
+    _build(
+        "worker",
+        "--add-host",
+        f"{WEIGHTS_HOST}:{host}",
+        "--build-arg",
+        f"WEIGHTS_URL={url}",
+        "--build-arg",
+        f"WEIGHTS_SHA256={sha}",
+    )
     sizes = {name: _image_size(tag) for name, tag in IMAGES.items()}
     yield sizes
     report = request.config.pluginmanager.get_plugin("terminalreporter")
@@ -236,8 +305,12 @@ def images(base_image, weights_server, stand_in_weights, request):
     if report is not None and capture is not None:
         with capture.global_and_fixture_disabled():
             report.write("\n")
-            report.write_line("container images: " + ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in sizes.items())
-                              + f" (base {_image_size(BASE_IMAGE) / 1e9:.2f} GB); " + ", ".join(f"{k} {v}" for k, v in TIMINGS.items()))
+            report.write_line(
+                "container images: "
+                + ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in sizes.items())
+                + f" (base {_image_size(BASE_IMAGE) / 1e9:.2f} GB); "
+                + ", ".join(f"{k} {v}" for k, v in TIMINGS.items())
+            )
 
 
 class _Redis:
@@ -247,8 +320,23 @@ class _Redis:
         from producer.redisconn import redis_server_binary
 
         self.host = _free_loopback(6379)
-        self.proc = subprocess.Popen([redis_server_binary(), "--bind", self.host, "--port", "6379", "--dir", str(data_dir), "--save", "",
-                                      "--logfile", str(data_dir / "redis.log")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [
+                redis_server_binary(),
+                "--bind",
+                self.host,
+                "--port",
+                "6379",
+                "--dir",
+                str(data_dir),
+                "--save",
+                "",
+                "--logfile",
+                str(data_dir / "redis.log"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         self.client = redis.Redis(host=self.host, port=6379)
         deadline = time.monotonic() + 10
         while True:
@@ -319,14 +407,30 @@ def _env_args(env: dict[str, str]) -> list[str]:
 
 def _producer(redis_host: str, data: Path, *args: str, **env: str) -> dict:
     """arcface-producer in the producer image, with the compose producer service's environment (plus ``env``)."""
-    out = _run([*PODMAN, "run", "--rm", "--network=host", "--add-host", f"redis:{redis_host}", *ULIMITS,
-                *_env_args({**service_environment("producer"), **env}), "-v", f"{data}:/data:ro", IMAGES["producer"], *args, "--json"],
-               timeout=180)
+    out = _run(
+        [
+            *PODMAN,
+            "run",
+            "--rm",
+            "--network=host",
+            "--add-host",
+            f"redis:{redis_host}",
+            *ULIMITS,
+            *_env_args({**service_environment("producer"), **env}),
+            "-v",
+            f"{data}:/data:ro",
+            IMAGES["producer"],
+            *args,
+            "--json",
+        ],
+        timeout=180,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def test_worker_container_with_the_compose_environment_serves_the_producer_container_and_stops_cleanly(
-        images, redis_6379, reference_engine, tmp_path):
+    images, redis_6379, reference_engine, tmp_path
+):
     from rq.registry import StartedJobRegistry
     from rq.worker import Worker
 
@@ -340,8 +444,26 @@ def test_worker_container_with_the_compose_environment_serves_the_producer_conta
     extra = [] if metrics_port == 9100 else ["-e", f"ARCFACE_METRICS_PORT={metrics_port}"]
     name = f"arcface-test-worker-{uuid.uuid4().hex[:8]}"
     started = time.monotonic()
-    _run([*PODMAN, "run", "-d", "--name", name, "--network=host", "--add-host", f"redis:{redis_6379.host}", *ULIMITS,
-          *_env_args(env), *extra, "-v", f"{models}:/models:ro", "-v", f"{data}:/data:ro", IMAGES["worker"]])
+    _run(
+        [
+            *PODMAN,
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--network=host",
+            "--add-host",
+            f"redis:{redis_6379.host}",
+            *ULIMITS,
+            *_env_args(env),
+            *extra,
+            "-v",
+            f"{models}:/models:ro",
+            "-v",
+            f"{data}:/data:ro",
+            IMAGES["worker"],
+        ]
+    )
     try:
         loaded = _wait_for_event(name, "model_loaded", 240)
         assert loaded["source"] == "/opt/arcface/cache/arcface_weights.h5"  # the baked weights, no mount, no download
@@ -353,16 +475,20 @@ def test_worker_container_with_the_compose_environment_serves_the_producer_conta
         ref = reference_engine.embed_images([(data / n).read_bytes() for n in ("amy1.png", "amy2.png", "sheldon1.png")])
         assert embed["status"] == "finished" and float(np.max(np.abs(got - ref[0]))) < 1e-4
         same = _producer(redis_6379.host, data, "verify", "/data/amy1.png", "/data/amy2.png", "--wait")
-        other = _producer(redis_6379.host, data, "verify", "/data/amy1.png", "/data/sheldon1.png", "--path", "--wait")  # read from /data
+        other = _producer(
+            redis_6379.host, data, "verify", "/data/amy1.png", "/data/sheldon1.png", "--path", "--wait"
+        )  # read from /data
         assert abs(same["result"]["distance"] - (1.0 - float(ref[0] @ ref[1]))) < 1e-4
         assert abs(other["result"]["distance"] - (1.0 - float(ref[0] @ ref[2]))) < 1e-4
 
         health = _run([*PODMAN, "exec", name, "arcface-worker-health"], check=False)
         assert health.returncode == 0 and health.stdout.startswith("healthy"), health.stdout + health.stderr
-        config = json.loads(_run([*PODMAN, "image", "inspect", "--format", "{{json .Config.Healthcheck}}", IMAGES["worker"]]).stdout)
+        config = json.loads(
+            _run([*PODMAN, "image", "inspect", "--format", "{{json .Config.Healthcheck}}", IMAGES["worker"]]).stdout
+        )
         assert config["Test"][-1] == "arcface-worker-health"  # the image's HEALTHCHECK survived the build
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-        assert 'arcface_jobs_total{' in metrics
+        assert "arcface_jobs_total{" in metrics
 
         _run([*PODMAN, "kill", "--signal", "TERM", name])
         assert _run([*PODMAN, "wait", name], timeout=90).stdout.strip() == "0"
@@ -377,8 +503,19 @@ def test_worker_container_with_the_compose_environment_serves_the_producer_conta
 
 
 def test_producer_image_has_no_tensorflow_and_runs_as_a_non_root_user(images):
-    probe = _run([*PODMAN, "run", "--rm", *ULIMITS, "--entrypoint", "python", IMAGES["producer"], "-c",
-                  "import importlib.util, os; print(importlib.util.find_spec('tensorflow') is None, os.getuid())"])
+    probe = _run(
+        [
+            *PODMAN,
+            "run",
+            "--rm",
+            *ULIMITS,
+            "--entrypoint",
+            "python",
+            IMAGES["producer"],
+            "-c",
+            "import importlib.util, os; print(importlib.util.find_spec('tensorflow') is None, os.getuid())",
+        ]
+    )
     assert probe.stdout.split() == ["True", "10001"]
     assert "arcface-producer" in _run([*PODMAN, "run", "--rm", *ULIMITS, IMAGES["producer"]]).stdout  # default: --help
     assert images["producer"] < images["worker"] / 4
@@ -386,12 +523,31 @@ def test_producer_image_has_no_tensorflow_and_runs_as_a_non_root_user(images):
 
 def test_dashboard_image_shows_a_job_with_the_json_serializer(images, redis_6379, tmp_path):
     data, _ = _shared_dirs(tmp_path)
-    job_id = _producer(redis_6379.host, data, "embed", "/data/amy1.png", ARCFACE_QUEUE="dashboard-test")["job_id"]  # no worker: queued
+    job_id = _producer(redis_6379.host, data, "embed", "/data/amy1.png", ARCFACE_QUEUE="dashboard-test")[
+        "job_id"
+    ]  # no worker: queued
     port = _free_port()
     name = f"arcface-test-dashboard-{uuid.uuid4().hex[:8]}"
     env = service_environment("dashboard")  # compose's, plus this test's port; loopback only on the shared host network
-    _run([*PODMAN, "run", "-d", "--name", name, "--network=host", "--add-host", f"redis:{redis_6379.host}", *ULIMITS, *_env_args(env),
-          "-e", f"RQ_DASHBOARD_PORT={port}", "-e", "RQ_DASHBOARD_BIND=127.0.0.1", IMAGES["dashboard"]])
+    _run(
+        [
+            *PODMAN,
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--network=host",
+            "--add-host",
+            f"redis:{redis_6379.host}",
+            *ULIMITS,
+            *_env_args(env),
+            "-e",
+            f"RQ_DASHBOARD_PORT={port}",
+            "-e",
+            "RQ_DASHBOARD_BIND=127.0.0.1",
+            IMAGES["dashboard"],
+        ]
+    )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -400,10 +556,12 @@ def test_dashboard_image_shows_a_job_with_the_json_serializer(images, redis_6379
                 break
             except OSError:
                 if time.monotonic() > deadline:
-                    raise AssertionError("dashboard not answering:\n" + "\n".join(_logs(name)[-30:]))
+                    raise AssertionError("dashboard not answering:\n" + "\n".join(_logs(name)[-30:])) from None
                 time.sleep(0.5)
         assert page.status == 200
-        data = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/0/data/job/{job_id}.json", timeout=10).read())
+        data = json.loads(
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/0/data/job/{job_id}.json", timeout=10).read()
+        )
         assert data["id"] == job_id and data["status"] == "queued"
     finally:
         subprocess.run([*PODMAN, "rm", "-f", name], capture_output=True)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 from rq import Queue, SimpleWorker
-from rq.registry import FinishedJobRegistry
 from rq.job import Job
+from rq.registry import FinishedJobRegistry
 
 from producer.client import FaceClient, InputError, JobFailed, JobNotFound, ResultTimeout
 from producer.jobs import EMBED_FUNC, VERIFY_FUNC, ErrorCode, JSONSerializer, SafeJob
@@ -33,12 +33,20 @@ def run_plain_rq_worker(client: FaceClient) -> None:
 def test_enqueued_job_is_a_plain_rq_job_with_our_function_serializer_and_ttls(client):
     job_id = client.embed(face_paths()[0], ref="user-42")
     raw = client.connection.hgetall(f"rq:job:{job_id}")
-    func, instance, args, kwargs = json.loads(zlib.decompress(raw[b"data"]))  # zlib-compressed JSON (rq compresses), not pickle
+    func, instance, args, kwargs = json.loads(
+        zlib.decompress(raw[b"data"])
+    )  # zlib-compressed JSON (rq compresses), not pickle
     assert (func, instance, kwargs) == (EMBED_FUNC, None, {})
     assert set(args[0]) == {"kind", "image", "ref"} and args[0]["ref"] == "user-42"
     job = Job.fetch(job_id, connection=client.connection, serializer=JSONSerializer)
     s = client.settings
-    assert (job.func_name, job.timeout, job.result_ttl, job.failure_ttl, job.retries_left) == (EMBED_FUNC, s.job_timeout, s.result_ttl, s.failure_ttl, s.retries)
+    assert (job.func_name, job.timeout, job.result_ttl, job.failure_ttl, job.retries_left) == (
+        EMBED_FUNC,
+        s.job_timeout,
+        s.result_ttl,
+        s.failure_ttl,
+        s.retries,
+    )
     assert job.get_status() == "queued" and client.status(job_id) == "queued"
     assert job_id in Queue(s.queue, connection=client.connection).job_ids
     assert len(job.description) < 40  # the image is not copied into rq's description
@@ -81,9 +89,22 @@ def test_rq_cli_worker_serves_the_queue_and_result_blocks_until_it_finishes(clie
     import sys
 
     job_id = client.embed(face_paths()[0])
-    cmd = [sys.executable, "-m", "rq.cli", "worker", "--burst", "--url", worker_env["ARCFACE_REDIS_URL"], "--worker-class",
-           "rq.worker.SimpleWorker", "--job-class", "producer.jobs.SafeJob", "--serializer", "producer.jobs.JSONSerializer",
-           worker_env["ARCFACE_QUEUE"]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rq.cli",
+        "worker",
+        "--burst",
+        "--url",
+        worker_env["ARCFACE_REDIS_URL"],
+        "--worker-class",
+        "rq.worker.SimpleWorker",
+        "--job-class",
+        "producer.jobs.SafeJob",
+        "--serializer",
+        "producer.jobs.JSONSerializer",
+        worker_env["ARCFACE_QUEUE"],
+    ]
     proc = subprocess.Popen(cmd, env={**os.environ, **worker_env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         result = client.result(job_id, timeout=120)  # model load included
@@ -112,7 +133,17 @@ def _hand_written_job(client: FaceClient, func: str, payload, **kw) -> str:
         (EMBED_FUNC, {"kind": "embed", "image": {"data_b64": "AAAA"}, "model": "other"}, ErrorCode.UNKNOWN_MODEL),
         ("os.system", "touch /tmp/arcface-pwned", ErrorCode.UNSUPPORTED_JOB),
     ],
-    ids=["undecodable", "bad-base64", "dotdot-path", "absolute-path", "extra-field", "missing-field", "wrong-type", "unknown-model", "os.system"],
+    ids=[
+        "undecodable",
+        "bad-base64",
+        "dotdot-path",
+        "absolute-path",
+        "extra-field",
+        "missing-field",
+        "wrong-type",
+        "unknown-model",
+        "os.system",
+    ],
 )
 def test_refused_jobs_fail_with_their_code_through_rq(client, func, payload, code, tmp_path, monkeypatch):
     monkeypatch.setenv("ARCFACE_SHARED_ROOT", str(FACES))
@@ -142,7 +173,12 @@ def test_client_refuses_bad_input_before_enqueueing(client, tmp_path, monkeypatc
     link.mkdir()
     (link / "escape.png").symlink_to(outside)
     linked = FaceClient(client.settings.model_copy(update={"shared_root": link}), client.connection)
-    for bad_client, path in ((rooted, "../faces/amy/amy1.png"), (rooted, str(outside)), (linked, "escape.png"), (client, "amy/amy1.png")):
+    for bad_client, path in (
+        (rooted, "../faces/amy/amy1.png"),
+        (rooted, str(outside)),
+        (linked, "escape.png"),
+        (client, "amy/amy1.png"),
+    ):
         with pytest.raises(InputError) as info:
             bad_client.embed(path, as_path=True)
         assert info.value.code is ErrorCode.PATH_NOT_ALLOWED

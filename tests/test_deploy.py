@@ -16,7 +16,11 @@ from tests.conftest import REPO
 
 def test_compose_file_validates_against_the_compose_spec_schema():
     exe = Path(sys.executable).with_name("check-jsonschema")
-    out = subprocess.run([str(exe), "--builtin-schema", "vendor.compose-spec", str(REPO / "compose.yaml")], capture_output=True, text=True)
+    out = subprocess.run(
+        [str(exe), "--builtin-schema", "vendor.compose-spec", str(REPO / "compose.yaml")],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
 
 
@@ -62,7 +66,10 @@ def test_healthcheck_passes_while_the_worker_heartbeats_and_fails_after_it_dies(
 def _env_without_arcface(**extra: str) -> dict[str, str]:
     import os
 
-    return {**{k: v for k, v in os.environ.items() if not k.startswith("ARCFACE_") and k != "TF_CPP_MIN_LOG_LEVEL"}, **extra}
+    return {
+        **{k: v for k, v in os.environ.items() if not k.startswith("ARCFACE_") and k != "TF_CPP_MIN_LOG_LEVEL"},
+        **extra,
+    }
 
 
 def test_empty_arcface_variables_mean_unset(monkeypatch, tmp_path):
@@ -70,8 +77,19 @@ def test_empty_arcface_variables_mean_unset(monkeypatch, tmp_path):
 
     monkeypatch.chdir(tmp_path)  # no .env
     (tmp_path / ".env").write_text("ARCFACE_QUEUE=\n")
-    for name in ("MODEL_PATH", "METRICS_PORT", "ALLOWED_BATCH_SIZES", "LOG_LEVEL", "REDIS_URL", "SHARED_ROOT", "DETECT",
-                 "MAX_BATCH_SIZE", "INPUT_MEAN", "MODEL_SHA256", "PRECISION"):
+    for name in (
+        "MODEL_PATH",
+        "METRICS_PORT",
+        "ALLOWED_BATCH_SIZES",
+        "LOG_LEVEL",
+        "REDIS_URL",
+        "SHARED_ROOT",
+        "DETECT",
+        "MAX_BATCH_SIZE",
+        "INPUT_MEAN",
+        "MODEL_SHA256",
+        "PRECISION",
+    ):
         monkeypatch.setenv(f"ARCFACE_{name}", "")
     s = WorkerSettings()
     defaults = WorkerSettings.model_fields
@@ -87,7 +105,11 @@ def test_compose_worker_environment_on_a_fresh_host_gives_default_settings(monke
     from worker.settings import WorkerSettings
 
     env = service_environment("worker")
-    assert env == {"ARCFACE_REDIS_URL": "redis://redis:6379/0", "ARCFACE_MODEL_PATH": "", "ARCFACE_SHARED_ROOT": "/data"}
+    assert env == {
+        "ARCFACE_REDIS_URL": "redis://redis:6379/0",
+        "ARCFACE_MODEL_PATH": "",
+        "ARCFACE_SHARED_ROOT": "/data",
+    }
     monkeypatch.chdir(tmp_path)
     for key in [k for k in __import__("os").environ if k.startswith("ARCFACE_")]:
         monkeypatch.delenv(key)
@@ -106,11 +128,21 @@ def test_compose_file_pins_the_dashboard_image_to_loopback_and_builds_every_imag
     dash = services["dashboard"]
     assert dash["ports"] == ["127.0.0.1:9181:9181"] and dash["build"]["target"] == "dashboard"
     assert "command" not in dash and "pip" not in str(dash)  # nothing installed at start
-    assert services["producer"]["build"]["target"] == "producer" and services["producer"]["image"] != services["worker"]["image"]
-    assert services["worker"]["expose"] == ["9100"] and services["gpu-worker"]["build"]["args"]["TF_EXTRAS"] == "and-cuda"
+    assert (
+        services["producer"]["build"]["target"] == "producer"
+        and services["producer"]["image"] != services["worker"]["image"]
+    )
+    assert (
+        services["worker"]["expose"] == ["9100"] and services["gpu-worker"]["build"]["args"]["TF_EXTRAS"] == "and-cuda"
+    )
     dockerfile = (REPO / "Dockerfile").read_text()
-    assert "-c /opt/build/constraints.txt" in dockerfile and "rq-dashboard" in (REPO / "docker" / "constraints.txt").read_text()
-    assert len(re.findall(r"\btensorflow\b", re.sub(r"#.*", "", dockerfile))) == 1  # TensorFlow installed by one pip call
+    assert (
+        "-c /opt/build/constraints.txt" in dockerfile
+        and "rq-dashboard" in (REPO / "docker" / "constraints.txt").read_text()
+    )
+    assert (
+        len(re.findall(r"\btensorflow\b", re.sub(r"#.*", "", dockerfile))) == 1
+    )  # TensorFlow installed by one pip call
     from worker.weights import DEEPFACE_WEIGHTS_URL
 
     assert f"/opt/arcface/cache/{Path(DEEPFACE_WEIGHTS_URL).name}" in dockerfile  # baked = the download cache's file
@@ -164,8 +196,9 @@ def _worker(env: dict[str, str], tmp_path: Path, name: str = "worker") -> _Proc:
     return _Proc([sys.executable, "-m", "worker.cli"], env, tmp_path, name)
 
 
-def test_worker_with_empty_model_path_serves_with_the_default_weights_from_the_download_cache(arcface_h5, redis_server, queue_name,
-                                                                                               engine, tmp_path):
+def test_worker_with_empty_model_path_serves_with_the_default_weights_from_the_download_cache(
+    arcface_h5, redis_server, queue_name, engine, tmp_path
+):
     import shutil
     import signal
 
@@ -178,9 +211,17 @@ def test_worker_with_empty_model_path_serves_with_the_default_weights_from_the_d
     cached = cache / Path(DEEPFACE_WEIGHTS_URL).name
     cache.mkdir()
     shutil.copyfile(arcface_h5, cached)  # stand-in weights written by worker.weights.save_deepface_h5 (conftest)
-    env = _env_without_arcface(ARCFACE_REDIS_URL=redis_server.url, ARCFACE_QUEUE=queue_name, ARCFACE_MODEL_PATH="",
-                               ARCFACE_MODEL_SHA256="", ARCFACE_METRICS_PORT="", ARCFACE_DETECT="", ARCFACE_CACHE_DIR=str(cache),
-                               ARCFACE_ALLOWED_BATCH_SIZES="1,4", ARCFACE_LOG_FORMAT="json")
+    env = _env_without_arcface(
+        ARCFACE_REDIS_URL=redis_server.url,
+        ARCFACE_QUEUE=queue_name,
+        ARCFACE_MODEL_PATH="",
+        ARCFACE_MODEL_SHA256="",
+        ARCFACE_METRICS_PORT="",
+        ARCFACE_DETECT="",
+        ARCFACE_CACHE_DIR=str(cache),
+        ARCFACE_ALLOWED_BATCH_SIZES="1,4",
+        ARCFACE_LOG_FORMAT="json",
+    )
     worker = _worker(env, tmp_path)
     try:
         loaded = worker.wait_for("model_loaded", 180)
@@ -228,7 +269,10 @@ raise RuntimeError("boom")
     assert by[("stray_output", "written by C to stdout")]["stream"] == "stdout"
     assert ("stray_output", "a python print") in by
     rq_line = next(e for e in events if e.get("logger") == "rq.worker")
-    assert rq_line["level"] == "warning" and rq_line["event"] == "Could not connect to Redis at redis://h:***@x:6379, retrying"
+    assert (
+        rq_line["level"] == "warning"
+        and rq_line["event"] == "Could not connect to Redis at redis://h:***@x:6379, retrying"
+    )
     assert any(e.get("logger") == "py.warnings" and "a python warning" in e["event"] for e in events)
     crash = next(e for e in events if e["event"] == "uncaught_exception")
     assert crash["level"] == "critical" and "RuntimeError: boom" in crash["exception"]
@@ -247,8 +291,9 @@ def test_console_format_puts_event_jobs_images_and_timings_first(monkeypatch):
     out = io.StringIO()
     try:
         configure_logging(CommonSettings(log_format="console"), out)
-        structlog.get_logger("arcface.test").info("batch", failed=0, queue_wait_ms=2.5, jobs_completed=3, worker="w1", images=4,
-                                                  inference_ms=7.0)
+        structlog.get_logger("arcface.test").info(
+            "batch", failed=0, queue_wait_ms=2.5, jobs_completed=3, worker="w1", images=4, inference_ms=7.0
+        )
         logging.getLogger("rq.worker").warning("plain %s", "rq")
     finally:
         for h in [h for h in root.handlers if h not in saved[0]]:
@@ -256,7 +301,9 @@ def test_console_format_puts_event_jobs_images_and_timings_first(monkeypatch):
         root.setLevel(saved[1])
         structlog.configure(**saved[2])
     first, second = out.getvalue().splitlines()
-    assert re.search(r"\[info\s*\] batch\s+jobs_completed=3 images=4 queue_wait_ms=2.5 inference_ms=7.0 failed=0 worker=w1$", first), first
+    assert re.search(
+        r"\[info\s*\] batch\s+jobs_completed=3 images=4 queue_wait_ms=2.5 inference_ms=7.0 failed=0 worker=w1$", first
+    ), first
     assert "[warning  ] plain rq" in second and "[rq.worker]" in second
 
 
@@ -272,8 +319,12 @@ def test_json_mode_every_worker_line_is_json_through_start_batch_redis_outage_an
     from tests.redis_server import RedisServer
 
     server = RedisServer(tmp_path / "redis").start()
-    env = _env_without_arcface(ARCFACE_REDIS_URL=server.url, ARCFACE_MODEL_PATH=str(arcface_h5), ARCFACE_ALLOWED_BATCH_SIZES="1,4",
-                               ARCFACE_LOG_FORMAT="json")
+    env = _env_without_arcface(
+        ARCFACE_REDIS_URL=server.url,
+        ARCFACE_MODEL_PATH=str(arcface_h5),
+        ARCFACE_ALLOWED_BATCH_SIZES="1,4",
+        ARCFACE_LOG_FORMAT="json",
+    )
     worker = _worker(env, tmp_path)
     try:
         worker.wait_for("worker_started", 180)
@@ -302,10 +353,16 @@ def test_json_mode_every_worker_line_is_json_through_start_batch_redis_outage_an
         assert isinstance(event, dict) and "event" in event and "level" in event, line
         events.append(event)
     names = [e["event"] for e in events]
-    order = [names.index(n) for n in ("worker_started", "batch", "redis_unreachable", "redis_reachable_again", "worker_stopped")]
+    order = [
+        names.index(n)
+        for n in ("worker_started", "batch", "redis_unreachable", "redis_reachable_again", "worker_stopped")
+    ]
     assert order == sorted(order), names
     # one outage: one redis_reachable_again, logged once Redis really answers (no redis_unreachable after it)
-    assert names.count("redis_reachable_again") == 1 and "redis_unreachable" not in names[names.index("redis_reachable_again"):], names
+    assert (
+        names.count("redis_reachable_again") == 1
+        and "redis_unreachable" not in names[names.index("redis_reachable_again") :]
+    ), names
     noise = [e for e in events if e["event"] in ("tensorflow_log", "stray_output")]
     assert noise == [], noise  # TensorFlow's start-up chatter is below INFO
     batches = [e for e in events if e["event"] == "batch"]

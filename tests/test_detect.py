@@ -26,7 +26,7 @@ def test_every_crop_has_exactly_one_face_with_its_eyes_where_they_are(detector):
     images = [decode_image(p.read_bytes()) for p in face_paths()]
     found = detector.detect(images)
     assert [len(f) for f in found] == [1] * 40
-    for path, (face,) in zip(face_paths(), found):
+    for path, (face,) in zip(face_paths(), found, strict=True):
         x1, y1, x2, y2 = face.box
         right_eye, left_eye, nose, mouth = face.keypoints[:4]
         for kx, ky in face.keypoints[:4]:
@@ -36,7 +36,9 @@ def test_every_crop_has_exactly_one_face_with_its_eyes_where_they_are(detector):
         assert face.score > 0.75 and 100 < face.size < 200
 
 
-@pytest.mark.parametrize("name,faces", [("bbt1.jpg", 4), ("bbt2.jpg", 2), ("bbt3.jpg", 5), ("bbt4.jpg", 6), ("bbt5.jpg", 5)])
+@pytest.mark.parametrize(
+    "name,faces", [("bbt1.jpg", 4), ("bbt2.jpg", 2), ("bbt3.jpg", 5), ("bbt4.jpg", 6), ("bbt5.jpg", 5)]
+)
 def test_group_photos_find_every_person(detector, name, faces):
     image = decode_image((FACES / "group" / name).read_bytes())
     found = [f for f in detector.detect([image])[0] if f.score >= 0.75]
@@ -51,7 +53,9 @@ def test_blank_image_has_no_face(detector):
     assert pick([], "largest") is None and pick([]) is None and pick_all([]) == []
 
 
-def _face(box: tuple[float, float, float, float], score: float, image_size: tuple[int, int] | None = (1000, 800)) -> Face:
+def _face(
+    box: tuple[float, float, float, float], score: float, image_size: tuple[int, int] | None = (1000, 800)
+) -> Face:
     return Face(box, np.zeros((6, 2)), score, image_size)
 
 
@@ -59,7 +63,11 @@ def test_auto_selection_skips_a_low_score_detection_larger_than_the_real_face():
     """The case behind the default: a 0.50 detection on window frames, slightly larger than the real face (0.95)."""
     real, frames = _face((300, 200, 400, 300), 0.95), _face((520, 180, 630, 290), 0.50)
     assert pick([real, frames], "largest") is frames  # the old default took the window frames
-    assert pick([real, frames]) is real and pick([real, frames], "auto") is real and pick([frames, real], "confident") is real
+    assert (
+        pick([real, frames]) is real
+        and pick([real, frames], "auto") is real
+        and pick([frames, real], "confident") is real
+    )
     # among faces scoring close to the best, the largest wins, not the most confident
     subject, background = _face((100, 100, 300, 300), 0.80), _face((700, 50, 740, 90), 0.97)
     assert pick([background, subject]) is subject and pick([background, subject], "confident") is background
@@ -74,7 +82,12 @@ def test_auto_selection_skips_a_low_score_detection_larger_than_the_real_face():
 
 
 def test_pick_all_returns_every_face_largest_first_up_to_the_limit():
-    faces = [_face((0, 0, 50, 50), 0.9), _face((0, 0, 80, 80), 0.6), _face((0, 0, 10, 10), 0.99), _face((100, 0, 150, 50), 0.97)]
+    faces = [
+        _face((0, 0, 50, 50), 0.9),
+        _face((0, 0, 80, 80), 0.6),
+        _face((0, 0, 10, 10), 0.99),
+        _face((100, 0, 150, 50), 0.97),
+    ]
     assert [(f.size, f.score) for f in pick_all(faces)] == [(80, 0.6), (50, 0.97), (50, 0.9), (10, 0.99)]
     assert [f.size for f in pick_all(faces, min_face=20)] == [80, 50, 50]
     assert pick_all(faces, max_faces=2) == pick_all(faces)[:2]
@@ -114,10 +127,20 @@ def test_worker_with_detection_and_a_real_model_separates_people(redis_server, t
     from producer.settings import ProducerSettings
     from tests.workers import WorkerProcess
 
-    env = {"ARCFACE_REDIS_URL": redis_server.url, "ARCFACE_QUEUE": f"det-{uuid.uuid4().hex[:6]}", "ARCFACE_MODEL_PATH": str(FACERES_SAVEDMODEL),
-           "ARCFACE_MODEL_NAME": "faceres", "ARCFACE_INPUT_SCALE": "1", "ARCFACE_INPUT_MEAN": "103.939,116.779,123.68",
-           "ARCFACE_CHANNEL_ORDER": "BGR", "ARCFACE_THRESHOLD": "0.45", "ARCFACE_DETECT": "blazeface", "ARCFACE_DETECTOR_PATH": str(BLAZEFACE),
-           "ARCFACE_CROP": "square", "ARCFACE_ALLOWED_BATCH_SIZES": "1,8,32"}
+    env = {
+        "ARCFACE_REDIS_URL": redis_server.url,
+        "ARCFACE_QUEUE": f"det-{uuid.uuid4().hex[:6]}",
+        "ARCFACE_MODEL_PATH": str(FACERES_SAVEDMODEL),
+        "ARCFACE_MODEL_NAME": "faceres",
+        "ARCFACE_INPUT_SCALE": "1",
+        "ARCFACE_INPUT_MEAN": "103.939,116.779,123.68",
+        "ARCFACE_CHANNEL_ORDER": "BGR",
+        "ARCFACE_THRESHOLD": "0.45",
+        "ARCFACE_DETECT": "blazeface",
+        "ARCFACE_DETECTOR_PATH": str(BLAZEFACE),
+        "ARCFACE_CROP": "square",
+        "ARCFACE_ALLOWED_BATCH_SIZES": "1,8,32",
+    }
     worker = WorkerProcess(env, tmp_path / "w.log")
     try:
         worker.wait_ready()
@@ -127,9 +150,14 @@ def test_worker_with_detection_and_a_real_model_separates_people(redis_server, t
             w = csv.writer(f)
             w.writerow(["a", "b", "label"])
             w.writerows([a, b, int(a.split("/")[0] == b.split("/")[0])] for a, b in itertools.combinations(rel, 2))
-        stats, summary = run_bulk(client, tmp_path / "pairs.csv", tmp_path / "out.csv", BulkOptions(root=FACES, threshold=0.45), quiet=True)
+        stats, summary = run_bulk(
+            client, tmp_path / "pairs.csv", tmp_path / "out.csv", BulkOptions(root=FACES, threshold=0.45), quiet=True
+        )
         with capsys.disabled():
-            print(f"\nBlazeFace + faceres, 780 pairs of 40 crops: ROC AUC {summary.roc_auc:.4f}, best accuracy {summary.best_accuracy:.3f}")
+            print(
+                f"\nBlazeFace + faceres, 780 pairs of 40 crops: ROC AUC {summary.roc_auc:.4f}, "
+                f"best accuracy {summary.best_accuracy:.3f}"
+            )
         assert stats.images_embedded == 40 and summary.failed == 0 and summary.pairs == 780
         assert summary.roc_auc >= 0.99  # measured 0.9979 at the default margin 0.1 (0.9961 at 0.2)
         with pytest.raises(JobFailed) as info:

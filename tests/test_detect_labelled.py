@@ -81,8 +81,14 @@ def portraits(context: float = PORTRAIT_CONTEXT) -> list[Portrait]:
             cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
             left, top = int(max(0, cx - side / 2)), int(max(0, cy - side / 2))
             right, bottom = int(min(w, cx + side / 2)), int(min(h, cy + side / 2))
-            out.append(Portrait(photo, face["person"], np.ascontiguousarray(image[top:bottom, left:right]),
-                                [x1 - left, y1 - top, x2 - left, y2 - top]))
+            out.append(
+                Portrait(
+                    photo,
+                    face["person"],
+                    np.ascontiguousarray(image[top:bottom, left:right]),
+                    [x1 - left, y1 - top, x2 - left, y2 - top],
+                )
+            )
     return out
 
 
@@ -94,7 +100,8 @@ def detector() -> BlazeFace:
 @pytest.fixture(scope="module")
 def found(detector) -> dict[str, list[Face]]:
     photos = list(labels())
-    return dict(zip(photos, detector.detect([decode_image((FACES / "group" / p).read_bytes()) for p in photos])))
+    images = [decode_image((FACES / "group" / p).read_bytes()) for p in photos]
+    return dict(zip(photos, detector.detect(images), strict=True))
 
 
 def test_labels_are_sane():
@@ -123,8 +130,11 @@ def test_every_face_found_with_few_false_positives_at_default_settings(found, ca
         assert named <= set(matched.values()), f"{photo}: a labelled face of the cast is missed"
     precision, recall = hits / detections, hits / faces
     with capsys.disabled():
-        print(f"\nlabelled group photos, min score {DEFAULTS['detect_min_score']}: {faces} faces, {detections} detections, "
-              f"{hits} matched at IoU >= 0.5: precision {precision:.3f}, recall {recall:.3f}")
+        print(
+            f"\nlabelled group photos, min score {DEFAULTS['detect_min_score']}: {faces} faces, "
+            f"{detections} detections, "
+            f"{hits} matched at IoU >= 0.5: precision {precision:.3f}, recall {recall:.3f}"
+        )
     assert recall >= 0.9 and precision >= 0.9
 
 
@@ -134,16 +144,23 @@ def test_default_pick_is_a_real_face_in_every_photo(found):
         assert face is not None and max(box_iou(face.box, b["box"]) for b in boxes) >= 0.5, photo
     # what the default protects against: in bbt5 the largest detection is a 0.53 false positive on a torso
     wrong = pick(found["bbt5.jpg"], "largest", DEFAULTS["detect_min_face"])
-    assert wrong is not None and wrong.score < 0.6 and max(box_iou(wrong.box, b["box"]) for b in labels()["bbt5.jpg"]) < 0.5
+    assert (
+        wrong is not None
+        and wrong.score < 0.6
+        and max(box_iou(wrong.box, b["box"]) for b in labels()["bbt5.jpg"]) < 0.5
+    )
 
 
 @pytest.mark.parametrize("context", [2.0, 3.0])
 def test_default_pick_in_a_portrait_crop_is_its_person(detector, context):
     """Crops around each person, neighbours' faces cut by the borders in some: the default takes the person."""
     crops = portraits(context)
-    for crop, faces in zip(crops, detector.detect([c.image for c in crops])):
+    for crop, faces in zip(crops, detector.detect([c.image for c in crops]), strict=True):
         face = pick(faces, DEFAULTS["face_select"], DEFAULTS["detect_min_face"])
-        assert face is not None and box_iou(face.box, crop.box) >= 0.5, (crop.name, [(round(f.score, 2), f.box) for f in faces])
+        assert face is not None and box_iou(face.box, crop.box) >= 0.5, (
+            crop.name,
+            [(round(f.score, 2), f.box) for f in faces],
+        )
 
 
 @needs_shared(FACERES_SAVEDMODEL, "the shared faceres embedding model")
@@ -162,11 +179,20 @@ def test_real_photo_pairs_through_a_worker_at_default_settings(detector, redis_s
         w = csv.writer(f)
         w.writerow(["a", "b", "label"])
         w.writerows([a.name, b.name, int(a.person == b.person)] for a, b in itertools.combinations(crops, 2))
-    env = {"ARCFACE_REDIS_URL": redis_server.url, "ARCFACE_QUEUE": f"lab-{uuid.uuid4().hex[:6]}",
-           "ARCFACE_MODEL_PATH": str(FACERES_SAVEDMODEL), "ARCFACE_MODEL_NAME": "faceres", "ARCFACE_INPUT_SCALE": "1",
-           "ARCFACE_INPUT_MEAN": "103.939,116.779,123.68", "ARCFACE_CHANNEL_ORDER": "BGR", "ARCFACE_THRESHOLD": "0.45",
-           "ARCFACE_DETECT": "blazeface", "ARCFACE_DETECTOR_PATH": str(BLAZEFACE), "ARCFACE_CROP": "square",
-           "ARCFACE_ALLOWED_BATCH_SIZES": "1,8,32"}
+    env = {
+        "ARCFACE_REDIS_URL": redis_server.url,
+        "ARCFACE_QUEUE": f"lab-{uuid.uuid4().hex[:6]}",
+        "ARCFACE_MODEL_PATH": str(FACERES_SAVEDMODEL),
+        "ARCFACE_MODEL_NAME": "faceres",
+        "ARCFACE_INPUT_SCALE": "1",
+        "ARCFACE_INPUT_MEAN": "103.939,116.779,123.68",
+        "ARCFACE_CHANNEL_ORDER": "BGR",
+        "ARCFACE_THRESHOLD": "0.45",
+        "ARCFACE_DETECT": "blazeface",
+        "ARCFACE_DETECTOR_PATH": str(BLAZEFACE),
+        "ARCFACE_CROP": "square",
+        "ARCFACE_ALLOWED_BATCH_SIZES": "1,8,32",
+    }
     worker = WorkerProcess(env, tmp_path / "w.log")
     try:
         worker.wait_ready()
@@ -175,8 +201,11 @@ def test_real_photo_pairs_through_a_worker_at_default_settings(detector, redis_s
         stats, summary = run_bulk(client, tmp_path / "pairs.csv", tmp_path / "out.csv", options, quiet=True)
         same = sum(a.person == b.person for a, b in itertools.combinations(crops, 2))
         with capsys.disabled():
-            print(f"\nBlazeFace + faceres, real-photo pairs ({len(crops)} portrait crops of {len(labels())} group photos, "
-                  f"{summary.pairs} pairs, {same} same): ROC AUC {summary.roc_auc:.4f}, best accuracy {summary.best_accuracy:.3f}")
+            print(
+                f"\nBlazeFace + faceres, real-photo pairs ({len(crops)} portrait crops of {len(labels())} "
+                f"group photos, {summary.pairs} pairs, {same} same): ROC AUC {summary.roc_auc:.4f}, "
+                f"best accuracy {summary.best_accuracy:.3f}"
+            )
         assert stats.images_embedded == len(crops) == 22 and summary.failed == 0 and summary.pairs == 231
         assert summary.roc_auc >= 0.95
         # the worker embedded the person of each crop, not a neighbour

@@ -84,7 +84,10 @@ def test_real_face_model_puts_same_person_pairs_closer(capsys):
     genuine, impostor = pair_distances(emb, [p.parent.name for p in paths])
     auc = roc_auc(genuine, impostor)
     with capsys.disabled():
-        print(f"\nfaceres on 40 real crops: ROC AUC {auc:.4f}; mean distance same {np.mean(genuine):.3f}, different {np.mean(impostor):.3f}")
+        print(
+            f"\nfaceres on 40 real crops: ROC AUC {auc:.4f}; mean distance same {np.mean(genuine):.3f}, "
+            f"different {np.mean(impostor):.3f}"
+        )
     assert len(genuine) == 80 and len(impostor) == 700
     assert auc >= 0.98
     assert np.mean(genuine) < np.mean(impostor) - 0.15

@@ -67,7 +67,10 @@ def test_enroll_on_one_worker_identify_on_another_forget_everywhere(two_queues, 
     try:
         late.wait_ready()
         c = FaceClient(ProducerSettings(queue=worker_env["ARCFACE_QUEUE"] + "-late"))
-        hits = [c.result(c.identify(paths[5 * i], gallery, top_k=1, threshold=2.0), timeout=120).matches[0].subject for i in range(8)]
+        hits = [
+            c.result(c.identify(paths[5 * i], gallery, top_k=1, threshold=2.0), timeout=120).matches[0].subject
+            for i in range(8)
+        ]
         assert hits == [p if p != PEOPLE[3] else hits[3] for p in PEOPLE] and hits[3] != PEOPLE[3]
         listed = {g.name: g for g in c.galleries()}
         assert listed[gallery].subjects == 7 and listed[gallery].enrollments == 7

@@ -65,7 +65,9 @@ def test_metrics_count_jobs_batches_and_latencies(worker_env, tmp_path):
             pass
         time.sleep(0.2)
         final = scrape(port)
-        assert final['arcface_jobs_total{code="unsupported_job",kind="invalid",outcome="failed"}'] == 1  # never counted as an embed
+        assert (
+            final['arcface_jobs_total{code="unsupported_job",kind="invalid",outcome="failed"}'] == 1
+        )  # never counted as an embed
         assert final.get("process_resident_memory_bytes", 0) > 0 or "process_resident_memory_bytes" in scrape_text(port)
     finally:
         worker.stop()

@@ -110,10 +110,23 @@ def test_tfjs_quantized_entries_are_dequantized(tmp_path):
 
     q = np.array([0, 1, 255], np.uint8)
     h = np.array([0.5, -2.0], np.float16)
-    manifest = {"format": "layers-model", "weightsManifest": [{"paths": ["g1.bin"], "weights": [
-        {"name": "a/kernel", "shape": [3], "dtype": "float32", "quantization": {"dtype": "uint8", "scale": 0.5, "min": -1.0}},
-        {"name": "b/kernel", "shape": [2], "dtype": "float32", "quantization": {"dtype": "float16"}},
-    ]}]}
+    manifest = {
+        "format": "layers-model",
+        "weightsManifest": [
+            {
+                "paths": ["g1.bin"],
+                "weights": [
+                    {
+                        "name": "a/kernel",
+                        "shape": [3],
+                        "dtype": "float32",
+                        "quantization": {"dtype": "uint8", "scale": 0.5, "min": -1.0},
+                    },
+                    {"name": "b/kernel", "shape": [2], "dtype": "float32", "quantization": {"dtype": "float16"}},
+                ],
+            }
+        ],
+    }
     (tmp_path / "model.json").write_text(json.dumps(manifest))
     (tmp_path / "g1.bin").write_bytes(q.tobytes() + h.tobytes())
     out = read_tfjs_weights(tmp_path / "model.json")

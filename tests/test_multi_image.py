@@ -27,7 +27,7 @@ def client(worker_env) -> FaceClient:
 @pytest.fixture()
 def direct(engine) -> dict[Path, np.ndarray]:
     paths = face_paths()
-    return dict(zip(paths, engine.embed_images([p.read_bytes() for p in paths])))
+    return dict(zip(paths, engine.embed_images([p.read_bytes() for p in paths]), strict=True))
 
 
 @pytest.fixture()
@@ -51,7 +51,7 @@ def test_a_corrupt_item_fails_alone_and_every_other_row_equals_the_single_image_
     assert emb.shape == (13, 512) and emb.dtype == np.float32
     assert not emb[5].any() and result.ok.tolist() == [i != 5 for i in range(13)]
     rows = [i for i in range(13) if i != 5]
-    for i, path in zip(rows, paths):
+    for i, path in zip(rows, paths, strict=True):
         np.testing.assert_allclose(emb[i], direct[path], atol=1e-5)
     single = client.result(client.embed(paths[0]), timeout=60)
     np.testing.assert_allclose(emb[0], single.embedding, atol=1e-5)
@@ -71,12 +71,12 @@ def test_a_two_hundred_fifty_six_image_job_spans_engine_batches_in_order(client,
 
 def test_small_jobs_share_engine_batches_and_pairs_fail_alone(client, worker, direct):
     paths = face_paths()
-    ids = [client.embed_batch(paths[i: i + 3]) for i in range(0, 12, 3)]
+    ids = [client.embed_batch(paths[i : i + 3]) for i in range(0, 12, 3)]
     pairs = [(paths[0], paths[1]), (paths[2], b"garbage"), (paths[5], paths[30])]
     pair_id = client.verify_batch(pairs, threshold=0.5)
     for k, jid in enumerate(ids):
         r = client.result(jid, timeout=120)
-        np.testing.assert_allclose(r.embeddings, np.stack([direct[p] for p in paths[3 * k: 3 * k + 3]]), atol=1e-5)
+        np.testing.assert_allclose(r.embeddings, np.stack([direct[p] for p in paths[3 * k : 3 * k + 3]]), atol=1e-5)
     v = client.result(pair_id, timeout=120)
     assert isinstance(v, VerifyBatchResult) and v.count == 3 and v.threshold == 0.5
     assert [(e.index, e.code) for e in v.errors] == [(1, ErrorCode.IMAGE_DECODE_ERROR)]
@@ -97,7 +97,10 @@ def test_a_job_over_the_image_limit_fails_with_a_clear_code(client, worker_env, 
 
         with pytest.raises(JobFailed) as info:
             client.result(jid, timeout=60)
-        assert info.value.error.code is ErrorCode.INVALID_PAYLOAD and "ARCFACE_MAX_IMAGES_PER_JOB" in info.value.error.message
+        assert (
+            info.value.error.code is ErrorCode.INVALID_PAYLOAD
+            and "ARCFACE_MAX_IMAGES_PER_JOB" in info.value.error.message
+        )
     finally:
         w.stop()
 
@@ -111,7 +114,9 @@ def test_faces_all_embeds_every_labelled_face_of_a_group_photo_largest_first(cli
         target = FACES / "group" / "bbt1.jpg"
         jid = client.embed(target, detect="blazeface", faces="all")
         r = client.result(jid, timeout=180)
-        assert r.faces is not None and len(r.faces) == len(labels)  # bbt1: four people, no false positive at the default score
+        assert r.faces is not None and len(r.faces) == len(
+            labels
+        )  # bbt1: four people, no false positive at the default score
         sizes = [f.box[2] - f.box[0] for f in r.faces]
         assert sizes == sorted(sizes, reverse=True)
         np.testing.assert_allclose(r.faces[0].embedding, r.embedding, atol=1e-6)

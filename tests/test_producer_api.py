@@ -55,15 +55,23 @@ def test_waiters_block_concurrently_and_raise_only_documented_errors(client, mon
     assert took < 8, f"150 concurrent waiters of 2 s took {took:.1f}s"
     small = FaceClient(client.settings.model_copy(update={"redis_max_connections": 8}))
     errors, took = wait_all(small, ids[:60], 0.5)
-    assert len(errors) == 60 and all(isinstance(e, ArcFaceError) and isinstance(e, ResultTimeout) for e in errors), \
-        {type(e).__name__ for e in errors}
+    assert len(errors) == 60 and all(isinstance(e, ArcFaceError) and isinstance(e, ResultTimeout) for e in errors), {
+        type(e).__name__ for e in errors
+    }
 
 
 def test_bad_arguments_raise_input_error_not_pydantic(client):
     from producer.errors import InputError
 
-    for kwargs in ({"threshold": 5}, {"threshold": float("nan")}, {"threshold": "0.5"}, {"threshold": True}, {"detect": "yolo"},
-                   {"ref": "r" * 1025}, {"job_id": "order.42"}):
+    for kwargs in (
+        {"threshold": 5},
+        {"threshold": float("nan")},
+        {"threshold": "0.5"},
+        {"threshold": True},
+        {"detect": "yolo"},
+        {"ref": "r" * 1025},
+        {"job_id": "order.42"},
+    ):
         with pytest.raises(InputError):
             client.verify(face_paths()[0], face_paths()[1], **kwargs)
     with pytest.raises(InputError, match="image a"):
@@ -90,26 +98,51 @@ def test_embedded_redis_is_announced_and_can_be_forbidden(monkeypatch):
         env = {"ARCFACE_DATA_DIR": d, "PYTHONPATH": str(REPO)}
         base = {k: v for k, v in __import__("os").environ.items() if not k.startswith("ARCFACE_")}
         try:
-            proc = subprocess.run([sys.executable, "-m", "producer.cli", "status", "no-such-job"], env={**base, **env}, cwd=REPO,
-                                  capture_output=True, text=True, timeout=60)
+            proc = subprocess.run(
+                [sys.executable, "-m", "producer.cli", "status", "no-such-job"],
+                env={**base, **env},
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
             assert proc.returncode == 2
             assert "using the embedded Redis" in proc.stderr and "ARCFACE_REDIS_URL" in proc.stderr
         finally:
             EmbeddedRedis(Path(d)).shutdown()
-        forbidden = subprocess.run([sys.executable, "-m", "producer.cli", "status", "no-such-job"],
-                                   env={**base, **env, "ARCFACE_EMBEDDED_REDIS": "false"}, cwd=REPO, capture_output=True, text=True, timeout=60)
+        forbidden = subprocess.run(
+            [sys.executable, "-m", "producer.cli", "status", "no-such-job"],
+            env={**base, **env, "ARCFACE_EMBEDDED_REDIS": "false"},
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert forbidden.returncode == 2 and "ARCFACE_REDIS_URL is required" in forbidden.stderr
         assert not (Path(d) / "redis" / "redis.sock").exists()
 
 
 def test_mypy_accepts_the_typed_client_example():
     example = REPO / "examples" / "typed_client.py"
-    proc = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--follow-imports=silent", "--no-incremental", str(example)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--follow-imports=silent", "--no-incremental", str(example)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     # and mypy does catch misuse: a VerifyResult has no embedding
     bad = Path(tempfile.mkdtemp()) / "bad.py"
-    bad.write_text("from producer.client import FaceClient\n\ndef f(c: FaceClient) -> None:\n    print(c.result_verify('x').embedding)\n")
-    proc = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--follow-imports=silent", "--no-incremental", str(bad)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    bad.write_text(
+        "from producer.client import FaceClient\n\n"
+        "def f(c: FaceClient) -> None:\n    print(c.result_verify('x').embedding)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--follow-imports=silent", "--no-incremental", str(bad)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 1 and '"VerifyResult" has no attribute "embedding"' in proc.stdout, proc.stdout

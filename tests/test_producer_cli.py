@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 from tests.conftest import REPO, face_paths
 from tests.redis_server import free_port
 
@@ -28,13 +27,19 @@ sys.exit(run(sys.argv[1:]))
 
 
 def cli(env: dict, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", NO_TF, *args], env={**os.environ, **env}, cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-c", NO_TF, *args],
+        env={**os.environ, **env},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_cli_embed_then_result_without_tensorflow(worker_env):
-    from tests.test_contract import run_plain_rq_worker
     from producer.client import FaceClient
+    from tests.test_contract import run_plain_rq_worker
 
     queued = cli(worker_env, "embed", str(face_paths()[0]), "--json", "--ref", "abc")
     assert queued.returncode == 0, queued.stderr
@@ -59,8 +64,8 @@ def test_cli_embed_then_result_without_tensorflow(worker_env):
 
 
 def test_cli_verify_human_output_and_failed_job_exit_1(worker_env, tmp_path):
-    from tests.test_contract import run_plain_rq_worker
     from producer.client import FaceClient
+    from tests.test_contract import run_plain_rq_worker
 
     a, b = face_paths()[0], face_paths()[1]
     job_id = cli(worker_env, "verify", str(a), str(b)).stdout.strip()
@@ -95,7 +100,10 @@ def test_cli_exit_codes_for_bad_input_timeout_and_redis_down(worker_env, tmp_pat
 
 
 def test_import_producer_pulls_no_tensorflow():
-    code = "import sys, producer, producer.client, producer.cli; print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow','keras','worker')))"
+    code = (
+        "import sys, producer, producer.client, producer.cli; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow','keras','worker')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert out.stdout.strip() == "[]"
     # and the packaging agrees: TensorFlow is only in the worker extra
@@ -113,8 +121,14 @@ def test_ctrl_c_while_waiting_prints_the_job_id_and_exits_130(worker_env):
 
     import redis
 
-    proc = subprocess.Popen([sys.executable, "-c", NO_TF, "embed", str(face_paths()[0]), "--wait", "--json"], env={**os.environ, **worker_env},
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", NO_TF, "embed", str(face_paths()[0]), "--wait", "--json"],
+        env={**os.environ, **worker_env},
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     r = redis.Redis.from_url(worker_env["ARCFACE_REDIS_URL"])
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and r.llen(f"rq:queue:{worker_env['ARCFACE_QUEUE']}") == 0:

@@ -74,8 +74,9 @@ def test_callbacks_are_never_run(served, tmp_path):
     client, _, _ = served
     marker = tmp_path / "callback-ran"
     hook = Callback("tests.test_rq_features.mark_callback")
-    job = client.queue.enqueue_call(EMBED_FUNC, args=(_request(),), result_ttl=600, on_success=hook, on_failure=hook,
-                                    meta={"marker": str(marker)})
+    job = client.queue.enqueue_call(
+        EMBED_FUNC, args=(_request(),), result_ttl=600, on_success=hook, on_failure=hook, meta={"marker": str(marker)}
+    )
     assert client.result(job.id, timeout=60).dim == 512
     time.sleep(0.5)
     assert not marker.exists()

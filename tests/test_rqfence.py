@@ -16,8 +16,18 @@ from rq.utils import parse_composite_key, utcformat, utcparse
 
 from producer.jobs import EMBED_FUNC, ErrorCode, JobFailure, JSONSerializer, SafeJob
 from worker.rqfence import (
-    Fence, Outcome, QueueKeys, exc_string, failure_entry, failure_meta, inflate, parse_timestamp, restore, success_entry,
-    timestamp, valid_job_id,
+    Fence,
+    Outcome,
+    QueueKeys,
+    exc_string,
+    failure_entry,
+    failure_meta,
+    inflate,
+    parse_timestamp,
+    restore,
+    success_entry,
+    timestamp,
+    valid_job_id,
 )
 
 
@@ -57,12 +67,18 @@ def test_inflate_bounds_a_zlib_bomb_and_passes_plain_json():
 def test_outcomes_written_by_the_fence_read_back_through_rq(redis_server):
     conn = redis_server.client()
     q = Queue(f"fence-{time.time_ns()}", connection=conn, serializer=JSONSerializer, job_class=SafeJob)
-    ok = q.enqueue_call(EMBED_FUNC, args=({"kind": "embed", "image": {"path": "x.png"}},), result_ttl=600, failure_ttl=700)
-    bad = q.enqueue_call(EMBED_FUNC, args=({"kind": "embed", "image": {"path": "y.png"}},), result_ttl=600, failure_ttl=700)
+    ok = q.enqueue_call(
+        EMBED_FUNC, args=({"kind": "embed", "image": {"path": "x.png"}},), result_ttl=600, failure_ttl=700
+    )
+    bad = q.enqueue_call(
+        EMBED_FUNC, args=({"kind": "embed", "image": {"path": "y.png"}},), result_ttl=600, failure_ttl=700
+    )
     fence = Fence(conn, q.name)
     for job in (ok, bad):  # as registration does
         with conn.pipeline() as pipe:
-            fence.register(pipe, job.id, f"{job.id}:e1", {"status": "started", "started_at": timestamp(datetime.now(timezone.utc))})
+            fence.register(
+                pipe, job.id, f"{job.id}:e1", {"status": "started", "started_at": timestamp(datetime.now(timezone.utc))}
+            )
             fence.add_started(pipe, {f"{job.id}:e1": time.time() + 30})
             pipe.execute()
     assert set(StartedJobRegistry(queue=q).get_job_ids(cleanup=False)) == {ok.id, bad.id}
@@ -71,14 +87,30 @@ def test_outcomes_written_by_the_fence_read_back_through_rq(redis_server):
     now = datetime.now(timezone.utc)
     failure = JobFailure(ErrorCode.IMAGE_DECODE_ERROR, "cannot decode")
     outcomes = [
-        Outcome("own", "finished", ok.id, f"{ok.id}:e1", 600, {"status": "finished", "ended_at": timestamp(now)},
-                success_entry({"kind": "embed", "x": 1}, "w1", "e1", now, now)),
-        Outcome("own", "failed", bad.id, f"{bad.id}:e1", 700,
-                {"status": "failed", "ended_at": timestamp(now), "meta": failure_meta({}, failure).decode()},
-                failure_entry(exc_string(failure), "w1", "e1", now, now)),
+        Outcome(
+            "own",
+            "finished",
+            ok.id,
+            f"{ok.id}:e1",
+            600,
+            {"status": "finished", "ended_at": timestamp(now)},
+            success_entry({"kind": "embed", "x": 1}, "w1", "e1", now, now),
+        ),
+        Outcome(
+            "own",
+            "failed",
+            bad.id,
+            f"{bad.id}:e1",
+            700,
+            {"status": "failed", "ended_at": timestamp(now), "meta": failure_meta({}, failure).decode()},
+            failure_entry(exc_string(failure), "w1", "e1", now, now),
+        ),
     ]
     assert fence.apply(outcomes, time.time(), "rq:worker:w1", "w1") == [1, 1]
-    assert fence.apply(outcomes, time.time(), "rq:worker:w1", "w1") == [0, 0]  # not ours any more: nothing written twice
+    assert fence.apply(outcomes, time.time(), "rq:worker:w1", "w1") == [
+        0,
+        0,
+    ]  # not ours any more: nothing written twice
 
     job = SafeJob.fetch(ok.id, connection=conn, serializer=JSONSerializer)
     assert job.get_status() == JobStatus.FINISHED and job.latest_result().return_value == {"kind": "embed", "x": 1}
@@ -86,6 +118,11 @@ def test_outcomes_written_by_the_fence_read_back_through_rq(redis_server):
     failed = SafeJob.fetch(bad.id, connection=conn, serializer=JSONSerializer)
     result = failed.latest_result()
     assert failed.get_status() == JobStatus.FAILED and result.type == Result.Type.FAILED
-    assert "[image_decode_error] cannot decode" in result.exc_string and failed.meta["error"]["code"] == "image_decode_error"
-    assert FinishedJobRegistry(queue=q).get_job_ids() == [ok.id] and FailedJobRegistry(queue=q).get_job_ids() == [bad.id]
+    assert (
+        "[image_decode_error] cannot decode" in result.exc_string
+        and failed.meta["error"]["code"] == "image_decode_error"
+    )
+    assert FinishedJobRegistry(queue=q).get_job_ids() == [ok.id] and FailedJobRegistry(queue=q).get_job_ids() == [
+        bad.id
+    ]
     assert StartedJobRegistry(queue=q).get_job_ids() == []

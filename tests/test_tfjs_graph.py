@@ -34,8 +34,12 @@ def test_blazeface_gives_the_reference_logits_and_runs_batched():
     model = TfjsGraphModel(TFJS / "blazeface-front.json")
     x = pattern(128, 5, 9, 13) / 127.5 - 1.0
     out = model(x)
-    assert {k: v.shape for k, v in out.items()} == {"Identity": (1, 512, 1), "Identity_1": (1, 384, 1),
-                                                    "Identity_2": (1, 512, 16), "Identity_3": (1, 384, 16)}
+    assert {k: v.shape for k, v in out.items()} == {
+        "Identity": (1, 512, 1),
+        "Identity_1": (1, 384, 1),
+        "Identity_2": (1, 512, 16),
+        "Identity_3": (1, 384, 16),
+    }
     scores = np.concatenate([out["Identity"][0, :, 0], out["Identity_1"][0, :, 0]])
     regressors = np.concatenate([out["Identity_2"][0], out["Identity_3"][0]])
     assert int(scores.argmax()) == 189 and scores.max() == pytest.approx(-3.0833, abs=1e-3)

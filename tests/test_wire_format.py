@@ -29,9 +29,16 @@ TYPES = {1: "successful", 2: "failed", 3: "stopped", 4: "retried", 5: "max_retri
 @pytest.fixture(scope="module")
 def wire(arcface_h5, redis_server, tmp_path_factory):
     queue = f"wire-{uuid.uuid4().hex[:8]}"
-    env = {"ARCFACE_REDIS_URL": redis_server.url, "ARCFACE_QUEUE": queue, "ARCFACE_MODEL_PATH": str(arcface_h5),
-           "ARCFACE_ALLOWED_BATCH_SIZES": "1,4", "ARCFACE_MAX_BATCH_SIZE": "4", "ARCFACE_RESULT_TTL": str(RESULT_TTL),
-           "ARCFACE_FAILURE_TTL": str(FAILURE_TTL), "ARCFACE_THRESHOLD": "0.61"}
+    env = {
+        "ARCFACE_REDIS_URL": redis_server.url,
+        "ARCFACE_QUEUE": queue,
+        "ARCFACE_MODEL_PATH": str(arcface_h5),
+        "ARCFACE_ALLOWED_BATCH_SIZES": "1,4",
+        "ARCFACE_MAX_BATCH_SIZE": "4",
+        "ARCFACE_RESULT_TTL": str(RESULT_TTL),
+        "ARCFACE_FAILURE_TTL": str(FAILURE_TTL),
+        "ARCFACE_THRESHOLD": "0.61",
+    }
     worker = WorkerProcess(env, tmp_path_factory.mktemp("wireworker") / "worker.log")
     worker.wait_ready()
     yield env, redis_server.client()
@@ -39,19 +46,31 @@ def wire(arcface_h5, redis_server, tmp_path_factory):
 
 
 def rq_now() -> str:
-    """The spec's timestamp: UTC, ``%Y-%m-%dT%H:%M:%S.%fZ``; written here with milliseconds, as JavaScript's toISOString."""
+    """The spec's timestamp: UTC, ``%Y-%m-%dT%H:%M:%S.%fZ``; written here with milliseconds (toISOString)."""
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
-def write_job(r: redis.Redis, queue: str, func: str, request: dict, *, minimal: bool, compress: bool = False, **fields: str) -> str:
+def write_job(
+    r: redis.Redis, queue: str, func: str, request: dict, *, minimal: bool, compress: bool = False, **fields: str
+) -> str:
     """Enqueue exactly as README "Wire format" says: HSET the job hash, RPUSH its id, SADD the queue key."""
     job_id = str(uuid.uuid4())
     data = json.dumps([func, None, [request], {}]).encode()
     mapping: dict[str, str | bytes] = {"data": zlib.compress(data) if compress else data}
     if not minimal:
         now = rq_now()
-        mapping.update({"status": "queued", "origin": queue, "created_at": now, "enqueued_at": now, "timeout": "180",
-                        "result_ttl": "600", "failure_ttl": "900", "description": "raw redis"})
+        mapping.update(
+            {
+                "status": "queued",
+                "origin": queue,
+                "created_at": now,
+                "enqueued_at": now,
+                "timeout": "180",
+                "result_ttl": "600",
+                "failure_ttl": "900",
+                "description": "raw redis",
+            }
+        )
     mapping.update(fields)
     with r.pipeline() as pipe:  # MULTI ... EXEC
         pipe.hset(f"rq:job:{job_id}", mapping=mapping)
@@ -106,10 +125,21 @@ def test_full_spec_jobs_embed_verify_and_fail_with_their_code(wire):
     queue = env["ARCFACE_QUEUE"]
     a, b = face_paths()[0], face_paths()[1]
     embed_id = write_job(r, queue, EMBED_FUNC, {"kind": "embed", "image": inline(a), "ref": "raw-1"}, minimal=False)
-    verify_id = write_job(r, queue, VERIFY_FUNC, {"kind": "verify", "a": inline(a), "b": inline(b), "threshold": 0.5},
-                          minimal=False, compress=True)
-    bad_id = write_job(r, queue, EMBED_FUNC, {"kind": "embed", "image": {"data_b64": base64.b64encode(b"not an image").decode()}},
-                       minimal=False)
+    verify_id = write_job(
+        r,
+        queue,
+        VERIFY_FUNC,
+        {"kind": "verify", "a": inline(a), "b": inline(b), "threshold": 0.5},
+        minimal=False,
+        compress=True,
+    )
+    bad_id = write_job(
+        r,
+        queue,
+        EMBED_FUNC,
+        {"kind": "embed", "image": {"data_b64": base64.b64encode(b"not an image").decode()}},
+        minimal=False,
+    )
     kind, entry = read_outcome(r, embed_id)
     assert kind == "successful"
     result = entry["return_value"]
@@ -117,7 +147,9 @@ def test_full_spec_jobs_embed_verify_and_fail_with_their_code(wire):
     vec = np.frombuffer(base64.b64decode(result["embedding_b64"]), dtype="<f4")
     assert vec.shape == (512,) and abs(float(vec @ vec) - 1.0) < 1e-4
     kind, entry = read_outcome(r, verify_id)
-    assert kind == "successful" and entry["return_value"]["kind"] == "verify" and entry["return_value"]["threshold"] == 0.5
+    assert (
+        kind == "successful" and entry["return_value"]["kind"] == "verify" and entry["return_value"]["threshold"] == 0.5
+    )
     kind, entry = read_outcome(r, bad_id)
     assert kind == "failed" and "[image_decode_error]" in entry["exc_string"]
     assert json.loads(r.hget(f"rq:job:{bad_id}", "meta"))["error"]["code"] == "image_decode_error"
@@ -141,7 +173,13 @@ def test_minimal_jobs_get_safe_defaults_queue_status_and_ttls(wire):
 def test_worker_publishes_its_model(wire):
     env, r = wire
     info = json.loads(r.get(model_info_key(env["ARCFACE_QUEUE"])))
-    assert (info["model"], info["dim"], info["threshold"], info["input_size"], info["detect"]) == ("arcface", 512, 0.61, 112, "none")
+    assert (info["model"], info["dim"], info["threshold"], info["input_size"], info["detect"]) == (
+        "arcface",
+        512,
+        0.61,
+        112,
+        "none",
+    )
     datetime.strptime(info["started_at"], "%Y-%m-%dT%H:%M:%S.%fZ")
 
 
@@ -151,22 +189,37 @@ def node_producer(tmp_path_factory) -> Path:
     if shutil.which("node") is None or shutil.which("npm") is None:
         pytest.skip("node/npm not installed: the Node.js example producer is not run")
     where = tmp_path_factory.mktemp("node") / "node-producer"
-    shutil.copytree(REPO / "examples" / "node-producer", where, ignore=shutil.ignore_patterns("node_modules", "package-lock.json"))
+    shutil.copytree(
+        REPO / "examples" / "node-producer", where, ignore=shutil.ignore_patterns("node_modules", "package-lock.json")
+    )
     try:
-        proc = subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--no-package-lock"], cwd=where, capture_output=True,
-                              text=True, timeout=300)
+        proc = subprocess.run(
+            ["npm", "install", "--no-audit", "--no-fund", "--no-package-lock"],
+            cwd=where,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     except subprocess.TimeoutExpired:
         pytest.skip("npm install of the redis client timed out (no package registry reachable?)")
     if proc.returncode != 0:
-        pytest.skip(f"npm install of the redis client failed (no package registry reachable?): {proc.stderr.strip()[-300:]}")
+        pytest.skip(
+            f"npm install of the redis client failed (no package registry reachable?): {proc.stderr.strip()[-300:]}"
+        )
     return where
 
 
 def run_node(where: Path, env: dict, *args: str) -> dict:
     import os
 
-    proc = subprocess.run(["node", "producer.mjs", *args], cwd=where, env={**os.environ, **env, "ARCFACE_WAIT_TIMEOUT": "120"},
-                          capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(
+        ["node", "producer.mjs", *args],
+        cwd=where,
+        env={**os.environ, **env, "ARCFACE_WAIT_TIMEOUT": "120"},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode in (0, 1), (proc.returncode, proc.stdout, proc.stderr)
     return json.loads(proc.stdout)
 

@@ -18,11 +18,23 @@ class WorkerProcess:
 
     def __init__(self, env: dict[str, str], log_path: Path, *args: str, **overrides: str) -> None:
         self.log_path = log_path
-        full_env = {**os.environ, **env, "ARCFACE_LOG_FORMAT": "json", "PYTHONUNBUFFERED": "1",
-                    "TF_CPP_MIN_LOG_LEVEL": "2", "ARCFACE_LOG_LEVEL": "DEBUG", **overrides}
+        full_env = {
+            **os.environ,
+            **env,
+            "ARCFACE_LOG_FORMAT": "json",
+            "PYTHONUNBUFFERED": "1",
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+            "ARCFACE_LOG_LEVEL": "DEBUG",
+            **overrides,
+        }
         self.log_file = log_path.open("w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "worker.cli", *args], env=full_env, cwd=REPO,
-                                     stdout=self.log_file, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "worker.cli", *args],
+            env=full_env,
+            cwd=REPO,
+            stdout=self.log_file,
+            stderr=subprocess.STDOUT,
+        )
 
     def events(self) -> list[dict]:
         out = []

@@ -41,7 +41,12 @@ def png_header(width: int, height: int) -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def png_bomb() -> bytes:
@@ -53,8 +58,18 @@ def write_raw_job(conn, queue: str, data: bytes, job_id: str | None = None, extr
     """Write an rq job hash and queue entry by hand, as a non-Python or hostile producer would."""
     job_id = job_id or f"raw-{uuid.uuid4().hex}"
     now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    fields = {"data": data, "origin": queue, "status": "queued", "created_at": now, "enqueued_at": now, "description": "raw",
-              "timeout": "180", "result_ttl": "600", "failure_ttl": "600", **(extra or {})}
+    fields = {
+        "data": data,
+        "origin": queue,
+        "status": "queued",
+        "created_at": now,
+        "enqueued_at": now,
+        "description": "raw",
+        "timeout": "180",
+        "result_ttl": "600",
+        "failure_ttl": "600",
+        **(extra or {}),
+    }
     conn.hset(f"rq:job:{job_id}", mapping=fields)
     conn.sadd("rq:queues", f"rq:queue:{queue}")
     conn.rpush(f"rq:queue:{queue}", job_id)
@@ -104,21 +119,53 @@ def test_every_kind_of_bad_input_fails_alone_and_odd_but_valid_images_work(env, 
         "png bomb": (embed(png_bomb()), ErrorCode.IMAGE_TOO_LARGE),
         "1x1": (embed(encode(Image.new("RGB", (1, 1)), "PNG")), ErrorCode.IMAGE_TOO_SMALL),
         "20000x20000 header": (embed(png_header(20000, 20000)), ErrorCode.IMAGE_TOO_LARGE),
-        "bad base64": (call(EMBED_FUNC, {"kind": "embed", "image": {"data_b64": "@@not*base64@@"}}), ErrorCode.INVALID_PAYLOAD),
-        "missing field": (call(VERIFY_FUNC, {"kind": "verify", "a": {"data_b64": b64(jpeg)}}), ErrorCode.INVALID_PAYLOAD),
-        "extra field": (call(EMBED_FUNC, {"kind": "embed", "image": {"data_b64": b64(jpeg)}, "exec": "rm -rf /"}), ErrorCode.INVALID_PAYLOAD),
-        "wrong type": (call(EMBED_FUNC, {"kind": "embed", "image": ["not", "an", "object"]}), ErrorCode.INVALID_PAYLOAD),
-        "args not an object": (json.dumps([EMBED_FUNC, None, ["just a string"], {}]).encode(), ErrorCode.INVALID_PAYLOAD),
-        "unknown function": (json.dumps(["os.system", None, [f"touch {marker}"], {}]).encode(), ErrorCode.UNSUPPORTED_JOB),
-        "pickle data": (zlib.compress(pickle.dumps((EMBED_FUNC, None, (Evil(marker),), {}))), ErrorCode.INVALID_PAYLOAD),
-        "dotdot path": (call(EMBED_FUNC, {"kind": "embed", "image": {"path": "../secret.png"}}), ErrorCode.PATH_NOT_ALLOWED),
-        "absolute path": (call(EMBED_FUNC, {"kind": "embed", "image": {"path": str(tmp_path / "secret.png")}}), ErrorCode.PATH_NOT_ALLOWED),
-        "symlink out": (call(EMBED_FUNC, {"kind": "embed", "image": {"path": "escape.png"}}), ErrorCode.PATH_NOT_ALLOWED),
+        "bad base64": (
+            call(EMBED_FUNC, {"kind": "embed", "image": {"data_b64": "@@not*base64@@"}}),
+            ErrorCode.INVALID_PAYLOAD,
+        ),
+        "missing field": (
+            call(VERIFY_FUNC, {"kind": "verify", "a": {"data_b64": b64(jpeg)}}),
+            ErrorCode.INVALID_PAYLOAD,
+        ),
+        "extra field": (
+            call(EMBED_FUNC, {"kind": "embed", "image": {"data_b64": b64(jpeg)}, "exec": "rm -rf /"}),
+            ErrorCode.INVALID_PAYLOAD,
+        ),
+        "wrong type": (
+            call(EMBED_FUNC, {"kind": "embed", "image": ["not", "an", "object"]}),
+            ErrorCode.INVALID_PAYLOAD,
+        ),
+        "args not an object": (
+            json.dumps([EMBED_FUNC, None, ["just a string"], {}]).encode(),
+            ErrorCode.INVALID_PAYLOAD,
+        ),
+        "unknown function": (
+            json.dumps(["os.system", None, [f"touch {marker}"], {}]).encode(),
+            ErrorCode.UNSUPPORTED_JOB,
+        ),
+        "pickle data": (
+            zlib.compress(pickle.dumps((EMBED_FUNC, None, (Evil(marker),), {}))),
+            ErrorCode.INVALID_PAYLOAD,
+        ),
+        "dotdot path": (
+            call(EMBED_FUNC, {"kind": "embed", "image": {"path": "../secret.png"}}),
+            ErrorCode.PATH_NOT_ALLOWED,
+        ),
+        "absolute path": (
+            call(EMBED_FUNC, {"kind": "embed", "image": {"path": str(tmp_path / "secret.png")}}),
+            ErrorCode.PATH_NOT_ALLOWED,
+        ),
+        "symlink out": (
+            call(EMBED_FUNC, {"kind": "embed", "image": {"path": "escape.png"}}),
+            ErrorCode.PATH_NOT_ALLOWED,
+        ),
         "too large inline": (embed(rng.integers(0, 256, 300_000, dtype=np.uint8).tobytes()), ErrorCode.IMAGE_TOO_LARGE),
     }
     odd_but_valid = {
         "cmyk jpeg": encode(Image.open(face_paths()[1]).convert("CMYK"), "JPEG", quality=95),
-        "16-bit png": encode(Image.fromarray((np.asarray(Image.open(face_paths()[2]).convert("L"), np.uint16) * 257)), "PNG"),
+        "16-bit png": encode(
+            Image.fromarray((np.asarray(Image.open(face_paths()[2]).convert("L"), np.uint16) * 257)), "PNG"
+        ),
         "animated gif": encode(gif_frames[0], "GIF", save_all=True, append_images=gif_frames[1:], loop=0),
     }
     ids: dict[str, str] = {}
@@ -143,12 +190,16 @@ def test_every_kind_of_bad_input_fails_alone_and_odd_but_valid_images_work(env, 
     # A pickle smuggled into the job's meta is kept as opaque bytes by the JSON serializer (rq stores it
     # as {"unserialized": ...}); the job's own data is valid, so it runs, and the pickle is never loaded.
     assert client.result(pickled_meta, timeout=5).dim == 512
-    direct = dict(zip(good_faces, engine.embed_images([p.read_bytes() for p in good_faces])))
+    direct = dict(zip(good_faces, engine.embed_images([p.read_bytes() for p in good_faces]), strict=True))
     for jid, p in good:
         np.testing.assert_allclose(client.result(jid, timeout=5).embedding, direct[p], atol=1e-5)
     for name in odd_but_valid:
         assert client.result(ids[name], timeout=5).dim == 512, name
-    np.testing.assert_allclose(client.result(path_ok, timeout=5).embedding, engine.embed_images([(FACES / "amy" / "amy1.png").read_bytes()])[0], atol=1e-5)
+    np.testing.assert_allclose(
+        client.result(path_ok, timeout=5).embedding,
+        engine.embed_images([(FACES / "amy" / "amy1.png").read_bytes()])[0],
+        atol=1e-5,
+    )
     assert not marker.exists(), "a pickle was unpickled or a foreign function ran"
     assert StartedJobRegistry(q, connection=conn).count == 0
     batches = worker.batches()

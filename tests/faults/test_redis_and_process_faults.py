@@ -21,8 +21,13 @@ from tests.conftest import REPO, face_paths
 from tests.redis_server import RedisServer, free_port
 from tests.workers import WorkerProcess
 
-FAST = {"ARCFACE_EXECUTION_TTL_S": "4", "ARCFACE_HEARTBEAT_INTERVAL_S": "1", "ARCFACE_MAINTENANCE_INTERVAL_S": "2",
-        "ARCFACE_WORKER_TTL_S": "10", "ARCFACE_MAX_BATCH_SIZE": "16"}
+FAST = {
+    "ARCFACE_EXECUTION_TTL_S": "4",
+    "ARCFACE_HEARTBEAT_INTERVAL_S": "1",
+    "ARCFACE_MAINTENANCE_INTERVAL_S": "2",
+    "ARCFACE_WORKER_TTL_S": "10",
+    "ARCFACE_MAX_BATCH_SIZE": "16",
+}
 SCALE = float(os.environ.get("ARCFACE_FAULTS_SCALE", "1"))  # e.g. 5: the kill storm with 2,000 jobs
 
 
@@ -39,8 +44,15 @@ def small_model(tmp_path_factory):
 
 
 def env_for(server: RedisServer, model, **extra: str) -> dict[str, str]:
-    return {"ARCFACE_REDIS_URL": server.url, "ARCFACE_QUEUE": f"f-{uuid.uuid4().hex[:8]}", "ARCFACE_MODEL_PATH": str(model),
-            "ARCFACE_MODEL_NAME": "small", "ARCFACE_ALLOWED_BATCH_SIZES": "1,4,16", **FAST, **extra}
+    return {
+        "ARCFACE_REDIS_URL": server.url,
+        "ARCFACE_QUEUE": f"f-{uuid.uuid4().hex[:8]}",
+        "ARCFACE_MODEL_PATH": str(model),
+        "ARCFACE_MODEL_NAME": "small",
+        "ARCFACE_ALLOWED_BATCH_SIZES": "1,4,16",
+        **FAST,
+        **extra,
+    }
 
 
 def test_kill_storm_every_job_finishes_exactly_once_from_the_producers_view(tmp_path, arcface_h5):
@@ -123,8 +135,14 @@ def test_redis_gone_worker_keeps_retrying_and_cli_exits_4(tmp_path, small_model)
         assert worker.proc.poll() is None
         outages = [e for e in worker.events() if e.get("event") == "redis_unreachable"]
         assert 2 <= len(outages) <= 12, len(outages)  # backoff 0.5, 1, 2, 4 ... not a tight loop
-        cli = subprocess.run([sys.executable, "-m", "producer.cli", "embed", str(face_paths()[0])], env={**os.environ, **env},
-                             cwd=REPO, capture_output=True, text=True, timeout=60)
+        cli = subprocess.run(
+            [sys.executable, "-m", "producer.cli", "embed", str(face_paths()[0])],
+            env={**os.environ, **env},
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert cli.returncode == 4
         assert cli.stderr.count("\n") == 1 and "cannot reach Redis" in cli.stderr
     finally:
@@ -137,7 +155,11 @@ def test_worker_exits_non_zero_before_taking_jobs_when_the_model_cannot_load(tmp
     weights = tmp_path / "arcface_weights.h5"
     if kind == "corrupt":
         weights.write_bytes(b"\x89HDF\r\n\x1a\n" + b"garbage" * 100)
-    env = {"ARCFACE_REDIS_URL": redis_server.url, "ARCFACE_QUEUE": f"m-{uuid.uuid4().hex[:6]}", "ARCFACE_MODEL_PATH": str(weights)}
+    env = {
+        "ARCFACE_REDIS_URL": redis_server.url,
+        "ARCFACE_QUEUE": f"m-{uuid.uuid4().hex[:6]}",
+        "ARCFACE_MODEL_PATH": str(weights),
+    }
     client = FaceClient(ProducerSettings(redis_url=redis_server.url, queue=env["ARCFACE_QUEUE"]))
     job_id = client.embed(face_paths()[0])
     worker = WorkerProcess(env, tmp_path / "worker.log")

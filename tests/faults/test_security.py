@@ -24,7 +24,10 @@ def test_no_pickle_in_any_code_path_and_everything_uses_the_json_serializer(work
     offenders = []
     for path in [*REPO.joinpath("producer").rglob("*.py"), *REPO.joinpath("worker").rglob("*.py")]:
         text = path.read_text()
-        if re.search(r"^\s*(import pickle|from pickle|import dill|import cloudpickle|import marshal)", text, re.M) or "pickle.load" in text:
+        if (
+            re.search(r"^\s*(import pickle|from pickle|import dill|import cloudpickle|import marshal)", text, re.M)
+            or "pickle.load" in text
+        ):
             offenders.append(str(path))
     assert offenders == []
     client = FaceClient(ProducerSettings())
@@ -49,7 +52,13 @@ def small_model(tmp_path):
 
 def run_one_job(url: str, small_model: Path, log: Path, **extra: str) -> tuple[WorkerProcess, int]:
     queue = f"sec-{uuid.uuid4().hex[:6]}"
-    env = {"ARCFACE_REDIS_URL": url, "ARCFACE_QUEUE": queue, "ARCFACE_MODEL_PATH": str(small_model), "ARCFACE_ALLOWED_BATCH_SIZES": "1,4", **extra}
+    env = {
+        "ARCFACE_REDIS_URL": url,
+        "ARCFACE_QUEUE": queue,
+        "ARCFACE_MODEL_PATH": str(small_model),
+        "ARCFACE_ALLOWED_BATCH_SIZES": "1,4",
+        **extra,
+    }
     worker = WorkerProcess(env, log, "--burst")
     client = FaceClient(ProducerSettings(redis_url=url, queue=queue, **{k[8:].lower(): v for k, v in extra.items()}))
     job = client.embed(face_paths()[0])
@@ -58,19 +67,35 @@ def run_one_job(url: str, small_model: Path, log: Path, **extra: str) -> tuple[W
 
 
 def test_password_and_acl_user_auth_work_and_never_reach_the_logs(tmp_path, small_model):
-    server = RedisServer(tmp_path / "redis", "--requirepass", "s3cret-pw", "--user", "alice", "on", ">w0nderland", "~*", "&*", "+@all",
-                         password="s3cret-pw").start()
+    server = RedisServer(
+        tmp_path / "redis",
+        "--requirepass",
+        "s3cret-pw",
+        "--user",
+        "alice",
+        "on",
+        ">w0nderland",
+        "~*",
+        "&*",
+        "+@all",
+        password="s3cret-pw",
+    ).start()
     try:
         with pytest.raises(redis.AuthenticationError):
             redis.Redis(port=server.port).set("x", 1)
-        for url, secret in ((f"redis://:s3cret-pw@127.0.0.1:{server.port}/0", "s3cret-pw"),
-                            (f"redis://alice:w0nderland@127.0.0.1:{server.port}/0", "w0nderland")):
+        for url, secret in (
+            (f"redis://:s3cret-pw@127.0.0.1:{server.port}/0", "s3cret-pw"),
+            (f"redis://alice:w0nderland@127.0.0.1:{server.port}/0", "w0nderland"),
+        ):
             worker, dim = run_one_job(url, small_model, tmp_path / f"{secret}.log")
             assert dim == 16
             text = worker.log_path.read_text()
             assert secret not in text
             assert f":***@127.0.0.1:{server.port}" in text  # the URL is logged, its password redacted
-        assert redact("redis://alice:w0nderland@host:6379/0 and rediss://:pw@h/1") == "redis://alice:***@host:6379/0 and rediss://:***@h/1"
+        assert (
+            redact("redis://alice:w0nderland@host:6379/0 and rediss://:pw@h/1")
+            == "redis://alice:***@host:6379/0 and rediss://:***@h/1"
+        )
     finally:
         server.stop()
 
@@ -90,18 +115,82 @@ def test_tls_rediss_url_with_a_ca_file(tmp_path, small_model):
     d = tmp_path / "tls"
     d.mkdir()
     sh = lambda *a: subprocess.run(a, cwd=d, check=True, capture_output=True)  # noqa: E731
-    sh("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=test-ca")
-    sh("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
+    sh(
+        "openssl",
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test-ca",
+    )
+    sh(
+        "openssl",
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    )
     (d / "san.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    sh("openssl", "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out", "server.crt",
-       "-days", "2", "-extfile", "san.cnf")
+    sh(
+        "openssl",
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "san.cnf",
+    )
     port = free_port()
     from producer.redisconn import redis_server_binary
 
-    proc = subprocess.Popen([redis_server_binary(), "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--dir", str(d), "--tls-cert-file", str(d / "server.crt"), "--tls-key-file", str(d / "server.key"),
-                             "--tls-ca-cert-file", str(d / "ca.crt"), "--tls-auth-clients", "no"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            redis_server_binary(),
+            "--port",
+            "0",
+            "--tls-port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--dir",
+            str(d),
+            "--tls-cert-file",
+            str(d / "server.crt"),
+            "--tls-key-file",
+            str(d / "server.key"),
+            "--tls-ca-cert-file",
+            str(d / "ca.crt"),
+            "--tls-auth-clients",
+            "no",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         _wait(lambda: redis.Redis(port=port, ssl=True, ssl_ca_certs=str(d / "ca.crt")).ping())
         with pytest.raises(redis.ConnectionError):

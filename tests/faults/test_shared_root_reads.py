@@ -76,14 +76,24 @@ def test_reads_regular_files_at_any_depth(root, method):
 
 
 def test_a_root_reached_through_a_symlink_is_fine(root, tmp_path, method):
-    (tmp_path / "root-link").symlink_to(root)  # the operator's configured name may be a link; only what lies below is checked
+    (tmp_path / "root-link").symlink_to(
+        root
+    )  # the operator's configured name may be a link; only what lies below is checked
     assert read_shared_file(tmp_path / "root-link", "sub/b.png", 1000) == b"B-IMAGE" * 10
 
 
-@pytest.mark.parametrize("rel, why", [
-    ("/etc/passwd", "must be relative"), ("\\x.png", "must be relative"), ("", "must be relative"),
-    ("../root/a.png", "'..'"), ("sub/../a.png", "'..'"), ("a.png\x00.jpg", "NUL"), (".", "names no file"),
-])
+@pytest.mark.parametrize(
+    "rel, why",
+    [
+        ("/etc/passwd", "must be relative"),
+        ("\\x.png", "must be relative"),
+        ("", "must be relative"),
+        ("../root/a.png", "'..'"),
+        ("sub/../a.png", "'..'"),
+        ("a.png\x00.jpg", "NUL"),
+        (".", "names no file"),
+    ],
+)
 def test_invalid_paths_are_refused_before_anything_is_opened(root, rel, why):
     err = refused(root, rel)
     assert err.code == ErrorCode.PATH_NOT_ALLOWED and why in err.message
@@ -208,7 +218,9 @@ def outcome(root: Path, rel: str, limit: int) -> tuple[str, bytes | JobFailure]:
         return exc.code.value, exc
 
 
-def race(loop_step, read, classify, want: set[str], minimum: int = 500, cap: int = 20_000, min_rounds: int = 50) -> tuple[Counter, int]:
+def race(
+    loop_step, read, classify, want: set[str], minimum: int = 500, cap: int = 20_000, min_rounds: int = 50
+) -> tuple[Counter, int]:
     """Read while ``loop_step`` runs in a loop: at least ``minimum`` reads, and on until every outcome in
     ``want`` has been seen (so the race really happened), at most ``cap``. ``classify`` checks one outcome
     and names it. Returns the outcome counts and the number of swap rounds."""
@@ -248,9 +260,15 @@ def test_swapping_a_component_for_a_symlink_to_outside_never_reads_outside(root,
             return "inside"
         assert value.code == ErrorCode.PATH_NOT_ALLOWED, value.message
         assert b"TOP-SECRET" not in value.message.encode() and str(len(SECRET)) not in value.message, value.message
-        for reason, words in (("symlink", "symlink"), ("missing", "no such file"), ("not a dir", "not a directory"),
-                              ("changing", "kept changing")):
-            if words in value.message:  # "not a directory": the walk met the symlink, which was a directory again by the time it asked why
+        for reason, words in (
+            ("symlink", "symlink"),
+            ("missing", "no such file"),
+            ("not a dir", "not a directory"),
+            ("changing", "kept changing"),
+        ):
+            if (
+                words in value.message
+            ):  # "not a directory": the walk met the symlink, which was a directory again by the time it asked why
                 return reason
         return value.message
 
@@ -307,7 +325,9 @@ def test_a_file_growing_in_place_while_read_is_refused_not_returned_whole(root, 
         return "grew" if "grew past" in value.message else "over at open"
 
     try:
-        seen, rounds = race(grow, lambda: outcome(root, "grow.png", limit), classify, {"ok", "over at open"}, minimum=1000, min_rounds=5)
+        seen, rounds = race(
+            grow, lambda: outcome(root, "grow.png", limit), classify, {"ok", "over at open"}, minimum=1000, min_rounds=5
+        )
     finally:
         f.close()
     print(f"in-place growth: {dict(seen)} over {rounds} rounds")
