@@ -105,7 +105,7 @@ class GalleryIndex:
     def vector(self, row: int) -> np.ndarray:
         """The stored embedding of ``row`` (a view, in the gallery's dtype)."""
         page: np.ndarray = self.pages[row // self.page_rows]
-        return page[row % self.page_rows]  # type: ignore[no-any-return]
+        return page[row % self.page_rows]
 
     def vectors(self, rows: np.ndarray | Sequence[int]) -> np.ndarray:
         """The stored embeddings of ``rows`` (a copy, in the gallery's dtype)."""
@@ -294,7 +294,7 @@ def _page_scores(queries: np.ndarray, page: np.ndarray, scratch: np.ndarray | No
     """``queries @ page.T`` in float32: the batch's one product with this page. A float16 page is converted a
     slice at a time into ``scratch``, the products written side by side."""
     if scratch is None:
-        return queries @ page.T  # type: ignore[no-any-return]
+        return queries @ page.T
     s = np.empty((len(queries), len(page)), np.float32)
     for x in range(0, len(page), len(scratch)):
         part = page[x : x + len(scratch)]
