@@ -123,3 +123,34 @@ def worker_env(monkeypatch, arcface_h5, redis_server, queue_name, tmp_path):
         "ARCFACE_MAX_BATCH_SIZE": "16",
         "ARCFACE_DATA_DIR": str(tmp_path / "data"),
     }
+
+
+# The README's faceres settings: the shared face model (224x224, BGR, Caffe means) behind BlazeFace, square crops.
+FACERES_ENV = {
+    "ARCFACE_MODEL_PATH": str(FACERES_SAVEDMODEL),
+    "ARCFACE_MODEL_NAME": "faceres",
+    "ARCFACE_INPUT_SCALE": "1",
+    "ARCFACE_INPUT_MEAN": "103.939,116.779,123.68",
+    "ARCFACE_CHANNEL_ORDER": "BGR",
+    "ARCFACE_THRESHOLD": "0.45",
+    "ARCFACE_DETECT": "blazeface",
+    "ARCFACE_DETECTOR_PATH": str(TFJS_MODELS / "blazeface-front.json"),
+    "ARCFACE_CROP": "square",
+    "ARCFACE_ALLOWED_BATCH_SIZES": "1,8,32",
+}
+
+
+@pytest.fixture()
+def client(worker_env):
+    """A producer client on this test's Redis and queue."""
+    from producer.client import FaceClient
+    from producer.settings import ProducerSettings
+
+    return FaceClient(ProducerSettings())
+
+
+@pytest.fixture()
+def direct(engine) -> dict[Path, np.ndarray]:
+    """The engine's own embedding of every real face, computed in this process."""
+    paths = face_paths()
+    return dict(zip(paths, engine.embed_images([p.read_bytes() for p in paths]), strict=True))

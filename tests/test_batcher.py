@@ -6,7 +6,6 @@ from __future__ import annotations
 import collections
 import signal
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +16,6 @@ from rq.worker import Worker
 
 from producer.client import FaceClient, JobFailed
 from producer.jobs import EMBED_FUNC, ErrorCode
-from producer.settings import ProducerSettings
 from tests.conftest import face_paths
 from tests.workers import WorkerProcess
 
@@ -27,18 +25,6 @@ FAST_RECOVERY = {
     "ARCFACE_MAINTENANCE_INTERVAL_S": "2",
     "ARCFACE_WORKER_TTL_S": "10",
 }
-
-
-@pytest.fixture()
-def client(worker_env) -> FaceClient:
-    return FaceClient(ProducerSettings())
-
-
-@pytest.fixture()
-def direct(engine) -> dict[Path, np.ndarray]:
-    """The engine's own embedding of every real face, computed in this process."""
-    paths = face_paths()
-    return dict(zip(paths, engine.embed_images([p.read_bytes() for p in paths]), strict=True))
 
 
 @pytest.fixture()

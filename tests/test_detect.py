@@ -9,7 +9,7 @@ import uuid
 import numpy as np
 import pytest
 
-from tests.conftest import FACERES_SAVEDMODEL, FACES, TFJS_MODELS, face_paths, needs_shared, shared_file
+from tests.conftest import FACERES_ENV, FACERES_SAVEDMODEL, FACES, TFJS_MODELS, face_paths, needs_shared, shared_file
 from worker.detect import ARCFACE_TEMPLATE, BlazeFace, Face, align, pick, pick_all, square_crop, umeyama
 from worker.preprocess import decode_image
 
@@ -130,16 +130,7 @@ def test_worker_with_detection_and_a_real_model_separates_people(redis_server, t
     env = {
         "ARCFACE_REDIS_URL": redis_server.url,
         "ARCFACE_QUEUE": f"det-{uuid.uuid4().hex[:6]}",
-        "ARCFACE_MODEL_PATH": str(FACERES_SAVEDMODEL),
-        "ARCFACE_MODEL_NAME": "faceres",
-        "ARCFACE_INPUT_SCALE": "1",
-        "ARCFACE_INPUT_MEAN": "103.939,116.779,123.68",
-        "ARCFACE_CHANNEL_ORDER": "BGR",
-        "ARCFACE_THRESHOLD": "0.45",
-        "ARCFACE_DETECT": "blazeface",
-        "ARCFACE_DETECTOR_PATH": str(BLAZEFACE),
-        "ARCFACE_CROP": "square",
-        "ARCFACE_ALLOWED_BATCH_SIZES": "1,8,32",
+        **FACERES_ENV,
     }
     worker = WorkerProcess(env, tmp_path / "w.log")
     try:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import FACERES_SAVEDMODEL, FACES, TFJS_MODELS, needs_shared, shared_file
+from tests.conftest import FACERES_ENV, FACERES_SAVEDMODEL, FACES, TFJS_MODELS, needs_shared, shared_file
 from worker.detect import BlazeFace, Face, pick, pick_all
 from worker.preprocess import decode_image
 from worker.settings import WorkerSettings
@@ -182,16 +182,7 @@ def test_real_photo_pairs_through_a_worker_at_default_settings(detector, redis_s
     env = {
         "ARCFACE_REDIS_URL": redis_server.url,
         "ARCFACE_QUEUE": f"lab-{uuid.uuid4().hex[:6]}",
-        "ARCFACE_MODEL_PATH": str(FACERES_SAVEDMODEL),
-        "ARCFACE_MODEL_NAME": "faceres",
-        "ARCFACE_INPUT_SCALE": "1",
-        "ARCFACE_INPUT_MEAN": "103.939,116.779,123.68",
-        "ARCFACE_CHANNEL_ORDER": "BGR",
-        "ARCFACE_THRESHOLD": "0.45",
-        "ARCFACE_DETECT": "blazeface",
-        "ARCFACE_DETECTOR_PATH": str(BLAZEFACE),
-        "ARCFACE_CROP": "square",
-        "ARCFACE_ALLOWED_BATCH_SIZES": "1,8,32",
+        **FACERES_ENV,
     }
     worker = WorkerProcess(env, tmp_path / "w.log")
     try:

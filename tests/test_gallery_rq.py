@@ -16,6 +16,7 @@ import pytest
 
 from producer.gallery import GALLERY_FUNCTIONS, EnrollResult, VerifySubjectResult, parse_gallery_request
 from producer.jobs import EMBED_FUNC, VERIFY_FUNC, ErrorCode, JobFailure, JSONSerializer, SafeJob, parse_request
+from tests.conftest import FACERES_ENV as CONFTEST_FACERES_ENV
 from tests.conftest import FACERES_SAVEDMODEL, TFJS_MODELS, face_paths, needs_shared
 from worker.gallery import run_one
 
@@ -221,19 +222,7 @@ def _gallery_commands(cli: _Cli) -> None:
     assert code == 2 and "enroll needs SUBJECT" in cli.err[-1]
 
 
-# The README's faceres settings: the shared face model behind BlazeFace.
-FACERES_ENV = {
-    "ARCFACE_MODEL_PATH": str(FACERES_SAVEDMODEL),
-    "ARCFACE_MODEL_NAME": "faceres",
-    "ARCFACE_INPUT_SCALE": "1",
-    "ARCFACE_INPUT_MEAN": "103.939,116.779,123.68",
-    "ARCFACE_CHANNEL_ORDER": "BGR",
-    "ARCFACE_THRESHOLD": "0.45",
-    "ARCFACE_DETECT": "blazeface",
-    "ARCFACE_DETECTOR_PATH": str(BLAZEFACE),
-    "ARCFACE_CROP": "square",
-    "ARCFACE_ALLOWED_BATCH_SIZES": "1,8",
-}
+FACERES_ENV = {**CONFTEST_FACERES_ENV, "ARCFACE_ALLOWED_BATCH_SIZES": "1,8"}  # the README's faceres settings
 
 
 @pytest.fixture()

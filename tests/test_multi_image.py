@@ -5,29 +5,15 @@ several engine calls, and many small jobs share one."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from producer.client import FaceClient
 from producer.jobs import EmbedBatchResult, ErrorCode, ImageRef, VerifyBatchResult
-from producer.settings import ProducerSettings
 from tests.conftest import FACES, SHARED, face_paths, needs_shared
 from tests.workers import WorkerProcess
 
 BLAZEFACE = SHARED / "models" / "tfjs" / "blazeface-front.json"
-
-
-@pytest.fixture()
-def client(worker_env) -> FaceClient:
-    return FaceClient(ProducerSettings())
-
-
-@pytest.fixture()
-def direct(engine) -> dict[Path, np.ndarray]:
-    paths = face_paths()
-    return dict(zip(paths, engine.embed_images([p.read_bytes() for p in paths]), strict=True))
 
 
 @pytest.fixture()
