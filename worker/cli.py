@@ -100,7 +100,7 @@ def publish_model(connection: Any, settings: Any, engine: Any) -> dict[str, Any]
     return info
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def _parse_args(argv: Sequence[str] | None) -> Any:
     import argparse
 
     from producer.cli import _Parser, version
@@ -113,28 +113,27 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--burst", action="store_true", help="exit once the queue is empty")
     parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def _connect(settings: Any, log: Any) -> Any:
+    """The Redis connection, or exit 4 with a ``redis_unreachable`` event."""
     from producer.errors import RedisUnavailable
-    from producer.jobs import JSONSerializer, SafeJob
     from producer.redisconn import connect
-    from producer.settings import configure_logging
-    from worker.settings import WorkerSettings
 
-    settings: WorkerSettings = _checked_settings()
-    configure_logging(settings, _quiet_output(settings))
-    log = structlog.get_logger("arcface.worker")
     try:
-        connection = connect(settings)
+        return connect(settings)
     except RedisUnavailable as exc:
         log.error("redis_unreachable", error=str(exc))
         sys.exit(EXIT_REDIS)
 
+
+def _load_models(settings: Any, log: Any) -> tuple[Any, Any, float]:
+    """Load and warm up the engine, then the detector; exit 3 with ``model_load_failed`` if either fails.
+    Returns (engine, detector, perf_counter when loading began) after logging ``engine_ready``."""
     import time
 
-    from rq import Queue
-
-    from worker.runtime import Runtime, load_detector, load_engine, load_gallery
+    from worker.runtime import load_detector, load_engine
     from worker.weights import WeightsError
 
     started = time.perf_counter()
@@ -158,25 +157,33 @@ def main(argv: Sequence[str] | None = None) -> None:
         images_per_s={str(k): round(v, 1) for k, v in batch_rates.items()},
         warm_up_s=round(warm_s, 2),
     )
+    return engine, detector, started
 
-    from worker.batcher import BatchWorker
-    from worker.metrics import WorkerMetrics
 
-    queue = Queue(settings.queue, connection=connection, serializer=JSONSerializer, job_class=SafeJob)
+def _package_version() -> str:
     from importlib.metadata import PackageNotFoundError
     from importlib.metadata import version as package_version
 
     try:
-        pkg_version = package_version("arcface-service")
+        return package_version("arcface-service")
     except PackageNotFoundError:
-        pkg_version = "unknown"
+        return "unknown"
+
+
+def _start_metrics(settings: Any, engine: Any, queue: Any, started: float, log: Any) -> Any:
+    """The worker's Prometheus metrics (model load time counted from ``started``), served on
+    ``ARCFACE_METRICS_PORT`` when set (exit 2 with a ``config_error`` event if the port was taken meanwhile)."""
+    import time
+
+    from worker.metrics import WorkerMetrics
+
     metrics = WorkerMetrics(
         queue_depth=lambda: queue.count,
         info={
             "model": engine.model.name,
             "queue": settings.queue,
             "dim": str(engine.model.embedding_dim),
-            "version": pkg_version,
+            "version": _package_version(),
             "max_batch_size": str(settings.max_batch_size),
         },
     )
@@ -192,6 +199,15 @@ def main(argv: Sequence[str] | None = None) -> None:
             )
             sys.exit(EXIT_CONFIG)
         log.info("metrics_serving", port=settings.metrics_port)
+    return metrics
+
+
+def _serve(settings: Any, connection: Any, queue: Any, engine: Any, detector: Any, metrics: Any, burst: bool) -> Any:
+    """Publish the model, load the galleries and work the queue until stopped; returns the finished worker."""
+    from worker.batcher import BatchWorker
+    from worker.runtime import Runtime, load_gallery
+
+    log = structlog.get_logger("arcface.worker")
     log.info("model_published", **publish_model(connection, settings, engine))
     # default_result_ttl: a job hash written without result_ttl (a non-Python producer) keeps its result RESULT_TTL s
     gallery = load_gallery(settings, connection, engine)
@@ -208,9 +224,31 @@ def main(argv: Sequence[str] | None = None) -> None:
         batch_timeout_ms=settings.batch_timeout_ms,
     )
     try:
-        worker.work(burst=args.burst)
+        worker.work(burst=burst)
     finally:
         gallery.stop()
+    return worker
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of ``arcface-worker``: validate settings (exit 2), connect (exit 4), load the model (exit 3),
+    then serve the queue until stopped (exit 0)."""
+    args = _parse_args(argv)
+
+    from rq import Queue
+
+    from producer.jobs import JSONSerializer, SafeJob
+    from producer.settings import configure_logging
+    from worker.settings import WorkerSettings
+
+    settings: WorkerSettings = _checked_settings()
+    configure_logging(settings, _quiet_output(settings))
+    log = structlog.get_logger("arcface.worker")
+    connection = _connect(settings, log)
+    engine, detector, started = _load_models(settings, log)
+    queue = Queue(settings.queue, connection=connection, serializer=JSONSerializer, job_class=SafeJob)
+    metrics = _start_metrics(settings, engine, queue, started, log)
+    worker = _serve(settings, connection, queue, engine, detector, metrics, args.burst)
     log.info("worker_stopped", worker=worker.name, batches=worker.batches_done)
     sys.exit(0)
 
