@@ -11,8 +11,8 @@ Accepted formats (``DecodeLimits.formats``; sniffed from the first bytes before 
   sends it); ``DecodeLimits.formats`` can add it, and every check below still applies. Run-length-encoded BMP is
   refused too: Pillow decodes it in pure Python, two bytes at a time.
 
-Budgets, all checked *before* the pixels are decoded (JPEG and WebP headers are read by this module, the
-others by Pillow's header parser, which allocates no pixels):
+Budgets, all checked *before* the pixels are decoded (JPEG and WebP headers are read by worker.jpeg and
+worker.decode_checks, the others by Pillow's header parser, which allocates no pixels):
 
 - **Pixels**: width x height <= ``max_pixels`` (``image_too_large``), both sides >= ``min_side``
   (``image_too_small``). Pillow's own ``MAX_IMAGE_PIXELS`` is set to the same limit, so no Pillow path allows more.
@@ -46,22 +46,53 @@ bands of about 4 MiB, into one ``uint8`` array. Nothing here makes a float copy 
 from __future__ import annotations
 
 import io
-import struct
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Literal
 
 import numpy as np
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from producer.jobs import ErrorCode, JobFailure
+from worker.decode_checks import (
+    BYTES_PER_PIXEL,
+    DEFAULT_FORMATS,
+    DEFAULT_LIMITS,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MIN_SIDE,
+    WEBP_BYTES_PER_PIXEL,
+    DecodeLimits,
+    check_size,
+    sniff_format,
+    webp_size,
+)
+from worker.decode_checks import check_format as _sniff
+from worker.decode_checks import check_memory as _check_memory  # noqa: F401 - importable from here as before
+from worker.decode_checks import check_webp as _check_webp
+from worker.jpeg import FAST_JPEG as _FAST_JPEG
+from worker.jpeg import JpegHeader, jpeg_header, jpeg_scans
+from worker.jpeg import check_jpeg as _check_jpeg
+from worker.jpeg import decode_plain_jpeg as _decode_plain_jpeg
+from worker.jpeg import decode_tensorflow as _decode_tensorflow
 
-DEFAULT_MAX_PIXELS = 40_000_000
-DEFAULT_MIN_SIDE = 8
-DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
-BYTES_PER_PIXEL = 4  # the decode memory budget is this x max_pixels
-WEBP_BYTES_PER_PIXEL = 18  # measured: libwebp's canvas, the frame Pillow copies out, Pillow's image
+__all__ = [
+    "BYTES_PER_PIXEL",
+    "DEFAULT_FORMATS",
+    "DEFAULT_LIMITS",
+    "DEFAULT_MAX_PIXELS",
+    "DEFAULT_MIN_SIDE",
+    "WEBP_BYTES_PER_PIXEL",
+    "DecodeLimits",
+    "Decoded",
+    "JpegHeader",
+    "check_size",
+    "jpeg_header",
+    "jpeg_scans",
+    "open_image",
+    "orient",
+    "sniff_format",
+    "webp_size",
+]
 
 # Images over the limit are refused by our own check with a clear message; Pillow's warning for sizes between
 # its limit and twice it would only be noise.
@@ -70,71 +101,11 @@ warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 # them here, so bound what a hostile PNG can make Pillow allocate while its header is parsed.
 PngImagePlugin.MAX_TEXT_MEMORY = min(PngImagePlugin.MAX_TEXT_MEMORY, 4 * 1024 * 1024)
 
-_MAGIC: tuple[tuple[bytes, int, str], ...] = (
-    (b"\xff\xd8\xff", 0, "JPEG"),
-    (b"\x89PNG\r\n\x1a\n", 0, "PNG"),
-    (b"GIF87a", 0, "GIF"),
-    (b"GIF89a", 0, "GIF"),
-    (b"BM", 0, "BMP"),
-    (b"II*\x00", 0, "TIFF"),
-    (b"MM\x00*", 0, "TIFF"),
-    (b"WEBP", 8, "WEBP"),
-    (b"ftyp", 4, "HEIF/AVIF"),
-    (b"\x00\x00\x00\x0cjP  ", 0, "JPEG 2000"),
-    (b"\xff\x4f\xff\x51", 0, "JPEG 2000"),
-    (b"8BPS", 0, "PSD"),
-    (b"\x00\x00\x01\x00", 0, "ICO"),
-    (b"%PDF", 0, "PDF"),
-    (b"<svg", 0, "SVG"),
-)
 _GREY_16 = {"I;16": "<u2", "I;16L": "<u2", "I;16B": ">u2", "I;16N": "=u2"}
 # (v + 128) // 257 == rint(v * 255 / 65535) for every 16-bit v (no ties: v / 257 is never k + 1/2).
 _LUT_16 = ((np.arange(65536, dtype=np.uint32) + 128) // 257).astype(np.uint8)
 _BAND_BYTES = 4 * 1024 * 1024
-_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-# Pillow's C decoder called directly (plain JPEGs); Pillow's own path is used if a release ever drops these.
-_FAST_JPEG = hasattr(Image.core, "map_buffer") and hasattr(Image.core, "jpeg_decoder")  # type: ignore[attr-defined]
-_SEGMENT = struct.Struct(">BBH")  # a JPEG marker (FF xx) and the segment length after it
 _METADATA = ("exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp")  # where Pillow's getexif() looks
-
-
-@dataclass(frozen=True)
-class DecodeLimits:
-    """Bounds on what an input image may be and cost; violations fail the job with a typed error.
-
-    ``max_pixels``/``min_side``: width x height and shortest side (``image_too_large``/``image_too_small``); the
-    decode memory budget is ``4 * max_pixels`` bytes. ``formats``: Pillow format names accepted.
-    ``max_jpeg_scans``/``jpeg_scan_factor``: a JPEG may have at most that many scans and at most
-    ``jpeg_scan_factor * max_pixels`` pixels x scans. ``max_decode_s``: wall-clock budget, checked whenever the
-    decoder reads input. ``jpeg_decoder``: ``pillow`` (libjpeg-turbo, accurate IDCT) or ``tensorflow`` (the seed's).
-    """
-
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    min_side: int = DEFAULT_MIN_SIDE
-    formats: tuple[str, ...] = DEFAULT_FORMATS
-    max_jpeg_scans: int = 100
-    jpeg_scan_factor: float = 12.0
-    max_decode_s: float = 30.0
-    jpeg_decoder: Literal["pillow", "tensorflow"] = "pillow"
-
-    @classmethod
-    def from_settings(cls, settings: Any) -> DecodeLimits:
-        """The limits a :class:`~worker.settings.WorkerSettings` configures (``ARCFACE_MAX_IMAGE_PIXELS``,
-        ``ARCFACE_MIN_IMAGE_SIDE``, ``ARCFACE_JPEG_DECODER``, ``ARCFACE_DECODE_TIMEOUT_S``)."""
-        kw: dict[str, Any] = {"max_pixels": settings.max_image_pixels, "min_side": settings.min_image_side}
-        if getattr(settings, "jpeg_decoder", None):
-            kw["jpeg_decoder"] = settings.jpeg_decoder
-        if getattr(settings, "decode_timeout_s", None):
-            kw["max_decode_s"] = float(settings.decode_timeout_s)
-        return cls(**kw)
-
-    @property
-    def memory_budget(self) -> int:
-        """Bytes one image may cost to decode."""
-        return BYTES_PER_PIXEL * self.max_pixels
-
-
-DEFAULT_LIMITS = DecodeLimits()
 
 
 class _DecodeTimeout(Exception):
@@ -155,215 +126,6 @@ def _arm(fp: _Input, deadline: float) -> None:
         return plain(fp, size)
 
     fp.read = read  # type: ignore[method-assign]  # an instance attribute wins over the C method
-
-
-def sniff_format(data: bytes) -> str | None:
-    """The image format the first bytes announce (``JPEG``, ``PNG``, ...), or ``None``."""
-    head = bytes(data[:16])
-    for magic, at, name in _MAGIC:
-        if head[at : at + len(magic)] == magic and (name != "WEBP" or head[:4] == b"RIFF"):
-            return name
-    return None
-
-
-def check_size(width: int, height: int, limits: DecodeLimits) -> None:
-    """Refuse a width x height outside ``limits`` (``image_too_large`` / ``image_too_small``)."""
-    if width * height > limits.max_pixels:
-        raise JobFailure(
-            ErrorCode.IMAGE_TOO_LARGE,
-            f"image is {width}x{height} = {width * height} pixels, over the limit of {limits.max_pixels}",
-        )
-    if min(width, height) < limits.min_side:
-        raise JobFailure(
-            ErrorCode.IMAGE_TOO_SMALL,
-            f"image is {width}x{height}; both sides must be at least {limits.min_side} pixels",
-        )
-
-
-def _check_memory(
-    what: str, width: int, height: int, bytes_per_pixel: float, why: str, hint: str, limits: DecodeLimits
-) -> None:
-    need = width * height * bytes_per_pixel
-    budget = limits.memory_budget
-    if need > budget:
-        raise JobFailure(
-            ErrorCode.IMAGE_TOO_LARGE,
-            f"{what} of {width}x{height} needs about {need / 1e6:.0f} MB to decode ({bytes_per_pixel:g} bytes per "
-            f"pixel: {why}), over the {budget / 1e6:.0f} MB one image may use ({BYTES_PER_PIXEL} bytes x the "
-            f"{limits.max_pixels}-pixel limit); {hint} or at most {int(budget // bytes_per_pixel)} pixels",
-        )
-
-
-# --- JPEG: header and scans, read without decoding ------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class JpegHeader:
-    """What the segments before a JPEG's first scan say."""
-
-    width: int
-    height: int
-    components: int
-    precision: int
-    sof: int  # the frame marker: 0xC0 baseline, 0xC1 extended, 0xC2 progressive, ...
-    samples: float  # DCT samples per pixel (3 at 4:4:4, 1.5 at 4:2:0, 1 for grey)
-    first_scan: int  # offset of the first SOS marker
-    metadata: bool  # an APP1 segment (EXIF or XMP: the orientation may be set)
-
-    @property
-    def plain(self) -> bool:
-        """8-bit grey or colour Huffman JPEG without EXIF/XMP: decoded without Pillow's Python header parser."""
-        return (
-            self.sof in (0xC0, 0xC1, 0xC2) and self.precision == 8 and self.components in (1, 3) and not self.metadata
-        )
-
-
-def _jpeg_frame(seg: bytes, marker: int) -> tuple[int, int, int, int, int, float] | None:
-    """(precision, height, width, components, marker, samples per pixel) of a frame header's body."""
-    if len(seg) < 6:
-        return None
-    count = seg[5]
-    factors = [(b >> 4, b & 15) for b in seg[7 : 6 + 3 * count : 3]]
-    if len(factors) != count or not factors or any(h == 0 or v == 0 for h, v in factors):
-        return None
-    hmax, vmax = max(h for h, _ in factors), max(v for _, v in factors)
-    samples = sum(h * v for h, v in factors) / (hmax * vmax)
-    return seg[0], int.from_bytes(seg[1:3], "big"), int.from_bytes(seg[3:5], "big"), count, marker, samples
-
-
-def jpeg_header(data: bytes) -> JpegHeader | None:
-    """Walk a JPEG's segments by their lengths up to its first scan; ``None`` without a frame header and a scan."""
-    n, i = len(data), 2
-    frame: tuple[int, int, int, int, int, float] | None = None
-    metadata = False
-    segment = _SEGMENT.unpack_from
-    while i + 4 <= n:
-        ff, marker, length = segment(data, i)
-        if ff != 0xFF:
-            i = data.find(b"\xff", i)  # garbage before a marker: libjpeg skips it too
-            if i < 0:
-                return None
-        elif marker == 0xDA:
-            if frame is None:
-                return None
-            precision, height, width, count, sof, samples = frame
-            return JpegHeader(width, height, count, precision, sof, samples, i, metadata)
-        elif marker == 0xFF:  # fill byte
-            i += 1
-        elif marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
-            i += 2
-        elif marker in (0xD8, 0xD9):
-            return None
-        else:
-            if marker in _JPEG_SOF and frame is None:
-                frame = _jpeg_frame(data[i + 4 : i + 2 + length], marker)
-                if frame is None:
-                    return None
-            elif marker == 0xE1:
-                metadata = True
-            i += 2 + length
-    return None
-
-
-def jpeg_scans(data: bytes, header: JpegHeader | None = None, stop: int | None = None) -> int:
-    """How many scans (SOS segments) a JPEG's main image has, counted without decoding; with ``stop``, counting
-    ends once that many are found (a bomb's thousands of scans are not all walked).
-
-    Header segments are skipped (an EXIF thumbnail's scans do not count); from the first scan on, every ``FF DA``
-    pair counts: entropy-coded data cannot hold one (a data ``FF`` is always followed by ``00`` or a restart
-    marker), so this can over-count (e.g. an image appended after the end) but never under-count.
-    """
-    header = header or jpeg_header(data)
-    start = header.first_scan if header else 0
-    if stop is None:
-        return data.count(b"\xff\xda", start)
-    found, i = 0, start - 1
-    while found < stop:
-        i = data.find(b"\xff\xda", i + 1)
-        if i < 0:
-            break
-        found += 1
-    return found
-
-
-def _check_jpeg(data: bytes, header: JpegHeader, limits: DecodeLimits) -> None:
-    check_size(header.width, header.height, limits)
-    budget = limits.jpeg_scan_factor * limits.max_pixels
-    allowed = min(limits.max_jpeg_scans, int(budget // (header.width * header.height)))
-    scans = jpeg_scans(data, header, stop=allowed + 1)
-    if scans > allowed:
-        raise JobFailure(
-            ErrorCode.IMAGE_TOO_LARGE,
-            f"JPEG is {header.width}x{header.height} with more than {allowed} scans: decoding costs about one pass "
-            f"over the image per scan, and at most {limits.max_jpeg_scans} scans and {budget:.3g} pixels x scans are "
-            "allowed (an ordinary progressive JPEG has under 12); re-encode it, e.g. as a baseline JPEG",
-        )
-    image = 1 if header.components == 1 and limits.jpeg_decoder == "pillow" else BYTES_PER_PIXEL
-    if scans > 1:
-        _check_memory(
-            "a progressive (multi-scan) JPEG",
-            header.width,
-            header.height,
-            image + 2 * header.samples,
-            "the decoder keeps every DCT coefficient of a multi-scan JPEG",
-            "send it as a baseline JPEG",
-            limits,
-        )
-
-
-def _decode_plain_jpeg(data: bytes, header: JpegHeader) -> np.ndarray:
-    """libjpeg-turbo through Pillow's C decoder, as ``Image.open(...).load()`` runs it for such a file, but
-    without the Python header parser (a third of a 112 px crop's cost, all of it holding the GIL) and writing
-    straight into a numpy array: (H, W, 1) for grey, (H, W, 4) RGB + a padding byte for colour (Pillow's own
-    layout), so no copy out of Pillow follows. Errors as Pillow's."""
-    width, height = header.width, header.height
-    grey = header.components == 1
-    pixels = np.empty((height, width, 1 if grey else 4), np.uint8)
-    mode, rawmode = ("L", "L") if grey else ("RGBX", "RGB")
-    core = Image.core.map_buffer(pixels, (width, height), "raw", 0, (mode, 0, 1))  # type: ignore[attr-defined]
-    decoder = Image.core.jpeg_decoder(mode, rawmode, "")  # type: ignore[attr-defined]
-    try:
-        decoder.setimage(core, (0, 0, width, height))
-        consumed, err = decoder.decode(data)
-    finally:
-        decoder.cleanup()
-    if err < 0:
-        raise OSError(f"decoder error {err}")
-    if consumed >= 0:  # the decoder wants more input than there is
-        raise OSError("image file is truncated")
-    return pixels
-
-
-def _decode_tensorflow(data: bytes, width: int, height: int) -> np.ndarray:
-    """TensorFlow's JPEG decoder with its defaults (INTEGER_FAST IDCT: the seed's pixels), 3 channels, read as
-    a view of the tensor (no copy). TensorFlow is imported here, only by workers that choose this decoder."""
-    import tensorflow as tf  # noqa: PLC0415
-
-    try:
-        tensor = tf.io.decode_jpeg(data, channels=3)
-    except tf.errors.OpError as exc:
-        first = (exc.message or type(exc).__name__).splitlines()[0]
-        raise JobFailure(ErrorCode.IMAGE_DECODE_ERROR, f"cannot decode JPEG: {first}") from None
-    pixels = tensor._numpy() if hasattr(tensor, "_numpy") else tensor.numpy()  # _numpy: a view, .numpy(): a copy
-    if pixels.shape[:2] != (height, width):
-        raise JobFailure(
-            ErrorCode.IMAGE_DECODE_ERROR,
-            f"JPEG decoded to {pixels.shape[1]}x{pixels.shape[0]}, not the {width}x{height} of its header",
-        )
-    return pixels
-
-
-def webp_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) of a WebP's canvas from its first chunk, or ``None`` when it is not one of VP8/VP8L/VP8X."""
-    chunk = data[12:16]
-    if chunk == b"VP8 " and len(data) >= 30 and data[23:26] == b"\x9d\x01\x2a":
-        return int.from_bytes(data[26:28], "little") & 0x3FFF, int.from_bytes(data[28:30], "little") & 0x3FFF
-    if chunk == b"VP8L" and len(data) >= 25 and data[20] == 0x2F:
-        bits = int.from_bytes(data[21:25], "little")
-        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
-    if chunk == b"VP8X" and len(data) >= 30:
-        return int.from_bytes(data[24:27], "little") + 1, int.from_bytes(data[27:30], "little") + 1
-    return None
 
 
 # --- decoded images -------------------------------------------------------------------------------------------
@@ -462,31 +224,6 @@ def _raw_bytes(img: Image.Image, rawmode: str, bytes_per_pixel: int) -> bytes:
 
 def _is_float(mode: str) -> bool:
     return mode == "F" or mode.startswith("F;")
-
-
-def _sniff(data: bytes, limits: DecodeLimits) -> str:
-    accepted = ", ".join(limits.formats)
-    fmt = sniff_format(data)
-    if fmt is None:
-        raise JobFailure(
-            ErrorCode.IMAGE_DECODE_ERROR, f"not a recognised image format ({len(data)} bytes); send one of {accepted}"
-        )
-    if fmt not in limits.formats:
-        raise JobFailure(ErrorCode.IMAGE_DECODE_ERROR, f"{fmt} images are not accepted; send one of {accepted}")
-    return fmt
-
-
-def _check_webp(width: int, height: int, limits: DecodeLimits) -> None:
-    check_size(width, height, limits)
-    _check_memory(
-        "a WebP image",
-        width,
-        height,
-        WEBP_BYTES_PER_PIXEL,
-        "libwebp's canvas, its frame and Pillow's image",
-        "send it as PNG or JPEG",
-        limits,
-    )
 
 
 def _check_opened(img: Image.Image, fmt: str, limits: DecodeLimits) -> None:
