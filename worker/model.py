@@ -171,8 +171,6 @@ def load_face_model(
       it is, with ``scale``/``offset``/``threshold`` describing it.
     Anything else raises :class:`~worker.weights.WeightsError` naming the problem.
     """
-    from worker.weights import read_keras_h5_weights, read_tfjs_weights
-
     p = Path(path)
     source = str(p)
     if not p.exists():
@@ -188,31 +186,47 @@ def load_face_model(
             raise WeightsError(
                 f"{source}: directory is neither a SavedModel (saved_model.pb) nor a TF.js model (model.json)"
             )
-    head = p.read_bytes()[:8] if p.is_file() else b""
     if p.suffix == ".json":
-        try:
-            fmt = json.loads(p.read_text()).get("format")
-        except ValueError as exc:
-            raise WeightsError(f"{p}: not valid JSON ({exc})") from None
-        if fmt != "layers-model":
-            raise WeightsError(
-                f"{p}: TF.js format {fmt!r} is not a layers model; ArcFace needs the seed's layers model.json"
-            )
-        return _arcface(read_tfjs_weights(p), str(p), precision, name)
+        return _load_tfjs(p, precision, name)
+    head = p.read_bytes()[:8] if p.is_file() else b""
     if p.suffix == ".keras" or head.startswith(b"PK"):
         return _custom(keras.models.load_model(p, compile=False), source, name, scale, offset, threshold)
     if head.startswith(b"\x89HDF\r\n\x1a\n"):
-        import h5py
-
-        try:
-            with h5py.File(p, "r") as f:
-                full_model = "model_config" in f.attrs
-        except OSError as exc:
-            raise WeightsError(f"{source}: not a readable HDF5 file ({exc})") from None
-        if full_model:
-            return _custom(keras.models.load_model(p, compile=False), source, name, scale, offset, threshold)
-        return _arcface(read_keras_h5_weights(p), source, precision, name)
+        return _load_h5(p, source, precision, name, scale, offset, threshold)
     raise WeightsError(
         f"{source}: matches no supported format "
         "(deepface .h5 weights, TF.js model.json, .keras, .h5 model, SavedModel directory)"
     )
+
+
+def _load_tfjs(p: Path, precision: str, name: str) -> FaceModel:
+    """A TF.js layers ``model.json`` (+ shards): the ArcFace ResNet34 with its weights."""
+    from worker.weights import read_tfjs_weights
+
+    try:
+        fmt = json.loads(p.read_text()).get("format")
+    except ValueError as exc:
+        raise WeightsError(f"{p}: not valid JSON ({exc})") from None
+    if fmt != "layers-model":
+        raise WeightsError(
+            f"{p}: TF.js format {fmt!r} is not a layers model; ArcFace needs the seed's layers model.json"
+        )
+    return _arcface(read_tfjs_weights(p), str(p), precision, name)
+
+
+def _load_h5(
+    p: Path, source: str, precision: str, name: str, scale: float, offset: float, threshold: float
+) -> FaceModel:
+    """An HDF5 file: a full Keras model (a ``model_config`` attribute) or deepface's ArcFace weights."""
+    import h5py
+
+    from worker.weights import read_keras_h5_weights
+
+    try:
+        with h5py.File(p, "r") as f:
+            full_model = "model_config" in f.attrs
+    except OSError as exc:
+        raise WeightsError(f"{source}: not a readable HDF5 file ({exc})") from None
+    if full_model:
+        return _custom(keras.models.load_model(p, compile=False), source, name, scale, offset, threshold)
+    return _arcface(read_keras_h5_weights(p), source, precision, name)

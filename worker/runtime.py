@@ -254,7 +254,6 @@ class Runtime:
         """The JSON-ready result of a request from the embeddings of its images (rows in request order; rows
         of failed images are ignored). Single-image kinds raise the failure of their image; multi-item kinds
         report failed items in ``errors`` and never fail as a whole."""
-        name = self.engine.model.name
         face_dicts = [f.as_dict() if f is not None else None for f in faces]
         if isinstance(request, GALLERY_REQUESTS):
             assert self.gallery is not None
@@ -262,52 +261,83 @@ class Runtime:
                 request.kind, request, embeddings, timing=timing, faces=face_dicts, failures=failures
             )
         if isinstance(request, EmbedRequest):
-            if 0 in failures:
-                raise failures[0]
-            every = None
-            if request.faces == "all" and faces[0] is not None:
-                pairs = [(faces[0], embeddings[0]), *(extra_faces or [])]
-                every = [FaceEmbedding(**f.as_dict(), embedding_b64=encode_embedding(row)) for f, row in pairs]
-            return EmbedResult(
-                embedding_b64=encode_embedding(embeddings[0]),
-                dim=int(embeddings.shape[1]),
-                model=name,
-                ref=request.ref,
-                face=face_dicts[0],
-                faces=every,
-                timing=timing,
-            ).model_dump(mode="json")
+            return self._finish_embed(request, embeddings, failures, faces, timing, extra_faces)
         if isinstance(request, VerifyRequest):
-            for i in (0, 1):
-                if i in failures:
-                    f = failures[i]
-                    raise JobFailure(f.code, f"image {'ab'[i]}: {f.message}")
-            v = self.engine.verify(embeddings[0], embeddings[1], request.threshold)
-            return VerifyResult(
-                distance=v.distance,
-                threshold=v.threshold,
-                similar=v.similar,
-                model=name,
-                ref=request.ref,
-                face_a=face_dicts[0],
-                face_b=face_dicts[1],
-                timing=timing,
-            ).model_dump(mode="json")
+            return self._finish_verify(request, embeddings, failures, face_dicts, timing)
         if isinstance(request, EmbedBatchRequest):
-            rows = np.array(embeddings, dtype=np.float32, copy=True)
-            errors = [ItemError(index=i, code=f.code, message=f.message) for i, f in sorted(failures.items())]
-            rows[[e.index for e in errors]] = 0.0
-            return EmbedBatchResult(
-                count=len(rows),
-                dim=int(rows.shape[1]),
-                embeddings_b64=encode_matrix(rows),
-                errors=errors,
-                model=name,
-                ref=request.ref,
-                faces=face_dicts if self.detector is not None and any(face_dicts) else None,
-                timing=timing,
-            ).model_dump(mode="json")
+            return self._finish_embed_batch(request, embeddings, failures, face_dicts, timing)
         return self._finish_pairs(request, embeddings, failures, timing)
+
+    def _finish_embed(
+        self,
+        request: EmbedRequest,
+        embeddings: np.ndarray,
+        failures: dict[int, JobFailure],
+        faces: list[Face | None],
+        timing: Timing,
+        extra_faces: list[tuple[Face, np.ndarray]] | None,
+    ) -> dict:
+        if 0 in failures:
+            raise failures[0]
+        every = None
+        if request.faces == "all" and faces[0] is not None:
+            pairs = [(faces[0], embeddings[0]), *(extra_faces or [])]
+            every = [FaceEmbedding(**f.as_dict(), embedding_b64=encode_embedding(row)) for f, row in pairs]
+        return EmbedResult(
+            embedding_b64=encode_embedding(embeddings[0]),
+            dim=int(embeddings.shape[1]),
+            model=self.engine.model.name,
+            ref=request.ref,
+            face=faces[0].as_dict() if faces[0] is not None else None,
+            faces=every,
+            timing=timing,
+        ).model_dump(mode="json")
+
+    def _finish_verify(
+        self,
+        request: VerifyRequest,
+        embeddings: np.ndarray,
+        failures: dict[int, JobFailure],
+        face_dicts: list[dict | None],
+        timing: Timing,
+    ) -> dict:
+        for i in (0, 1):
+            if i in failures:
+                f = failures[i]
+                raise JobFailure(f.code, f"image {'ab'[i]}: {f.message}")
+        v = self.engine.verify(embeddings[0], embeddings[1], request.threshold)
+        return VerifyResult(
+            distance=v.distance,
+            threshold=v.threshold,
+            similar=v.similar,
+            model=self.engine.model.name,
+            ref=request.ref,
+            face_a=face_dicts[0],
+            face_b=face_dicts[1],
+            timing=timing,
+        ).model_dump(mode="json")
+
+    def _finish_embed_batch(
+        self,
+        request: EmbedBatchRequest,
+        embeddings: np.ndarray,
+        failures: dict[int, JobFailure],
+        face_dicts: list[dict | None],
+        timing: Timing,
+    ) -> dict:
+        rows = np.array(embeddings, dtype=np.float32, copy=True)
+        errors = [ItemError(index=i, code=f.code, message=f.message) for i, f in sorted(failures.items())]
+        rows[[e.index for e in errors]] = 0.0
+        return EmbedBatchResult(
+            count=len(rows),
+            dim=int(rows.shape[1]),
+            embeddings_b64=encode_matrix(rows),
+            errors=errors,
+            model=self.engine.model.name,
+            ref=request.ref,
+            faces=face_dicts if self.detector is not None and any(face_dicts) else None,
+            timing=timing,
+        ).model_dump(mode="json")
 
     def _finish_pairs(
         self, request: VerifyBatchRequest, embeddings: np.ndarray, failures: dict[int, JobFailure], timing: Timing
