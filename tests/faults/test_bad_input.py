@@ -99,19 +99,16 @@ def env(worker_env, tmp_path):
     return {**worker_env, "ARCFACE_SHARED_ROOT": str(root), "ARCFACE_MAX_INLINE_BYTES": str(200_000)}
 
 
-def test_every_kind_of_bad_input_fails_alone_and_odd_but_valid_images_work(env, tmp_path, engine):
-    client = FaceClient(ProducerSettings(redis_url=env["ARCFACE_REDIS_URL"], queue=env["ARCFACE_QUEUE"]))
-    conn, q = client.connection, env["ARCFACE_QUEUE"]
-    marker = tmp_path / "pwned"
-    rng = np.random.default_rng(0)
-    jpeg = encode(Image.open(face_paths()[0]).convert("RGB"), "JPEG", quality=90)
-    gif_frames = [Image.fromarray(rng.integers(0, 256, (64, 64), dtype=np.uint8)).convert("P") for _ in range(3)]
-    good_faces = face_paths()[:8]
+def embed_call(data: bytes) -> bytes:
+    return call(EMBED_FUNC, {"kind": "embed", "image": {"data_b64": b64(data)}})
 
-    def embed(data: bytes) -> bytes:
-        return call(EMBED_FUNC, {"kind": "embed", "image": {"data_b64": b64(data)}})
 
-    bad = {
+def bad_inputs(
+    tmp_path: Path, marker: Path, rng: np.random.Generator, jpeg: bytes
+) -> dict[str, tuple[bytes, ErrorCode]]:
+    """Every kind of bad job data, with the code it must fail with."""
+    embed = embed_call
+    return {
         "zero bytes": (embed(b""), ErrorCode.IMAGE_DECODE_ERROR),
         "random bytes": (embed(rng.integers(0, 256, 5000, dtype=np.uint8).tobytes()), ErrorCode.IMAGE_DECODE_ERROR),
         "text": (embed(b"GIF? no: just a line of text\n" * 10), ErrorCode.IMAGE_DECODE_ERROR),
@@ -161,23 +158,47 @@ def test_every_kind_of_bad_input_fails_alone_and_odd_but_valid_images_work(env, 
         ),
         "too large inline": (embed(rng.integers(0, 256, 300_000, dtype=np.uint8).tobytes()), ErrorCode.IMAGE_TOO_LARGE),
     }
-    odd_but_valid = {
+
+
+def odd_but_valid_inputs(gif_frames: list[Image.Image]) -> dict[str, bytes]:
+    """Unusual images that must embed: CMYK JPEG, 16-bit PNG, animated GIF."""
+    return {
         "cmyk jpeg": encode(Image.open(face_paths()[1]).convert("CMYK"), "JPEG", quality=95),
         "16-bit png": encode(
             Image.fromarray((np.asarray(Image.open(face_paths()[2]).convert("L"), np.uint16) * 257)), "PNG"
         ),
         "animated gif": encode(gif_frames[0], "GIF", save_all=True, append_images=gif_frames[1:], loop=0),
     }
+
+
+def enqueue_inputs(conn, q: str, bad: dict, odd_but_valid: dict, good_faces: list[Path], jpeg: bytes, marker: Path):
+    """Write every job by hand, each bad one followed by a good one (so bad and good share batches), then a good
+    job with a pickle in its meta, the odd-but-valid images and a job reading an allowed shared path. Returns
+    (ids by name, [(good job id, its image path)], pickled-meta job id, shared-path job id)."""
     ids: dict[str, str] = {}
     good: list[tuple[str, Path]] = []
     for i, (name, (data, _)) in enumerate(bad.items()):
         ids[name] = write_raw_job(conn, q, data)
         p = good_faces[i % len(good_faces)]
-        good.append((write_raw_job(conn, q, embed(p.read_bytes())), p))  # interleaved: bad ones share batches
-    pickled_meta = write_raw_job(conn, q, embed(jpeg), extra={"meta": zlib.compress(pickle.dumps(Evil(marker)))})
+        good.append((write_raw_job(conn, q, embed_call(p.read_bytes())), p))  # interleaved: bad ones share batches
+    pickled_meta = write_raw_job(conn, q, embed_call(jpeg), extra={"meta": zlib.compress(pickle.dumps(Evil(marker)))})
     for name, data in odd_but_valid.items():
-        ids[name] = write_raw_job(conn, q, embed(data))
+        ids[name] = write_raw_job(conn, q, embed_call(data))
     path_ok = write_raw_job(conn, q, call(EMBED_FUNC, {"kind": "embed", "image": {"path": "amy1.png"}}))
+    return ids, good, pickled_meta, path_ok
+
+
+def test_every_kind_of_bad_input_fails_alone_and_odd_but_valid_images_work(env, tmp_path, engine):
+    client = FaceClient(ProducerSettings(redis_url=env["ARCFACE_REDIS_URL"], queue=env["ARCFACE_QUEUE"]))
+    conn, q = client.connection, env["ARCFACE_QUEUE"]
+    marker = tmp_path / "pwned"
+    rng = np.random.default_rng(0)
+    jpeg = encode(Image.open(face_paths()[0]).convert("RGB"), "JPEG", quality=90)
+    gif_frames = [Image.fromarray(rng.integers(0, 256, (64, 64), dtype=np.uint8)).convert("P") for _ in range(3)]
+    good_faces = face_paths()[:8]
+    bad = bad_inputs(tmp_path, marker, rng, jpeg)
+    odd_but_valid = odd_but_valid_inputs(gif_frames)
+    ids, good, pickled_meta, path_ok = enqueue_inputs(conn, q, bad, odd_but_valid, good_faces, jpeg, marker)
 
     worker = WorkerProcess(env, tmp_path / "worker.log", "--burst", ARCFACE_MAX_BATCH_SIZE="16")
     assert worker.wait(300) == 0, worker.log_path.read_text()[-3000:]
