@@ -111,86 +111,42 @@ def _wait(ping, timeout: float = 10) -> None:
     raise RuntimeError("server did not come up")
 
 
-def test_tls_rediss_url_with_a_ca_file(tmp_path, small_model):
-    d = tmp_path / "tls"
-    d.mkdir()
-    sh = lambda *a: subprocess.run(a, cwd=d, check=True, capture_output=True)  # noqa: E731
-    sh(
-        "openssl",
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=test-ca",
-    )
-    sh(
-        "openssl",
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=127.0.0.1",
+def _make_tls_certs(d: Path) -> None:
+    """A throw-away CA (ca.crt) and a server certificate it signed for 127.0.0.1 (server.crt/server.key) in ``d``."""
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
+
+    ca = ["-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=test-ca"]
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", *ca)
+    openssl(
+        "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1"
     )
     (d / "san.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    sh(
-        "openssl",
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.crt",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "server.crt",
-        "-days",
-        "2",
-        "-extfile",
-        "san.cnf",
-    )
-    port = free_port()
+    signed = ["-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out", "server.crt", "-days", "2"]
+    openssl("x509", "-req", "-in", "server.csr", *signed, "-extfile", "san.cnf")
+
+
+def _start_tls_redis(d: Path, port: int) -> subprocess.Popen:
+    """redis-server with only a TLS port (no client certificates required), using the certificates in ``d``."""
     from producer.redisconn import redis_server_binary
 
-    proc = subprocess.Popen(
-        [
-            redis_server_binary(),
-            "--port",
-            "0",
-            "--tls-port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--dir",
-            str(d),
-            "--tls-cert-file",
-            str(d / "server.crt"),
-            "--tls-key-file",
-            str(d / "server.key"),
-            "--tls-ca-cert-file",
-            str(d / "ca.crt"),
-            "--tls-auth-clients",
-            "no",
-        ],
+    tls = ["--tls-cert-file", str(d / "server.crt"), "--tls-key-file", str(d / "server.key")]
+    tls += ["--tls-ca-cert-file", str(d / "ca.crt"), "--tls-auth-clients", "no"]
+    return subprocess.Popen(
+        [redis_server_binary(), "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1"]
+        + ["--save", "", "--dir", str(d), *tls],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+
+
+def test_tls_rediss_url_with_a_ca_file(tmp_path, small_model):
+    d = tmp_path / "tls"
+    d.mkdir()
+    _make_tls_certs(d)
+    port = free_port()
+    proc = _start_tls_redis(d, port)
     try:
         _wait(lambda: redis.Redis(port=port, ssl=True, ssl_ca_certs=str(d / "ca.crt")).ping())
         with pytest.raises(redis.ConnectionError):
