@@ -1,0 +1,534 @@
+"""Issue 11, attacked from Redis: hostile job hashes, ids, dependents sets, queue entries and memory bombs are
+written raw into a queue that one long-running worker serves, interleaved with good jobs.
+
+After every test (``fleet.check``): every good job finished exactly once with the right embedding (one result
+entry, one ``batch_jobs`` appearance in the worker's log), no registry holds a stale entry (started registry,
+queue and intermediate list empty; the failed registry holds exactly the hostile jobs with valid ids, the
+finished registry exactly the good ones), the worker is alive and logged no loop error, each hostile job
+failed alone with a clear code (read from the raw hash's meta and the raw result stream, and through the
+client when its id is a valid one), and rq's own tools still work (``FailedJobRegistry.get_job_ids``,
+``StartedJobRegistry.cleanup``, ``Job.fetch`` of every failed hostile job, ``rq info`` exits 0).
+
+Classes (issue 11 numbering): 1 unparseable hash fields, 2 ids rq refuses, 3 hand-written dependents sets,
+8 memory bombs (peak RSS bounded), 14 ``instance`` not null, 15 stale and duplicate queue entries.
+
+One worker process serves the whole module (each start loads TensorFlow); tests may run alone (``-k``).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import subprocess
+import sys
+import time
+import uuid
+import zlib
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+from PIL import Image
+from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
+
+from producer.client import FaceClient, JobFailed
+from producer.jobs import EMBED_BATCH_FUNC, EMBED_FUNC, JSONSerializer, SafeJob
+from producer.settings import ProducerSettings
+from tests.conftest import REPO, face_paths
+from tests.workers import WorkerProcess
+
+MAX_BATCH = 16
+PREPROCESS_THREADS = 2
+MAX_PIXELS = 40_000_000  # the worker's default ARCFACE_MAX_IMAGE_PIXELS, set explicitly so the formula below holds
+MAX_JOB_BYTES = 64 * 1024 * 1024  # the default ARCFACE_MAX_JOB_BYTES, likewise
+# Peak-RSS bound of one worker beyond its steady state (model loaded, a full batch run): every preprocessing
+# thread holding one image of max pixels at 4 bytes a pixel (decoded RGB(A) uint8), plus one job's data inflated
+# to its bound. The model's own share is in the steady state the increase is measured from.
+RSS_BOUND = PREPROCESS_THREADS * MAX_PIXELS * 4 + MAX_JOB_BYTES
+
+
+def rq_now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def embed_data(image: bytes, instance=None) -> bytes:
+    return json.dumps([EMBED_FUNC, instance, [{"kind": "embed", "image": {"data_b64": b64(image)}}], {}]).encode()
+
+
+def as_bytes(job_id: str | bytes) -> bytes:
+    return job_id if isinstance(job_id, bytes) else job_id.encode()
+
+
+@dataclass
+class Fleet:
+    """The module's worker, its queue, and what every test wrote: the ground truth ``check`` compares with."""
+
+    url: str
+    queue: str
+    conn: redis.Redis
+    client: FaceClient
+    worker: WorkerProcess
+    direct: dict[Path, np.ndarray]  # embeddings computed in-process by the engine, per face
+    good: dict[str, Path] = field(default_factory=dict)  # every good job written so far -> its face
+    hostile: dict[str, str] = field(default_factory=dict)  # hostile job with a valid id -> expected code
+    refused_ids: dict[str, str] = field(default_factory=dict)  # id rq refuses -> expected code (in no registry)
+    checked: set[str] = field(default_factory=set)  # jobs whose outcome an earlier check read in detail
+
+    # --- writing ---------------------------------------------------------------------------------
+    def hash(
+        self, job_id: str | bytes, data: bytes | None, extra: dict | None = None, drop: tuple[str, ...] = ()
+    ) -> None:
+        """A job hash as a careful non-Python producer writes it, with ``extra`` fields overriding."""
+        now = rq_now()
+        fields: dict = {
+            "origin": self.queue,
+            "status": "queued",
+            "created_at": now,
+            "enqueued_at": now,
+            "description": "raw",
+            "timeout": "180",
+            "result_ttl": "3600",
+            "failure_ttl": "3600",
+        }
+        if data is not None:
+            fields["data"] = data
+        fields.update(extra or {})
+        for name in drop:
+            fields.pop(name, None)
+        self.conn.hset(b"rq:job:" + as_bytes(job_id), mapping=fields)
+
+    def good_job(self, i: int) -> str:
+        """A good job's hash (not queued yet); round-robin over 8 faces."""
+        path = face_paths()[(i * 5) % 40]
+        jid = f"good-{uuid.uuid4().hex}"
+        self.hash(jid, embed_data(path.read_bytes()))
+        self.good[jid] = path
+        return jid
+
+    def push(self, *ids: str | bytes) -> None:
+        """All ids in one RPUSH (the worker sees them at once, so they share batches)."""
+        self.conn.sadd("rq:queues", f"rq:queue:{self.queue}")
+        self.conn.rpush(f"rq:queue:{self.queue}", *[as_bytes(i) for i in ids])
+
+    def interleave(self, hostile: list[str | bytes]) -> list[str]:
+        """Push each hostile id between two good jobs, then a last good one; returns the good ids."""
+        goods = [self.good_job(0)]
+        order: list[str | bytes] = [goods[0]]
+        for i, jid in enumerate(hostile):
+            goods.append(self.good_job(i + 1))
+            order += [jid, goods[-1]]
+        goods.append(self.good_job(len(hostile) + 1))
+        self.push(*order, goods[-1])
+        return goods
+
+    # --- reading ---------------------------------------------------------------------------------
+    def raw_outcome(self, job_id: str | bytes) -> tuple[str, str | None, list[str]]:
+        """(status, error code in meta, decoded result entries' exc_string / 'ok') straight from Redis."""
+        h = self.conn.hgetall(b"rq:job:" + as_bytes(job_id))
+        status = h.get(b"status", b"").decode("latin-1")
+        code = None
+        if b"meta" in h:
+            try:
+                code = json.loads(h[b"meta"]).get("error", {}).get("code")
+            except (ValueError, AttributeError):
+                code = None
+        entries = []
+        for _, e in self.conn.xrange(b"rq:results:" + as_bytes(job_id)):
+            if b"exc_string" in e:
+                entries.append(zlib.decompress(base64.b64decode(e[b"exc_string"])).decode())
+            else:
+                entries.append("ok")
+        return status, code, entries
+
+    def wait_failed(self, ids: list[str | bytes], timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        pending = list(ids)
+        while pending and time.monotonic() < deadline:
+            pending = [j for j in pending if self.raw_outcome(j)[0] != "failed"]
+            if pending:
+                assert self.worker.proc.poll() is None, self.log_tail()
+                time.sleep(0.2)
+        assert not pending, f"not failed after {timeout}s: {pending}\n{self.log_tail()}"
+
+    def wait_results(self, ids: list[str], timeout: float = 240) -> None:
+        """Every good job's result, compared with the in-process engine's embedding of the same face."""
+        for jid in ids:
+            try:
+                result = self.client.result(jid, timeout=timeout)
+            except Exception as exc:
+                raise AssertionError(f"good job {jid} did not finish: {exc}\n{self.log_tail()}") from exc
+            np.testing.assert_allclose(result.embedding, self.direct[self.good[jid]], atol=1e-5)
+
+    def log_tail(self) -> str:
+        return self.worker.log_path.read_text()[-4000:]
+
+    def batched_ids(self) -> list[str]:
+        return [j for e in self.worker.events() if e.get("event") == "batch_jobs" for j in e["job_ids"]]
+
+    # --- the invariants ----------------------------------------------------------------------------
+    def check(self) -> None:
+        """Everything issue 11's Done-when asks after each hostile round (see the module docstring): registries
+        against everything written so far, each job's own outcome for the jobs written since the last check."""
+        conn, q = self.conn, self.queue
+        assert self.worker.proc.poll() is None, f"the worker died:\n{self.log_tail()}"
+        errors = [
+            e
+            for e in self.worker.events()
+            if e.get("level") in ("error", "critical") and e.get("event") != "tensorflow_log"
+        ]
+        assert errors == [], errors[:3]
+        assert conn.llen(f"rq:queue:{q}") == 0
+        assert conn.llen(f"rq:queue:{q}:intermediate") == 0
+        assert conn.zcard(f"rq:wip:{q}") == 0
+        registries = dict(connection=conn, serializer=JSONSerializer, job_class=SafeJob)
+        failed = set(FailedJobRegistry(q, **registries).get_job_ids())
+        finished = set(FinishedJobRegistry(q, **registries).get_job_ids())
+        assert failed == set(self.hostile), failed ^ set(self.hostile)
+        assert finished == set(self.good), finished ^ set(self.good)
+        # every good job exactly once: one result entry, one run
+        runs = self.batched_ids()
+        for jid in self.good:
+            assert runs.count(jid) == 1, (jid, runs.count(jid))
+            if jid in self.checked:
+                continue
+            status, _, entries = self.raw_outcome(jid)
+            assert (status, entries) == ("finished", ["ok"]), (jid, status, entries)
+        # every hostile job failed alone, once, with its code: in the hash, the result stream, and the client
+        for jid, code in {**self.hostile, **self.refused_ids}.items():
+            assert runs.count(jid) == 0
+            if jid in self.checked:
+                continue
+            status, meta_code, entries = self.raw_outcome(jid)
+            assert (status, meta_code) == ("failed", code), (jid, status, meta_code, entries)
+            assert len(entries) == 1 and f"[{code}]" in entries[0], (jid, entries)
+        for jid, code in self.hostile.items():
+            if jid in self.checked:
+                continue
+            with pytest.raises(JobFailed) as info:
+                self.client.result(jid, timeout=5)
+            assert info.value.error.code.value == code
+            job = SafeJob.fetch(jid, connection=conn, serializer=JSONSerializer)  # rq reads what the worker left
+            assert job.get_status() == "failed" and job.meta["error"]["code"] == code
+        StartedJobRegistry(q, **registries).cleanup()
+        info = subprocess.run(
+            [sys.executable, "-m", "rq.cli", "info", "--url", self.url],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert info.returncode == 0, info.stderr[-2000:]
+        workers = subprocess.run(
+            [sys.executable, "-m", "rq.cli", "info", "--url", self.url, "--only-workers", "-R"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert workers.returncode == 0 and "1 worker" in workers.stdout, workers.stdout + workers.stderr
+        self.checked |= set(self.good) | set(self.hostile) | set(self.refused_ids)
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory, redis_server, arcface_h5, engine):
+    tmp = tmp_path_factory.mktemp("fleet")
+    queue = f"hard-{uuid.uuid4().hex[:8]}"
+    env = {
+        "ARCFACE_REDIS_URL": redis_server.url,
+        "ARCFACE_QUEUE": queue,
+        "ARCFACE_MODEL_PATH": str(arcface_h5),
+        "ARCFACE_ALLOWED_BATCH_SIZES": "1,4,16",
+        "ARCFACE_MAX_BATCH_SIZE": str(MAX_BATCH),
+        "ARCFACE_DATA_DIR": str(tmp / "data"),
+        "ARCFACE_PREPROCESS_THREADS": str(PREPROCESS_THREADS),
+        "ARCFACE_MAX_IMAGE_PIXELS": str(MAX_PIXELS),
+        "ARCFACE_MAX_JOB_BYTES": str(MAX_JOB_BYTES),
+        "ARCFACE_BATCH_TIMEOUT_MS": "20",
+    }
+    worker = WorkerProcess(env, tmp / "worker.log")
+    faces = [face_paths()[(i * 5) % 40] for i in range(8)]
+    direct = dict(zip(faces, engine.embed_images([p.read_bytes() for p in faces]), strict=True))
+    try:
+        worker.wait_ready(300)
+        client = FaceClient(ProducerSettings(redis_url=redis_server.url, queue=queue))
+        yield Fleet(redis_server.url, queue, redis_server.client(), client, worker, direct)
+    finally:
+        worker.stop()
+
+
+def test_class1_unparseable_hash_fields_fail_alone_and_become_readable_failed_jobs(fleet):
+    # Each hash is a good embed job but for one field rq cannot parse: it fails invalid_payload naming the field,
+    # and its hash is rewritten into a failed job every rq tool reads.
+    broken = {
+        "created_at": "2026-11-29T16:00:00+00:00",  # ISO 8601 with an offset: not rq's format
+        "enqueued_at": "2026-11-29T16:00:00.123456789Z",  # Go's RFC3339Nano
+        "timeout": "180.0",
+        "result_ttl": "forever",
+        "failure_ttl": "1.5",
+        "retries_left": "x",
+        "retry_intervals": "not json",
+        "started_at": "yesterday",
+        "origin": b"\xff\xfe" + b"q",  # not UTF-8
+        "description": b"\xc3\x28",
+        "status": b"\xffqueued",
+    }
+    image = face_paths()[0].read_bytes()
+    ids = {}
+    for name, value in broken.items():
+        jid = f"bad-{name}-{uuid.uuid4().hex[:8]}"
+        fleet.hash(jid, embed_data(image), {name: value})
+        ids[jid] = name
+    both = f"bad-two-{uuid.uuid4().hex[:8]}"  # two bad fields: no single one to blame
+    fleet.hash(both, embed_data(image), {"timeout": "abc", "created_at": "2026-11-29 16:00"})
+    no_data = f"bad-nodata-{uuid.uuid4().hex[:8]}"
+    fleet.hash(no_data, None)
+    hostile = [*ids, both, no_data]
+    goods = fleet.interleave(hostile)
+    fleet.wait_results(goods)
+    fleet.wait_failed(hostile)
+    for jid in hostile:
+        fleet.hostile[jid] = "invalid_payload"
+    for jid, name in ids.items():
+        _, _, entries = fleet.raw_outcome(jid)
+        assert f"field '{name}'" in entries[0], entries[0]
+    assert "job data is not the JSON job array" in fleet.raw_outcome(no_data)[2][0]
+    for jid in hostile:  # rewritten: origin is the queue (rq info lists it there), data no longer the bad job's
+        job = SafeJob.fetch(jid, connection=fleet.conn, serializer=JSONSerializer)
+        assert job.origin == fleet.queue and job.exc_info and "[invalid_payload]" in job.exc_info
+    fleet.check()
+
+
+def test_class1_a_hash_of_20000_fields_costs_no_more_than_a_small_one(fleet):
+    # Two unparseable fields among 20,000 junk ones: finding "the" bad field by restoring the hash once per field
+    # is quadratic (minutes here), and the good jobs taken with it would wait that long.
+    many = f"bad-many-{uuid.uuid4().hex[:8]}"
+    fleet.conn.hset(f"rq:job:{many}", mapping={f"junk{i}": "x" for i in range(20_000)})
+    fleet.hash(
+        many, embed_data(face_paths()[0].read_bytes()), {"created_at": "2026-11-29T16:00:00+00:00", "timeout": "abc"}
+    )
+    started = time.monotonic()
+    goods = fleet.interleave([many])
+    fleet.wait_results(goods)
+    fleet.wait_failed([many])
+    took = time.monotonic() - started
+    print(f"\n20,000-field hash and {len(goods)} good jobs: {took:.1f}s")
+    assert took < 30, f"the good jobs taken with a 20,000-field hash took {took:.0f}s"
+    fleet.hostile[many] = "invalid_payload"
+    fleet.check()
+
+
+def test_class1_garbage_that_rq_tolerates_runs_normally(fleet):
+    # meta that is not JSON (rq keeps it as {"unserialized": ...}), meta that is a JSON list, a callback naming
+    # os.system: the job runs, no callback is ever called, the result is the right embedding.
+    tolerated = []
+    for i, extra in enumerate(
+        [
+            {"meta": b"\x00\xffgarbage"},
+            {"meta": "[1,2]"},
+            {"success_callback_name": "os.system", "failure_callback_name": "os.system"},
+        ]
+    ):
+        jid = f"odd-{i}-{uuid.uuid4().hex[:8]}"
+        path = face_paths()[(i * 5) % 40]
+        fleet.hash(jid, embed_data(path.read_bytes()), extra)
+        fleet.good[jid] = path
+        tolerated.append(jid)
+    goods = fleet.interleave(tolerated)
+    fleet.wait_results([*goods, *tolerated])
+    fleet.check()
+
+
+def test_class2_ids_rq_refuses_fail_alone_in_no_registry_and_undecodable_ids_are_dropped(fleet):
+    image = face_paths()[5].read_bytes()
+    refused = ["order.42", f"a:{uuid.uuid4().hex[:6]}", f"x.y:z-{uuid.uuid4().hex[:6]}", "v" * 600]
+    for jid in refused:
+        fleet.hash(jid, embed_data(image))
+    undecodable = b"\xff\xfe-" + uuid.uuid4().hex.encode()  # not UTF-8: cannot even be named in a result
+    fleet.hash(undecodable, embed_data(image))
+    goods = fleet.interleave([*refused, undecodable])
+    fleet.wait_results(goods)
+    fleet.wait_failed(refused)
+    for jid in refused:
+        fleet.refused_ids[jid] = "invalid_payload"
+        assert "not a valid rq id" in fleet.raw_outcome(jid)[2][0]
+        for registry in ("wip", "finished", "failed"):  # rq's registry code cannot parse such ids
+            assert fleet.conn.zscore(f"rq:{registry}:{fleet.queue}", jid) is None
+    assert fleet.raw_outcome(undecodable) == ("queued", None, [])  # untouched, and gone from the queue
+    fleet.check()
+
+
+def test_class3_hand_written_dependents_never_stop_the_worker_nor_rerun_a_finished_job(fleet):
+    # A job that once ran as someone's dependent (it has dependency_ids) and finished...
+    earlier = fleet.interleave([])
+    fleet.wait_results(earlier)
+    finished = fleet.good_job(0)
+    fleet.conn.hset(f"rq:job:{finished}", "dependency_ids", json.dumps([earlier[0]]))
+    fleet.push(finished)
+    fleet.wait_results([finished])
+    # ...is named in the dependents set of a new job: rq's own enqueue_dependents would queue it again. Never re-run.
+    parent_a = fleet.good_job(1)
+    fleet.conn.sadd(f"rq:job:{parent_a}:dependents", finished)
+    # A dependents set naming an id rq refuses, a missing job and bytes that are not UTF-8, beside a real deferred
+    # dependent (as rq's depends_on writes it): the odd members are dropped, the real one still runs, once.
+    parent_b = fleet.good_job(2)
+    deferred = f"dep-{uuid.uuid4().hex}"
+    fleet.hash(
+        deferred,
+        embed_data(face_paths()[15].read_bytes()),
+        {"status": "deferred", "dependency_ids": json.dumps([parent_b])},
+    )
+    fleet.conn.sadd(f"rq:job:{deferred}:dependencies", parent_b)
+    fleet.conn.sadd(f"rq:job:{parent_b}:dependents", "order.43", f"missing-{uuid.uuid4().hex}", b"\xff\xfe", deferred)
+    fleet.good[deferred] = face_paths()[15]
+    # A queue entry naming a key that is not a hash (a job's dependents set): never a WRONGTYPE that fails the batch
+    other = fleet.good_job(3)
+    fleet.conn.sadd(f"rq:job:{other}:dependents", f"missing-{uuid.uuid4().hex}")
+    goods = fleet.interleave([parent_a, parent_b, f"{other}:dependents", other])
+    fleet.wait_results([*goods, parent_a, parent_b, other, deferred], timeout=60)
+    time.sleep(2)  # a wrongly re-queued job would be taken and run by now
+    assert fleet.conn.hget(f"rq:job:{finished}", "status") == b"finished"
+    for parent in (parent_a, parent_b):
+        assert fleet.conn.smembers(f"rq:job:{parent}:dependents") == set()
+    fleet.check()
+
+
+def test_class14_instance_not_null_is_unsupported_job(fleet):
+    image = face_paths()[10].read_bytes()
+    ids = []
+    for instance in ("os", {"cls": "worker.jobs"}, 0, ""):
+        jid = f"inst-{uuid.uuid4().hex[:8]}"
+        fleet.hash(jid, embed_data(image, instance=instance))
+        ids.append(jid)
+    goods = fleet.interleave(ids)
+    fleet.wait_results(goods)
+    fleet.wait_failed(ids)
+    for jid in ids:
+        fleet.hostile[jid] = "unsupported_job"
+    fleet.check()
+
+
+def test_class15_stale_and_duplicate_queue_entries_never_rerun_a_job(fleet):
+    done = fleet.interleave([])
+    fleet.wait_results(done)
+    finished = done[0]
+    # A queue entry '<finished id>:x' (with and without a hash under that name), duplicates of a finished job,
+    # and a new job pushed twice in one RPUSH behind a full batch, so both copies are taken together.
+    with_hash = f"{done[1]}:x"
+    fleet.hash(with_hash, embed_data(face_paths()[0].read_bytes()))
+    twice = fleet.good_job(3)
+    busy = [fleet.good_job(i) for i in range(MAX_BATCH)]
+    fleet.push(*busy[:2], f"{finished}:x", twice, twice, finished, with_hash, finished, *busy[2:], twice)
+    fleet.wait_results([*busy, twice])
+    fleet.wait_failed([with_hash])
+    fleet.refused_ids[with_hash] = "invalid_payload"
+    time.sleep(2)
+    fleet.check()
+
+
+def vm_kib(pid: int, name: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(name + ":"):
+            return int(line.split()[1])
+    raise KeyError(name)
+
+
+def zlib_bomb(total: int = 500_000_000) -> bytes:
+    """~0.5 MB of zlib inflating to ``total`` bytes of what looks like the start of an embed job's JSON."""
+    z = zlib.compressobj(9)
+    head = ('["' + EMBED_FUNC + '",null,[{"kind":"embed","image":{"data_b64":"').encode()
+    out = [z.compress(head)]
+    chunk = b"A" * (1 << 20)
+    for _ in range((total - len(head)) // len(chunk)):
+        out.append(z.compress(chunk))
+    out.append(z.flush())
+    return b"".join(out)
+
+
+def peak_growth(pid: int, run) -> tuple[int, int, bool]:
+    """(bytes the peak RSS rose above the RSS before ``run()``, RSS before, whether the peak could be reset)."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+        reset = True
+    except OSError:
+        reset = False
+    # without a reset the rise is measured from the peak so far: a lower bound of the cost, still failing when
+    # the bombs cost more than the bound over everything before
+    base = vm_kib(pid, "VmRSS") if reset else vm_kib(pid, "VmHWM")
+    run()
+    return (vm_kib(pid, "VmHWM") - base) * 1024, base * 1024, reset
+
+
+def wait_ended(fleet: Fleet, ids: list[str], timeout: float = 180) -> None:
+    """Each job ended once, finished (recorded as good, no reference embedding) or failed (hostile, its code)."""
+    for jid in ids:
+        deadline = time.monotonic() + timeout
+        while fleet.raw_outcome(jid)[0] not in ("finished", "failed") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        status, code, entries = fleet.raw_outcome(jid)
+        assert status in ("finished", "failed") and len(entries) == 1, (jid, status, entries)
+        if status == "failed":
+            fleet.hostile[jid] = code
+        else:
+            fleet.good[jid] = None  # type: ignore[assignment]
+
+
+def test_class8_memory_bombs_stay_within_the_documented_bound(fleet):
+    pid = fleet.worker.proc.pid
+    # steady state: a full batch of good jobs has run (the model's batch-16 working memory is in)
+    warm = [fleet.good_job(i) for i in range(MAX_BATCH)]
+    fleet.push(*warm)
+    fleet.wait_results(warm)
+    mib = 2**20
+
+    bomb = zlib_bomb()
+    assert len(bomb) < 600_000
+    bomb_id = f"zbomb-{uuid.uuid4().hex[:8]}"
+    fleet.hash(bomb_id, bomb)
+
+    def zlib_round() -> None:
+        fleet.wait_results(fleet.interleave([bomb_id]))
+        fleet.wait_failed([bomb_id])
+
+    zlib_grown, base, reset = peak_growth(pid, zlib_round)
+    fleet.hostile[bomb_id] = "invalid_payload"
+    assert "ARCFACE_MAX_JOB_BYTES" in fleet.raw_outcome(bomb_id)[2][0]
+
+    black = io.BytesIO()
+    Image.new("RGB", (8000, 5000)).save(black, "PNG", compress_level=9)  # 40 MP, exactly the pixel limit
+    grey = io.BytesIO()
+    Image.new("L", (8000, 5000)).save(grey, "PNG", compress_level=9)  # the issue's 39 KB one
+    big = []
+    for data in (grey.getvalue(), black.getvalue(), grey.getvalue(), black.getvalue()):
+        jid = f"black40mp-{uuid.uuid4().hex[:8]}"
+        fleet.hash(jid, embed_data(data))
+        big.append(jid)
+    many = f"black40mp-x8-{uuid.uuid4().hex[:8]}"  # one multi-image job: 8 of them
+    images = [{"data_b64": b64(black.getvalue())} for _ in range(8)]
+    fleet.hash(many, json.dumps([EMBED_BATCH_FUNC, None, [{"kind": "embed_batch", "images": images}], {}]).encode())
+
+    def pixels_round() -> None:
+        fleet.wait_results(fleet.interleave([*big, many]))
+        wait_ended(fleet, [*big, many])
+
+    pixels_grown, _, _ = peak_growth(pid, pixels_round)
+    outcomes = [fleet.raw_outcome(j)[:2] for j in [*big, many]]
+    print(
+        f"\nmemory bombs: RSS {base / mib:.0f} MiB before; peak rise: zlib bomb +{zlib_grown / mib:.0f} MiB, "
+        f"40 MP PNGs (4 jobs + one of 8 images) +{pixels_grown / mib:.0f} MiB; bound {RSS_BOUND / mib:.0f} MiB "
+        f"(peak reset: {reset}); 40 MP outcomes {outcomes}"
+    )
+    assert zlib_grown <= RSS_BOUND, (
+        f"the zlib bomb raised the peak RSS {zlib_grown / mib:.0f} MiB, over {RSS_BOUND / mib:.0f}"
+    )
+    assert pixels_grown <= RSS_BOUND, (
+        f"40 MP images raised the peak RSS {pixels_grown / mib:.0f} MiB, over {RSS_BOUND / mib:.0f}"
+    )
+    fleet.check()
