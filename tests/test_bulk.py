@@ -1,22 +1,17 @@
-"""Bulk runs: pair-file readers, metrics checked by hand, and end-to-end runs through a real worker."""
+"""Bulk runs: pair-file readers, metrics checked by hand, and end-to-end library runs through a real worker (the
+CLI's runs are in test_bulk_cli.py)."""
 
 from __future__ import annotations
-
-import csv
-import json
-import os
-import subprocess
-import sys
-import uuid
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from producer.evaluation import accuracy, best_threshold, roc_auc, summarise, tar_at_far, ten_fold
 from producer.pairs import PairFile, PairsFormatError, read_pairs
-from tests.conftest import FACES, REPO, face_paths
-from tests.workers import WorkerProcess
+from tests.bulk_fixtures import write_face_pairs
+from tests.conftest import FACES, face_paths
+
+pytest_plugins = ["tests.bulk_fixtures"]  # fixtures: bulk_env (a real worker for this module), bulk_client
 
 
 # --- readers -----------------------------------------------------------------------------------------
@@ -118,48 +113,7 @@ def test_tar_at_far_and_ten_fold_protocol():
     assert s.ten_fold_accuracy_mean == pytest.approx(mean) and s.labelled == 6
 
 
-# --- end to end through a real worker -----------------------------------------------------------------
-@pytest.fixture(scope="module")
-def bulk_env(arcface_h5, redis_server, tmp_path_factory):
-    env = {
-        "ARCFACE_REDIS_URL": redis_server.url,
-        "ARCFACE_QUEUE": f"bulk-{uuid.uuid4().hex[:8]}",
-        "ARCFACE_MODEL_PATH": str(arcface_h5),
-        "ARCFACE_ALLOWED_BATCH_SIZES": "1,4,16",
-        "ARCFACE_SHARED_ROOT": str(FACES),
-        "ARCFACE_MAX_BATCH_SIZE": "16",
-        "ARCFACE_THRESHOLD": "0.61",
-    }
-    worker = WorkerProcess(env, tmp_path_factory.mktemp("bulkworker") / "worker.log")
-    worker.wait_ready()
-    yield env
-    worker.stop()
-
-
-@pytest.fixture()
-def bulk_client(bulk_env, monkeypatch):
-    from producer.client import FaceClient
-    from producer.settings import ProducerSettings
-
-    for k, v in bulk_env.items():
-        monkeypatch.setenv(k, v)
-    return FaceClient(ProducerSettings())
-
-
-def write_face_pairs(path: Path, n: int = 60) -> list[tuple[str, str, bool]]:
-    """n labelled pairs over the 40 crops (paths relative to the faces folder; images recur)."""
-    rel = [str(p.relative_to(FACES)) for p in face_paths()]
-    rows = [
-        (rel[i % 40], rel[(i * 13 + 1) % 40], rel[i % 40].split("/")[0] == rel[(i * 13 + 1) % 40].split("/")[0])
-        for i in range(n)
-    ]
-    with path.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["a", "b", "label"])
-        w.writerows([a, b, "same" if same else "different"] for a, b, same in rows)
-    return rows
-
-
+# --- end to end through a real worker (fixtures in tests/bulk_fixtures.py; the CLI's runs in test_bulk_cli.py) ---
 def test_bulk_csv_over_real_faces_equals_the_engine(bulk_client, engine, tmp_path):
     from producer.bulk import BulkOptions, read_results, run_bulk
 
@@ -197,65 +151,6 @@ def test_resume_after_interruption_writes_no_duplicates_and_recomputes_nothing(b
     assert summary.pairs == 40 and len(list(read_results(out))) == len(rows)
 
 
-def test_cli_bulk_with_shared_root_paths_failed_image_and_plot(bulk_env, tmp_path):
-    bad = FACES / "white.png"  # a real image, decodes fine; the failing one is a missing path
-    pairs = tmp_path / "pairs.jsonl"
-    lines = [
-        {"a": "amy/amy1.png", "b": "amy/amy2.png", "label": 1},
-        {"a": "amy/amy1.png", "b": "raj/raj1.png", "label": 0},
-        {"a": "amy/amy1.png", "b": "nobody/missing.png", "label": 0},
-        {"a": "white.png", "b": "raj/raj2.png", "label": 0},
-    ]
-    pairs.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-    assert bad.exists()
-    env = {**os.environ, **bulk_env}
-    out = tmp_path / "r.csv"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "producer.cli",
-            "bulk",
-            str(pairs),
-            "--out",
-            str(out),
-            "--shared-root",
-            "--json",
-            "--plot",
-            str(tmp_path / "roc.png"),
-        ],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 1, proc.stderr  # one pair failed
-    body = json.loads(proc.stdout)
-    assert body["summary"]["pairs"] == 4 and body["summary"]["failed"] == 1
-    rows = list(csv.DictReader(out.open()))
-    assert rows[2]["error"] == "path_not_allowed" and rows[2]["distance"] == ""
-    assert "image b nobody/missing.png" in rows[2]["message"]
-    assert body["threshold"] == {"value": 0.61, "source": "the workers' model arcface"}  # published by the worker
-    assert [r["similar"] for r in rows if not r["error"]] == [
-        "1" if float(r["distance"]) <= 0.61 else "0" for r in rows if not r["error"]
-    ]
-    assert all(r["error"] == "" for i, r in enumerate(rows) if i != 2)
-    assert (tmp_path / "roc.png").read_bytes()[:4] == b"\x89PNG"
-    broken = tmp_path / "broken.csv"
-    broken.write_text("a,b,label\nx,y,perhaps\n")
-    bad_run = subprocess.run(
-        [sys.executable, "-m", "producer.cli", "bulk", str(broken), "--out", str(tmp_path / "o.csv")],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert bad_run.returncode == 2 and "broken.csv:2" in bad_run.stderr
-    assert not (tmp_path / "o.csv").exists()
-
-
 def test_rerun_retries_failed_rows_and_rewrites_similar_for_the_new_threshold(bulk_client, tmp_path):
     from producer.bulk import BulkOptions, read_results, run_bulk
 
@@ -281,114 +176,6 @@ def test_rerun_retries_failed_rows_and_rewrites_similar_for_the_new_threshold(bu
     assert summary.threshold == 1.5 and all(r["similar"] == ("1" if float(r["distance"]) <= 1.5 else "0") for r in rows)
     # the summary's accuracy is exactly what the CSV's similar column says against the labels
     assert summary.accuracy == pytest.approx(np.mean([(r["similar"] == "1") == (r["label"] == "1") for r in rows]))
-
-
-def test_interrupted_bulk_run_is_resumed_reusing_its_queued_jobs(bulk_env, bulk_client, tmp_path):
-    """Ctrl-C (SIGINT) while the embed jobs wait behind other work: exit 130 with how to resume; the rerun
-    waits for those same jobs instead of enqueueing the images again."""
-    import signal
-    import time
-
-    from producer.bulk import BulkOptions, read_results, run_bulk
-
-    filler = bulk_client.embed_many(
-        [face_paths()[i % 40] for i in range(24)]
-    )  # keeps the worker busy for a few seconds
-    rows = write_face_pairs(tmp_path / "pairs.csv", 30)
-    unique = {x for a, b, _ in rows for x in (a, b)}
-    out = tmp_path / "r.csv"
-    side = tmp_path / "r.csv.embeddings.jsonl"
-    env = {**os.environ, **bulk_env}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "producer.cli",
-            "bulk",
-            str(tmp_path / "pairs.csv"),
-            "--out",
-            str(out),
-            "--root",
-            str(FACES),
-            "--json",
-            "--window",
-            "512",
-        ],
-        env=env,
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and (not side.exists() or side.read_text().count('"job_id"') < len(unique)):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=30)
-    assert proc.returncode == 130, (stdout, stderr)
-    assert "rerun the same command" in stderr and "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1
-    body = json.loads(stdout)
-    assert body["status"] == "interrupted" and len(body["pending_job_ids"]) > 0
-    stats, summary = run_bulk(bulk_client, tmp_path / "pairs.csv", out, BulkOptions(root=FACES), quiet=True)
-    assert stats.jobs_resumed >= len(body["pending_job_ids"]) - stats.images_embedded
-    assert stats.jobs_resumed > 0
-    enqueued = [json.loads(line)["image"] for line in side.read_text().splitlines() if '"job_id"' in line]
-    assert sorted(enqueued) == sorted(unique)  # every image enqueued exactly once over both runs
-    assert summary.pairs == 30 and summary.failed == 0 and len(list(read_results(out))) == 30
-    for jid in filler:
-        bulk_client.result(jid, timeout=120)
-
-
-def test_progress_on_a_terminal_counts_rows_as_they_are_written(bulk_env, tmp_path):
-    """The CLI on a pseudo-terminal: the progress line is redrawn per written row, and its count rises."""
-    import pty
-    import re
-    import select
-
-    rows = write_face_pairs(tmp_path / "pairs.csv", 60)
-    master, slave = pty.openpty()
-    env = {**os.environ, **bulk_env}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "producer.cli",
-            "bulk",
-            str(tmp_path / "pairs.csv"),
-            "--out",
-            str(tmp_path / "r.csv"),
-            "--root",
-            str(FACES),
-            "--window",
-            "4",
-        ],
-        env=env,
-        cwd=REPO,
-        stdin=slave,
-        stdout=slave,
-        stderr=slave,
-    )
-    os.close(slave)
-    seen = b""
-    while True:
-        ready, _, _ = select.select([master], [], [], 120)
-        if not ready:
-            break
-        try:
-            chunk = os.read(master, 4096)
-        except OSError:  # EIO: the child closed the terminal
-            break
-        if not chunk:
-            break
-        seen += chunk
-    proc.wait(60)
-    os.close(master)
-    text = seen.decode(errors="replace")
-    counts = [int(m) for m in re.findall(r"(\d+)/60 rows", text)]
-    assert proc.returncode == 0, text[-2000:]
-    assert counts == sorted(counts) and len({c for c in counts if 0 < c < 60}) >= 2 and counts[-1] == 60, counts
-    assert re.search(r"\d+ images embedded, 0 failed, [\d.]+ rows/s, ETA \w+", text), text[-500:]
-    assert "accuracy at threshold 0.61" in text and len(rows) == 60
 
 
 # --- the client under load and with results not kept, through the same worker -------------------------------
