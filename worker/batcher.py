@@ -49,7 +49,7 @@ from worker.rqfence import (
 )
 from worker.runtime import Runtime
 from worker.settings import WorkerSettings
-from worker.taking import Taken, classify, decode_id, pop_first, pop_many, read_hashes, utcnow
+from worker.taking import Taken, classify, decode_id, pop_first, pop_many, utcnow
 
 log = structlog.get_logger("arcface.batcher")
 _BUSY_POLL_S = 0.05  # BLMOVE timeout while the model is busy: wakes at once when a job arrives
@@ -117,6 +117,7 @@ class BatchWorker(ExecutionMixin, CompletionMixin, MaintenanceMixin, SimpleWorke
         self._last_schedule = 0.0
         self._outage = False
         self.batches_done = 0
+        self.on_reregister: Callable[[], None] | None = None
 
     # --- Redis outages -----------------------------------------------------------------------------
     def _redis_retry(self, what: str, fn: Callable[[], Any]) -> Any:
@@ -205,7 +206,8 @@ class BatchWorker(ExecutionMixin, CompletionMixin, MaintenanceMixin, SimpleWorke
         now = utcnow()
         decoded = [(raw, decode_id(raw)) for raw in raw_ids]
         ids = [jid for _, jid in decoded if jid is not None]
-        hashes = dict(zip(ids, read_hashes(self.connection, ids), strict=True)) if ids else {}
+        # the bound: the payload plus room for rq's own fields (a hash rq wrote is a few KB besides ``data``)
+        hashes = dict(zip(ids, self.fence.read_jobs(ids, self.settings.max_job_bytes + (1 << 20)), strict=True))
         drop: list[bytes] = [raw for raw, jid in decoded if jid is None]
         failed: list[Taken] = []
         runnable: list[Taken] = []
@@ -323,6 +325,8 @@ class BatchWorker(ExecutionMixin, CompletionMixin, MaintenanceMixin, SimpleWorke
             )
             self.connection.delete(self.key)
             self.register_birth()
+            if self.on_reregister is not None:
+                self.on_reregister()  # what a flushed Redis lost besides the worker: the published model info
 
     # --- the loop ---------------------------------------------------------------------------------
     def work(self, burst: bool = False, logging_level: str | None = "WARNING", **_: Any) -> bool:  # type: ignore[override]

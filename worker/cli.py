@@ -215,6 +215,7 @@ def _serve(settings: Any, connection: Any, queue: Any, engine: Any, detector: An
     worker = BatchWorker(
         queue, Runtime(settings, engine, detector, gallery), settings, metrics, default_result_ttl=settings.result_ttl
     )
+    worker.on_reregister = lambda: log.info("model_published", **publish_model(connection, settings, engine))
     log.info(
         "worker_started",
         worker=worker.name,

@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 import numpy as np
+import redis
 import structlog
 
 from producer.jobs import ErrorCode, JobFailure, Timing
@@ -172,6 +173,13 @@ class CompletionMixin:
 
     def _apply(self, outcomes: list[Outcome], working_s: float = 0.0) -> list[int]:
         replies = self.fence.apply(outcomes, time.time(), self.key, self.name)
+        try:  # rq's worker counters: best effort, never a reason to retry outcomes already written
+            self._count_in_rq(outcomes, working_s)
+        except redis.RedisError as exc:
+            log.warning("worker_counters_not_written", error=str(exc)[:300])
+        return replies
+
+    def _count_in_rq(self, outcomes: list[Outcome], working_s: float) -> None:
         finished = sum(1 for o in outcomes if o.kind == "finished")
         with self.connection.pipeline(transaction=False) as pipe:
             if finished:
@@ -181,7 +189,6 @@ class CompletionMixin:
             if working_s:  # wall time of the batch, once (not the sum over its jobs)
                 pipe.hincrbyfloat(self.key, "total_working_time", round(working_s, 6))
             pipe.execute()
-        return replies
 
     def _count(self, outcomes: list[Outcome], jobs: list[Taken]) -> None:
         m = self.metrics

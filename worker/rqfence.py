@@ -272,6 +272,27 @@ return out
 """
 
 
+# KEYS: job hash keys; ARGV[1]: the most bytes one hash may hold. Per key: its flat field/value list; {} for a key that
+# is missing or not a hash (WRONGTYPE must not fail the batch); {TOO_LARGE, size} for a hash over the bound (never
+# sent over the wire: a 100 MB description costs the worker nothing).
+TOO_LARGE = b"__arcface_hash_too_large__"
+_READ_LUA = """
+local limit = tonumber(ARGV[1])
+local out = {}
+for i, key in ipairs(KEYS) do
+  local ok, t = pcall(redis.call, 'HGETALL', key)
+  if not ok then
+    out[i] = {}
+  else
+    local n = 0
+    for j = 1, #t do n = n + #t[j] end
+    if n > limit then out[i] = {'__arcface_hash_too_large__', tostring(n)} else out[i] = t end
+  end
+end
+return out
+"""
+
+
 @dataclass
 class Outcome:
     """What happens to one job, applied atomically by :meth:`Fence.apply`."""
@@ -307,6 +328,14 @@ class Fence:
         self.connection = connection
         self.keys = QueueKeys(queue_name)
         self._outcomes = connection.register_script(_OUTCOMES_LUA)
+        self._read = connection.register_script(_READ_LUA)
+
+    def read_jobs(self, ids: list[str], max_bytes: int) -> list[dict[bytes, bytes]]:
+        """Every job hash in one round trip, each bounded to ``max_bytes`` (see :data:`TOO_LARGE`)."""
+        if not ids:
+            return []
+        rows = self._read(keys=[job_key(jid) for jid in ids], args=[max_bytes])
+        return [dict(zip(row[::2], row[1::2], strict=True)) for row in rows]
 
     def apply(self, outcomes: list[Outcome], now: float, worker_key: str, worker_name: str) -> list[int]:
         """Apply outcomes in one script call; per outcome 0 (skipped), 1 (applied) or 2 (applied, has dependents)."""

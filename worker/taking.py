@@ -15,7 +15,7 @@ import numpy as np
 import redis
 
 from producer.jobs import ALLOWED_FUNCTIONS, AnyRequest, ErrorCode, JobFailure, parse_request, request_images
-from worker.rqfence import QueueKeys, decode_data, job_key, parse_timestamp, restore, valid_job_id
+from worker.rqfence import TOO_LARGE, QueueKeys, decode_data, parse_timestamp, restore, valid_job_id
 
 # Statuses in which a queue entry is stale (the job already ran, or another worker holds it): dropped, not run.
 _NOT_RUNNABLE = {"finished", "failed", "started", "canceled", "stopped"}
@@ -69,15 +69,6 @@ def pop_many(connection: redis.Redis, keys: QueueKeys, n: int) -> list[bytes]:
         return [jid for jid in pipe.execute() if jid is not None]
 
 
-def read_hashes(connection: redis.Redis, ids: list[str]) -> list[dict[bytes, bytes]]:
-    """Every job hash in one pipelined round trip (an empty dict where the job is gone, or where the key is not
-    a hash: a queue entry ``<id>:dependents`` names rq's dependents set, and WRONGTYPE must not fail the batch)."""
-    with connection.pipeline(transaction=False) as pipe:
-        for jid in ids:
-            pipe.hgetall(job_key(jid))
-        return [h if isinstance(h, dict) else {} for h in pipe.execute(raise_on_error=False)]
-
-
 def decode_id(raw: bytes | str) -> str | None:
     if isinstance(raw, str):
         return raw
@@ -99,6 +90,13 @@ def classify(
     job of a dead worker (status started), read to decide between retry and failure."""
     if not fields:
         return None  # deleted or expired while queued
+    if TOO_LARGE in fields:
+        taken = Taken(id=job_id, rewrite=True, valid_id=valid_job_id(job_id))
+        size = fields[TOO_LARGE].decode()
+        taken.failure = JobFailure(
+            ErrorCode.INVALID_PAYLOAD, f"job hash holds {size} bytes, over the worker's bound (ARCFACE_MAX_JOB_BYTES)"
+        )
+        return taken
     status = fields.get(b"status", b"").decode("ascii", "replace")
     if status in _NOT_RUNNABLE and not recovering:
         return None

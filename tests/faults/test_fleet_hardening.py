@@ -415,6 +415,21 @@ def test_class14_instance_not_null_is_unsupported_job(fleet):
     fleet.check()
 
 
+def test_class8_a_hash_far_over_the_payload_bound_is_never_read_whole(fleet):
+    # 2 x ARCFACE_MAX_JOB_BYTES of description: the worker must not pull it over the wire or hold it; the job fails
+    # alone and its hash is replaced by a small failed job rq can read.
+    big = f"big-{uuid.uuid4().hex[:8]}"
+    fleet.hash(big, embed_data(face_paths()[3].read_bytes()), {"description": "x" * (2 * MAX_JOB_BYTES)})
+    goods = fleet.interleave([big])
+    fleet.wait_results(goods)
+    fleet.wait_failed([big])
+    status, code, entries = fleet.raw_outcome(big)
+    assert code == "invalid_payload" and "ARCFACE_MAX_JOB_BYTES" in entries[-1]
+    assert fleet.conn.memory_usage(f"rq:job:{big}") < 64 * 1024
+    fleet.hostile[big] = "invalid_payload"
+    fleet.check()
+
+
 def test_class15_stale_and_duplicate_queue_entries_never_rerun_a_job(fleet):
     done = fleet.interleave([])
     fleet.wait_results(done)
