@@ -64,29 +64,22 @@ def test_inflate_bounds_a_zlib_bomb_and_passes_plain_json():
         raise AssertionError("a 5 MB inflation passed a 1 MB bound")
 
 
-def test_outcomes_written_by_the_fence_read_back_through_rq(redis_server):
-    conn = redis_server.client()
-    q = Queue(f"fence-{time.time_ns()}", connection=conn, serializer=JSONSerializer, job_class=SafeJob)
-    ok = q.enqueue_call(
-        EMBED_FUNC, args=({"kind": "embed", "image": {"path": "x.png"}},), result_ttl=600, failure_ttl=700
-    )
-    bad = q.enqueue_call(
-        EMBED_FUNC, args=({"kind": "embed", "image": {"path": "y.png"}},), result_ttl=600, failure_ttl=700
-    )
-    fence = Fence(conn, q.name)
-    for job in (ok, bad):  # as registration does
+def _register_started(conn, fence: Fence, jobs) -> None:
+    """Each job registered as started under execution e1, as the worker's registration does."""
+    for job in jobs:
         with conn.pipeline() as pipe:
             fence.register(
                 pipe, job.id, f"{job.id}:e1", {"status": "started", "started_at": timestamp(datetime.now(timezone.utc))}
             )
             fence.add_started(pipe, {f"{job.id}:e1": time.time() + 30})
             pipe.execute()
-    assert set(StartedJobRegistry(queue=q).get_job_ids(cleanup=False)) == {ok.id, bad.id}
-    restored = restore(ok.id, conn.hgetall(f"rq:job:{ok.id}"), conn, 1 << 20)
-    assert restored.func_name == EMBED_FUNC and restored.result_ttl == 600
+
+
+def _finished_and_failed(ok, bad) -> list[Outcome]:
+    """Worker w1's outcomes: ``ok`` finished with a result (TTL 600), ``bad`` failed with image_decode_error (700)."""
     now = datetime.now(timezone.utc)
     failure = JobFailure(ErrorCode.IMAGE_DECODE_ERROR, "cannot decode")
-    outcomes = [
+    return [
         Outcome(
             "own",
             "finished",
@@ -106,6 +99,23 @@ def test_outcomes_written_by_the_fence_read_back_through_rq(redis_server):
             failure_entry(exc_string(failure), "w1", "e1", now, now),
         ),
     ]
+
+
+def test_outcomes_written_by_the_fence_read_back_through_rq(redis_server):
+    conn = redis_server.client()
+    q = Queue(f"fence-{time.time_ns()}", connection=conn, serializer=JSONSerializer, job_class=SafeJob)
+    ok = q.enqueue_call(
+        EMBED_FUNC, args=({"kind": "embed", "image": {"path": "x.png"}},), result_ttl=600, failure_ttl=700
+    )
+    bad = q.enqueue_call(
+        EMBED_FUNC, args=({"kind": "embed", "image": {"path": "y.png"}},), result_ttl=600, failure_ttl=700
+    )
+    fence = Fence(conn, q.name)
+    _register_started(conn, fence, (ok, bad))
+    assert set(StartedJobRegistry(queue=q).get_job_ids(cleanup=False)) == {ok.id, bad.id}
+    restored = restore(ok.id, conn.hgetall(f"rq:job:{ok.id}"), conn, 1 << 20)
+    assert restored.func_name == EMBED_FUNC and restored.result_ttl == 600
+    outcomes = _finished_and_failed(ok, bad)
     assert fence.apply(outcomes, time.time(), "rq:worker:w1", "w1") == [1, 1]
     assert fence.apply(outcomes, time.time(), "rq:worker:w1", "w1") == [
         0,
