@@ -36,7 +36,6 @@ import redis
 import structlog
 from rq.suspension import is_suspended
 from rq.worker import SimpleWorker, WorkerStatus
-from rq.worker_registration import REDIS_WORKER_KEYS
 
 from producer.jobs import JobFailure
 from worker.completion import CompletionMixin
@@ -298,35 +297,6 @@ class BatchWorker(ExecutionMixin, CompletionMixin, MaintenanceMixin, SimpleWorke
 
         assert t.request is not None
         return request_images(t.request)
-
-    # --- heartbeats -------------------------------------------------------------------------------
-    def _heartbeat_loop(self) -> None:
-        while not self._heartbeat_stop.wait(self.settings.heartbeat_interval_s):
-            try:
-                self.heartbeat_batch()
-            except redis.RedisError as exc:
-                log.warning("heartbeat_failed", error=str(exc)[:300])
-
-    def heartbeat_batch(self) -> None:
-        """Refresh the worker and every job in hand (ZADD XX: a completed job's entry is never re-created).
-        After a FLUSHALL or a Redis restarted empty the worker registers itself again."""
-        with self._lock:
-            members = {t.member: time.time() + self.settings.execution_ttl_s for t in self._jobs.values()}
-            with self.connection.pipeline() as pipe:
-                # registered = in rq's worker set: the idle loop's own heartbeat HSETs re-create a bare worker
-                # key right after a FLUSHALL, so the key's existence proves nothing
-                pipe.sismember(REDIS_WORKER_KEYS, self.key)
-                self.heartbeat(pipeline=pipe)
-                self.fence.add_started(pipe, members, only_existing=True)
-                alive = pipe.execute()[0]
-        if not alive:
-            log.warning(
-                "worker_reregistered", worker=self.name, reason="not in rq:workers (Redis flushed or restarted empty)"
-            )
-            self.connection.delete(self.key)
-            self.register_birth()
-            if self.on_reregister is not None:
-                self.on_reregister()  # what a flushed Redis lost besides the worker: the published model info
 
     # --- the loop ---------------------------------------------------------------------------------
     def work(self, burst: bool = False, logging_level: str | None = "WARNING", **_: Any) -> bool:  # type: ignore[override]

@@ -14,6 +14,7 @@ from typing import Any
 
 import redis
 import structlog
+from rq.worker_registration import REDIS_WORKER_KEYS
 
 from producer.jobs import ErrorCode, JobFailure
 from worker.rqfence import Outcome, split_member, timestamp, valid_job_id
@@ -38,6 +39,10 @@ class MaintenanceMixin:
     _last_maintenance: float
     _last_schedule: float
     _failure_outcome: Any  # CompletionMixin's
+    _heartbeat_stop: Any
+    on_reregister: Any
+    heartbeat: Any  # rq's worker heartbeat
+    register_birth: Any
 
     def maintain(self, force: bool = False) -> None:
         """Recover jobs of dead workers, orphaned intermediate entries, due scheduled jobs; rq's own cleanups."""
@@ -175,3 +180,32 @@ class MaintenanceMixin:
         mine = [o for o, r in zip(outcomes, removed, strict=True) if r]
         self.fence.apply(mine, time.time(), self.key, self.name)
         log.info("scheduled_enqueued", jobs=len(mine))
+
+    # --- liveness: heartbeats of the worker and of every job in hand ---------------------------------
+    def _heartbeat_loop(self) -> None:
+        while not self._heartbeat_stop.wait(self.settings.heartbeat_interval_s):
+            try:
+                self.heartbeat_batch()
+            except redis.RedisError as exc:
+                log.warning("heartbeat_failed", error=str(exc)[:300])
+
+    def heartbeat_batch(self) -> None:
+        """Refresh the worker and every job in hand (ZADD XX: a completed job's entry is never re-created).
+        After a FLUSHALL or a Redis restarted empty the worker registers itself again."""
+        with self._lock:
+            members = {t.member: time.time() + self.settings.execution_ttl_s for t in self._jobs.values()}
+            with self.connection.pipeline() as pipe:
+                # registered = in rq's worker set: the idle loop's own heartbeat HSETs re-create a bare worker
+                # key right after a FLUSHALL, so the key's existence proves nothing
+                pipe.sismember(REDIS_WORKER_KEYS, self.key)
+                self.heartbeat(pipeline=pipe)
+                self.fence.add_started(pipe, members, only_existing=True)
+                alive = pipe.execute()[0]
+        if not alive:
+            log.warning(
+                "worker_reregistered", worker=self.name, reason="not in rq:workers (Redis flushed or restarted empty)"
+            )
+            self.connection.delete(self.key)
+            self.register_birth()
+            if self.on_reregister is not None:
+                self.on_reregister()  # what a flushed Redis lost besides the worker: the published model info
