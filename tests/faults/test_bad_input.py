@@ -103,10 +103,8 @@ def embed_call(data: bytes) -> bytes:
     return call(EMBED_FUNC, {"kind": "embed", "image": {"data_b64": b64(data)}})
 
 
-def bad_inputs(
-    tmp_path: Path, marker: Path, rng: np.random.Generator, jpeg: bytes
-) -> dict[str, tuple[bytes, ErrorCode]]:
-    """Every kind of bad job data, with the code it must fail with."""
+def bad_images(rng: np.random.Generator, jpeg: bytes) -> dict[str, tuple[bytes, ErrorCode]]:
+    """Well-formed jobs whose image bytes are broken, too large or too small, with the code each must fail with."""
     embed = embed_call
     return {
         "zero bytes": (embed(b""), ErrorCode.IMAGE_DECODE_ERROR),
@@ -116,6 +114,12 @@ def bad_inputs(
         "png bomb": (embed(png_bomb()), ErrorCode.IMAGE_TOO_LARGE),
         "1x1": (embed(encode(Image.new("RGB", (1, 1)), "PNG")), ErrorCode.IMAGE_TOO_SMALL),
         "20000x20000 header": (embed(png_header(20000, 20000)), ErrorCode.IMAGE_TOO_LARGE),
+    }
+
+
+def bad_payloads(tmp_path: Path, marker: Path, jpeg: bytes) -> dict[str, tuple[bytes, ErrorCode]]:
+    """Malformed or hostile job data (payload, function, pickle, paths), with the code each must fail with."""
+    return {
         "bad base64": (
             call(EMBED_FUNC, {"kind": "embed", "image": {"data_b64": "@@not*base64@@"}}),
             ErrorCode.INVALID_PAYLOAD,
@@ -156,7 +160,20 @@ def bad_inputs(
             call(EMBED_FUNC, {"kind": "embed", "image": {"path": "escape.png"}}),
             ErrorCode.PATH_NOT_ALLOWED,
         ),
-        "too large inline": (embed(rng.integers(0, 256, 300_000, dtype=np.uint8).tobytes()), ErrorCode.IMAGE_TOO_LARGE),
+    }
+
+
+def bad_inputs(
+    tmp_path: Path, marker: Path, rng: np.random.Generator, jpeg: bytes
+) -> dict[str, tuple[bytes, ErrorCode]]:
+    """Every kind of bad job data, with the code it must fail with."""
+    return {
+        **bad_images(rng, jpeg),
+        **bad_payloads(tmp_path, marker, jpeg),
+        "too large inline": (
+            embed_call(rng.integers(0, 256, 300_000, dtype=np.uint8).tobytes()),
+            ErrorCode.IMAGE_TOO_LARGE,
+        ),
     }
 
 
