@@ -307,15 +307,52 @@ def test_console_format_puts_event_jobs_images_and_timings_first(monkeypatch):
     assert "[warning  ] plain rq" in second and "[rq.worker]" in second
 
 
-def test_json_mode_every_worker_line_is_json_through_start_batch_redis_outage_and_shutdown(arcface_h5, tmp_path):
-    """TF_CPP_MIN_LOG_LEVEL unset, as in a container: nothing but JSON on stdout and stderr, TensorFlow quiet."""
-    import json
+def _serve_through_a_redis_outage(servers: list, worker, tmp_path) -> None:
+    """Jobs served, Redis (``servers[-1]``) stopped for a few seconds and restarted on its port (appended to
+    ``servers``, so the caller stops it whatever happens), a job served again, SIGTERM (exit 0)."""
     import signal
     import time
 
     from producer.client import FaceClient
     from producer.settings import ProducerSettings
     from tests.conftest import face_paths
+    from tests.redis_server import RedisServer
+
+    server = servers[-1]
+    worker.wait_for("worker_started", 180)
+    client = FaceClient(ProducerSettings(redis_url=server.url))
+    ids = [client.embed(p) for p in face_paths()[:6]]
+    for job_id in ids:
+        client.result_embed(job_id, timeout=60)
+    worker.wait_for("batch", 30)
+    client.connection.close()
+    server.stop()  # a Redis outage of a few seconds
+    worker.wait_for("redis_unreachable", 30)
+    time.sleep(3)
+    server = RedisServer(tmp_path / "redis", port=server.port)
+    servers.append(server)
+    server.start()
+    worker.wait_for("redis_reachable_again", 60)
+    client = FaceClient(ProducerSettings(redis_url=server.url))
+    client.result_embed(client.embed(face_paths()[7]), timeout=60)  # serving again
+    worker.proc.send_signal(signal.SIGTERM)
+    assert worker.proc.wait(60) == 0
+
+
+def _json_events(lines: list[str]) -> list[dict]:
+    """Every line as a JSON log event (fails on any line that is not JSON, or lacks event/level)."""
+    import json
+
+    events = []
+    for line in lines:
+        event = json.loads(line)  # fails the test on any line that is not JSON
+        assert isinstance(event, dict) and "event" in event and "level" in event, line
+        events.append(event)
+    return events
+
+
+def test_json_mode_every_worker_line_is_json_through_start_batch_redis_outage_and_shutdown(arcface_h5, tmp_path):
+    """TF_CPP_MIN_LOG_LEVEL unset, as in a container: nothing but JSON on stdout and stderr, TensorFlow quiet."""
     from tests.redis_server import RedisServer
 
     server = RedisServer(tmp_path / "redis").start()
@@ -326,32 +363,14 @@ def test_json_mode_every_worker_line_is_json_through_start_batch_redis_outage_an
         ARCFACE_LOG_FORMAT="json",
     )
     worker = _worker(env, tmp_path)
+    servers = [server]
     try:
-        worker.wait_for("worker_started", 180)
-        client = FaceClient(ProducerSettings(redis_url=server.url))
-        ids = [client.embed(p) for p in face_paths()[:6]]
-        for job_id in ids:
-            client.result_embed(job_id, timeout=60)
-        worker.wait_for("batch", 30)
-        client.connection.close()
-        server.stop()  # a Redis outage of a few seconds
-        worker.wait_for("redis_unreachable", 30)
-        time.sleep(3)
-        server = RedisServer(tmp_path / "redis", port=server.port).start()
-        worker.wait_for("redis_reachable_again", 60)
-        client = FaceClient(ProducerSettings(redis_url=server.url))
-        client.result_embed(client.embed(face_paths()[7]), timeout=60)  # serving again
-        worker.proc.send_signal(signal.SIGTERM)
-        assert worker.proc.wait(60) == 0
+        _serve_through_a_redis_outage(servers, worker, tmp_path)
     finally:
         worker.close()
-        server.stop()
-    lines = worker.lines()
-    events = []
-    for line in lines:
-        event = json.loads(line)  # fails the test on any line that is not JSON
-        assert isinstance(event, dict) and "event" in event and "level" in event, line
-        events.append(event)
+        for each in servers:
+            each.stop()
+    events = _json_events(worker.lines())
     names = [e["event"] for e in events]
     order = [
         names.index(n)

@@ -115,6 +115,31 @@ def test_umeyama_recovers_a_similarity_and_align_puts_the_eyes_on_the_template()
     assert crop.shape == (84, 84, 3)
 
 
+def _write_all_pairs(path) -> None:
+    """Every pair of the 40 crops (780), labelled 1 for the same person."""
+    rel = [str(p.relative_to(FACES)) for p in face_paths()]
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["a", "b", "label"])
+        w.writerows([a, b, int(a.split("/")[0] == b.split("/")[0])] for a, b in itertools.combinations(rel, 2))
+
+
+def _check_single_jobs_with_detection(client) -> None:
+    """No face in a white image; the best face of a group photo; a verify with both faces; detection switched off."""
+    from producer.client import JobFailed
+    from producer.jobs import ErrorCode
+
+    with pytest.raises(JobFailed) as info:
+        client.result(client.embed(FACES / "white.png"), timeout=60)
+    assert info.value.error.code is ErrorCode.NO_FACE_DETECTED
+    group = client.result(client.embed(FACES / "group" / "bbt4.jpg"), timeout=60)
+    assert group.face is not None and group.face["score"] > 0.9 and len(group.face["keypoints"]) == 6
+    pair = client.result(client.verify(face_paths()[0], face_paths()[1]), timeout=60)
+    assert pair.face_a and pair.face_b and pair.similar == (pair.distance <= 0.45)
+    plain = client.result(client.embed(face_paths()[0], detect="none"), timeout=60)
+    assert plain.face is None  # a job can switch detection off
+
+
 @needs_shared(BLAZEFACE, BLAZEFACE_WHAT)
 @needs_shared(FACERES_SAVEDMODEL)
 def test_worker_with_detection_and_a_real_model_separates_people(redis_server, tmp_path, capsys):
@@ -122,8 +147,7 @@ def test_worker_with_detection_and_a_real_model_separates_people(redis_server, t
     model's input settings, ARCFACE_CROP=square; detection margin, score floor and face selection at their
     defaults): a bulk run over all 780 pairs of the 40 crops, plus a photo with no face and a group photo."""
     from producer.bulk import BulkOptions, run_bulk
-    from producer.client import FaceClient, JobFailed
-    from producer.jobs import ErrorCode
+    from producer.client import FaceClient
     from producer.settings import ProducerSettings
     from tests.workers import WorkerProcess
 
@@ -136,11 +160,7 @@ def test_worker_with_detection_and_a_real_model_separates_people(redis_server, t
     try:
         worker.wait_ready()
         client = FaceClient(ProducerSettings(redis_url=redis_server.url, queue=env["ARCFACE_QUEUE"]))
-        rel = [str(p.relative_to(FACES)) for p in face_paths()]
-        with (tmp_path / "pairs.csv").open("w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["a", "b", "label"])
-            w.writerows([a, b, int(a.split("/")[0] == b.split("/")[0])] for a, b in itertools.combinations(rel, 2))
+        _write_all_pairs(tmp_path / "pairs.csv")
         stats, summary = run_bulk(
             client, tmp_path / "pairs.csv", tmp_path / "out.csv", BulkOptions(root=FACES, threshold=0.45), quiet=True
         )
@@ -151,15 +171,7 @@ def test_worker_with_detection_and_a_real_model_separates_people(redis_server, t
             )
         assert stats.images_embedded == 40 and summary.failed == 0 and summary.pairs == 780
         assert summary.roc_auc >= 0.99  # measured 0.9979 at the default margin 0.1 (0.9961 at 0.2)
-        with pytest.raises(JobFailed) as info:
-            client.result(client.embed(FACES / "white.png"), timeout=60)
-        assert info.value.error.code is ErrorCode.NO_FACE_DETECTED
-        group = client.result(client.embed(FACES / "group" / "bbt4.jpg"), timeout=60)
-        assert group.face is not None and group.face["score"] > 0.9 and len(group.face["keypoints"]) == 6
-        pair = client.result(client.verify(face_paths()[0], face_paths()[1]), timeout=60)
-        assert pair.face_a and pair.face_b and pair.similar == (pair.distance <= 0.45)
-        plain = client.result(client.embed(face_paths()[0], detect="none"), timeout=60)
-        assert plain.face is None  # a job can switch detection off
+        _check_single_jobs_with_detection(client)
         assert any(b.get("detect_ms", 0) > 0 for b in worker.batches())
     finally:
         worker.stop()
