@@ -265,19 +265,9 @@ def test_class6_redis_full_while_jobs_run_then_raised_everything_finishes(ops):
     ops.check(jobs)
 
 
-def test_class10_scheduler_enqueue_in_and_retry_interval_after_a_killed_worker(ops):
-    client = ops.client(retries=0)
-    payload = {"kind": "embed", "image": {"data_b64": base64.b64encode(FACES[3].read_bytes()).decode()}}
-    enqueued = time.monotonic()
-    later = client.queue.enqueue_in(timedelta(seconds=2), EMBED_FUNC, payload, result_ttl=3600)
-    assert client.status(later.id) == "scheduled"
-    ops.results(client, {later.id: FACES[3]}, timeout=60)
-    delay = time.monotonic() - enqueued
-    assert 1 <= delay < 10, delay  # rq keeps scheduled times in whole seconds: +2 s is due 1 to 3 s later
-    assert client.queue.fetch_job(later.id).worker_name in ops.workers
-
-    # Retry(max=2, interval=1): one worker is stopped, the other takes jobs and is killed holding them; the
-    # stopped one resumes, recovers them (execution TTL + two sightings), schedules them 1 s out and runs them.
+def kill_a_worker_holding_retried_jobs(ops, client) -> tuple[dict[str, Path], list[str], float]:
+    """32 jobs with Retry(max=2, interval=1): one worker is stopped, the other takes jobs and is killed holding
+    them; the stopped one resumes. Returns the jobs, those the killed worker held, and when it was killed."""
     (victim, victim_w), (survivor, survivor_w) = list(ops.workers.items())
     survivor_w.signal(signal.SIGSTOP)
     try:
@@ -308,6 +298,23 @@ def test_class10_scheduler_enqueue_in_and_retry_interval_after_a_killed_worker(o
         killed = time.monotonic()
     finally:
         survivor_w.signal(signal.SIGCONT)
+    return retried, held, killed
+
+
+def test_class10_scheduler_enqueue_in_and_retry_interval_after_a_killed_worker(ops):
+    client = ops.client(retries=0)
+    payload = {"kind": "embed", "image": {"data_b64": base64.b64encode(FACES[3].read_bytes()).decode()}}
+    enqueued = time.monotonic()
+    later = client.queue.enqueue_in(timedelta(seconds=2), EMBED_FUNC, payload, result_ttl=3600)
+    assert client.status(later.id) == "scheduled"
+    ops.results(client, {later.id: FACES[3]}, timeout=60)
+    delay = time.monotonic() - enqueued
+    assert 1 <= delay < 10, delay  # rq keeps scheduled times in whole seconds: +2 s is due 1 to 3 s later
+    assert client.queue.fetch_job(later.id).worker_name in ops.workers
+
+    # the resumed worker recovers the killed one's jobs (execution TTL + two sightings), schedules them 1 s out
+    victim = list(ops.workers)[0]
+    retried, held, killed = kill_a_worker_holding_retried_jobs(ops, client)
     ops.results(client, retried, timeout=120)
     recovery = time.monotonic() - killed
     print(
