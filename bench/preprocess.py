@@ -19,17 +19,17 @@ import io
 import os
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from tests.preprocess_reference import reference_decode, reference_pad_and_resize  # noqa: E402
 from worker.decode import _decode_plain_jpeg as decode_plain_jpeg  # noqa: E402
 from worker.decode import jpeg_header  # noqa: E402
 from worker.preprocess import preprocess  # noqa: E402
@@ -40,56 +40,8 @@ FACES = REPO / "tests" / "data" / "faces"
 # --- the previous implementation (float64 copy of the whole image, four full corner gathers), for reference ---
 
 
-def _old_decode(data: bytes) -> np.ndarray:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        img = Image.open(io.BytesIO(data))
-        img.load()
-        img = ImageOps.exif_transpose(img)
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        wide = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or wide.max(initial=0) > 255 else 255.0
-        grey = np.clip(np.rint(wide * (255.0 / top)), 0, 255).astype(np.uint8)
-        return np.repeat(grey[:, :, None], 3, axis=2)
-    if img.mode != "RGB":
-        img = img.convert("RGB")
-    return np.asarray(img, dtype=np.uint8)
-
-
-def _old_axis(in_size: int, out_size: int, pad: int, src_size: int):
-    src = np.arange(out_size, dtype=np.float64) * (in_size / out_size)
-    lo = np.floor(src).astype(np.int64)
-    frac = src - lo
-    hi = np.minimum(in_size - 1, np.ceil(src).astype(np.int64))
-    lo_s, hi_s = lo - pad, hi - pad
-    lo_ok, hi_ok = (lo_s >= 0) & (lo_s < src_size), (hi_s >= 0) & (hi_s < src_size)
-    return np.clip(lo_s, 0, src_size - 1), np.clip(hi_s, 0, src_size - 1), frac, lo_ok, hi_ok
-
-
-def old_pad_and_resize(image: np.ndarray, size: int) -> np.ndarray:
-    h, w = image.shape[:2]
-    side = max(h, w)
-    pad_h, pad_w = (side - h) // 2, (side - w) // 2
-    y0, y1, fy, y0ok, y1ok = _old_axis(h + 2 * pad_h, size, pad_h, h)
-    x0, x1, fx, x0ok, x1ok = _old_axis(w + 2 * pad_w, size, pad_w, w)
-    img = image.astype(np.float64)
-
-    def corner(yi, yok, xi, xok):
-        return img[yi[:, None], xi[None, :]] * (yok[:, None] & xok[None, :])[:, :, None]
-
-    tl, tr, bl, br = (
-        corner(y0, y0ok, x0, x0ok),
-        corner(y0, y0ok, x1, x1ok),
-        corner(y1, y1ok, x0, x0ok),
-        corner(y1, y1ok, x1, x1ok),
-    )
-    top = tl + (tr - tl) * fx[None, :, None]
-    bottom = bl + (br - bl) * fx[None, :, None]
-    return (top + (bottom - top) * fy[:, None, None]).astype(np.float32)
-
-
 def old_preprocess(data: bytes, size: int) -> np.ndarray:
-    return old_pad_and_resize(_old_decode(data), size)
+    return reference_pad_and_resize(reference_decode(data), size)
 
 
 # --- inputs and timing ---
