@@ -42,6 +42,7 @@ class ExecutionMixin:
     _waiting: deque[Item]
     _finish: Any  # CompletionMixin's
     _complete: Any
+    _failure_outcome: Any
 
     def next_engine_batch(self) -> list[Item]:
         """Up to ``max_batch_size`` waiting images, oldest first."""
@@ -51,6 +52,19 @@ class ExecutionMixin:
         return out
 
     def run_batch(self, items: list[Item]) -> None:
+        """Run one engine batch; a bug anywhere in it fails the batch's unfinished jobs (``internal_error``) rather
+        than leaving them registered and heartbeated forever, and never stops the worker."""
+        try:
+            self._run_batch(items)
+        except Exception as exc:
+            log.exception("batch_crashed", images=len(items))
+            jobs = list({id(item.taken): item.taken for item in items if item.taken.remaining > 0}.values())
+            failure = JobFailure(ErrorCode.INTERNAL_ERROR, f"the batch failed: {type(exc).__name__}: {exc}")
+            for t in jobs:
+                t.remaining = 0
+            self._complete([self._failure_outcome(t, failure) for t in jobs], jobs)
+
+    def _run_batch(self, items: list[Item]) -> None:
         """Wait for the images' preprocessing, run detection and the engine once, complete finished jobs."""
         t0 = time.perf_counter()
         images = [self._prepared(item) for item in items]
