@@ -30,6 +30,18 @@ def run_plain_rq_worker(client: FaceClient) -> None:
     worker.work(burst=True)
 
 
+@pytest.fixture(autouse=True)
+def _stop_plain_runtime(monkeypatch):
+    """The plain-rq path loads a runtime per process (worker.jobs.runtime), with a gallery follower thread: stop it
+    after each test, before monkeypatch drops the runtime, so no thread outlives its test's Redis."""
+    yield
+    import sys
+
+    runtime = getattr(sys.modules.get("worker.jobs"), "_runtime", None)
+    if runtime is not None and runtime.gallery is not None:
+        runtime.gallery.stop()
+
+
 def test_enqueued_job_is_a_plain_rq_job_with_our_function_serializer_and_ttls(client):
     job_id = client.embed(face_paths()[0], ref="user-42")
     raw = client.connection.hgetall(f"rq:job:{job_id}")
