@@ -211,7 +211,6 @@ def _serve(settings: Any, connection: Any, queue: Any, engine: Any, detector: An
     log.info("model_published", **publish_model(connection, settings, engine))
     # default_result_ttl: a job hash written without result_ttl (a non-Python producer) keeps its result RESULT_TTL s
     gallery = load_gallery(settings, connection, engine)
-    log.info("galleries_loaded", galleries=gallery.stats())
     worker = BatchWorker(
         queue, Runtime(settings, engine, detector, gallery), settings, metrics, default_result_ttl=settings.result_ttl
     )
