@@ -236,7 +236,7 @@ class BatchWorker(ExecutionMixin, CompletionMixin, MaintenanceMixin, SimpleWorke
                 pipe.execute()
             log.debug("stale_entries_dropped", count=len(drop))
         if failed:
-            self._complete([self._failure_outcome(t, t.failure, guard="none") for t in failed], failed)  # type: ignore[arg-type]
+            self._complete([self._failure_outcome(t, t.failure, guard="none") for t in failed], failed)
         if runnable:
             self._register(runnable, now)
         return len(runnable)
