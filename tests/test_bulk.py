@@ -28,6 +28,20 @@ def test_csv_with_every_label_spelling(tmp_path):
     assert read_pairs(g)[0].label is None
 
 
+def test_csv_from_excel_with_a_bom_and_a_quoted_multi_line_field(tmp_path):
+    # Excel writes a UTF-8 BOM; a quoted field may hold a newline: neither shifts or drops a pair.
+    f = tmp_path / "excel.csv"
+    f.write_bytes(
+        '\ufeffa,b,label\r\n"dir one/x.jpg",y.jpg,1\r\n"two\nlines.jpg",z.jpg,0\r\nlast.jpg,y.jpg,1\r\n'.encode()
+    )
+    pairs = read_pairs(f)
+    assert [(p.a, p.b, p.label) for p in pairs] == [
+        ("dir one/x.jpg", "y.jpg", True),
+        ("two\nlines.jpg", "z.jpg", False),
+        ("last.jpg", "y.jpg", True),
+    ]
+
+
 def test_jsonl_pairs(tmp_path):
     f = tmp_path / "p.jsonl"
     f.write_text(
