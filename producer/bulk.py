@@ -41,10 +41,14 @@ from producer.bulk_io import (
     read_results,
     summary_from_output,
 )
+from producer.bulk_jobs import EmbedJobs
 from producer.client import FaceClient
-from producer.errors import InputError, JobFailed, JobNotFound, ResultTimeout
 from producer.evaluation import Summary
-from producer.jobs import EmbedRequest, ErrorCode, cosine_distance, decode_embedding, encode_embedding
+from producer.jobs import (
+    cosine_distance,
+    decode_embedding,
+    encode_embedding,
+)
 from producer.pairs import Pair, PairFile
 
 COLUMNS = ["a", "b", "label", "distance", "similar", "error", "message"]
@@ -67,7 +71,8 @@ class BulkOptions:
     shared_root: bool = False  # send paths; workers read them under their ARCFACE_SHARED_ROOT
     threshold: float = DEFAULT_THRESHOLD
     window: int = 256  # embed jobs in flight
-    chunk: int = 64  # jobs per enqueue_many
+    chunk: int = 64  # images per enqueue_many
+    images_per_job: int = 64  # images of one embed_batch job (1: one embed job per image)
     max_pending_pairs: int = 10_000
     job_timeout_s: float = 600.0
     progress: bool = True
@@ -167,80 +172,6 @@ class _Sidecar:
         self._out.close()
 
 
-class _EmbedJobs:
-    """The embed jobs of a run: each unique image key is reused from the sidecar, resumed from a job an
-    interrupted run left queued, or enqueued (in chunks of ``options.chunk``, one ``enqueue_many`` each);
-    results are collected oldest first."""
-
-    def __init__(self, client: FaceClient, options: BulkOptions, side: _Sidecar, stats: BulkStats) -> None:
-        self.client, self.options, self.side, self.stats = client, options, side, stats
-        self.in_flight: dict[str, str] = {}  # image key -> job id
-        self.order: deque[str] = deque()  # keys in submission order
-        self.resumed: set[str] = set()  # keys whose job an earlier run enqueued
-        self.to_submit: list[tuple[str, EmbedRequest]] = []
-        self.fresh: set[str] = set()  # keys embedded (or failed) in this run
-        self.seen: set[str] = set()  # keys already handled in this run
-
-    def start(self, key: str) -> None:
-        """The first time ``key`` appears in this run: reuse, resume or enqueue its embedding."""
-        if key in self.seen:
-            return
-        self.seen.add(key)
-        if key in self.side.vectors:  # from the sidecar of an earlier run
-            self.stats.images_reused += 1
-        elif key in self.side.jobs:  # queued by an interrupted run: wait for that job
-            self.in_flight[key] = self.side.jobs[key]
-            self.order.append(key)
-            self.resumed.add(key)
-        else:
-            self._enqueue(key)
-
-    def _enqueue(self, key: str) -> None:
-        o = self.options
-        try:
-            path = key if o.shared_root else (o.root / key) if o.root else Path(key)
-            self.to_submit.append((key, self.client.embed_request(path, as_path=o.shared_root, detect=o.detect)))
-        except InputError as exc:
-            self.side.fail(key, exc.code.value, exc.message)
-            self.fresh.add(key)
-
-    def submit(self, force: bool = False) -> None:
-        """Enqueue the waiting requests in full chunks (all of them with ``force``)."""
-        size = self.options.chunk
-        while self.to_submit and (force or len(self.to_submit) >= size):
-            chunk, self.to_submit[:] = self.to_submit[:size], self.to_submit[size:]
-            ids = self.client.submit_many(req for _, req in chunk)
-            queued = [(key, jid) for (key, _), jid in zip(chunk, ids, strict=True)]
-            self.side.queued(queued)
-            for key, jid in queued:
-                self.in_flight[key] = jid
-                self.order.append(key)
-
-    def collect_oldest(self) -> None:
-        """Wait for the oldest job's embedding; a failure is recorded (an earlier run's job is retried)."""
-        key = self.order.popleft()
-        jid = self.in_flight.pop(key)
-        earlier = key in self.resumed
-        self.resumed.discard(key)
-        try:
-            self.side.add(key, self.client.result_embed(jid, timeout=self.options.job_timeout_s).embedding)
-            if earlier:
-                self.stats.jobs_resumed += 1
-            else:
-                self.stats.images_embedded += 1
-        except (JobFailed, JobNotFound) as exc:
-            if earlier:  # an earlier run's job that failed or expired: this run tries the image again
-                self._enqueue(key)
-                self.submit(force=True)
-                return
-            code = exc.code.value if isinstance(exc, JobFailed) else ErrorCode.INTERNAL_ERROR.value
-            self.side.fail(key, code, exc.error.message if isinstance(exc, JobFailed) else exc.message)
-        except ResultTimeout:
-            message = f"no result within {self.options.job_timeout_s:g}s (job {jid})"
-            self.side.fail(key, ErrorCode.JOB_TIMEOUT.value, message)
-        self.fresh.add(key)
-
-
 class BulkRun:
     """One bulk verification run (see module docstring)."""
 
@@ -275,7 +206,7 @@ class BulkRun:
         start = time.monotonic()
         total = self.pairs.validate()  # broken lines are reported before anything is enqueued
         side = _Sidecar(self.sidecar_path, self._params())
-        jobs = _EmbedJobs(self.client, self.options, side, self.stats)
+        jobs = EmbedJobs(self.client, self.options, side, self.stats)
         try:
             with self.out.open("w", newline="") as f:
                 rows = _Rows(self, f, side, jobs, total)
@@ -300,7 +231,7 @@ class _Rows:
     """The results CSV of a run: pairs wait (at most ``max_pending_pairs``) until both embeddings are in,
     then are written in file order."""
 
-    def __init__(self, run: BulkRun, f: IO[str], side: _Sidecar, jobs: _EmbedJobs, total: int) -> None:
+    def __init__(self, run: BulkRun, f: IO[str], side: _Sidecar, jobs: EmbedJobs, total: int) -> None:
         self.run, self.f, self.side, self.jobs, self.total = run, f, side, jobs, total
         self.stats, self.options = run.stats, run.options
         self.writer = csv.writer(f)
@@ -314,7 +245,9 @@ class _Rows:
         jobs.start(pair.b)
         self.pending.append(pair)
         jobs.submit()
-        while len(jobs.in_flight) >= self.options.window or len(self.pending) > self.options.max_pending_pairs:
+        while len(jobs.in_flight) + len(jobs.to_submit) >= self.options.window or (
+            len(self.pending) > self.options.max_pending_pairs
+        ):
             if not jobs.order:
                 jobs.submit(force=True)
                 if not jobs.order:

@@ -50,7 +50,13 @@ def register(sub: Any) -> None:
         default=None,
         help="similar when distance <= this, 0..2 (default: the threshold the workers publish for their model)",
     )
-    bk.add_argument("--window", type=_positive_int, default=256, help="embed jobs in flight at most (default 256)")
+    bk.add_argument("--window", type=_positive_int, default=256, help="images in flight at most (default 256)")
+    bk.add_argument(
+        "--images-per-job",
+        type=_positive_int,
+        default=64,
+        help="images per embed_batch job (default 64; 1 = one embed job per image)",
+    )
     bk.add_argument(
         "--detect", choices=["none", "blazeface"], default=None, help="face detection (default: the workers' setting)"
     )
@@ -106,6 +112,7 @@ def handle(client: FaceClient, settings: ProducerSettings, args: argparse.Namesp
         shared_root=args.shared_root,
         threshold=threshold,
         window=args.window,
+        images_per_job=args.images_per_job,
         detect=args.detect,
         job_timeout_s=args.timeout,
     )

@@ -128,15 +128,15 @@ def test_tar_at_far_and_ten_fold_protocol():
 
 
 # --- end to end through a real worker (fixtures in tests/bulk_fixtures.py; the CLI's runs in test_bulk_cli.py) ---
-def test_bulk_csv_over_real_faces_equals_the_engine(bulk_client, engine, tmp_path):
+@pytest.mark.parametrize("images_per_job", [3, 1])  # embed_batch jobs of 3 images, or one embed job per image
+def test_bulk_csv_over_real_faces_equals_the_engine(bulk_client, engine, tmp_path, images_per_job):
     from producer.bulk import BulkOptions, read_results, run_bulk
 
     rows = write_face_pairs(tmp_path / "pairs.csv")
     unique = {x for a, b, _ in rows for x in (a, b)}
     out = tmp_path / "results.csv"
-    stats, summary = run_bulk(
-        bulk_client, tmp_path / "pairs.csv", out, BulkOptions(root=FACES, window=8, chunk=4), quiet=True
-    )
+    options = BulkOptions(root=FACES, window=8, chunk=4, images_per_job=images_per_job)
+    stats, summary = run_bulk(bulk_client, tmp_path / "pairs.csv", out, options, quiet=True)
     assert stats.images_embedded == len(unique) < 2 * len(rows)  # each unique image embedded once
     direct = dict(zip(unique, engine.embed_images([(FACES / k).read_bytes() for k in unique]), strict=True))
     written = list(read_results(out))
