@@ -50,6 +50,11 @@ def register(sub: Any) -> None:
         default=None,
         help="similar when distance <= this, 0..2 (default: the threshold the workers publish for their model)",
     )
+    _add_run_options(bk)
+
+
+def _add_run_options(bk: argparse.ArgumentParser) -> None:
+    """How the run sends and waits for its images, and what it prints."""
     bk.add_argument("--window", type=_positive_int, default=256, help="images in flight at most (default 256)")
     bk.add_argument(
         "--images-per-job",
