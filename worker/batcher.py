@@ -37,7 +37,7 @@ import structlog
 from rq.suspension import is_suspended
 from rq.worker import SimpleWorker, WorkerStatus
 
-from producer.jobs import JobFailure
+from producer.jobs import JobFailure, request_images
 from worker.completion import CompletionMixin
 from worker.executing import ExecutionMixin, Item
 from worker.maintenance import MaintenanceMixin
@@ -156,9 +156,6 @@ class BatchWorker(ExecutionMixin, CompletionMixin, MaintenanceMixin, SimpleWorke
             os._exit(128 + signum)
 
     # --- taking -----------------------------------------------------------------------------------
-    def _waiting_images(self) -> int:
-        return len(self._waiting)
-
     def take(self, block_s: float, model_busy: Callable[[], bool] = lambda: False) -> int:
         """Take jobs until ``max_batch_size`` images wait: block up to ``block_s`` for a first one when none
         wait, then fill for ``batch_timeout_ms`` and while the model is busy. Returns the jobs registered."""
@@ -180,11 +177,11 @@ class BatchWorker(ExecutionMixin, CompletionMixin, MaintenanceMixin, SimpleWorke
         deadline = time.monotonic() + self.batch_timeout_s
         # While the model runs, take up to two batches ahead so preprocessing never starves (multi-image jobs).
         while (
-            self._waiting_images() < self.max_batch_size * (2 if model_busy() else 1)
+            len(self._waiting) < self.max_batch_size * (2 if model_busy() else 1)
             and not self._stop.is_set()
             and self._bytes_in_hand < 2 * self.settings.max_job_bytes
         ):
-            ids = pop_many(self.connection, keys, max(1, self.max_batch_size - self._waiting_images()))
+            ids = pop_many(self.connection, keys, max(1, self.max_batch_size - len(self._waiting)))
             if not ids and model_busy():
                 one = pop_first(self.connection, keys, _BUSY_POLL_S)
                 ids = [one] if one else []
@@ -284,19 +281,12 @@ class BatchWorker(ExecutionMixin, CompletionMixin, MaintenanceMixin, SimpleWorke
             assert t.request is not None
             t.embeddings = None
             t.faces = [None] * t.n_images
-            refs = self._images(t)
+            refs = request_images(t.request)
             all_faces = getattr(t.request, "faces", "one") == "all"
             for i, ref in enumerate(refs):
                 self._waiting.append(
                     Item(t, i, self._pool.submit(self.runtime.prepare_image, ref, t.detect, all_faces))
                 )
-
-    @staticmethod
-    def _images(t: Taken) -> list[Any]:
-        from producer.jobs import request_images
-
-        assert t.request is not None
-        return request_images(t.request)
 
     # --- the loop ---------------------------------------------------------------------------------
     def work(self, burst: bool = False, logging_level: str | None = "WARNING", **_: Any) -> bool:  # type: ignore[override]
