@@ -11,7 +11,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import pytest
 
@@ -35,6 +35,7 @@ else:
 main()
 """
 PRODUCER_ONLY = "tensorflow,keras,h5py,prometheus_client,worker"
+NO_MATPLOTLIB = PRODUCER_ONLY + ",matplotlib"
 
 
 def run(
@@ -93,6 +94,30 @@ def _busy_port(tmp: Path, r, queue: str) -> dict[str, str]:
 
 
 _HELD: list[socket.socket] = []
+NOT_OURS = "not an ArcFace job"
+
+
+def _embed(name: str, says: list[str], *extra: str, **kw: Any) -> Case:
+    """``arcface-producer embed FACE EXTRA...``: a settings error (``env=``, ``dotenv=``) refused before enqueuing."""
+    return Case(name, lambda t: ["embed", FACE, *extra], 2, says, **kw)
+
+
+def _bulk(name: str, says: list[str], *extra: str, out: str = "r.csv", **kw: Any) -> Case:
+    """``arcface-producer bulk pairs.csv --out OUT EXTRA...`` in the test's folder (``{t}`` in EXTRA names it)."""
+    return Case(
+        name,
+        lambda t: ["bulk", str(t / "pairs.csv"), "--out", str(t / out), *(a.format(t=t) for a in extra)],
+        2,
+        says,
+        setup=_pairs,
+        **kw,
+    )
+
+
+def _worker(name: str, says: list[str], *args: str, block: str = "", **kw: Any) -> Case:
+    """``arcface-worker ARGS``, by default with every module importable (a full install)."""
+    return Case(name, lambda t: list(args), 2, says, prog="arcface-worker", block=block, **kw)
+
 
 CASES = [
     # producer flags
@@ -107,65 +132,23 @@ CASES = [
     Case("missing-image", lambda t: ["embed", str(t / "nope.jpg")], 2, ["nope.jpg"]),
     Case("verify-missing-b", lambda t: ["verify", FACE, str(t / "nope.jpg")], 2, ["image b", "nope.jpg"]),
     # producer settings
-    Case(
-        "redis-url-no-scheme",
-        lambda t: ["embed", FACE],
-        2,
-        ["ARCFACE_REDIS_URL", "redis://"],
-        env={"ARCFACE_REDIS_URL": "redis//x"},
+    _embed("redis-url-no-scheme", ["ARCFACE_REDIS_URL", "redis://"], env={"ARCFACE_REDIS_URL": "redis//x"}),
+    _embed("redis-url-http", ["ARCFACE_REDIS_URL", "redis://"], env={"ARCFACE_REDIS_URL": "http://x"}),
+    _embed(
+        "redis-url-bad-port-secret", ["ARCFACE_REDIS_URL", "***"], env={"ARCFACE_REDIS_URL": "redis://:s3cret@h:xx/0"}
     ),
-    Case(
-        "redis-url-http",
-        lambda t: ["embed", FACE],
-        2,
-        ["ARCFACE_REDIS_URL", "redis://"],
-        env={"ARCFACE_REDIS_URL": "http://x"},
-    ),
-    Case(
-        "redis-url-bad-port-secret",
-        lambda t: ["embed", FACE],
-        2,
-        ["ARCFACE_REDIS_URL", "***"],
-        env={"ARCFACE_REDIS_URL": "redis://:s3cret@h:xx/0"},
-    ),
-    Case(
-        "dotenv-wait-timeout",
-        lambda t: ["embed", FACE],
-        2,
-        ["ARCFACE_WAIT_TIMEOUT", "soon", ".env"],
-        dotenv="ARCFACE_WAIT_TIMEOUT=soon\n",
-    ),
-    Case("retries-negative", lambda t: ["embed", FACE], 2, ["ARCFACE_RETRIES", "-1"], env={"ARCFACE_RETRIES": "-1"}),
-    Case("log-level", lambda t: ["embed", FACE], 2, ["ARCFACE_LOG_LEVEL", "INFO"], env={"ARCFACE_LOG_LEVEL": "LOUD"}),
-    Case(
+    _embed("dotenv-wait-timeout", ["ARCFACE_WAIT_TIMEOUT", "soon", ".env"], dotenv="ARCFACE_WAIT_TIMEOUT=soon\n"),
+    _embed("retries-negative", ["ARCFACE_RETRIES", "-1"], env={"ARCFACE_RETRIES": "-1"}),
+    _embed("log-level", ["ARCFACE_LOG_LEVEL", "INFO"], env={"ARCFACE_LOG_LEVEL": "LOUD"}),
+    _embed(
         "embedded-forbidden",
-        lambda t: ["embed", FACE],
-        2,
         ["ARCFACE_REDIS_URL", "ARCFACE_EMBEDDED_REDIS"],
         env={"ARCFACE_EMBEDDED_REDIS": "false", "ARCFACE_REDIS_URL": ""},
     ),
-    Case(
-        "wait-with-result-ttl-0",
-        lambda t: ["embed", FACE, "--wait"],
-        2,
-        ["ARCFACE_RESULT_TTL"],
-        env={"ARCFACE_RESULT_TTL": "0"},
-    ),
+    _embed("wait-with-result-ttl-0", ["ARCFACE_RESULT_TTL"], "--wait", env={"ARCFACE_RESULT_TTL": "0"}),
     # jobs that are not ours
-    Case(
-        "corrupt-job-hash",
-        lambda t: ["status", "corrupt-job"],
-        2,
-        ["corrupt-job", "not an ArcFace job"],
-        setup=_corrupt_hash,
-    ),
-    Case(
-        "pickled-job-status",
-        lambda t: ["status", "pickled-job"],
-        2,
-        ["pickled-job", "not an ArcFace job"],
-        setup=_pickled_job,
-    ),
+    Case("corrupt-job-hash", lambda t: ["status", "corrupt-job"], 2, ["corrupt-job", NOT_OURS], setup=_corrupt_hash),
+    Case("pickled-job-status", lambda t: ["status", "pickled-job"], 2, ["pickled-job", NOT_OURS], setup=_pickled_job),
     Case(
         "pickled-job-result",
         lambda t: ["result", "pickled-job", "--timeout", "1"],
@@ -174,49 +157,12 @@ CASES = [
         setup=_pickled_job,
     ),
     # bulk: refused before anything is enqueued
-    Case(
-        "bulk-out-missing-dir",
-        lambda t: ["bulk", str(t / "pairs.csv"), "--out", str(t / "no" / "r.csv")],
-        2,
-        ["--out", "does not exist"],
-        setup=_pairs,
-    ),
-    Case(
-        "bulk-out-is-dir",
-        lambda t: ["bulk", str(t / "pairs.csv"), "--out", str(t / "outdir")],
-        2,
-        ["--out", "directory"],
-        setup=_pairs,
-    ),
-    Case(
-        "bulk-threshold-nan",
-        lambda t: ["bulk", str(t / "pairs.csv"), "--out", str(t / "r.csv"), "--threshold", "nan"],
-        2,
-        ["--threshold"],
-        setup=_pairs,
-    ),
-    Case(
-        "bulk-window-negative",
-        lambda t: ["bulk", str(t / "pairs.csv"), "--out", str(t / "r.csv"), "--window", "-5"],
-        2,
-        ["--window"],
-        setup=_pairs,
-    ),
-    Case(
-        "bulk-plot-without-matplotlib",
-        lambda t: ["bulk", str(t / "pairs.csv"), "--out", str(t / "r.csv"), "--plot", str(t / "p.png")],
-        2,
-        ["--plot", "matplotlib"],
-        setup=_pairs,
-        block=PRODUCER_ONLY + ",matplotlib",
-    ),
-    Case(
-        "bulk-shared-root-unset",
-        lambda t: ["bulk", str(t / "pairs.csv"), "--out", str(t / "r.csv"), "--shared-root"],
-        2,
-        ["--shared-root", "ARCFACE_SHARED_ROOT"],
-        setup=_pairs,
-    ),
+    _bulk("bulk-out-missing-dir", ["--out", "does not exist"], out="no/r.csv"),
+    _bulk("bulk-out-is-dir", ["--out", "directory"], out="outdir"),
+    _bulk("bulk-threshold-nan", ["--threshold"], "--threshold", "nan"),
+    _bulk("bulk-window-negative", ["--window"], "--window", "-5"),
+    _bulk("bulk-plot-without-matplotlib", ["--plot", "matplotlib"], "--plot", "{t}/p.png", block=NO_MATPLOTLIB),
+    _bulk("bulk-shared-root-unset", ["--shared-root", "ARCFACE_SHARED_ROOT"], "--shared-root"),
     Case(
         "bulk-broken-pair-file",
         lambda t: ["bulk", str(t / "bad.csv"), "--out", str(t / "r.csv")],
@@ -225,51 +171,12 @@ CASES = [
         setup=lambda t, r, q: (t / "bad.csv").write_text("a,b,label\nx,y,perhaps\n") and {},
     ),
     # worker configuration
-    Case(
-        "worker-max-batch-size",
-        lambda t: [],
-        2,
-        ["ARCFACE_MAX_BATCH_SIZE", "abc"],
-        env={"ARCFACE_MAX_BATCH_SIZE": "abc"},
-        prog="arcface-worker",
-        block="",
-    ),
-    Case(
-        "worker-precision",
-        lambda t: [],
-        2,
-        ["ARCFACE_PRECISION", "float32", "reduced"],
-        env={"ARCFACE_PRECISION": "bogus"},
-        prog="arcface-worker",
-        block="",
-    ),
-    Case(
-        "worker-log-level",
-        lambda t: [],
-        2,
-        ["ARCFACE_LOG_LEVEL", "DEBUG"],
-        env={"ARCFACE_LOG_LEVEL": "LOUD"},
-        prog="arcface-worker",
-        block="",
-    ),
-    Case(
-        "worker-metrics-port-in-use",
-        lambda t: [],
-        2,
-        ["ARCFACE_METRICS_PORT"],
-        setup=_busy_port,
-        prog="arcface-worker",
-        block="",
-    ),
-    Case(
-        "worker-producer-only-install",
-        lambda t: [],
-        2,
-        ["arcface-service[worker]"],
-        prog="arcface-worker",
-        block=PRODUCER_ONLY.replace(",worker", ""),
-    ),
-    Case("worker-bad-flag", lambda t: ["--bogus"], 2, ["--bogus"], prog="arcface-worker", block=""),
+    _worker("worker-max-batch-size", ["ARCFACE_MAX_BATCH_SIZE", "abc"], env={"ARCFACE_MAX_BATCH_SIZE": "abc"}),
+    _worker("worker-precision", ["ARCFACE_PRECISION", "float32", "reduced"], env={"ARCFACE_PRECISION": "bogus"}),
+    _worker("worker-log-level", ["ARCFACE_LOG_LEVEL", "DEBUG"], env={"ARCFACE_LOG_LEVEL": "LOUD"}),
+    _worker("worker-metrics-port-in-use", ["ARCFACE_METRICS_PORT"], setup=_busy_port),
+    _worker("worker-producer-only-install", ["arcface-service[worker]"], block=PRODUCER_ONLY.replace(",worker", "")),
+    _worker("worker-bad-flag", ["--bogus"], "--bogus"),
 ]
 
 
