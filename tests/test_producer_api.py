@@ -91,6 +91,11 @@ def test_redis_down_is_redis_unavailable(worker_env):
         FaceClient(ProducerSettings(redis_url=f"redis://127.0.0.1:{free_port()}/0"))
 
 
+def _python(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``python ARGS`` in the repository (``env``: exactly this environment), its output captured as text."""
+    return subprocess.run([sys.executable, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
 def test_embedded_redis_is_announced_and_can_be_forbidden(monkeypatch):
     from producer.redisconn import EmbeddedRedis
 
@@ -98,39 +103,25 @@ def test_embedded_redis_is_announced_and_can_be_forbidden(monkeypatch):
         env = {"ARCFACE_DATA_DIR": d, "PYTHONPATH": str(REPO)}
         base = {k: v for k, v in __import__("os").environ.items() if not k.startswith("ARCFACE_")}
         try:
-            proc = subprocess.run(
-                [sys.executable, "-m", "producer.cli", "status", "no-such-job"],
-                env={**base, **env},
-                cwd=REPO,
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
+            proc = _python("-m", "producer.cli", "status", "no-such-job", env={**base, **env})
             assert proc.returncode == 2
             assert "using the embedded Redis" in proc.stderr and "ARCFACE_REDIS_URL" in proc.stderr
         finally:
             EmbeddedRedis(Path(d)).shutdown()
-        forbidden = subprocess.run(
-            [sys.executable, "-m", "producer.cli", "status", "no-such-job"],
-            env={**base, **env, "ARCFACE_EMBEDDED_REDIS": "false"},
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=60,
+        forbidden = _python(
+            "-m", "producer.cli", "status", "no-such-job", env={**base, **env, "ARCFACE_EMBEDDED_REDIS": "false"}
         )
         assert forbidden.returncode == 2 and "ARCFACE_REDIS_URL is required" in forbidden.stderr
         assert not (Path(d) / "redis" / "redis.sock").exists()
 
 
+def _mypy_strict(path: Path) -> subprocess.CompletedProcess[str]:
+    """mypy --strict on one file, as a user of the installed library would run it."""
+    return _python("-m", "mypy", "--strict", "--follow-imports=silent", "--no-incremental", str(path), timeout=300)
+
+
 def test_mypy_accepts_the_typed_client_example():
-    example = REPO / "examples" / "typed_client.py"
-    proc = subprocess.run(
-        [sys.executable, "-m", "mypy", "--strict", "--follow-imports=silent", "--no-incremental", str(example)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = _mypy_strict(REPO / "examples" / "typed_client.py")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     # and mypy does catch misuse: a VerifyResult has no embedding
     bad = Path(tempfile.mkdtemp()) / "bad.py"
@@ -138,11 +129,5 @@ def test_mypy_accepts_the_typed_client_example():
         "from producer.client import FaceClient\n\n"
         "def f(c: FaceClient) -> None:\n    print(c.result_verify('x').embedding)\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-m", "mypy", "--strict", "--follow-imports=silent", "--no-incremental", str(bad)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = _mypy_strict(bad)
     assert proc.returncode == 1 and '"VerifyResult" has no attribute "embedding"' in proc.stdout, proc.stdout
