@@ -6,7 +6,10 @@ import re
 import time
 import urllib.request
 
+import pytest
+
 from producer.client import FaceClient, JobFailed
+from producer.jobs import ErrorCode
 from producer.settings import ProducerSettings
 from tests.conftest import face_paths
 from tests.redis_server import free_port
@@ -18,13 +21,21 @@ def scrape_text(port: int) -> str:
 
 
 def scrape(port: int) -> dict[str, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     out = {}
-    for line in text.splitlines():
+    for line in scrape_text(port).splitlines():
         m = re.match(r"^(arcface_[a-z_]+(?:\{[^}]*\})?) ([0-9.e+-]+)$", line)
         if m:
             out[m[1]] = float(m[2])
     return out
+
+
+def _failed_then_scrape(client: FaceClient, port: int, job_id: str, code: ErrorCode) -> dict[str, float]:
+    """Wait for a job that must fail with ``code``, give the worker a moment to count it, and scrape."""
+    with pytest.raises(JobFailed) as info:
+        client.result(job_id, timeout=30)
+    assert info.value.error.code is code
+    time.sleep(0.2)
+    return scrape(port)
 
 
 def test_metrics_count_jobs_batches_and_latencies(worker_env, tmp_path):
@@ -40,12 +51,7 @@ def test_metrics_count_jobs_batches_and_latencies(worker_env, tmp_path):
         bad = client.embed(b"definitely not an image")
         for j in ids:
             client.result(j, timeout=120)
-        try:
-            client.result(bad, timeout=30)
-        except JobFailed:
-            pass
-        time.sleep(0.2)
-        after = scrape(port)
+        after = _failed_then_scrape(client, port, bad, ErrorCode.IMAGE_DECODE_ERROR)
         assert after['arcface_jobs_total{code="",kind="embed",outcome="finished"}'] == 6
         assert after['arcface_jobs_total{code="",kind="verify",outcome="finished"}'] == 2
         assert after['arcface_jobs_total{code="image_decode_error",kind="embed",outcome="failed"}'] == 1
@@ -59,12 +65,7 @@ def test_metrics_count_jobs_batches_and_latencies(worker_env, tmp_path):
         info = [k for k in after if k.startswith("arcface_worker_info{")]
         assert len(info) == 1 and 'model="arcface"' in info[0] and f'queue="{worker_env["ARCFACE_QUEUE"]}"' in info[0]
         hostile = client.queue.enqueue_call("os.system", args=("true",)).id
-        try:
-            client.result(hostile, timeout=30)
-        except Exception:
-            pass
-        time.sleep(0.2)
-        final = scrape(port)
+        final = _failed_then_scrape(client, port, hostile, ErrorCode.UNSUPPORTED_JOB)
         assert (
             final['arcface_jobs_total{code="unsupported_job",kind="invalid",outcome="failed"}'] == 1
         )  # never counted as an embed
