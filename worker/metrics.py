@@ -32,36 +32,26 @@ class WorkerMetrics:
             registry=r,
         )
         self.images = Counter("arcface_images_total", "Images embedded (every item of multi-image jobs)", registry=r)
-        self.detect = Histogram(
-            "arcface_detect_seconds",
-            "Face detection time per batch (when detection is on)",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
+        self.detect = self._seconds("arcface_detect_seconds", "Face detection time per batch (when detection is on)")
         self.batch_images = Histogram(
             "arcface_batch_images", "Images per batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r
         )
-        self.queue_wait = Histogram(
-            "arcface_queue_wait_seconds",
-            "Time a job waited in the queue",
-            buckets=_LATENCY_BUCKETS + (120, 300),
-            registry=r,
+        self.queue_wait = self._seconds(
+            "arcface_queue_wait_seconds", "Time a job waited in the queue", _LATENCY_BUCKETS + (120, 300)
         )
-        self.preprocess = Histogram(
+        self.preprocess = self._seconds(
             "arcface_preprocess_seconds",
             "Decode + resize time per batch (waiting for the preprocessing pool; detection not included)",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
         )
-        self.inference = Histogram(
-            "arcface_inference_seconds", "Model time per batch", buckets=_LATENCY_BUCKETS, registry=r
-        )
-        self.write = Histogram(
-            "arcface_write_seconds", "Redis write time per batch", buckets=_LATENCY_BUCKETS, registry=r
-        )
+        self.inference = self._seconds("arcface_inference_seconds", "Model time per batch")
+        self.write = self._seconds("arcface_write_seconds", "Redis write time per batch")
         self.model_load = Gauge("arcface_model_load_seconds", "Seconds the model took to load and warm up", registry=r)
         if queue_depth is not None:
             r.register(_QueueDepth(queue_depth))
+
+    def _seconds(self, name: str, doc: str, buckets: tuple[float, ...] = _LATENCY_BUCKETS) -> Histogram:
+        """A latency histogram in this worker's registry."""
+        return Histogram(name, doc, buckets=buckets, registry=self.registry)
 
     def observe_batch(
         self, images: int, embedded: int, preprocess_s: float, detect_s: float, inference_s: float, write_s: float
