@@ -45,35 +45,27 @@ def results_key(job_id: str) -> str:
     return f"rq:results:{job_id}"
 
 
+class _QueueKey:
+    """One Redis key of a queue, from its template (``{}``: the queue's name)."""
+
+    def __init__(self, template: str) -> None:
+        self.template = template
+
+    def __get__(self, keys: QueueKeys, owner: type | None = None) -> str:
+        return self.template.format(keys.name)
+
+
 @dataclass(frozen=True)
 class QueueKeys:
     """The Redis keys rq uses for one queue."""
 
     name: str
-
-    @property
-    def queue(self) -> str:
-        return f"rq:queue:{self.name}"
-
-    @property
-    def intermediate(self) -> str:
-        return f"rq:queue:{self.name}:intermediate"
-
-    @property
-    def started(self) -> str:
-        return f"rq:wip:{self.name}"
-
-    @property
-    def finished(self) -> str:
-        return f"rq:finished:{self.name}"
-
-    @property
-    def failed(self) -> str:
-        return f"rq:failed:{self.name}"
-
-    @property
-    def scheduled(self) -> str:
-        return f"rq:scheduled:{self.name}"
+    queue = _QueueKey("rq:queue:{}")
+    intermediate = _QueueKey("rq:queue:{}:intermediate")
+    started = _QueueKey("rq:wip:{}")
+    finished = _QueueKey("rq:finished:{}")
+    failed = _QueueKey("rq:failed:{}")
+    scheduled = _QueueKey("rq:scheduled:{}")
 
 
 def valid_job_id(job_id: str) -> bool:
