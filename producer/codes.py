@@ -1,7 +1,8 @@
 """The error vocabulary of the job contract: the stable codes a failed job (or a failed item of a
 multi-item job) carries, and the ``{"code", "message"}`` record a failure is stored as.
 
-Imported by :mod:`producer.jobs` (which re-exports both names) and :mod:`producer.results`; it imports
+Also :class:`JobFailure`, the exception worker code raises with a code. Imported by :mod:`producer.jobs` (which
+re-exports these names) and :mod:`producer.results`; it imports
 nothing of the project, so neither needs the other to load.
 """
 
@@ -37,3 +38,18 @@ class JobError(BaseModel):
 
     code: ErrorCode
     message: str
+
+
+class JobFailure(Exception):
+    """Raised by worker code when one job cannot be done; carries the :class:`ErrorCode`."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(f"[{code.value}] {message}")
+        self.code = code
+        self.message = message
+
+    def __reduce__(self) -> tuple[type[JobFailure], tuple[ErrorCode, str]]:  # pickles with both arguments
+        return (type(self), (self.code, self.message))
+
+    def to_error(self) -> JobError:
+        return JobError(code=self.code, message=self.message)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from producer.codes import ErrorCode, JobError
+from producer.codes import ErrorCode, JobError, JobFailure
 from producer.results import (
     AnyResult,
     EmbedBatchResult,
@@ -82,18 +82,6 @@ class JSONSerializer:
 
 
 # --- errors (the codes and the stored record: producer.codes) -----------------------------------------
-class JobFailure(Exception):
-    """Raised by worker code when one job cannot be done; carries the :class:`ErrorCode`."""
-
-    def __init__(self, code: ErrorCode, message: str) -> None:
-        super().__init__(f"[{code.value}] {message}")
-        self.code = code
-        self.message = message
-
-    def to_error(self) -> JobError:
-        return JobError(code=self.code, message=self.message)
-
-
 def resolve_shared_path(root: Path | None, relative: str) -> Path:
     """The file a path image names, refused (``path_not_allowed``) unless it lies inside ``root``.
 

@@ -279,12 +279,15 @@ def test_tensorflow_jpeg_decoder_gives_tensorflows_exact_pixels():
     assert_same(decode_image(png, limits), decode_image(png))  # PNGs decode identically everywhere
 
 
-def test_importing_preprocess_does_not_import_tensorflow():
-    code = "import sys, worker.preprocess, worker.decode; print('tensorflow' in sys.modules)"
+def test_importing_preprocessing_loads_neither_tensorflow_nor_rq_nor_redis():
+    code = (
+        "import sys, worker.preprocess, worker.decode, worker.files\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'tensorflow', 'keras', 'rq', 'redis'}))"
+    )
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120, check=True
     )
-    assert out.stdout.strip() == "False"
+    assert out.stdout.strip() == "[]"
 
 
 def test_limits_come_from_the_worker_settings(monkeypatch):

@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
-from producer.jobs import ErrorCode, JobFailure
+from producer.codes import ErrorCode, JobFailure
 from worker.decode_checks import (
     BYTES_PER_PIXEL,
     DEFAULT_FORMATS,

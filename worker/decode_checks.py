@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from producer.jobs import ErrorCode, JobFailure
+from producer.codes import ErrorCode, JobFailure
 
 DEFAULT_MAX_PIXELS = 40_000_000
 DEFAULT_MIN_SIDE = 8

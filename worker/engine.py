@@ -15,7 +15,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import tensorflow as tf
 
-from producer.jobs import cosine_distance
+from producer.results import cosine_distance
 from worker.decode import DEFAULT_LIMITS
 from worker.model import FaceModel
 from worker.preprocess import DecodeLimits, preprocess

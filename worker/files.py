@@ -26,7 +26,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
-from producer.jobs import ErrorCode, JobFailure
+from producer.codes import ErrorCode, JobFailure
 
 # openat2(2): <linux/openat2.h>. The syscall number is 437 on every architecture that uses the generic table
 # (aarch64) and on x86_64; other machines use the component walk.

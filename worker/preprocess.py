@@ -34,7 +34,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from producer.jobs import ErrorCode, JobFailure
+from producer.codes import ErrorCode, JobFailure
 from worker.decode import (
     DEFAULT_LIMITS,
     DEFAULT_MAX_PIXELS,
