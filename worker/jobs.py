@@ -8,7 +8,7 @@ also serves the queue, one job at a time, with the same results and error codes 
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Callable
 
 from rq import get_current_job
 
@@ -68,41 +68,24 @@ def _run(func_name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict:
         raise
 
 
-def embed(*args: Any, **kwargs: Any) -> dict:
-    """Embed one image: ``args == (EmbedRequest JSON,)``; returns an ``EmbedResult`` as JSON."""
-    return _run(EMBED_FUNC, args, kwargs)
+def _job_function(func_name: str, what: str) -> Callable[..., dict]:
+    """The function rq imports as ``func_name`` (``worker.jobs.<kind>``): runs the request it is called with."""
+    name = func_name.rpartition(".")[2]
+    kind = "".join(part.title() for part in name.split("_"))
+
+    def job(*args: Any, **kwargs: Any) -> dict:
+        return _run(func_name, args, kwargs)
+
+    job.__name__ = job.__qualname__ = name
+    job.__doc__ = f"{what}: ``args == ({kind}Request JSON,)``; returns its ``{kind}Result`` as JSON."
+    return job
 
 
-def verify(*args: Any, **kwargs: Any) -> dict:
-    """Verify a pair: ``args == (VerifyRequest JSON,)``; returns a ``VerifyResult`` as JSON."""
-    return _run(VERIFY_FUNC, args, kwargs)
-
-
-def embed_batch(*args: Any, **kwargs: Any) -> dict:
-    """Embed many images: ``args == (EmbedBatchRequest JSON,)``; returns an ``EmbedBatchResult`` as JSON."""
-    return _run(EMBED_BATCH_FUNC, args, kwargs)
-
-
-def verify_batch(*args: Any, **kwargs: Any) -> dict:
-    """Verify many pairs: ``args == (VerifyBatchRequest JSON,)``; returns a ``VerifyBatchResult`` as JSON."""
-    return _run(VERIFY_BATCH_FUNC, args, kwargs)
-
-
-def enroll(*args: Any, **kwargs: Any) -> dict:
-    """Enroll one image under a subject of a gallery: ``args == (EnrollRequest JSON,)``."""
-    return _run(ENROLL_FUNC, args, kwargs)
-
-
-def enroll_batch(*args: Any, **kwargs: Any) -> dict:
-    """Enroll many images: ``args == (EnrollBatchRequest JSON,)``."""
-    return _run(ENROLL_BATCH_FUNC, args, kwargs)
-
-
-def identify(*args: Any, **kwargs: Any) -> dict:
-    """Search a gallery for the image's face: ``args == (IdentifyRequest JSON,)``."""
-    return _run(IDENTIFY_FUNC, args, kwargs)
-
-
-def forget(*args: Any, **kwargs: Any) -> dict:
-    """Delete a subject or one enrollment: ``args == (ForgetRequest JSON,)``."""
-    return _run(FORGET_FUNC, args, kwargs)
+embed = _job_function(EMBED_FUNC, "Embed one image")
+verify = _job_function(VERIFY_FUNC, "Verify a pair")
+embed_batch = _job_function(EMBED_BATCH_FUNC, "Embed many images")
+verify_batch = _job_function(VERIFY_BATCH_FUNC, "Verify many pairs")
+enroll = _job_function(ENROLL_FUNC, "Enroll one image under a subject of a gallery")
+enroll_batch = _job_function(ENROLL_BATCH_FUNC, "Enroll many images")
+identify = _job_function(IDENTIFY_FUNC, "Search a gallery for the image's face")
+forget = _job_function(FORGET_FUNC, "Delete a subject or one enrollment")
