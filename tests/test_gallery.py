@@ -101,12 +101,18 @@ def test_float16_worker_holds_half_the_bytes_and_ranks_the_same(stores, model_na
     assert h.verify_subject("h", "s5", q[5]).distance == pytest.approx(cosine_distance(q[5], v[5]), abs=1e-12)
 
 
-def test_a_lost_event_makes_the_worker_reload(stores, model_name, redis_server):
-    rng = np.random.default_rng(4)
+def _second_worker_caught_up(stores, model_name: str, seed: int, gallery: str, n: int):
+    """Two stores (two workers) and ``n`` random unit vectors: ``x`` enrolled as ``x1`` with ``v[0]`` through the
+    first, and the second has applied that event."""
     a, b = stores(model_name), stores(model_name)
-    v = unit(rng, 3)
-    a.enroll("gap", "x", "x1", v[0])
+    v = unit(np.random.default_rng(seed), n)
+    a.enroll(gallery, "x", "x1", v[0])
     wait_until(lambda: b.seq == a.seq)
+    return a, b, v
+
+
+def test_a_lost_event_makes_the_worker_reload(stores, model_name, redis_server):
+    a, b, v = _second_worker_caught_up(stores, model_name, 4, "gap", 3)
     b.stop()
     a.enroll("gap", "y", "y1", v[1])
     lost = redis_server.client().xrevrange(EVENTS_KEY, count=1)[0][0]
@@ -119,11 +125,7 @@ def test_a_lost_event_makes_the_worker_reload(stores, model_name, redis_server):
 
 def test_a_sequence_that_runs_backwards_also_reloads(stores, model_name, redis_server):
     """A Redis restored from an older AOF restarts the sequence: the worker notices and reloads."""
-    rng = np.random.default_rng(5)
-    a, b = stores(model_name), stores(model_name)
-    v = unit(rng, 2)
-    a.enroll("back", "x", "x1", v[0])
-    wait_until(lambda: b.seq == a.seq)
+    a, b, v = _second_worker_caught_up(stores, model_name, 5, "back", 2)
     redis_server.client().incrby(EVENTS_SEQ_KEY, -1)  # the next event repeats a number b has applied
     a.enroll("back", "y", "y1", v[1])
     wait_until(lambda: b.reloads == 2)
@@ -182,12 +184,17 @@ def test_a_gallery_is_bound_to_one_model_and_dimension(stores, model_name, redis
     assert exc.value.code.value == "unknown_gallery"
 
 
+def _enroll_alice(store, gallery: str, vectors: np.ndarray) -> None:
+    """Enroll ``alice`` once per vector, as ``a0``, ``a1``, ..."""
+    for i, vector in enumerate(vectors):
+        store.enroll(gallery, "alice", f"a{i}", vector)
+
+
 def test_forget_one_enrollment_or_the_subject(stores, model_name):
     rng = np.random.default_rng(8)
     a = stores(model_name)
     v = unit(rng, 4)
-    for i in range(3):
-        a.enroll("f", "alice", f"a{i}", v[i])
+    _enroll_alice(a, "f", v[:3])
     a.enroll("f", "bob", "b0", v[3])
     assert (a.forget("f", "alice", "a1").removed, a.verify_subject("f", "alice", v[1]).enrollments) == (1, 2)
     assert a.forget("f", "alice", "a1").removed == 0  # already gone: idempotent
@@ -290,8 +297,7 @@ def test_verify_subject_is_the_closest_enrollment(stores, model_name):
     rng = np.random.default_rng(11)
     a = stores(model_name)
     v = unit(rng, 3)
-    for i in range(3):
-        a.enroll("vs", "alice", f"a{i}", v[i])
+    _enroll_alice(a, "vs", v)
     q = near(rng, v[1:2], 0.3)[0]
     got = a.verify_subject("vs", "alice", q)
     assert got.distance == min(cosine_distance(q, v[i]) for i in range(3))
