@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import itertools
-import uuid
 
 import numpy as np
 import pytest
@@ -147,19 +146,10 @@ def test_worker_with_detection_and_a_real_model_separates_people(redis_server, t
     model's input settings, ARCFACE_CROP=square; detection margin, score floor and face selection at their
     defaults): a bulk run over all 780 pairs of the 40 crops, plus a photo with no face and a group photo."""
     from producer.bulk import BulkOptions, run_bulk
-    from producer.client import FaceClient
-    from producer.settings import ProducerSettings
-    from tests.workers import WorkerProcess
+    from tests.workers import queue_env, ready_worker
 
-    env = {
-        "ARCFACE_REDIS_URL": redis_server.url,
-        "ARCFACE_QUEUE": f"det-{uuid.uuid4().hex[:6]}",
-        **FACERES_ENV,
-    }
-    worker = WorkerProcess(env, tmp_path / "w.log")
-    try:
-        worker.wait_ready()
-        client = FaceClient(ProducerSettings(redis_url=redis_server.url, queue=env["ARCFACE_QUEUE"]))
+    with ready_worker(queue_env(redis_server.url, "det", **FACERES_ENV), tmp_path / "w.log") as worker:
+        client = worker.client()
         _write_all_pairs(tmp_path / "pairs.csv")
         stats, summary = run_bulk(
             client, tmp_path / "pairs.csv", tmp_path / "out.csv", BulkOptions(root=FACES, threshold=0.45), quiet=True
@@ -173,5 +163,3 @@ def test_worker_with_detection_and_a_real_model_separates_people(redis_server, t
         assert summary.roc_auc >= 0.99  # measured 0.9979 at the default margin 0.1 (0.9961 at 0.2)
         _check_single_jobs_with_detection(client)
         assert any(b.get("detect_ms", 0) > 0 for b in worker.batches())
-    finally:
-        worker.stop()

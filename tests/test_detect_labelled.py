@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import itertools
 import json
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,9 +167,7 @@ def test_real_photo_pairs_through_a_worker_at_default_settings(detector, redis_s
     """The portrait crops written as files; all pairs of the people known, same person = crops of two different
     photos; a bulk run through a worker configured as the README's faceres command (detection defaults)."""
     from producer.bulk import BulkOptions, run_bulk
-    from producer.client import FaceClient
-    from producer.settings import ProducerSettings
-    from tests.workers import WorkerProcess
+    from tests.workers import queue_env, ready_worker
 
     crops = portraits()
     for c in crops:
@@ -179,15 +176,8 @@ def test_real_photo_pairs_through_a_worker_at_default_settings(detector, redis_s
         w = csv.writer(f)
         w.writerow(["a", "b", "label"])
         w.writerows([a.name, b.name, int(a.person == b.person)] for a, b in itertools.combinations(crops, 2))
-    env = {
-        "ARCFACE_REDIS_URL": redis_server.url,
-        "ARCFACE_QUEUE": f"lab-{uuid.uuid4().hex[:6]}",
-        **FACERES_ENV,
-    }
-    worker = WorkerProcess(env, tmp_path / "w.log")
-    try:
-        worker.wait_ready()
-        client = FaceClient(ProducerSettings(redis_url=redis_server.url, queue=env["ARCFACE_QUEUE"]))
+    with ready_worker(queue_env(redis_server.url, "lab", **FACERES_ENV), tmp_path / "w.log") as worker:
+        client = worker.client()
         options = BulkOptions(root=tmp_path, threshold=0.45)
         stats, summary = run_bulk(client, tmp_path / "pairs.csv", tmp_path / "out.csv", options, quiet=True)
         same = sum(a.person == b.person for a, b in itertools.combinations(crops, 2))
@@ -203,5 +193,3 @@ def test_real_photo_pairs_through_a_worker_at_default_settings(detector, redis_s
         for c in crops:
             face = client.result(client.embed(tmp_path / c.name), timeout=60).face
             assert face is not None and box_iou(face["box"], c.box) >= 0.5, c.name
-    finally:
-        worker.stop()

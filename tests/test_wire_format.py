@@ -20,7 +20,7 @@ import redis
 
 from producer.jobs import EMBED_FUNC, VERIFY_FUNC, model_info_key
 from tests.conftest import REPO, face_paths
-from tests.workers import WorkerProcess
+from tests.workers import queue_env, ready_worker
 
 RESULT_TTL, FAILURE_TTL = 777, 888
 TYPES = {1: "successful", 2: "failed", 3: "stopped", 4: "retried", 5: "max_retries_exceeded"}
@@ -28,21 +28,18 @@ TYPES = {1: "successful", 2: "failed", 3: "stopped", 4: "retried", 5: "max_retri
 
 @pytest.fixture(scope="module")
 def wire(arcface_h5, redis_server, tmp_path_factory):
-    queue = f"wire-{uuid.uuid4().hex[:8]}"
-    env = {
-        "ARCFACE_REDIS_URL": redis_server.url,
-        "ARCFACE_QUEUE": queue,
-        "ARCFACE_MODEL_PATH": str(arcface_h5),
-        "ARCFACE_ALLOWED_BATCH_SIZES": "1,4",
-        "ARCFACE_MAX_BATCH_SIZE": "4",
-        "ARCFACE_RESULT_TTL": str(RESULT_TTL),
-        "ARCFACE_FAILURE_TTL": str(FAILURE_TTL),
-        "ARCFACE_THRESHOLD": "0.61",
-    }
-    worker = WorkerProcess(env, tmp_path_factory.mktemp("wireworker") / "worker.log")
-    worker.wait_ready()
-    yield env, redis_server.client()
-    worker.stop()
+    env = queue_env(
+        redis_server.url,
+        "wire",
+        ARCFACE_MODEL_PATH=str(arcface_h5),
+        ARCFACE_ALLOWED_BATCH_SIZES="1,4",
+        ARCFACE_MAX_BATCH_SIZE="4",
+        ARCFACE_RESULT_TTL=str(RESULT_TTL),
+        ARCFACE_FAILURE_TTL=str(FAILURE_TTL),
+        ARCFACE_THRESHOLD="0.61",
+    )
+    with ready_worker(env, tmp_path_factory.mktemp("wireworker") / "worker.log"):
+        yield env, redis_server.client()
 
 
 def rq_now() -> str:

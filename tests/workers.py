@@ -8,9 +8,22 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tests.conftest import REPO
+
+if TYPE_CHECKING:
+    from producer.client import FaceClient
+
+
+def queue_env(redis_url: str, prefix: str, **settings: str) -> dict[str, str]:
+    """A worker's environment: ``ARCFACE_REDIS_URL``, a fresh ``ARCFACE_QUEUE`` (``<prefix>-<random>``) and
+    ``settings`` (``ARCFACE_*`` names)."""
+    return {"ARCFACE_REDIS_URL": redis_url, "ARCFACE_QUEUE": f"{prefix}-{uuid.uuid4().hex[:8]}", **settings}
 
 
 class WorkerProcess:
@@ -18,7 +31,7 @@ class WorkerProcess:
 
     def __init__(self, env: dict[str, str], log_path: Path, *args: str, **overrides: str) -> None:
         self.log_path = log_path
-        full_env = {
+        self.env = full_env = {
             **os.environ,
             **env,
             "ARCFACE_LOG_FORMAT": "json",
@@ -74,3 +87,21 @@ class WorkerProcess:
             self.proc.kill()
             self.proc.wait(10)
         self.log_file.close()
+
+    def client(self) -> FaceClient:
+        """A FaceClient on this worker's Redis and queue."""
+        from producer.client import FaceClient
+        from producer.settings import ProducerSettings
+
+        return FaceClient(ProducerSettings(redis_url=self.env["ARCFACE_REDIS_URL"], queue=self.env["ARCFACE_QUEUE"]))
+
+
+@contextmanager
+def ready_worker(env: dict[str, str], log_path: Path, timeout: float = 120) -> Iterator[WorkerProcess]:
+    """A worker started with ``env`` and ready to serve; stopped when the block ends."""
+    worker = WorkerProcess(env, log_path)
+    try:
+        worker.wait_ready(timeout)
+        yield worker
+    finally:
+        worker.stop()

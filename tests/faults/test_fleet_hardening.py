@@ -41,25 +41,25 @@ from tests.faults.fleet_support import (
     b64,
     embed_data,
 )
-from tests.workers import WorkerProcess
+from tests.workers import WorkerProcess, queue_env
 
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory, redis_server, arcface_h5, engine):
     tmp = tmp_path_factory.mktemp("fleet")
-    queue = f"hard-{uuid.uuid4().hex[:8]}"
-    env = {
-        "ARCFACE_REDIS_URL": redis_server.url,
-        "ARCFACE_QUEUE": queue,
-        "ARCFACE_MODEL_PATH": str(arcface_h5),
-        "ARCFACE_ALLOWED_BATCH_SIZES": "1,4,16",
-        "ARCFACE_MAX_BATCH_SIZE": str(MAX_BATCH),
-        "ARCFACE_DATA_DIR": str(tmp / "data"),
-        "ARCFACE_PREPROCESS_THREADS": str(PREPROCESS_THREADS),
-        "ARCFACE_MAX_IMAGE_PIXELS": str(MAX_PIXELS),
-        "ARCFACE_MAX_JOB_BYTES": str(MAX_JOB_BYTES),
-        "ARCFACE_BATCH_TIMEOUT_MS": "20",
-    }
+    env = queue_env(
+        redis_server.url,
+        "hard",
+        ARCFACE_MODEL_PATH=str(arcface_h5),
+        ARCFACE_ALLOWED_BATCH_SIZES="1,4,16",
+        ARCFACE_MAX_BATCH_SIZE=str(MAX_BATCH),
+        ARCFACE_DATA_DIR=str(tmp / "data"),
+        ARCFACE_PREPROCESS_THREADS=str(PREPROCESS_THREADS),
+        ARCFACE_MAX_IMAGE_PIXELS=str(MAX_PIXELS),
+        ARCFACE_MAX_JOB_BYTES=str(MAX_JOB_BYTES),
+        ARCFACE_BATCH_TIMEOUT_MS="20",
+    )
+    queue = env["ARCFACE_QUEUE"]
     worker = WorkerProcess(env, tmp / "worker.log")
     faces = [face_paths()[(i * 5) % 40] for i in range(8)]
     direct = dict(zip(faces, engine.embed_images([p.read_bytes() for p in faces]), strict=True))
