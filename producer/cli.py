@@ -32,6 +32,7 @@ from producer.cli_common import (
     _ref,
     _seconds,
     _threshold,
+    add_command,
     add_image_options,
     add_json,
     add_wait,
@@ -74,12 +75,17 @@ def _job_options(sp: argparse.ArgumentParser) -> None:
     )
 
 
+# Each job command's line in the command list, and the description atop its own --help.
+_ABOUT = {
+    "embed": ("embed one image", "Enqueue an embed job; prints its id (or, with --wait, its result)."),
+    "verify": ("verify a pair of images", "Enqueue a verify job for two images."),
+    "result": ("wait for a job's result", "Wait for a job's result and print it."),
+    "status": ("a job's rq status (and error code)", "Print a job's status; a failed job's error code too."),
+}
+
+
 def _add_embed_verify(sub: Any) -> None:
-    e = sub.add_parser(
-        "embed",
-        help="embed one image",
-        description="Enqueue an embed job; prints its id (or, with --wait, its result).",
-    )
+    e = add_command(sub, "embed", _ABOUT)
     e.add_argument("image", help="image file (JPEG, PNG, WebP, BMP, GIF)")
     add_json(e)
     add_wait(e)
@@ -93,7 +99,7 @@ def _add_embed_verify(sub: Any) -> None:
         "--all-faces", action="store_true", help="with detection: embed every face of the image, largest first"
     )
     _job_options(e)
-    v = sub.add_parser("verify", help="verify a pair of images", description="Enqueue a verify job for two images.")
+    v = add_command(sub, "verify", _ABOUT)
     v.add_argument("a", help="first image file")
     v.add_argument("b", help="second image file")
     v.add_argument(
@@ -108,17 +114,13 @@ def _add_embed_verify(sub: Any) -> None:
 
 
 def _add_result_status(sub: Any) -> None:
-    r = sub.add_parser("result", help="wait for a job's result", description="Wait for a job's result and print it.")
+    r = add_command(sub, "result", _ABOUT)
     r.add_argument("job_id", type=_job_id, help="the id printed when the job was enqueued")
     add_json(r)
     add_wait(r, flag=False)
     r.add_argument("--wait", action="store_true", help=argparse.SUPPRESS)  # accepted for old scripts: result waits
     r.add_argument("--out", default=None, metavar="FILE.npy", help="write an embed job's embedding to this .npy file")
-    s = sub.add_parser(
-        "status",
-        help="a job's rq status (and error code)",
-        description="Print a job's status; a failed job's error code too.",
-    )
+    s = add_command(sub, "status", _ABOUT)
     s.add_argument("job_id", type=_job_id, help="the id printed when the job was enqueued")
     add_json(s)
 

@@ -10,6 +10,7 @@ import argparse
 import json
 import math
 import sys
+from collections.abc import Mapping
 from typing import Any, NoReturn
 
 from producer.errors import ArcFaceError, JobFailed, JobNotFound, ResultTimeout
@@ -86,6 +87,13 @@ def _job_id(text: str) -> str:
 
 
 # --- options several subcommands take -------------------------------------------------------------------
+def add_command(sub: Any, name: str, about: Mapping[str, tuple[str, str]]) -> argparse.ArgumentParser:
+    """Add subcommand ``name``; ``about[name]`` is its line in the command list and the description atop its help."""
+    summary, description = about[name]
+    parser: argparse.ArgumentParser = sub.add_parser(name, help=summary, description=description)
+    return parser
+
+
 def add_json(sp: argparse.ArgumentParser) -> None:
     """``--json``: the result (or the error) as one JSON object on stdout."""
     sp.add_argument("--json", action="store_true", help="print one JSON object on stdout (errors too)")

@@ -29,6 +29,7 @@ from producer.cli_common import (
     _positive_int,
     _ref,
     _threshold,
+    add_command,
     add_image_options,
     add_json,
     add_wait,
@@ -38,17 +39,31 @@ from producer.cli_common import (
 if TYPE_CHECKING:
     from producer.client import FaceClient
 
-COMMANDS = ("enroll", "identify", "forget", "gallery")
+# Each gallery command's line in the command list, and the description atop its own --help.
+COMMANDS = {
+    "enroll": (
+        "enroll a subject's image(s), or a folder root/<subject>/<image>",
+        "Store face embeddings under a subject in a gallery (idempotent per image and subject).",
+    ),
+    "identify": (
+        "find the enrolled subjects closest to a face (1:N)",
+        "Search a gallery for the subjects closest to the face in an image.",
+    ),
+    "forget": (
+        "delete a subject (or one enrollment) from a gallery",
+        "Delete a subject's enrollments from Redis and from every worker's memory within a second.",
+    ),
+    "gallery": (
+        "list galleries, or one gallery's subjects, with counts",
+        "Without NAME: every gallery with its model and counts. With NAME: its subjects and their enrollments.",
+    ),
+}
 
 
 def register(sub: Any) -> None:
     """Add the gallery subcommands to ``arcface-producer``'s subparsers."""
     _add_enroll(sub)
-    i = sub.add_parser(
-        "identify",
-        help="find the enrolled subjects closest to a face (1:N)",
-        description="Search a gallery for the subjects closest to the face in an image.",
-    )
+    i = add_command(sub, "identify", COMMANDS)
     i.add_argument("image", help="image file")
     i.add_argument("--top-k", type=_positive_int, default=5, help="subjects to return at most (default 5, at most 100)")
     i.add_argument(
@@ -56,20 +71,11 @@ def register(sub: Any) -> None:
     )
     _common(i)
     _image_options(i)
-    f = sub.add_parser(
-        "forget",
-        help="delete a subject (or one enrollment) from a gallery",
-        description="Delete a subject's enrollments from Redis and from every worker's memory within a second.",
-    )
+    f = add_command(sub, "forget", COMMANDS)
     f.add_argument("subject", help="the subject id whose enrollments are deleted")
     f.add_argument("--id", dest="enrollment_id", default=None, help="delete only this enrollment")
     _common(f)
-    g = sub.add_parser(
-        "gallery",
-        help="list galleries, or one gallery's subjects, with counts",
-        description="Without NAME: every gallery with its model and counts. "
-        "With NAME: its subjects and their enrollments.",
-    )
+    g = add_command(sub, "gallery", COMMANDS)
     g.add_argument("name", nargs="?", help="a gallery")
     g.add_argument("--limit", type=_positive_int, default=None, help="list at most this many subjects")
     g.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -91,11 +97,7 @@ def _image_options(sp: argparse.ArgumentParser) -> None:
 
 
 def _add_enroll(sub: Any) -> None:
-    e = sub.add_parser(
-        "enroll",
-        help="enroll a subject's image(s), or a folder root/<subject>/<image>",
-        description="Store face embeddings under a subject in a gallery (idempotent per image and subject).",
-    )
+    e = add_command(sub, "enroll", COMMANDS)
     e.add_argument("subject", nargs="?", help="the subject id (a user id, an e-mail, ...)")
     e.add_argument("images", nargs="*", help="image files; several go in one enroll_batch job")
     e.add_argument(
