@@ -8,6 +8,8 @@ nothing of the project, so neither needs the other to load.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import enum
 
 from pydantic import BaseModel
@@ -53,3 +55,16 @@ class JobFailure(Exception):
 
     def to_error(self) -> JobError:
         return JobError(code=self.code, message=self.message)
+
+
+def inline_bytes(data_b64: str, limit: int) -> bytes:
+    """Decode an inline image's base64; :class:`JobFailure` when it is not base64 or exceeds ``limit`` bytes."""
+    if len(data_b64) > (limit * 4) // 3 + 4:
+        raise JobFailure(ErrorCode.IMAGE_TOO_LARGE, f"inline image is over the {limit}-byte limit")
+    try:
+        data = base64.b64decode(data_b64, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise JobFailure(ErrorCode.INVALID_PAYLOAD, f"image data_b64 is not valid base64: {exc}") from None
+    if len(data) > limit:
+        raise JobFailure(ErrorCode.IMAGE_TOO_LARGE, f"inline image has {len(data)} bytes, over the {limit}-byte limit")
+    return data

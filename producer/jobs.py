@@ -11,7 +11,6 @@ field is the UTF-8 JSON array ``[func_name, null, [payload], {}]``, with ``func_
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import os
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from producer.codes import ErrorCode, JobError, JobFailure
+from producer.codes import ErrorCode, JobError, JobFailure, inline_bytes
 from producer.results import (
     AnyResult,
     EmbedBatchResult,
@@ -129,17 +128,7 @@ class ImageRef(_Strict):
     def inline_bytes(self, limit: int) -> bytes:
         """Decode the inline image; :class:`JobFailure` when it is not base64 or exceeds ``limit`` bytes."""
         assert self.data_b64 is not None
-        if len(self.data_b64) > (limit * 4) // 3 + 4:
-            raise JobFailure(ErrorCode.IMAGE_TOO_LARGE, f"inline image is over the {limit}-byte limit")
-        try:
-            data = base64.b64decode(self.data_b64, validate=True)
-        except (binascii.Error, ValueError) as exc:
-            raise JobFailure(ErrorCode.INVALID_PAYLOAD, f"image data_b64 is not valid base64: {exc}") from None
-        if len(data) > limit:
-            raise JobFailure(
-                ErrorCode.IMAGE_TOO_LARGE, f"inline image has {len(data)} bytes, over the {limit}-byte limit"
-            )
-        return data
+        return inline_bytes(self.data_b64, limit)
 
 
 Detect = Literal["none", "blazeface"]

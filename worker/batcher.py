@@ -37,11 +37,12 @@ import structlog
 from rq.suspension import is_suspended
 from rq.worker import SimpleWorker, WorkerStatus
 
-from producer.jobs import JobFailure, request_images
+from producer.jobs import ImageRef, JobFailure, request_images
 from worker.completion import CompletionMixin
 from worker.executing import ExecutionMixin, Item
 from worker.maintenance import MaintenanceMixin
 from worker.metrics import WorkerMetrics
+from worker.prepool import ProcessPreprocessor, start_preprocessors
 from worker.rqfence import (
     Fence,
     timestamp,
@@ -103,6 +104,7 @@ class BatchWorker(ExecutionMixin, CompletionMixin, MaintenanceMixin, SimpleWorke
         self.batch_timeout_s = settings.batch_timeout_ms / 1000.0
         self.fence = Fence(queue.connection, queue.name)
         self._pool = ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="preprocess")
+        self._procs: ProcessPreprocessor | None = None  # started by work()
         self._infer = ThreadPoolExecutor(1, thread_name_prefix="infer")
         self._lock = threading.Lock()  # guards _jobs against the heartbeat thread
         self._jobs: dict[str, Taken] = {}  # registered, not yet completed
@@ -275,6 +277,12 @@ class BatchWorker(ExecutionMixin, CompletionMixin, MaintenanceMixin, SimpleWorke
         instant = [t for t in jobs if t.n_images == 0]  # nothing to embed (forget): complete now
         if instant:
             self._complete([self._finish(t) for t in instant], instant)
+        self._preprocess(jobs)
+
+    def _preprocess(self, jobs: list[Taken]) -> None:
+        """Start the preprocessing of the jobs' images: in the preprocessing processes where there are, in one
+        submit so that chunks span jobs; images for the detector (and every image without processes) on threads."""
+        to_processes: list[tuple[Taken, int, ImageRef]] = []
         for t in jobs:
             if t.n_images == 0:
                 continue
@@ -282,17 +290,25 @@ class BatchWorker(ExecutionMixin, CompletionMixin, MaintenanceMixin, SimpleWorke
             t.embeddings = None
             t.faces = [None] * t.n_images
             refs = request_images(t.request)
+            if self._procs is not None and not t.detect:
+                to_processes.extend((t, i, ref) for i, ref in enumerate(refs))
+                continue
             all_faces = getattr(t.request, "faces", "one") == "all"
             for i, ref in enumerate(refs):
                 self._waiting.append(
                     Item(t, i, self._pool.submit(self.runtime.prepare_image, ref, t.detect, all_faces))
                 )
+        if to_processes:
+            assert self._procs is not None
+            futures = self._procs.submit([(ref.data_b64, ref.path) for _, _, ref in to_processes])
+            self._waiting.extend(Item(t, i, f) for (t, i, _), f in zip(to_processes, futures, strict=True))
 
     # --- the loop ---------------------------------------------------------------------------------
     def work(self, burst: bool = False, logging_level: str | None = "WARNING", **_: Any) -> bool:  # type: ignore[override]
         """Run until stopped (or, with ``burst``, until the queue is empty). Returns whether any job ran."""
         self.bootstrap(logging_level or "WARNING")
         self.install_signal_handlers()
+        self._procs = start_preprocessors(self.settings, self.runtime.engine.model.input_size, self.max_batch_size)
         self._heartbeat_stop = threading.Event()
         beat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         beat.start()
@@ -328,15 +344,20 @@ class BatchWorker(ExecutionMixin, CompletionMixin, MaintenanceMixin, SimpleWorke
             if pending is not None:
                 pending.result()
         finally:
-            self._heartbeat_stop.set()
-            beat.join(timeout=5)
-            self._pool.shutdown(wait=True)
-            self._infer.shutdown(wait=True)
-            try:
-                self.teardown()
-            except redis.RedisError as exc:
-                log.warning("teardown_failed", error=str(exc)[:300])
+            self._shut_down(beat)
         return worked
+
+    def _shut_down(self, beat: threading.Thread) -> None:
+        self._heartbeat_stop.set()
+        beat.join(timeout=5)
+        self._pool.shutdown(wait=True)
+        self._infer.shutdown(wait=True)
+        if self._procs is not None:
+            self._procs.close()
+        try:
+            self.teardown()
+        except redis.RedisError as exc:
+            log.warning("teardown_failed", error=str(exc)[:300])
 
     def _cycle(self, burst: bool, pending: Future | None) -> bool:
         """Maintenance, then take jobs (gathering while the model runs ``pending``). Returns whether any job came."""

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from platformdirs import user_cache_dir
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import NoDecode
 
 from producer.settings import CommonSettings
@@ -96,6 +96,11 @@ class WorkerSettings(CommonSettings):
         default=5.0, ge=0, description="how long a batch may wait to fill after its first job"
     )
     preprocess_threads: int = Field(default=2, ge=1)
+    preprocess_processes: int | Literal["auto"] = Field(
+        default="auto",
+        description="decode/resize in this many processes (off the GIL); 0 = threads only; "
+        "auto = one a core (at most 8) on 2+ cores with the pillow JPEG decoder",
+    )
     max_images_per_job: int = Field(
         default=256, ge=1, le=4096, description="largest multi-image job (embed_batch, verify_batch pairs x 2)"
     )
@@ -116,11 +121,12 @@ class WorkerSettings(CommonSettings):
     worker_ttl_s: int = Field(default=60, description="a worker's registration lives this long past its last heartbeat")
     metrics_port: int | None = Field(default=None, description="serve Prometheus metrics on this port (unset = off)")
 
-    @field_validator("max_batch_size")
+    @field_validator("max_batch_size", "preprocess_processes")
     @classmethod
-    def _positive(cls, value: int | str) -> int | str:
-        if isinstance(value, int) and value < 1:
-            raise ValueError("must be a positive integer or auto")
+    def _count_or_auto(cls, value: int | str, info: ValidationInfo) -> int | str:
+        least = 0 if info.field_name == "preprocess_processes" else 1  # 0 processes: preprocess on threads
+        if isinstance(value, int) and value < least:
+            raise ValueError(f"must be an integer >= {least} or auto")
         return value
 
     @model_validator(mode="after")

@@ -25,13 +25,14 @@ from tests.conftest import REPO, face_paths
 from tests.workers import WorkerProcess
 
 MAX_BATCH = 16
-PREPROCESS_THREADS = 2
+PREPROCESS_THREADS = 2  # and as many preprocessing processes: two images decode at once either way
 MAX_PIXELS = 40_000_000  # the worker's default ARCFACE_MAX_IMAGE_PIXELS, set explicitly so the formula below holds
 MAX_JOB_BYTES = 64 * 1024 * 1024  # the default ARCFACE_MAX_JOB_BYTES, likewise
-# Peak-RSS bound of one worker beyond its steady state (model loaded, a full batch run): every preprocessing
-# thread holding one image of max pixels at 4 bytes a pixel (decoded RGB(A) uint8), plus one job's data inflated
-# to its bound. The model's own share is in the steady state the increase is measured from.
-RSS_BOUND = PREPROCESS_THREADS * MAX_PIXELS * 4 + MAX_JOB_BYTES
+# Peak-RSS bound of one worker (with its preprocessing processes) beyond its steady state (model loaded, a full
+# batch run), the README's formula: every decoder (thread or process) holding one image of max pixels at 4 bytes
+# a pixel (decoded RGB(A) uint8) plus its 48 MiB of working memory, plus one job's data inflated to its bound.
+# The model's own share is in the steady state the increase is measured from.
+RSS_BOUND = PREPROCESS_THREADS * (MAX_PIXELS * 4 + 48 * 1024 * 1024) + MAX_JOB_BYTES
 
 
 def rq_now() -> str:

@@ -55,6 +55,7 @@ def fleet(tmp_path_factory, redis_server, arcface_h5, engine):
         ARCFACE_MAX_BATCH_SIZE=str(MAX_BATCH),
         ARCFACE_DATA_DIR=str(tmp / "data"),
         ARCFACE_PREPROCESS_THREADS=str(PREPROCESS_THREADS),
+        ARCFACE_PREPROCESS_PROCESSES=str(PREPROCESS_THREADS),
         ARCFACE_MAX_IMAGE_PIXELS=str(MAX_PIXELS),
         ARCFACE_MAX_JOB_BYTES=str(MAX_JOB_BYTES),
         ARCFACE_BATCH_TIMEOUT_MS="20",
@@ -274,18 +275,37 @@ def zlib_bomb(total: int = 500_000_000) -> bytes:
     return b"".join(out)
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its children (the worker's preprocessing processes)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                children.append(int(stat.parent.name))
+        except (OSError, ValueError):
+            pass
+    return [pid, *children]
+
+
 def peak_growth(pid: int, run) -> tuple[int, int, bool]:
-    """(bytes the peak RSS rose above the RSS before ``run()``, RSS before, whether the peak could be reset)."""
+    """(bytes the peak RSS of the worker and its preprocessing processes rose, summed over them, above their RSS
+    before ``run()``; the worker's RSS before; whether the peaks could be reset)."""
+    tree = process_tree(pid)
+    assert len(tree) == 1 + PREPROCESS_THREADS, tree  # the decoding happens in processes we measure
     try:
-        Path(f"/proc/{pid}/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+        for p in tree:
+            Path(f"/proc/{p}/clear_refs").write_text("5")  # reset VmHWM to the current RSS
         reset = True
     except OSError:
         reset = False
     # without a reset the rise is measured from the peak so far: a lower bound of the cost, still failing when
     # the bombs cost more than the bound over everything before
-    base = vm_kib(pid, "VmRSS") if reset else vm_kib(pid, "VmHWM")
+    base = {p: vm_kib(p, "VmRSS") if reset else vm_kib(p, "VmHWM") for p in tree}
     run()
-    return (vm_kib(pid, "VmHWM") - base) * 1024, base * 1024, reset
+    assert process_tree(pid) == tree, "a preprocessing process was replaced: the peak of the dead one is lost"
+    grown = [(vm_kib(p, "VmHWM") - base[p]) // 1024 for p in tree]
+    print(f"\npeak rise by process (MiB; the worker first): {grown}")
+    return sum(vm_kib(p, "VmHWM") - base[p] for p in tree) * 1024, base[pid] * 1024, reset
 
 
 def wait_ended(fleet: Fleet, ids: list[str], timeout: float = 180) -> None:

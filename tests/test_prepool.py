@@ -1,0 +1,160 @@
+"""Preprocessing in processes (``worker.prepool``): the same model inputs and error codes as the thread path, in
+order, and a child that dies or hangs fails only the image it was on."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from producer.codes import ErrorCode, JobFailure
+from worker.decode_checks import DecodeLimits
+from worker.prepool import ProcessPreprocessor
+from worker.preprocess import preprocess
+
+FACES = sorted((Path(__file__).parent / "data" / "faces").glob("*/*.png"))
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def encoded(image: Image.Image, fmt: str, **kw: object) -> bytes:
+    out = io.BytesIO()
+    image.save(out, fmt, **kw)
+    return out.getvalue()
+
+
+@pytest.fixture
+def pool_of(tmp_path: Path) -> Iterator:
+    pools: list[ProcessPreprocessor] = []
+
+    def make(processes: int, timeout_s: float = 30.0) -> ProcessPreprocessor:
+        pool = ProcessPreprocessor(processes, 112, DecodeLimits(), str(tmp_path), 10 << 20, timeout_s, slots=64)
+        pools.append(pool)
+        return pool
+
+    yield make
+    for pool in pools:
+        pool.close()
+
+
+@pytest.fixture(scope="module")
+def slow_png() -> bytes:
+    """A 6000 x 6000 PNG: small on the wire, about half a second to decode and resize."""
+    return encoded(Image.new("RGB", (6000, 6000), (90, 120, 200)), "PNG")
+
+
+def wait_busy(pool: ProcessPreprocessor) -> None:
+    deadline = time.monotonic() + 30
+    while pool.busy() == 0:
+        assert time.monotonic() < deadline, "the child never started the image"
+        time.sleep(0.005)
+
+
+def test_inputs_equal_the_thread_path_in_order_across_processes_and_chunks(pool_of, tmp_path):
+    rgba = Image.fromarray(np.random.default_rng(1).integers(0, 255, (90, 61, 4), np.uint8), "RGBA")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photo = Image.fromarray(np.random.default_rng(2).integers(0, 255, (48, 80, 3), np.uint8))
+    extra = [encoded(rgba, "PNG"), encoded(photo, "JPEG", quality=90, exif=exif.tobytes())]
+    blobs = [p.read_bytes() for p in FACES] * 3 + extra
+    (tmp_path / "face.png").write_bytes(blobs[0])
+    pool = pool_of(2)
+    futures = pool.submit([(b64(b), None) for b in blobs] + [(None, "face.png")])
+    assert len(futures) == len(blobs) + 1
+    for future, data in zip(futures, blobs + [blobs[0]], strict=True):
+        prepared = future.result(timeout=60)
+        assert prepared.input.dtype == np.float32 and prepared.input.shape == (112, 112, 3)
+        np.testing.assert_array_equal(prepared.input, preprocess(data, 112))
+        assert prepared.ms > 0
+
+
+def test_bad_images_fail_alone_with_the_thread_paths_codes(pool_of):
+    good = FACES[0].read_bytes()
+    refs = [
+        ("not base64!", None),
+        (b64(good), None),
+        (b64(b"not an image at all"), None),
+        (None, "../escape.png"),
+        (None, "missing.png"),
+        (b64(good[: len(good) // 2]), None),
+        (b64(good), None),
+    ]
+    outcomes = [f.exception(timeout=60) for f in pool_of(2).submit(refs)]
+    codes = [o.code if isinstance(o, JobFailure) else None for o in outcomes]
+    assert codes == [
+        ErrorCode.INVALID_PAYLOAD,
+        None,
+        ErrorCode.IMAGE_DECODE_ERROR,
+        ErrorCode.PATH_NOT_ALLOWED,
+        ErrorCode.PATH_NOT_ALLOWED,
+        ErrorCode.IMAGE_DECODE_ERROR,
+        None,
+    ]
+
+
+def test_a_child_killed_mid_image_fails_that_image_only_and_is_replaced(pool_of, slow_png):
+    pool = pool_of(1)
+    faces = [p.read_bytes() for p in FACES]
+    pool.submit([(b64(faces[0]), None)])[0].result(timeout=60)  # the child is up
+    before = pool.child_pids()
+    slow = pool.submit([(b64(slow_png), None)])[0]
+    rest = pool.submit([(b64(f), None) for f in faces])
+    wait_busy(pool)
+    os.kill(before[0], signal.SIGKILL)
+    failure = slow.exception(timeout=60)
+    assert isinstance(failure, JobFailure) and failure.code == ErrorCode.IMAGE_DECODE_ERROR
+    assert "process died (exit code -9)" in failure.message
+    for future, data in zip(rest, faces, strict=True):
+        np.testing.assert_array_equal(future.result(timeout=60).input, preprocess(data, 112))
+    assert pool.replaced == 1 and pool.child_pids() != before
+
+
+def test_a_child_stuck_past_the_decode_timeout_is_replaced_and_only_its_image_fails(pool_of, slow_png):
+    pool = pool_of(2, timeout_s=1.5)
+    faces = [p.read_bytes() for p in FACES]
+    for f in pool.submit([(b64(x), None) for x in faces[:8]]):
+        f.result(timeout=60)
+    slow = pool.submit([(b64(slow_png), None)])[0]
+    wait_busy(pool)
+    stuck = [pid for pid in pool.child_pids() if _on_cpu(pid)] or pool.child_pids()
+    for pid in pool.child_pids():
+        os.kill(pid, signal.SIGSTOP)  # both: whichever holds the slow image is stuck on it
+    rest = pool.submit([(b64(f), None) for f in faces])
+    try:
+        failure = slow.exception(timeout=60)
+    finally:
+        for pid in stuck + pool.child_pids():
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    assert isinstance(failure, JobFailure) and failure.code == ErrorCode.IMAGE_DECODE_ERROR
+    assert "took over 1.5s to decode (ARCFACE_DECODE_TIMEOUT_S)" in failure.message
+    for future, data in zip(rest, faces, strict=True):
+        np.testing.assert_array_equal(future.result(timeout=60).input, preprocess(data, 112))
+    assert pool.replaced >= 1
+
+
+def _on_cpu(pid: int) -> bool:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "R"
+
+
+def test_closing_fails_what_is_still_pending_and_stops_the_children(pool_of, slow_png):
+    pool = pool_of(1)
+    pids = pool.child_pids()
+    futures = pool.submit([(b64(slow_png), None)] * 3)
+    pool.close()
+    outcomes = [f.exception(timeout=60) for f in futures]
+    assert all(o is None or (isinstance(o, JobFailure) and o.code == ErrorCode.INTERNAL_ERROR) for o in outcomes)
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
