@@ -53,6 +53,14 @@ def slow_png() -> bytes:
     return encoded(Image.new("RGB", (6000, 6000), (90, 120, 200)), "PNG")
 
 
+def same_inputs(futures: list, blobs: list[bytes]) -> None:
+    """Each future's input equals the thread path's for its image, in order; slots are freed as they are read."""
+    for future, data in zip(futures, blobs, strict=True):
+        prepared = future.result(timeout=60)
+        np.testing.assert_array_equal(prepared.input, preprocess(data, 112))
+        prepared.release()
+
+
 def wait_busy(pool: ProcessPreprocessor) -> None:
     deadline = time.monotonic() + 30
     while pool.busy() == 0:
@@ -76,6 +84,7 @@ def test_inputs_equal_the_thread_path_in_order_across_processes_and_chunks(pool_
         assert prepared.input.dtype == np.float32 and prepared.input.shape == (112, 112, 3)
         np.testing.assert_array_equal(prepared.input, preprocess(data, 112))
         assert prepared.ms > 0
+        prepared.release()  # the input is a view of a ring slot (64 here): free it for the images behind
 
 
 def test_bad_images_fail_alone_with_the_thread_paths_codes(pool_of):
@@ -105,7 +114,7 @@ def test_bad_images_fail_alone_with_the_thread_paths_codes(pool_of):
 def test_a_child_killed_mid_image_fails_that_image_only_and_is_replaced(pool_of, slow_png):
     pool = pool_of(1)
     faces = [p.read_bytes() for p in FACES]
-    pool.submit([(b64(faces[0]), None)])[0].result(timeout=60)  # the child is up
+    pool.submit([(b64(faces[0]), None)])[0].result(timeout=60).release()  # the child is up
     before = pool.child_pids()
     slow = pool.submit([(b64(slow_png), None)])[0]
     rest = pool.submit([(b64(f), None) for f in faces])
@@ -114,16 +123,14 @@ def test_a_child_killed_mid_image_fails_that_image_only_and_is_replaced(pool_of,
     failure = slow.exception(timeout=60)
     assert isinstance(failure, JobFailure) and failure.code == ErrorCode.IMAGE_DECODE_ERROR
     assert "process died (exit code -9)" in failure.message
-    for future, data in zip(rest, faces, strict=True):
-        np.testing.assert_array_equal(future.result(timeout=60).input, preprocess(data, 112))
+    same_inputs(rest, faces)
     assert pool.replaced == 1 and pool.child_pids() != before
 
 
 def test_a_child_stuck_past_the_decode_timeout_is_replaced_and_only_its_image_fails(pool_of, slow_png):
     pool = pool_of(2, timeout_s=1.5)
     faces = [p.read_bytes() for p in FACES]
-    for f in pool.submit([(b64(x), None) for x in faces[:8]]):
-        f.result(timeout=60)
+    same_inputs(pool.submit([(b64(x), None) for x in faces[:8]]), faces[:8])
     slow = pool.submit([(b64(slow_png), None)])[0]
     wait_busy(pool)
     stuck = [pid for pid in pool.child_pids() if _on_cpu(pid)] or pool.child_pids()
@@ -140,13 +147,29 @@ def test_a_child_stuck_past_the_decode_timeout_is_replaced_and_only_its_image_fa
                 pass
     assert isinstance(failure, JobFailure) and failure.code == ErrorCode.IMAGE_DECODE_ERROR
     assert "took over 1.5s to decode (ARCFACE_DECODE_TIMEOUT_S)" in failure.message
-    for future, data in zip(rest, faces, strict=True):
-        np.testing.assert_array_equal(future.result(timeout=60).input, preprocess(data, 112))
+    same_inputs(rest, faces)
     assert pool.replaced >= 1
 
 
 def _on_cpu(pid: int) -> bool:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "R"
+
+
+def test_slots_are_reused_only_after_release_and_a_cancelled_image_frees_its_own(pool_of):
+    pool = pool_of(1)  # 64 slots
+    faces = [p.read_bytes() for p in FACES]
+    held = [f.result(timeout=60) for f in pool.submit([(b64(faces[i % 40]), None) for i in range(64)])]
+    blocked = pool.submit([(b64(faces[0]), None), (b64(faces[1]), None)])
+    time.sleep(1.0)
+    assert not any(f.done() for f in blocked)  # no free slot: nothing overwrites an input still in use
+    assert blocked[0].cancel()  # a worker that stopped waiting (decode timeout)
+    held[0].release()
+    held[0].release()  # twice is harmless
+    np.testing.assert_array_equal(held[1].input, preprocess(faces[1], 112))  # untouched by the reuse
+    same_inputs(blocked[1:], faces[1:2])  # the cancelled image's slot came back for it
+    for h in held[1:]:
+        h.release()
+    same_inputs(pool.submit([(b64(f), None) for f in faces]), faces)
 
 
 def test_closing_fails_what_is_still_pending_and_stops_the_children(pool_of, slow_png):

@@ -68,10 +68,15 @@ class ExecutionMixin:
         """Wait for the images' preprocessing, run detection and the engine once, complete finished jobs."""
         t0 = time.perf_counter()
         images = [self._prepared(item) for item in items]
-        alive = [k for k, im in enumerate(images) if im.input is not None or im.raw is not None]
-        alive, detect_ms = self._detect(items, images, alive)
-        t1 = time.perf_counter()
-        inference_ms = self._embed(items, images, alive) if alive else 0.0
+        try:
+            alive = [k for k, im in enumerate(images) if im.input is not None or im.raw is not None]
+            alive, detect_ms = self._detect(items, images, alive)
+            t1 = time.perf_counter()
+            inference_ms = self._embed(items, images, alive) if alive else 0.0
+        finally:
+            for im in images:
+                if im.release is not None:
+                    im.release()  # a preprocessing process's slot: the batch has its copy
         done: list[Taken] = []
         for item in items:
             t = item.taken
@@ -145,6 +150,7 @@ class ExecutionMixin:
         except JobFailure as failure:
             t.item_failures[item.index] = failure
         except FutureTimeout:
+            item.future.cancel()  # a process pool's image that arrives later frees its slot at once
             t.item_failures[item.index] = JobFailure(
                 ErrorCode.IMAGE_DECODE_ERROR,
                 f"image took over {self.settings.decode_timeout_s:g}s to decode (ARCFACE_DECODE_TIMEOUT_S)",

@@ -4,8 +4,9 @@ GIL, so that preprocessing scales with cores (threads share one GIL and reach 1.
 ``ARCFACE_PREPROCESS_PROCESSES`` children (:mod:`worker.prepool_child`: numpy and Pillow, never TensorFlow) are fed
 chunks of images over pipes, one sender thread a child so that a busy child never blocks the worker. Each writes
 the model input into a slot of one shared ring (an anonymous ``memfd``: nothing in ``/dev/shm`` to leak or to
-outgrow a container's small ``/dev/shm``) and answers per image; the collector thread copies the input out, frees
-the slot and resolves the image's future with a :class:`~worker.runtime.PreparedImage`, the same as the thread path.
+outgrow a container's small ``/dev/shm``) and answers each chunk in one message; the collector thread resolves the
+images' futures with a :class:`~worker.runtime.PreparedImage` whose ``input`` is a view of the slot (the engine
+batch is its only copy) and whose ``release`` frees the slot once the batch is built.
 
 A child that dies (a decoder crash, the kernel's OOM killer) or spends longer than ``decode_timeout_s`` on one
 image is killed and replaced: that image fails alone (``image_decode_error``), the rest of its work goes to the
@@ -24,7 +25,7 @@ import sys
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
@@ -178,20 +179,37 @@ class ProcessPreprocessor:
             self._watchdog()
 
     def _answer(self, child: _Child, answers: list[tuple[int, float, tuple[str, str] | None]]) -> None:
-        done: list[tuple[_Work, Any]] = []
+        done: list[tuple[_Work, float, tuple[str, str] | None]] = []
         with self._lock:
             for slot, ms, error in answers:
                 work = child.sent.popleft()
                 assert work.slot == slot, (work.slot, slot)
-                result = JobFailure(ErrorCode(error[0]), error[1]) if error else (self._ring[slot].copy(), ms)
-                done.append((work, result))
-                self._free.append(slot)
+                done.append((work, ms, error))
+                if error:
+                    self._free.append(slot)
             self._dispatch()
-        for work, result in done:
-            if isinstance(result, JobFailure):
-                work.future.set_exception(result)
-            else:
-                work.future.set_result(PreparedImage(input=result[0], ms=result[1]))
+        for work, ms, error in done:
+            if error:
+                _resolve(work.future, JobFailure(ErrorCode(error[0]), error[1]))
+            elif not _resolve(work.future, self._prepared(work.slot, ms)):
+                self._release(work.slot)  # nobody waits for it any more (the worker gave up: decode timeout)
+
+    def _prepared(self, slot: int, ms: float) -> PreparedImage:
+        """The image in ``slot`` as a view (no copy: the engine batch is its one copy); ``release`` frees the slot."""
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self._release(slot)
+
+        return PreparedImage(input=self._ring[slot], ms=ms, release=release)
+
+    def _release(self, slot: int) -> None:
+        with self._lock:
+            self._free.append(slot)
+            self._dispatch()
 
     def _watchdog(self) -> None:
         """Replace a child that has made no progress for longer than ``timeout_s`` while it has images: stuck on
@@ -226,7 +244,7 @@ class ProcessPreprocessor:
             self._dispatch()
         log.warning("preprocess_process_replaced", reason=why, exit_code=child.proc.returncode)
         if culprit is not None:
-            culprit.future.set_exception(JobFailure(ErrorCode.IMAGE_DECODE_ERROR, f"the image failed: {why}"))
+            _resolve(culprit.future, JobFailure(ErrorCode.IMAGE_DECODE_ERROR, f"the image failed: {why}"))
 
     def close(self) -> None:
         """Stop the children (images still pending fail with ``internal_error``) and free the ring."""
@@ -240,11 +258,25 @@ class ProcessPreprocessor:
         for child in self._children:
             child.stop()
         for w in left:
-            if not w.future.done():
-                w.future.set_exception(JobFailure(ErrorCode.INTERNAL_ERROR, "the worker stopped preprocessing"))
+            _resolve(w.future, JobFailure(ErrorCode.INTERNAL_ERROR, "the worker stopped preprocessing"))
         del self._ring, self._on  # views of the map: it cannot close while they exist
-        self._map.close()
+        try:
+            self._map.close()
+        except BufferError:  # a prepared image still holds a view: the map goes with the last of them
+            pass
         os.close(self._ring_fd)
+
+
+def _resolve(future: Future, outcome: PreparedImage | JobFailure) -> bool:
+    """Set a future's outcome unless it is already settled (cancelled by a worker that stopped waiting)."""
+    try:
+        if isinstance(outcome, JobFailure):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+    except InvalidStateError:
+        return False
+    return True
 
 
 def preprocess_processes(settings: Any) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,6 +136,7 @@ class PreparedImage:
     ms: float = 0.0
     all_faces: bool = False  # faces="all": every face, not just the picked one
     extra: list[tuple[np.ndarray, Face]] | None = None  # the other faces' inputs (faces="all"), largest first
+    release: Callable[[], None] | None = None  # ``input`` is a view of a preprocessing slot: free it once used
 
 
 class Runtime:
