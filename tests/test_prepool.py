@@ -181,3 +181,24 @@ def test_closing_fails_what_is_still_pending_and_stops_the_children(pool_of, slo
     assert all(o is None or (isinstance(o, JobFailure) and o.code == ErrorCode.INTERNAL_ERROR) for o in outcomes)
     for pid in pids:
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
+
+def test_auto_is_one_process_a_usable_core_capped_by_a_container_quota(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from worker.prepool import preprocess_processes, usable_cores
+
+    cores = len(os.sched_getaffinity(0))
+    quota = tmp_path / "cpu.max"
+    quota.write_text("150000 100000\n")  # 1.5 CPUs: two processes may run
+    assert usable_cores(quota) == min(cores, 2)
+    quota.write_text("max 100000\n")
+    assert usable_cores(quota) == cores
+    assert usable_cores(tmp_path / "absent") == cores
+    settings = SimpleNamespace(preprocess_processes="auto", jpeg_decoder="pillow")
+    monkeypatch.setattr("worker.prepool.usable_cores", lambda: 1)
+    assert preprocess_processes(settings) == 0  # one core: threads
+    monkeypatch.setattr("worker.prepool.usable_cores", lambda: 16)
+    assert preprocess_processes(settings) == 8
+    assert preprocess_processes(SimpleNamespace(preprocess_processes="auto", jpeg_decoder="tensorflow")) == 0
+    assert preprocess_processes(SimpleNamespace(preprocess_processes=3, jpeg_decoder="tensorflow")) == 3

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import mmap
 import os
 import queue
@@ -27,6 +28,7 @@ import time
 from collections import deque
 from concurrent.futures import Future, InvalidStateError
 from multiprocessing.connection import Connection, wait
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -286,8 +288,20 @@ def preprocess_processes(settings: Any) -> int:
     value = settings.preprocess_processes
     if value != "auto":
         return int(value)
-    cores = len(os.sched_getaffinity(0))
+    cores = usable_cores()
     return min(cores, 8) if cores >= 2 and settings.jpeg_decoder == "pillow" else 0
+
+
+def usable_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """Cores this process may run on, capped by a container's CPU quota (cgroup v2 ``cpu.max``) where it has one."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
 
 
 def start_preprocessors(settings: Any, size: int, max_batch_size: int) -> ProcessPreprocessor | None:
