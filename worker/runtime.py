@@ -139,6 +139,17 @@ class PreparedImage:
     release: Callable[[], None] | None = None  # ``input`` is a view of a preprocessing slot: free it once used
 
 
+@dataclass
+class _Embedded:
+    """What the engine made of one request's images: rows in request order (rows of failed images are ignored),
+    the failures by index, each image's face (as stored in results) and the timings."""
+
+    embeddings: np.ndarray
+    failures: dict[int, JobFailure]
+    faces: list[dict | None]
+    timing: Timing
+
+
 class Runtime:
     """Executes requests against one engine."""
 
@@ -256,79 +267,59 @@ class Runtime:
         """The JSON-ready result of a request from the embeddings of its images (rows in request order; rows
         of failed images are ignored). Single-image kinds raise the failure of their image; multi-item kinds
         report failed items in ``errors`` and never fail as a whole."""
-        face_dicts = [f.as_dict() if f is not None else None for f in faces]
+        done = _Embedded(embeddings, failures, [f.as_dict() if f is not None else None for f in faces], timing)
         if isinstance(request, GALLERY_REQUESTS):
             assert self.gallery is not None
             return self.gallery.complete(
-                request.kind, request, embeddings, timing=timing, faces=face_dicts, failures=failures
+                request.kind, request, embeddings, timing=timing, faces=done.faces, failures=failures
             )
         if isinstance(request, EmbedRequest):
-            return self._finish_embed(request, embeddings, failures, faces, timing, extra_faces)
+            return self._finish_embed(request, done, faces[0], extra_faces)
         if isinstance(request, VerifyRequest):
-            return self._finish_verify(request, embeddings, failures, face_dicts, timing)
+            return self._finish_verify(request, done)
         if isinstance(request, EmbedBatchRequest):
-            return self._finish_embed_batch(request, embeddings, failures, face_dicts, timing)
-        return self._finish_pairs(request, embeddings, failures, timing)
+            return self._finish_embed_batch(request, done)
+        return self._finish_pairs(request, done)
 
     def _finish_embed(
-        self,
-        request: EmbedRequest,
-        embeddings: np.ndarray,
-        failures: dict[int, JobFailure],
-        faces: list[Face | None],
-        timing: Timing,
-        extra_faces: list[tuple[Face, np.ndarray]] | None,
+        self, request: EmbedRequest, done: _Embedded, face: Face | None, extra: list[tuple[Face, np.ndarray]] | None
     ) -> dict:
-        if 0 in failures:
-            raise failures[0]
+        if 0 in done.failures:
+            raise done.failures[0]
         every = None
-        if request.faces == "all" and faces[0] is not None:
-            pairs = [(faces[0], embeddings[0]), *(extra_faces or [])]
+        if request.faces == "all" and face is not None:
+            pairs = [(face, done.embeddings[0]), *(extra or [])]
             every = [FaceEmbedding(**f.as_dict(), embedding_b64=encode_embedding(row)) for f, row in pairs]
         return EmbedResult(
-            embedding_b64=encode_embedding(embeddings[0]),
-            dim=int(embeddings.shape[1]),
+            embedding_b64=encode_embedding(done.embeddings[0]),
+            dim=int(done.embeddings.shape[1]),
             model=self.engine.model.name,
             ref=request.ref,
-            face=faces[0].as_dict() if faces[0] is not None else None,
+            face=done.faces[0],
             faces=every,
-            timing=timing,
+            timing=done.timing,
         ).model_dump(mode="json")
 
-    def _finish_verify(
-        self,
-        request: VerifyRequest,
-        embeddings: np.ndarray,
-        failures: dict[int, JobFailure],
-        face_dicts: list[dict | None],
-        timing: Timing,
-    ) -> dict:
+    def _finish_verify(self, request: VerifyRequest, done: _Embedded) -> dict:
         for i in (0, 1):
-            if i in failures:
-                f = failures[i]
+            if i in done.failures:
+                f = done.failures[i]
                 raise JobFailure(f.code, f"image {'ab'[i]}: {f.message}")
-        v = self.engine.verify(embeddings[0], embeddings[1], request.threshold)
+        v = self.engine.verify(done.embeddings[0], done.embeddings[1], request.threshold)
         return VerifyResult(
             distance=v.distance,
             threshold=v.threshold,
             similar=v.similar,
             model=self.engine.model.name,
             ref=request.ref,
-            face_a=face_dicts[0],
-            face_b=face_dicts[1],
-            timing=timing,
+            face_a=done.faces[0],
+            face_b=done.faces[1],
+            timing=done.timing,
         ).model_dump(mode="json")
 
-    def _finish_embed_batch(
-        self,
-        request: EmbedBatchRequest,
-        embeddings: np.ndarray,
-        failures: dict[int, JobFailure],
-        face_dicts: list[dict | None],
-        timing: Timing,
-    ) -> dict:
-        rows = np.array(embeddings, dtype=np.float32, copy=True)
-        errors = [ItemError(index=i, code=f.code, message=f.message) for i, f in sorted(failures.items())]
+    def _finish_embed_batch(self, request: EmbedBatchRequest, done: _Embedded) -> dict:
+        rows = np.array(done.embeddings, dtype=np.float32, copy=True)
+        errors = [ItemError(index=i, code=f.code, message=f.message) for i, f in sorted(done.failures.items())]
         rows[[e.index for e in errors]] = 0.0
         return EmbedBatchResult(
             count=len(rows),
@@ -337,27 +328,22 @@ class Runtime:
             errors=errors,
             model=self.engine.model.name,
             ref=request.ref,
-            faces=face_dicts if self.detector is not None and any(face_dicts) else None,
-            timing=timing,
+            faces=done.faces if self.detector is not None and any(done.faces) else None,
+            timing=done.timing,
         ).model_dump(mode="json")
 
-    def _finish_pairs(
-        self, request: VerifyBatchRequest, embeddings: np.ndarray, failures: dict[int, JobFailure], timing: Timing
-    ) -> dict:
+    def _finish_pairs(self, request: VerifyBatchRequest, done: _Embedded) -> dict:
         results: list[PairResult | None] = []
         errors: list[ItemError] = []
         threshold = self.engine.model.threshold if request.threshold is None else request.threshold
         for k in range(len(request.pairs)):
-            bad = next((i for i in (2 * k, 2 * k + 1) if i in failures), None)
+            bad = next((i for i in (2 * k, 2 * k + 1) if i in done.failures), None)
             if bad is not None:
-                errors.append(
-                    ItemError(
-                        index=k, code=failures[bad].code, message=f"image {'ab'[bad % 2]}: {failures[bad].message}"
-                    )
-                )
+                f = done.failures[bad]
+                errors.append(ItemError(index=k, code=f.code, message=f"image {'ab'[bad % 2]}: {f.message}"))
                 results.append(None)
                 continue
-            v = self.engine.verify(embeddings[2 * k], embeddings[2 * k + 1], threshold)
+            v = self.engine.verify(done.embeddings[2 * k], done.embeddings[2 * k + 1], threshold)
             results.append(PairResult(distance=v.distance, similar=v.similar))
         return VerifyBatchResult(
             count=len(results),
@@ -366,7 +352,7 @@ class Runtime:
             errors=errors,
             model=self.engine.model.name,
             ref=request.ref,
-            timing=timing,
+            timing=done.timing,
         ).model_dump(mode="json")
 
     def run_one(self, request: Request, queued_ms: float = 0.0) -> dict:
