@@ -308,7 +308,6 @@ class BatchWorker(ExecutionMixin, CompletionMixin, MaintenanceMixin, SimpleWorke
         """Run until stopped (or, with ``burst``, until the queue is empty). Returns whether any job ran."""
         self.bootstrap(logging_level or "WARNING")
         self.install_signal_handlers()
-        self._procs = start_preprocessors(self.settings, self.runtime.engine.model.input_size, self.max_batch_size)
         self._heartbeat_stop = threading.Event()
         beat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         beat.start()
@@ -316,6 +315,7 @@ class BatchWorker(ExecutionMixin, CompletionMixin, MaintenanceMixin, SimpleWorke
         worked = False
         backoff = 0.5
         try:
+            self._procs = start_preprocessors(self.settings, self.runtime.engine.model.input_size, self.max_batch_size)
             while True:
                 if pending is not None and pending.done():
                     pending.result()

@@ -150,7 +150,11 @@ class ExecutionMixin:
         except JobFailure as failure:
             t.item_failures[item.index] = failure
         except FutureTimeout:
-            item.future.cancel()  # a process pool's image that arrives later frees its slot at once
+            if not item.future.cancel() and item.future.done() and item.future.exception() is None:
+                release = item.future.result().release  # it came in just now: free its slot
+                if release is not None:
+                    release()
+            # (cancelled: a process pool's image that arrives later frees its slot at once)
             t.item_failures[item.index] = JobFailure(
                 ErrorCode.IMAGE_DECODE_ERROR,
                 f"image took over {self.settings.decode_timeout_s:g}s to decode (ARCFACE_DECODE_TIMEOUT_S)",

@@ -2,15 +2,18 @@
 GIL, so that preprocessing scales with cores (threads share one GIL and reach 1.2-1.5x on two cores).
 
 ``ARCFACE_PREPROCESS_PROCESSES`` children (:mod:`worker.prepool_child`: numpy and Pillow, never TensorFlow) are fed
-chunks of images over pipes, one sender thread a child so that a busy child never blocks the worker. Each writes
-the model input into a slot of one shared ring (an anonymous ``memfd``: nothing in ``/dev/shm`` to leak or to
-outgrow a container's small ``/dev/shm``) and answers each chunk in one message; the collector thread resolves the
-images' futures with a :class:`~worker.runtime.PreparedImage` whose ``input`` is a view of the slot (the engine
-batch is its only copy) and whose ``release`` frees the slot once the batch is built.
+chunks of images over pipes (:mod:`worker.prepool_ipc`: JSON both ways, one sender thread a child so that a busy
+child never blocks the worker, at most ``CHUNK_BYTES`` of image data in flight to each). Each writes the model
+input into a slot of one shared ring (an anonymous ``memfd``: nothing in ``/dev/shm`` to leak or to outgrow a
+container's small ``/dev/shm``) and answers each chunk in one message; the collector thread resolves the images'
+futures with a :class:`~worker.runtime.PreparedImage` whose ``input`` is a view of the slot (the engine batch is
+its only copy) and whose ``release`` frees the slot once the batch is built.
 
 A child that dies (a decoder crash, the kernel's OOM killer) or spends longer than ``decode_timeout_s`` on one
 image is killed and replaced: that image fails alone (``image_decode_error``), the rest of its work goes to the
-other children. Images for the face detector (whole photos of any size) stay on the worker's threads.
+other children. A child that cannot start (a failed fork, a broken install: ``MAX_FAILED_STARTS`` in a row) puts
+the pool on threads in the worker, with an error logged: slower, never stuck. Images for the face detector (whole
+photos of any size) stay on the worker's threads.
 """
 
 from __future__ import annotations
@@ -20,14 +23,11 @@ import json
 import math
 import mmap
 import os
-import queue
-import subprocess
-import sys
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, InvalidStateError
-from multiprocessing.connection import Connection, wait
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
+from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
 
@@ -36,66 +36,15 @@ import structlog
 
 from producer.codes import ErrorCode, JobFailure
 from worker.decode_checks import DecodeLimits
+from worker.prepool_child import STARTING, limits_from, model_input
+from worker.prepool_ipc import Answer, Child, Work, parse_answers
 from worker.runtime import PreparedImage
 
 log = structlog.get_logger("arcface.prepool")
 
 CHUNK = 8  # images a message: amortises the pipe round trip, small enough to spread a job over the children
-
-
-@dataclasses.dataclass
-class _Work:
-    future: Future
-    data_b64: str | None
-    path: str | None
-    slot: int = -1
-
-
-class _Child:
-    """One preprocessing process, its pipes and the images sent to it, oldest (the one it is on) first."""
-
-    def __init__(self, index: int, ring_fd: int, config: str) -> None:
-        self.index = index
-        request_r, request_w = os.pipe()
-        answer_r, answer_w = os.pipe()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "worker.prepool_child"]
-            + [str(ring_fd), str(index), str(request_r), str(answer_w), config],
-            pass_fds=(ring_fd, request_r, answer_w),
-            stdin=subprocess.DEVNULL,
-        )
-        os.close(request_r)
-        os.close(answer_w)
-        self.requests = Connection(request_w, readable=False)
-        self.answers = Connection(answer_r, writable=False)
-        self.outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self.sent: deque[_Work] = deque()
-        self.seen: tuple[int, float] = (-1, time.monotonic())  # (slot in hand, since when), by the watchdog
-        threading.Thread(target=self._send_loop, name="prepool-send", daemon=True).start()
-
-    def _send_loop(self) -> None:
-        try:
-            while (chunk := self.outbox.get()) is not None:
-                self.requests.send(chunk)
-        except OSError:  # the child died: the collector sees its answers pipe close
-            pass
-        finally:
-            self.requests.close()
-
-    def send(self, works: list[_Work]) -> None:
-        self.sent.extend(works)
-        self.outbox.put([(w.slot, w.data_b64, w.path) for w in works])
-
-    def stop(self, kill: bool = False) -> None:
-        self.outbox.put(None)
-        if kill:
-            self.proc.kill()
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.answers.close()
+CHUNK_BYTES = 8 << 20  # image data in flight to one child (beyond its first image): bounds the copies on the way
+MAX_FAILED_STARTS = 3  # children in a row that die before their first image: then threads
 
 
 class ProcessPreprocessor:
@@ -112,36 +61,40 @@ class ProcessPreprocessor:
         slots: int = 128,
     ) -> None:
         self.size, self.slots, self.timeout_s = size, slots, timeout_s
+        self.start_timeout_s = max(60.0, 2 * timeout_s)  # Python, numpy and Pillow on busy cores
         ring_bytes = slots * size * size * 3 * 4 + 8 * processes
         self._ring_fd = os.memfd_create("arcface-preprocess")
         os.ftruncate(self._ring_fd, ring_bytes)
         self._map = mmap.mmap(self._ring_fd, ring_bytes)
         self._ring = np.ndarray((slots, size, size, 3), np.float32, buffer=self._map)
         self._on = np.ndarray((processes,), np.int64, buffer=self._map, offset=self._ring.nbytes)
-        self._on[:] = -1
-        self._config = json.dumps(
-            {
-                "size": size,
-                "slots": slots,
-                "ring_bytes": ring_bytes,
-                "max_children": processes,
-                "limits": dataclasses.asdict(limits),
-                "shared_root": shared_root,
-                "max_inline_bytes": max_inline_bytes,
-            }
-        )
-        self._lock = threading.Lock()
+        self._config_dict: dict[str, Any] = {
+            "size": size,
+            "slots": slots,
+            "ring_bytes": ring_bytes,
+            "max_children": processes,
+            "limits": dataclasses.asdict(limits),
+            "shared_root": shared_root,
+            "max_inline_bytes": max_inline_bytes,
+        }
+        self._config = json.dumps(self._config_dict)
+        self._lock = threading.RLock()
         self._free: deque[int] = deque(range(slots))
-        self._pending: deque[_Work] = deque()
+        self._pending: deque[Work] = deque()
         self._closed = False
         self.replaced = 0
-        self._children = [_Child(i, self._ring_fd, self._config) for i in range(processes)]
+        self.broken: str | None = None  # why the pool fell back to threads
+        self._fallback: ThreadPoolExecutor | None = None
+        self._failed_starts, self._next_start = 0, 0.0
+        self._children: list[Child | None] = [None] * processes
+        for i in range(processes):
+            self._start(i)
         self._collector = threading.Thread(target=self._collect, name="prepool-collect", daemon=True)
         self._collector.start()
 
     def child_pids(self) -> list[int]:
         """The process ids of the preprocessing processes (they change when one is replaced)."""
-        return [c.proc.pid for c in self._children]
+        return [c.proc.pid for c in self._children if c is not None]
 
     def busy(self) -> int:
         """How many of the processes are on an image right now."""
@@ -150,49 +103,130 @@ class ProcessPreprocessor:
     def submit(self, refs: list[tuple[str | None, str | None]]) -> list[Future]:
         """Futures of :class:`PreparedImage` for ``(data_b64, path)`` images, in order; a failed image's future
         raises :class:`JobFailure`."""
-        works = [_Work(Future(), data_b64, path) for data_b64, path in refs]
+        works = [Work(Future(), data_b64, path) for data_b64, path in refs]
         with self._lock:
-            self._pending.extend(works)
-            self._dispatch()
+            if self._closed:
+                for w in works:
+                    _resolve(w.future, JobFailure(ErrorCode.INTERNAL_ERROR, "the worker stopped preprocessing"))
+            elif self.broken:
+                self._run_here(works)
+            else:
+                self._pending.extend(works)
+                self._dispatch()
         return [w.future for w in works]
 
     def _dispatch(self) -> None:
         """Hand pending images to the least loaded children, while ring slots are free (holds the lock)."""
-        while self._pending and self._free and not self._closed:
-            child = min(self._children, key=lambda c: len(c.sent))
+        live = [c for c in self._children if c is not None]
+        while self._pending and self._free and live and not self._closed:
+            child = min(live, key=lambda c: len(c.sent))
+            if child.sent and child.in_flight_bytes >= CHUNK_BYTES:
+                return  # the least loaded child has enough data in hand already
             n = min(len(self._pending), len(self._free), CHUNK)
-            n = max(1, min(n, -(-len(self._pending) // len(self._children))))
-            works = [self._pending.popleft() for _ in range(n)]
-            for w in works:
-                w.slot = self._free.popleft()
+            n = max(1, min(n, -(-len(self._pending) // len(live))))
+            works: list[Work] = []
+            while len(works) < n and (not works or sum(w.nbytes for w in works) < CHUNK_BYTES):
+                works.append(self._pending.popleft())
+                works[-1].slot = self._free.popleft()
             child.send(works)
+
+    def _start(self, index: int) -> None:
+        """Start (or restart) child ``index``; a refused fork counts as a failed start (the collector retries)."""
+        self._on[index] = STARTING
+        try:
+            self._children[index] = Child.spawn(index, self._ring_fd, self._config)
+        except OSError as exc:
+            self._children[index] = None
+            self._start_failed(f"could not start a preprocessing process: {exc}")
+
+    def _start_failed(self, why: str) -> None:
+        self._failed_starts += 1
+        self._next_start = time.monotonic() + 0.5 * self._failed_starts
+        log.warning("preprocess_process_start_failed", reason=why, failed_starts=self._failed_starts)
+        if self._failed_starts >= MAX_FAILED_STARTS and not self.broken:
+            self._fall_back(f"{why} ({self._failed_starts} starts in a row failed)")
+
+    def _fall_back(self, why: str) -> None:
+        """Preprocess in the worker from now on; what the children held and what is pending goes there too."""
+        self.broken = why
+        log.error("preprocess_processes_unavailable", reason=why, fallback="threads in the worker")
+        self._fallback = ThreadPoolExecutor(max(1, len(self._children)), thread_name_prefix="preprocess-fallback")
+        works = list(self._pending)
+        self._pending.clear()
+        for i, child in enumerate(self._children):
+            if child is not None:
+                child.stop(kill=True)
+                works.extend(child.sent)
+                self._children[i] = None
+        self._free = deque(range(self.slots))
+        self._run_here(works)
+
+    def _run_here(self, works: list[Work]) -> None:
+        assert self._fallback is not None
+        for w in works:
+            self._fallback.submit(self._prepare_here, w)
+
+    def _prepare_here(self, work: Work) -> None:
+        start = time.perf_counter()
+        if work.future.cancelled():
+            return
+        try:
+            config = {**self._config_dict, "limits": limits_from(self._config_dict)}
+            image = model_input(work.data_b64, work.path, self.size, config)
+            _resolve(work.future, PreparedImage(input=image, ms=(time.perf_counter() - start) * 1000.0))
+        except JobFailure as failure:
+            _resolve(work.future, failure)
+        except Exception as exc:
+            _resolve(work.future, JobFailure(ErrorCode.INTERNAL_ERROR, f"preprocessing crashed: {exc!r}"))
 
     def _collect(self) -> None:
         while not self._closed:
-            by_pipe: dict[Any, _Child] = {c.answers: c for c in self._children}
-            for pipe in wait(list(by_pipe), timeout=0.2):
-                child = by_pipe[pipe]
-                try:
-                    answers = child.answers.recv()
-                except (EOFError, OSError):
-                    self._replace(child, "its preprocessing process died (exit code {code})")
-                    continue
-                self._answer(child, answers)
-            self._watchdog()
+            try:
+                self._collect_once()
+            except Exception:  # never let one surprise stop every image's future
+                log.exception("preprocess_collector_error")
+                time.sleep(0.1)
 
-    def _answer(self, child: _Child, answers: list[tuple[int, float, tuple[str, str] | None]]) -> None:
-        done: list[tuple[_Work, float, tuple[str, str] | None]] = []
+    def _collect_once(self) -> None:
+        by_pipe: dict[Any, Child] = {c.answers: c for c in self._children if c is not None}
+        if not by_pipe:
+            time.sleep(0.1)
+        for pipe in wait(list(by_pipe), timeout=0.2) if by_pipe else []:
+            child = by_pipe[pipe]
+            try:
+                answers = parse_answers(child.answers.recv_bytes())
+            except (EOFError, OSError):
+                self._replace(child, "its preprocessing process died (exit code {code})")
+                continue
+            except ValueError as exc:
+                self._replace(child, f"its preprocessing process broke the protocol ({exc})")
+                continue
+            self._answer(child, answers)
+        self._watchdog()
         with self._lock:
-            for slot, ms, error in answers:
-                work = child.sent.popleft()
-                assert work.slot == slot, (work.slot, slot)
+            for i, c in enumerate(self._children):
+                if c is None and not self.broken and not self._closed and time.monotonic() >= self._next_start:
+                    self._start(i)
+            self._dispatch()
+
+    def _answer(self, child: Child, answers: list[Answer]) -> None:
+        done: list[tuple[Work, float, tuple[ErrorCode, str] | None]] = []
+        with self._lock:
+            if self._children[child.index] is not child:
+                return
+            if any(slot != w.slot for (slot, _, _), w in zip(answers, child.sent, strict=False)):
+                self._replace(child, "its preprocessing process answered out of order")
+                return
+            self._failed_starts = 0
+            for _, ms, error in answers[: len(child.sent)]:
+                work = child.answered()
                 done.append((work, ms, error))
                 if error:
-                    self._free.append(slot)
+                    self._free.append(work.slot)
             self._dispatch()
         for work, ms, error in done:
             if error:
-                _resolve(work.future, JobFailure(ErrorCode(error[0]), error[1]))
+                _resolve(work.future, JobFailure(*error))
             elif not _resolve(work.future, self._prepared(work.slot, ms)):
                 self._release(work.slot)  # nobody waits for it any more (the worker gave up: decode timeout)
 
@@ -214,37 +248,43 @@ class ProcessPreprocessor:
             self._dispatch()
 
     def _watchdog(self) -> None:
-        """Replace a child that has made no progress for longer than ``timeout_s`` while it has images: stuck on
-        one (that image fails) or between two (stopped, say: nothing fails, its images go to the others)."""
+        """Replace a child that made no progress for longer than ``timeout_s`` while it has images: stuck on one
+        (that image fails) or between two (stopped, say: nothing fails, its images go to the others); and one
+        that has not started within ``start_timeout_s``."""
         now = time.monotonic()
-        for child in list(self._children):
+        for child in [c for c in self._children if c is not None]:
             on = int(self._on[child.index])
-            if on != child.seen[0] or not child.sent:
+            if on == STARTING:
+                if now - child.started > self.start_timeout_s:
+                    self._replace(child, f"it did not start within {self.start_timeout_s:g}s")
+            elif on != child.seen[0] or not child.sent:
                 child.seen = (on, now)
             elif now - child.seen[1] > self.timeout_s:
                 self._replace(child, f"it took over {self.timeout_s:g}s to decode (ARCFACE_DECODE_TIMEOUT_S)")
 
-    def _replace(self, child: _Child, why: str) -> None:
+    def _replace(self, child: Child, why: str) -> None:
         """Kill ``child``, fail the image it was on, give the rest of its images back, start a new child. ``why``
         may name the child's ``{code}`` (its exit code)."""
-        child.stop(kill=True)
-        why = why.replace("{code}", str(child.proc.returncode))
         with self._lock:
-            if self._closed:
+            if self._closed or self._children[child.index] is not child:
                 return
+            child.stop(kill=True)
+            why = why.replace("{code}", str(child.proc.returncode))
             on = int(self._on[child.index])
-            self._on[child.index] = -1
-            culprit = next((w for w in child.sent if w.slot == on), None)
+            culprit = next((w for w in child.sent if w.slot == on), None) if on >= 0 else None
             for w in reversed(child.sent):
                 self._free.append(w.slot)
                 if w is not culprit:
                     w.slot = -1
                     self._pending.appendleft(w)
-            new = _Child(child.index, self._ring_fd, self._config)
-            self._children[self._children.index(child)] = new
+            self._children[child.index] = None
             self.replaced += 1
+            log.warning("preprocess_process_replaced", reason=why, exit_code=child.proc.returncode)
+            if on == STARTING:
+                self._start_failed(f"a preprocessing process failed before its first image: {why}")
+            if not self.broken and time.monotonic() >= self._next_start:
+                self._start(child.index)
             self._dispatch()
-        log.warning("preprocess_process_replaced", reason=why, exit_code=child.proc.returncode)
         if culprit is not None:
             _resolve(culprit.future, JobFailure(ErrorCode.IMAGE_DECODE_ERROR, f"the image failed: {why}"))
 
@@ -254,11 +294,17 @@ class ProcessPreprocessor:
             if self._closed:
                 return
             self._closed = True
-            left = list(self._pending) + [w for c in self._children for w in c.sent]
+            left = list(self._pending) + [w for c in self._children if c is not None for w in c.sent]
             self._pending.clear()
         self._collector.join(timeout=5)
-        for child in self._children:
-            child.stop()
+        children = [c for c in self._children if c is not None]
+        for child in children:
+            child.close_pipe()  # all at once: each exits between two images
+        deadline = time.monotonic() + 5.0
+        for child in children:
+            child.stop(wait_s=max(0.0, deadline - time.monotonic()))
+        if self._fallback is not None:
+            self._fallback.shutdown(wait=True)
         for w in left:
             _resolve(w.future, JobFailure(ErrorCode.INTERNAL_ERROR, "the worker stopped preprocessing"))
         del self._ring, self._on  # views of the map: it cannot close while they exist
@@ -289,12 +335,14 @@ def preprocess_processes(settings: Any) -> int:
     if value != "auto":
         return int(value)
     cores = usable_cores()
-    return min(cores, 8) if cores >= 2 and settings.jpeg_decoder == "pillow" else 0
+    fits = cores >= 2 and settings.jpeg_decoder == "pillow" and hasattr(os, "memfd_create")
+    return min(cores, 8) if fits else 0
 
 
 def usable_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
     """Cores this process may run on, capped by a container's CPU quota (cgroup v2 ``cpu.max``) where it has one."""
-    cores = len(os.sched_getaffinity(0))
+    affinity = getattr(os, "sched_getaffinity", None)
+    cores = len(affinity(0)) if affinity is not None else os.cpu_count() or 1
     try:
         quota, period = cpu_max.read_text().split()[:2]
         if quota != "max":
@@ -308,6 +356,9 @@ def start_preprocessors(settings: Any, size: int, max_batch_size: int) -> Proces
     """The worker's preprocessing processes, or None when it preprocesses on threads."""
     n = preprocess_processes(settings)
     if n == 0:
+        return None
+    if not hasattr(os, "memfd_create"):
+        log.warning("preprocess_processes_unavailable", reason="no memfd_create on this system", fallback="threads")
         return None
     pool = ProcessPreprocessor(
         n,

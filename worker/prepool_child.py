@@ -2,18 +2,25 @@
 
 It loads numpy, Pillow and the worker's decode/preprocess modules: never TensorFlow, rq or Redis. A reader thread
 keeps the request pipe drained (so the worker's sends never wait on a busy child); the main thread takes each
-chunk ``[(slot, data_b64, path), ...]`` in order, writes the model input into ``slot`` of the shared ring and
-answers the chunk with one list of ``(slot, ms, None)`` or ``(slot, 0.0, (code, message))`` (one message a chunk:
-each message costs the worker a GIL hand-over). While it works on an image, the slot stands in its entry of the
-progress array after the ring, so the worker knows which image a stuck or dead child was on. The child exits when
-the worker closes the pipe, or dies with it.
+chunk ``[[slot, data_b64, path], ...]`` in order, writes the model input into ``slot`` of the shared ring and
+answers the chunk with one JSON list of ``[slot, ms, null]`` or ``[slot, 0, [code, message]]`` (one message a
+chunk: each message costs the worker a GIL hand-over). Both directions are JSON, never pickle: a child runs
+decoders on untrusted images, and what it says must not be able to run code in the worker.
+
+The progress array after the ring says what the child is doing: -2 starting, -1 between images, else the slot in
+hand, so the worker knows which image a stuck or dead child was on. SIGINT and SIGTERM are ignored (a Ctrl-C or a
+systemd stop reaches the whole process group; the worker's warm shutdown decides, and finishes the images in
+hand); the child exits when the worker closes the pipe, and is killed by the kernel when the worker dies.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import mmap
+import os
 import queue
+import signal
 import sys
 import threading
 import time
@@ -28,55 +35,85 @@ from worker.decode_checks import DecodeLimits
 from worker.files import read_shared_file
 from worker.preprocess import preprocess
 
-
-def _read(conn: Connection, inbox: queue.SimpleQueue[Any]) -> None:
-    try:
-        while True:
-            inbox.put(conn.recv())
-    except (EOFError, OSError):
-        inbox.put(None)
+STARTING, IDLE = -2, -1
+_PR_SET_PDEATHSIG = 1
 
 
-def _prepare(item: tuple[int, str | None, str | None], ring: np.ndarray, config: dict[str, Any]) -> tuple:
+def model_input(data_b64: str | None, path: str | None, size: int, config: dict[str, Any]) -> np.ndarray:
+    """An inline or shared-root image -> the ``size`` x ``size`` x 3 float32 model input; raises :class:`JobFailure`."""
+    limit, root = config["max_inline_bytes"], config["shared_root"]
+    if data_b64 is not None:
+        data = inline_bytes(data_b64, limit)
+    else:
+        data = read_shared_file(Path(root) if root else None, path or "", limit)
+    return preprocess(data, size, config["limits"])
+
+
+def limits_from(config: dict[str, Any]) -> DecodeLimits:
+    """The :class:`DecodeLimits` of a JSON config (lists back to tuples)."""
+    fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in config["limits"].items()}
+    return DecodeLimits(**fields)
+
+
+def _prepare(item: list[Any], ring: np.ndarray, config: dict[str, Any]) -> list[Any]:
     slot, data_b64, path = item
     start = time.perf_counter()
     try:
-        limit, root = config["max_inline_bytes"], config["shared_root"]
-        if data_b64 is not None:
-            data = inline_bytes(data_b64, limit)
-        else:
-            data = read_shared_file(Path(root) if root else None, path or "", limit)
-        ring[slot] = preprocess(data, ring.shape[1], config["limits"])
+        ring[slot] = model_input(data_b64, path, ring.shape[1], config)
     except JobFailure as failure:
-        return slot, 0.0, (failure.code.value, failure.message)
+        return [slot, 0.0, [failure.code.value, failure.message]]
     except Exception as exc:  # a bug, not bad input: this image fails, the child goes on
-        return slot, 0.0, (ErrorCode.INTERNAL_ERROR.value, f"preprocessing crashed: {type(exc).__name__}: {exc}")
-    return slot, (time.perf_counter() - start) * 1000.0, None
+        return [slot, 0.0, [ErrorCode.INTERNAL_ERROR.value, f"preprocessing crashed: {type(exc).__name__}: {exc}"]]
+    return [slot, (time.perf_counter() - start) * 1000.0, None]
+
+
+def _read(conn: Connection, inbox: queue.SimpleQueue[Any], closed: threading.Event) -> None:
+    try:
+        while True:
+            inbox.put(json.loads(conn.recv_bytes()))
+    except (EOFError, OSError, ValueError):
+        closed.set()  # the worker is done with this child: stop between two images, not after the queue
+        inbox.put(None)
+
+
+def _die_with_the_worker() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):
+            pass
 
 
 def main(argv: list[str]) -> int:
     """``argv``: the ring's file descriptor, this child's index, the request and answer pipe descriptors, the
     JSON config."""
+    _die_with_the_worker()
+    worker = os.getppid()
     ring_fd, index, request_fd, answer_fd = (int(a) for a in argv[:4])
     config = json.loads(argv[4])
-    limits: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in config["limits"].items()}
-    config["limits"] = DecodeLimits(**limits)
+    config["limits"] = limits_from(config)
     size, slots = config["size"], config["slots"]
     ring_map = mmap.mmap(ring_fd, config["ring_bytes"])
     ring = np.ndarray((slots, size, size, 3), np.float32, buffer=ring_map)
-    on = np.ndarray((config["max_children"],), np.int64, buffer=ring_map, offset=ring.nbytes)  # slot in hand
+    on = np.ndarray((config["max_children"],), np.int64, buffer=ring_map, offset=ring.nbytes)
     requests, answers = Connection(request_fd, writable=False), Connection(answer_fd, readable=False)
     inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
-    threading.Thread(target=_read, args=(requests, inbox), name="requests", daemon=True).start()
+    closed = threading.Event()
+    threading.Thread(target=_read, args=(requests, inbox, closed), name="requests", daemon=True).start()
+    on[index] = IDLE  # up: the worker's start timeout no longer applies
     try:
         while (chunk := inbox.get()) is not None:
             done = []
             for item in chunk:
+                if closed.is_set() or os.getppid() != worker:
+                    return 0
                 on[index] = item[0]
                 done.append(_prepare(item, ring, config))
-            on[index] = -1
-            answers.send(done)
-    except (BrokenPipeError, OSError):  # the worker is gone
+            on[index] = IDLE
+            answers.send_bytes(json.dumps(done).encode())
+    except OSError:  # the worker is gone
         return 0
     return 0
 
