@@ -5,7 +5,9 @@
   worker is suspended with ``rq suspend``, then drained), Redis commands per job (``INFO commandstats`` deltas),
   worker CPU ms per job;
 - multi-image ``embed_batch`` jobs (64 crops each): images/s, Redis commands per image;
-- a plain rq ``SimpleWorker`` on the same single-image jobs, side by side.
+- a plain rq ``SimpleWorker`` on the same single-image jobs, side by side;
+- both arcface-worker figures with preprocessing on threads (``ARCFACE_PREPROCESS_PROCESSES=0``) and in processes
+  (the default on 2+ cores); the targets are read on the latter.
 
     ./dev bench plumbing [--jobs 3000] [--batch-jobs 60] [--plain-jobs 600]
 """
@@ -50,8 +52,16 @@ def commands(conn: redis.Redis) -> int:
 
 
 def cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU seconds of ``pid`` and its children (the worker's preprocessing processes)."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if stat.parent.name == str(pid) or fields[1] == str(pid):
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def drain(
@@ -147,20 +157,33 @@ def main() -> None:
     conn = redis.Redis.from_url(server.url)
     try:
         client = FaceClient(ProducerSettings(queue="plumb"))
-        worker = WorkerProcess({**env, "ARCFACE_QUEUE": "plumb"}, tmp / "worker.log", ARCFACE_LOG_LEVEL="INFO")
-        worker.wait_ready(300)
-        single_rate, single_cmds, single_cpu = single_image_jobs(conn, client, worker, refs, args.jobs)
         k = args.images_per_job
-        multi_rate, multi_cmds, multi_cpu = multi_image_jobs(conn, client, worker, refs, args.batch_jobs, k)
-        worker.signal(15)
-        worker.wait(60)
-        worker.stop()
+        rates = {}
+        for processes in ("0", "auto"):  # preprocessing on threads, then in processes (the default on 2+ cores)
+            print(f"ARCFACE_PREPROCESS_PROCESSES={processes}:")
+            worker = WorkerProcess(
+                {**env, "ARCFACE_QUEUE": "plumb", "ARCFACE_PREPROCESS_PROCESSES": processes},
+                tmp / f"worker-{processes}.log",
+                ARCFACE_LOG_LEVEL="INFO",
+            )
+            worker.wait_ready(300)
+            single_rate, single_cmds, single_cpu = single_image_jobs(conn, client, worker, refs, args.jobs)
+            multi_rate, multi_cmds, multi_cpu = multi_image_jobs(conn, client, worker, refs, args.batch_jobs, k)
+            rates[processes] = (single_rate, multi_rate)
+            worker.signal(15)
+            worker.wait(60)
+            worker.stop()
         plain_rate = plain_rq(conn, server.url, refs, args.plain_jobs)
+        threads_single, threads_multi = rates["0"]
+        print(
+            f"RATIO preprocessing processes / threads: single-image {single_rate / threads_single:.2f}x, "
+            f"multi-image {multi_rate / threads_multi:.2f}x"
+        )
         print(f"RATIO single-image jobs/s per worker: {single_rate:.0f}  (target >= 1000)")
         print(f"RATIO Redis commands per single-image job: {single_cmds:.1f}  (target <= 15)")
         print(f"RATIO multi-image images/s per worker: {multi_rate:.0f}  (target >= 2500)")
         print(f"RATIO Redis commands per image in multi-image jobs: {multi_cmds:.2f}  (target <= 2)")
-        print(f"RATIO worker CPU ms per image: single {single_cpu:.2f}, multi {multi_cpu:.2f}")
+        print(f"RATIO worker CPU ms per image (its processes too): single {single_cpu:.2f}, multi {multi_cpu:.2f}")
         print(f"RATIO single-image jobs/s, arcface-worker / plain rq worker: {single_rate / plain_rate:.1f}x")
     finally:
         server.stop()
