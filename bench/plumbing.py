@@ -131,6 +131,26 @@ def plain_rq(conn: redis.Redis, url: str, refs: list[ImageRef], jobs: int) -> fl
     return rate
 
 
+def arcface_worker(
+    conn: redis.Redis, env: dict[str, str], tmp: Path, refs: list[ImageRef], args: argparse.Namespace, processes: str
+) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """Single-image, then multi-image jobs through one arcface-worker with ``ARCFACE_PREPROCESS_PROCESSES``."""
+    print(f"ARCFACE_PREPROCESS_PROCESSES={processes}:")
+    client = FaceClient(ProducerSettings(queue="plumb"))
+    worker = WorkerProcess(
+        {**env, "ARCFACE_QUEUE": "plumb", "ARCFACE_PREPROCESS_PROCESSES": processes},
+        tmp / f"worker-{processes}.log",
+        ARCFACE_LOG_LEVEL="INFO",
+    )
+    worker.wait_ready(300)
+    single = single_image_jobs(conn, client, worker, refs, args.jobs)
+    multi = multi_image_jobs(conn, client, worker, refs, args.batch_jobs, args.images_per_job)
+    worker.signal(15)
+    worker.wait(60)
+    worker.stop()
+    return single, multi
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--jobs", type=int, default=3000)
@@ -156,25 +176,10 @@ def main() -> None:
     refs = [ImageRef.inline(p.read_bytes()) for p in faces]
     conn = redis.Redis.from_url(server.url)
     try:
-        client = FaceClient(ProducerSettings(queue="plumb"))
-        k = args.images_per_job
-        rates = {}
-        for processes in ("0", "auto"):  # preprocessing on threads, then in processes (the default on 2+ cores)
-            print(f"ARCFACE_PREPROCESS_PROCESSES={processes}:")
-            worker = WorkerProcess(
-                {**env, "ARCFACE_QUEUE": "plumb", "ARCFACE_PREPROCESS_PROCESSES": processes},
-                tmp / f"worker-{processes}.log",
-                ARCFACE_LOG_LEVEL="INFO",
-            )
-            worker.wait_ready(300)
-            single_rate, single_cmds, single_cpu = single_image_jobs(conn, client, worker, refs, args.jobs)
-            multi_rate, multi_cmds, multi_cpu = multi_image_jobs(conn, client, worker, refs, args.batch_jobs, k)
-            rates[processes] = (single_rate, multi_rate)
-            worker.signal(15)
-            worker.wait(60)
-            worker.stop()
+        rates = {p: arcface_worker(conn, env, tmp, refs, args, p) for p in ("0", "auto")}  # threads, processes
         plain_rate = plain_rq(conn, server.url, refs, args.plain_jobs)
-        threads_single, threads_multi = rates["0"]
+        (threads_single, _, _), (threads_multi, _, _) = rates["0"]
+        (single_rate, single_cmds, single_cpu), (multi_rate, multi_cmds, multi_cpu) = rates["auto"]
         print(
             f"RATIO preprocessing processes / threads: single-image {single_rate / threads_single:.2f}x, "
             f"multi-image {multi_rate / threads_multi:.2f}x"

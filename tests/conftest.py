@@ -4,6 +4,7 @@ deepface's format, real Redis."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -154,3 +155,22 @@ def direct(engine) -> dict[Path, np.ndarray]:
     """The engine's own embedding of every real face, computed in this process."""
     paths = face_paths()
     return dict(zip(paths, engine.embed_images([p.read_bytes() for p in paths]), strict=True))
+
+
+@pytest.fixture
+def pool_of(tmp_path: Path) -> Iterator:
+    """Preprocessing-process pools (``worker.prepool``) for model-input size 112 with 64 ring slots, path images
+    under the test's tmp_path; closed at the end of the test."""
+    from worker.decode_checks import DecodeLimits
+    from worker.prepool import ProcessPreprocessor
+
+    pools: list[ProcessPreprocessor] = []
+
+    def make(processes: int = 1, timeout_s: float = 30.0) -> ProcessPreprocessor:
+        pool = ProcessPreprocessor(processes, 112, DecodeLimits(), str(tmp_path), 10 << 20, timeout_s, slots=64)
+        pools.append(pool)
+        return pool
+
+    yield make
+    for pool in pools:
+        pool.close()

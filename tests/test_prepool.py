@@ -8,7 +8,6 @@ import io
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,6 @@ import pytest
 from PIL import Image
 
 from producer.codes import ErrorCode, JobFailure
-from worker.decode_checks import DecodeLimits
 from worker.prepool import ProcessPreprocessor
 from worker.preprocess import preprocess
 
@@ -31,20 +29,6 @@ def encoded(image: Image.Image, fmt: str, **kw: object) -> bytes:
     out = io.BytesIO()
     image.save(out, fmt, **kw)
     return out.getvalue()
-
-
-@pytest.fixture
-def pool_of(tmp_path: Path) -> Iterator:
-    pools: list[ProcessPreprocessor] = []
-
-    def make(processes: int, timeout_s: float = 30.0) -> ProcessPreprocessor:
-        pool = ProcessPreprocessor(processes, 112, DecodeLimits(), str(tmp_path), 10 << 20, timeout_s, slots=64)
-        pools.append(pool)
-        return pool
-
-    yield make
-    for pool in pools:
-        pool.close()
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 
@@ -22,7 +21,6 @@ import pytest
 import worker.prepool_ipc as prepool_ipc
 from producer.codes import JobFailure
 from tests.conftest import REPO, face_paths
-from worker.decode_checks import DecodeLimits
 from worker.prepool import ProcessPreprocessor, start_preprocessors
 from worker.settings import WorkerSettings
 
@@ -44,20 +42,6 @@ SLOW = base64.b64encode(out.getvalue()).decode("ascii")
 pool = ProcessPreprocessor(1, 112, DecodeLimits(), None, 10 << 20, 30.0, slots=64)
 pool.submit([(sys.argv[1], None)])[0].exception(timeout=60)  # the child is up
 """
-
-
-@pytest.fixture
-def pool_of(tmp_path: Path) -> Iterator:
-    pools: list[ProcessPreprocessor] = []
-
-    def make(processes: int = 1, timeout_s: float = 30.0) -> ProcessPreprocessor:
-        pool = ProcessPreprocessor(processes, 112, DecodeLimits(), str(tmp_path), 10 << 20, timeout_s, slots=64)
-        pools.append(pool)
-        return pool
-
-    yield make
-    for pool in pools:
-        pool.close()
 
 
 def outcome(pool: ProcessPreprocessor, timeout: float) -> BaseException | None:
