@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import base64
-from typing import Any, Literal, Union
+from typing import TYPE_CHECKING, Any, Literal, Union
 
 import numpy as np
 from pydantic import BaseModel, Field
@@ -39,7 +39,20 @@ def cosine_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(1.0 - np.dot(np.asarray(a, np.float64), np.asarray(b, np.float64)))
 
 
-class FaceEmbedding(BaseModel):
+class _Embedding:
+    """The ``embedding`` of a model with an ``embedding_b64`` field (a mixin with no fields: field order, which is
+    the JSON's key order, stays the model's own)."""
+
+    if TYPE_CHECKING:  # declared for the type checker only: pydantic would make it a field of the mixin, first
+        embedding_b64: str
+
+    @property
+    def embedding(self) -> np.ndarray:
+        """The embedding as a float32 numpy vector."""
+        return decode_embedding(self.embedding_b64)
+
+
+class FaceEmbedding(_Embedding, BaseModel):
     """One detected face of an image and its embedding (``faces: "all"``)."""
 
     box: list[float]
@@ -47,12 +60,8 @@ class FaceEmbedding(BaseModel):
     score: float
     embedding_b64: str
 
-    @property
-    def embedding(self) -> np.ndarray:
-        return decode_embedding(self.embedding_b64)
 
-
-class EmbedResult(BaseModel):
+class EmbedResult(_Embedding, BaseModel):
     kind: Literal["embed"] = "embed"
     embedding_b64: str = Field(description="L2-normalised embedding, base64 of little-endian float32")
     dim: int
@@ -63,11 +72,6 @@ class EmbedResult(BaseModel):
         default=None, description="with faces='all': every face, largest first (the first is `face`)"
     )
     timing: Timing = Field(default_factory=Timing)
-
-    @property
-    def embedding(self) -> np.ndarray:
-        """The embedding as a float32 numpy vector of length :attr:`dim`."""
-        return decode_embedding(self.embedding_b64)
 
 
 class VerifyResult(BaseModel):
