@@ -41,12 +41,16 @@ from tests.faults.fleet_support import (
     b64,
     embed_data,
 )
+from tests.redis_server import RedisServer
 from tests.workers import WorkerProcess, queue_env
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory, redis_server, arcface_h5, engine):
+def fleet(tmp_path_factory, arcface_h5, engine):
     tmp = tmp_path_factory.mktemp("fleet")
+    # its own Redis: the rq tools' checks (one worker registered) see only this module's worker, whatever ran
+    # before in this test process
+    redis_server = RedisServer(tmp / "redis").start()
     env = queue_env(
         redis_server.url,
         "hard",
@@ -70,6 +74,7 @@ def fleet(tmp_path_factory, redis_server, arcface_h5, engine):
         yield Fleet(redis_server.url, queue, redis_server.client(), client, worker, direct)
     finally:
         worker.stop()
+        redis_server.stop()
 
 
 def test_class1_unparseable_hash_fields_fail_alone_and_become_readable_failed_jobs(fleet):
