@@ -87,8 +87,8 @@ def test_interrupted_bulk_run_is_resumed_reusing_its_queued_jobs(bulk_env, bulk_
     from producer.bulk import BulkOptions, read_results, run_bulk
 
     filler = bulk_client.embed_many(
-        [face_paths()[i % 40] for i in range(24)]
-    )  # keeps the worker busy for a few seconds
+        [face_paths()[i % 40] for i in range(96)]
+    )  # keeps the worker busy for several seconds (on a loaded machine the run must still be waiting at the SIGINT)
     rows = write_face_pairs(tmp_path / "pairs.csv", 30)
     unique = {x for a, b, _ in rows for x in (a, b)}
     out = tmp_path / "r.csv"
