@@ -36,7 +36,7 @@ import structlog
 
 from producer.codes import ErrorCode, JobFailure
 from worker.decode_checks import DecodeLimits
-from worker.prepool_child import STARTING, limits_from, model_input
+from worker.prepool_child import STARTING, model_input
 from worker.prepool_ipc import Answer, Child, Work, parse_answers
 from worker.runtime import PreparedImage
 
@@ -68,7 +68,7 @@ class ProcessPreprocessor:
         self._map = mmap.mmap(self._ring_fd, ring_bytes)
         self._ring = np.ndarray((slots, size, size, 3), np.float32, buffer=self._map)
         self._on = np.ndarray((processes,), np.int64, buffer=self._map, offset=self._ring.nbytes)
-        self._config_dict: dict[str, Any] = {
+        config: dict[str, Any] = {
             "size": size,
             "slots": slots,
             "ring_bytes": ring_bytes,
@@ -77,7 +77,8 @@ class ProcessPreprocessor:
             "shared_root": shared_root,
             "max_inline_bytes": max_inline_bytes,
         }
-        self._config = json.dumps(self._config_dict)
+        self._config = json.dumps(config)
+        self._here = {**config, "limits": limits}  # the fallback's config: built once, not per image
         self._lock = threading.RLock()
         self._free: deque[int] = deque(range(slots))
         self._pending: deque[Work] = deque()
@@ -171,8 +172,7 @@ class ProcessPreprocessor:
         if work.future.cancelled():
             return
         try:
-            config = {**self._config_dict, "limits": limits_from(self._config_dict)}
-            image = model_input(work.data_b64, work.path, self.size, config)
+            image = model_input(work.data_b64, work.path, self.size, self._here)
             _resolve(work.future, PreparedImage(input=image, ms=(time.perf_counter() - start) * 1000.0))
         except JobFailure as failure:
             _resolve(work.future, failure)
