@@ -7,6 +7,7 @@ import inspect
 import time
 from datetime import datetime, timezone
 
+import redis
 from rq import Queue
 from rq.intermediate_queue import IntermediateQueue
 from rq.job import JOB_ID_PATTERN, Job, JobStatus
@@ -16,9 +17,11 @@ from rq.utils import parse_composite_key, utcformat, utcparse
 
 from producer.jobs import EMBED_FUNC, ErrorCode, JobFailure, JSONSerializer, SafeJob
 from worker.rqfence import (
+    REDIS_WORKER_KEYS,
     Fence,
     Outcome,
     QueueKeys,
+    clean_worker_registry,
     exc_string,
     failure_entry,
     failure_meta,
@@ -49,6 +52,7 @@ def test_rq_key_layouts_and_formats_are_the_ones_the_fence_writes():
     assert JOB_ID_PATTERN.fullmatch("order.42") is None
     assert list(inspect.signature(Job.restore).parameters) == ["self", "raw_data"]
     assert "dependents_key" in dir(Job) and "enqueue_dependents" in dir(Queue)
+    assert REDIS_WORKER_KEYS == "rq:workers" and list(inspect.signature(clean_worker_registry).parameters) == ["queue"]
 
 
 def test_inflate_bounds_a_zlib_bomb_and_passes_plain_json():
@@ -64,15 +68,25 @@ def test_inflate_bounds_a_zlib_bomb_and_passes_plain_json():
         raise AssertionError("a 5 MB inflation passed a 1 MB bound")
 
 
+def _pop(conn, queue: str, n: int) -> None:
+    """What rq's crash-safe pop does (and the worker's taking): ids from the queue into its intermediate list."""
+    keys = QueueKeys(queue)
+    for _ in range(n):
+        assert conn.lmove(keys.queue, keys.intermediate, "LEFT", "RIGHT") is not None
+
+
+def _register(conn, fence: Fence, ids, execution: str = "e1") -> list[int]:
+    stamp = timestamp(datetime.now(timezone.utc))
+    rows = [(jid, f"{jid}:{execution}", {"status": "started", "started_at": stamp, "worker_name": "w1"}) for jid in ids]
+    with conn.pipeline() as pipe:
+        fence.register(pipe, rows, time.time() + 30)
+        return pipe.execute()[0]
+
+
 def _register_started(conn, fence: Fence, jobs) -> None:
-    """Each job registered as started under execution e1, as the worker's registration does."""
-    for job in jobs:
-        with conn.pipeline() as pipe:
-            fence.register(
-                pipe, job.id, f"{job.id}:e1", {"status": "started", "started_at": timestamp(datetime.now(timezone.utc))}
-            )
-            fence.add_started(pipe, {f"{job.id}:e1": time.time() + 30})
-            pipe.execute()
+    """Each job popped and registered as started under execution e1, as the worker's taking does."""
+    _pop(conn, fence.keys.name, len(jobs))
+    assert _register(conn, fence, [job.id for job in jobs]) == [1] * len(jobs)
 
 
 def _finished_and_failed(ok, bad) -> list[Outcome]:
@@ -136,3 +150,47 @@ def test_outcomes_written_by_the_fence_read_back_through_rq(redis_server):
         bad.id
     ]
     assert StartedJobRegistry(queue=q).get_job_ids() == []
+
+
+def test_registration_takes_only_ids_still_popped_and_a_retried_one_again(redis_server):
+    conn = redis_server.client()
+    q = Queue(f"fence-{time.time_ns()}", connection=conn, serializer=JSONSerializer, job_class=SafeJob)
+    a, b = (q.enqueue_call(EMBED_FUNC, args=({"kind": "embed", "image": {"path": "x.png"}},)) for _ in range(2))
+    fence = Fence(conn, q.name)
+    _pop(conn, q.name, 2)
+    # b's registration waited (Redis full) past the orphan age: another worker put b back on the queue
+    assert conn.lrem(fence.keys.intermediate, 1, b.id) == 1 and conn.rpush(fence.keys.queue, b.id)
+    assert _register(conn, fence, [a.id, b.id]) == [1, 0]
+    assert _register(conn, fence, [a.id, b.id]) == [1, 0]  # a retry after a lost reply: a is still ours
+    assert StartedJobRegistry(queue=q).get_job_ids(cleanup=False) == [a.id]
+    assert q.get_job_ids() == [b.id] and conn.llen(fence.keys.intermediate) == 0
+    assert SafeJob.fetch(a.id, connection=conn, serializer=JSONSerializer).get_status() == JobStatus.STARTED
+    assert SafeJob.fetch(b.id, connection=conn, serializer=JSONSerializer).get_status() == JobStatus.QUEUED
+    assert _register(conn, fence, [a.id], execution="e2") == [0]  # another execution of a: not while a runs
+
+
+def test_registration_under_maxmemory_is_refused_whole_or_applied_whole(tmp_path):
+    from tests.redis_server import RedisServer
+
+    server = RedisServer(tmp_path).start()
+    try:
+        conn = server.client()
+        q = Queue("full", connection=conn, serializer=JSONSerializer, job_class=SafeJob)
+        jobs = [q.enqueue_call(EMBED_FUNC, args=({"kind": "embed", "image": {"path": "x.png"}},)) for _ in range(3)]
+        fence = Fence(conn, q.name)
+        _pop(conn, q.name, 3)
+        conn.config_set("maxmemory-policy", "noeviction")
+        conn.config_set("maxmemory", str(int(conn.info("memory")["used_memory"]) // 2))
+        try:
+            flags = _register(conn, fence, [j.id for j in jobs])
+        except redis.ResponseError as exc:
+            assert "maxmemory" in str(exc) or "OOM" in str(exc)
+            assert conn.llen(fence.keys.intermediate) == 3 and conn.zcard(fence.keys.started) == 0
+        else:
+            assert flags == [1, 1, 1] and conn.llen(fence.keys.intermediate) == 0
+            assert set(StartedJobRegistry(queue=q).get_job_ids(cleanup=False)) == {j.id for j in jobs}
+        conn.config_set("maxmemory", "0")
+        assert _register(conn, fence, [j.id for j in jobs]) == [1, 1, 1]  # after either: registered, once
+        assert len(StartedJobRegistry(queue=q).get_job_ids(cleanup=False)) == 3
+    finally:
+        server.stop()

@@ -23,6 +23,7 @@ worker's jobs look dead. Delivery is at-least-once; each job's outcome is writte
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import threading
@@ -37,16 +38,13 @@ import structlog
 from rq.suspension import is_suspended
 from rq.worker import SimpleWorker, WorkerStatus
 
-from producer.jobs import ImageRef, JobFailure, request_images
+from producer.jobs import JobFailure
 from worker.completion import CompletionMixin
 from worker.executing import ExecutionMixin, Item
 from worker.maintenance import MaintenanceMixin
 from worker.metrics import WorkerMetrics
 from worker.prepool import ProcessPreprocessor, start_preprocessors
-from worker.rqfence import (
-    Fence,
-    timestamp,
-)
+from worker.rqfence import Fence, timestamp
 from worker.runtime import Runtime
 from worker.settings import WorkerSettings
 from worker.taking import Taken, classify, decode_id, pop_first, pop_many, utcnow
@@ -114,6 +112,7 @@ class BatchWorker(ExecutionMixin, CompletionMixin, MaintenanceMixin, SimpleWorke
         self._signals = 0
         self._suspects: dict[str, tuple[float, float]] = {}  # started member -> (score, first seen, monotonic)
         self._intermediate_seen: dict[str, float] = {}
+        self._heartbeat_failed_at = -math.inf  # monotonic: Redis refused or missed this worker's last write then
         self._last_maintenance = 0.0
         self._last_schedule = 0.0
         self._outage = False
@@ -235,73 +234,46 @@ class BatchWorker(ExecutionMixin, CompletionMixin, MaintenanceMixin, SimpleWorke
                 pipe.execute()
             log.debug("stale_entries_dropped", count=len(drop))
         if failed:
-            self._complete([self._failure_outcome(t, t.failure, guard="none") for t in failed], failed)
+            self._complete([self._failure_outcome(t, t.failure, guard="popped") for t in failed], failed)
         if runnable:
             self._register(runnable, now)
         return len(runnable)
 
     def _register(self, jobs: list[Taken], now: Any) -> None:
         stamp = timestamp(now)
-        ttl = self.settings.execution_ttl_s
-        expiry = time.time() + ttl
-        members: dict[str, float] = {}
-
-        def write() -> None:
-            with self.connection.pipeline() as pipe:
-                for t in jobs:
-                    fields = {
-                        "status": "started",
-                        "started_at": stamp,
-                        "last_heartbeat": stamp,
-                        "worker_name": self.name,
-                    }
-                    if t.job.origin != self.queue.name:
-                        fields["origin"] = self.queue.name  # a producer that wrote no origin (wire-format default)
-                    if t.job.enqueued_at is None:
-                        fields["enqueued_at"] = stamp
-                    self.fence.register(pipe, t.id, t.member, fields)
-                self.fence.add_started(pipe, members)
-                self.set_state(WorkerStatus.BUSY, pipeline=pipe)
-                pipe.execute()
-
+        expiry = time.time() + self.settings.execution_ttl_s
+        rows: list[tuple[str, str, dict[str, str]]] = []
         for t in jobs:
             t.execution_id = uuid.uuid4().hex
             t.member = f"{t.id}:{t.execution_id}"
             t.started_at = now
-            members[t.member] = expiry
-        with self._lock:
+            fields = {"status": "started", "started_at": stamp, "last_heartbeat": stamp, "worker_name": self.name}
+            if t.job.origin != self.queue.name:
+                fields["origin"] = self.queue.name  # a producer that wrote no origin (wire-format default)
+            if t.job.enqueued_at is None:
+                fields["enqueued_at"] = stamp
+            rows.append((t.id, t.member, fields))
+        with self._lock:  # in hand before Redis knows: heartbeats and this worker's recovery count them now
             for t in jobs:
                 self._jobs[t.id] = t
                 self._bytes_in_hand += t.nbytes
-        self._redis_retry("register", write)
+
+        def write() -> list[int]:
+            with self.connection.pipeline() as pipe:
+                self.fence.register(pipe, rows, expiry)
+                self.set_state(WorkerStatus.BUSY, pipeline=pipe)
+                return pipe.execute()[0]
+
+        flags = self._redis_retry("register", write)
+        elsewhere = [t for t, ok in zip(jobs, flags, strict=True) if not ok]
+        if elsewhere:
+            self._release(elsewhere)
+            log.warning("registration_lost", job_ids=[t.id for t in elsewhere], reason="re-queued by another worker")
+            jobs = [t for t, ok in zip(jobs, flags, strict=True) if ok]
         instant = [t for t in jobs if t.n_images == 0]  # nothing to embed (forget): complete now
         if instant:
             self._complete([self._finish(t) for t in instant], instant)
         self._preprocess(jobs)
-
-    def _preprocess(self, jobs: list[Taken]) -> None:
-        """Start the preprocessing of the jobs' images: in the preprocessing processes where there are, in one
-        submit so that chunks span jobs; images for the detector (and every image without processes) on threads."""
-        to_processes: list[tuple[Taken, int, ImageRef]] = []
-        for t in jobs:
-            if t.n_images == 0:
-                continue
-            assert t.request is not None
-            t.embeddings = None
-            t.faces = [None] * t.n_images
-            refs = request_images(t.request)
-            if self._procs is not None and not t.detect:
-                to_processes.extend((t, i, ref) for i, ref in enumerate(refs))
-                continue
-            all_faces = getattr(t.request, "faces", "one") == "all"
-            for i, ref in enumerate(refs):
-                self._waiting.append(
-                    Item(t, i, self._pool.submit(self.runtime.prepare_image, ref, t.detect, all_faces))
-                )
-        if to_processes:
-            assert self._procs is not None
-            futures = self._procs.submit([(ref.data_b64, ref.path) for _, _, ref in to_processes])
-            self._waiting.extend(Item(t, i, f) for (t, i, _), f in zip(to_processes, futures, strict=True))
 
     # --- the loop ---------------------------------------------------------------------------------
     def work(self, burst: bool = False, logging_level: str | None = "WARNING", **_: Any) -> bool:  # type: ignore[override]

@@ -81,7 +81,7 @@ class CompletionMixin:
             "retries_left": "0",
             "exc_info": exc_string(failure),
         }
-        if guard == "none":
+        if guard == "popped":
             fields["worker_name"] = self.name
         ttl = self.settings.failure_ttl
         if t.job is not None:
@@ -103,12 +103,12 @@ class CompletionMixin:
                     "failure_ttl": str(ttl),
                 }
             )
-        lrem = self.fence.keys.intermediate if guard == "none" else ""
+        lrem = self.fence.keys.intermediate if guard == "popped" else ""
         entry = failure_entry(exc_string(failure), self.name, t.execution_id or None, t.started_at, ended)
         log.info("job_failed", job_id=t.id[:200], code=failure.code.value, error=failure.message[:500])
         if not t.valid_id:
             # no registry: rq's registry code cannot parse such ids. The hash and result stream still say why.
-            return Outcome("none", "invalid", t.id, "", ttl, fields, entry, "", lrem)
+            return Outcome(guard, "invalid", t.id, "", ttl, fields, entry, "", lrem)
         return Outcome(guard, "failed", t.id, t.member, ttl, fields, entry, "", lrem)
 
     def _complete(self, outcomes: list[Outcome], jobs: list[Taken], working_s: float = 0.0) -> None:
@@ -131,10 +131,7 @@ class CompletionMixin:
                         "outcome_not_written", job_id=o.job_id[:200], error=f"{type(exc).__name__}: {str(exc)[:300]}"
                     )
                     replies.append(0)
-        with self._lock:
-            for t in jobs:
-                if self._jobs.pop(t.id, None) is not None:
-                    self._bytes_in_hand -= t.nbytes
+        self._release(jobs)
         for t, o, reply in zip(jobs, outcomes, replies, strict=True):
             if reply == 0 and o.guard == "own":
                 log.warning(
@@ -147,6 +144,13 @@ class CompletionMixin:
                     self._enqueue_dependents(t)
                 except Exception as exc:  # a hand-written dependents entry must not stop the worker
                     log.error("dependents_failed", job_id=t.id, error=f"{type(exc).__name__}: {str(exc)[:300]}")
+
+    def _release(self, jobs: list[Taken]) -> None:
+        """The jobs are no longer in hand (completed, or registered by another worker)."""
+        with self._lock:
+            for t in jobs:
+                if self._jobs.pop(t.id, None) is not None:
+                    self._bytes_in_hand -= t.nbytes
 
     def _enqueue_dependents(self, t: Taken) -> None:
         """rq's ``enqueue_dependents``, for deferred jobs only: a hand-written dependents set may name a finished

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import structlog
 
-from producer.jobs import ErrorCode, JobFailure
+from producer.jobs import ErrorCode, ImageRef, JobFailure, request_images
 from worker.runtime import PreparedImage
 from worker.taking import Taken
 
@@ -40,9 +40,55 @@ class ExecutionMixin:
     max_batch_size: int
     batches_done: int
     _waiting: deque[Item]
+    _pool: Any  # ThreadPoolExecutor
+    _procs: Any  # ProcessPreprocessor | None
     _finish: Any  # CompletionMixin's
     _complete: Any
     _failure_outcome: Any
+
+    def _preprocess(self, jobs: list[Taken]) -> None:
+        """Start the preprocessing of registered jobs' images: in the preprocessing processes where there are, in
+        one submit so that chunks span jobs; images for the detector (and every image without processes) on
+        threads. A job whose images cannot even be submitted (a bug, never bad input: that fails in preprocessing)
+        fails alone with ``internal_error`` rather than staying registered and heartbeated forever."""
+        to_processes: list[tuple[Taken, int, ImageRef]] = []
+        broken: list[tuple[Taken, Exception]] = []
+        for t in jobs:
+            if t.n_images == 0:
+                continue
+            try:
+                to_processes.extend(self._submit_job(t))
+            except Exception as err:
+                broken.append((t, err))
+        if to_processes:
+            try:
+                futures = self._procs.submit([(ref.data_b64, ref.path) for _, _, ref in to_processes])
+            except Exception as err:
+                broken.extend((t, err) for t in {id(t): t for t, _, _ in to_processes}.values())
+            else:
+                self._waiting.extend(Item(t, i, f) for (t, i, _), f in zip(to_processes, futures, strict=True))
+        for t, cause in broken:
+            log.error("submit_crashed", job_id=t.id, error=f"{type(cause).__name__}: {str(cause)[:300]}")
+            t.remaining = 0
+            failure = JobFailure(ErrorCode.INTERNAL_ERROR, f"preprocessing could not start: {type(cause).__name__}")
+            self._complete([self._failure_outcome(t, failure)], [t])
+
+    def _submit_job(self, t: Taken) -> list[tuple[Taken, int, ImageRef]]:
+        """Queue one job's images on the threads; returns those bound for the processes instead."""
+        assert t.request is not None
+        refs = request_images(t.request)
+        if not all(isinstance(ref, ImageRef) for ref in refs):
+            raise TypeError(f"{type(t.request).__name__} lists a non-image among its images")
+        t.embeddings = None
+        t.faces = [None] * t.n_images
+        if self._procs is not None and not t.detect:
+            return [(t, i, ref) for i, ref in enumerate(refs)]
+        all_faces = getattr(t.request, "faces", "one") == "all"
+        self._waiting.extend(
+            Item(t, i, self._pool.submit(self.runtime.prepare_image, ref, t.detect, all_faces))
+            for i, ref in enumerate(refs)
+        )
+        return []
 
     def next_engine_batch(self) -> list[Item]:
         """Up to ``max_batch_size`` waiting images, oldest first."""

@@ -2,9 +2,10 @@
 worker-registry cleanup. A mixin of :class:`~worker.batcher.BatchWorker` (uses its ``connection``, ``fence``,
 ``settings``, ``queue``, ``name``/``key``, ``_jobs`` and ``_failure_outcome``).
 
-A started entry is recovered only when seen expired on two passes a heartbeat apart (a live worker would have
-refreshed it in between), so a Redis stall never makes a live worker's jobs look dead; a worker never recovers
-its own jobs.
+A started entry is recovered only when seen expired on two passes two heartbeats apart, both after this worker's
+own last failed heartbeat (a live worker would have refreshed it in between, since Redis took writes all that
+time), so a Redis stall or a full Redis never makes a live worker's jobs look dead; a worker never recovers its
+own jobs.
 """
 
 from __future__ import annotations
@@ -14,10 +15,9 @@ from typing import Any
 
 import redis
 import structlog
-from rq.worker_registration import REDIS_WORKER_KEYS
 
 from producer.jobs import ErrorCode, JobFailure
-from worker.rqfence import Outcome, split_member, timestamp, valid_job_id
+from worker.rqfence import REDIS_WORKER_KEYS, Outcome, clean_worker_registry, split_member, timestamp, valid_job_id
 from worker.taking import Taken, classify, decode_id, utcnow
 
 log = structlog.get_logger("arcface.batcher")
@@ -35,6 +35,7 @@ class MaintenanceMixin:
     _lock: Any
     _jobs: dict[str, Taken]
     _suspects: dict[str, tuple[float, float]]
+    _heartbeat_failed_at: float
     _intermediate_seen: dict[str, float]
     _last_maintenance: float
     _last_schedule: float
@@ -63,15 +64,14 @@ class MaintenanceMixin:
             pipe.zremrangebyscore(k.failed, 0, now)
             pipe.execute()
         try:
-            from rq.worker_registration import clean_worker_registry
-
             clean_worker_registry(self.queue)
         except redis.RedisError as exc:
             log.warning("worker_registry_cleanup_failed", error=str(exc)[:300])
 
     def recover_started(self) -> None:
-        """Jobs whose started entry expired, seen expired on two passes a heartbeat apart (a live worker would
-        have refreshed it in between): re-queued while they have retries, else failed ``worker_died``."""
+        """Jobs whose started entry expired, seen expired on two passes two heartbeats apart while Redis took this
+        worker's heartbeats (a live worker's would have refreshed it in between): re-queued while they have
+        retries, else failed ``worker_died``."""
         now, mono = time.time(), time.monotonic()
         with self._lock:
             mine = {t.member for t in self._jobs.values()}
@@ -81,7 +81,8 @@ class MaintenanceMixin:
         ready: list[str] = []
         for member, score in expired:
             prev = self._suspects.get(member)
-            if prev is None or prev[0] != score:
+            if prev is None or prev[0] != score or prev[1] <= self._heartbeat_failed_at:
+                # a first sighting, or one from before Redis last refused a write: it proves nothing
                 self._suspects[member] = (score, mono)
             elif mono - prev[1] >= self.settings.heartbeat_interval_s * 2:
                 ready.append(member)
@@ -187,6 +188,7 @@ class MaintenanceMixin:
             try:
                 self.heartbeat_batch()
             except redis.RedisError as exc:
+                self._heartbeat_failed_at = time.monotonic()
                 log.warning("heartbeat_failed", error=str(exc)[:300])
 
     def heartbeat_batch(self) -> None:
@@ -199,7 +201,7 @@ class MaintenanceMixin:
                 # key right after a FLUSHALL, so the key's existence proves nothing
                 pipe.sismember(REDIS_WORKER_KEYS, self.key)
                 self.heartbeat(pipeline=pipe)
-                self.fence.add_started(pipe, members, only_existing=True)
+                self.fence.refresh_started(pipe, members)
                 alive = pipe.execute()[0]
         if not alive:
             log.warning(

@@ -10,7 +10,8 @@ against the installed rq):
 - finished / failed registries ``rq:finished:<queue>`` / ``rq:failed:<queue>`` scored by expiry time;
 - the result stream ``rq:results:<id>`` (``XADD MAXLEN ~ 10``): fields as rq's ``Result.serialize``;
 - the queue's intermediate list ``rq:queue:<queue>:intermediate`` (rq's crash-safe pop);
-- scheduled retries in ``rq:scheduled:<queue>``.
+- scheduled retries in ``rq:scheduled:<queue>``;
+- the worker registry ``rq:workers`` (``REDIS_WORKER_KEYS``) and rq's cleanup of it, re-exported for maintenance.
 
 Completion and recovery are Lua scripts, so each job's outcome is applied atomically and at most once: the
 job's started-registry entry is removed in the same script that writes its outcome, and a script that finds
@@ -31,6 +32,8 @@ import redis
 from rq.job import JOB_ID_PATTERN, Job
 from rq.results import Result
 from rq.utils import utcformat
+from rq.worker_registration import REDIS_WORKER_KEYS as REDIS_WORKER_KEYS
+from rq.worker_registration import clean_worker_registry as clean_worker_registry
 
 from producer.jobs import ERROR_META_KEY, JobFailure, JSONSerializer, SafeJob
 
@@ -198,11 +201,13 @@ def failure_meta(meta: dict | None, failure: JobFailure) -> bytes:
 # ARGV: now (unix seconds), worker key, worker name, then per outcome a fixed group of 9 fields:
 #   guard   "own": apply only if ZREM of the started entry removes it (completion by the worker that holds it)
 #           "expired": apply only if the entry is still in the registry with a score <= now (recovery)
-#           "none": no started entry (a job failed before registration)
+#           "popped": apply only if LREM of the id from the intermediate list (the last field) removes it (a job
+#           failed before registration: never twice when another worker re-queued the id meanwhile)
+#           "none": no condition (the scheduler's moves; its ZREM already decided)
 #   kind    "finished" | "failed" | "requeue" | "schedule" | "invalid" (failed, in no registry: an id rq refuses)
 #   job id, started member, ttl (result/failure ttl; -1 = forever, 0 = delete), hash fields (JSON object of
 #   field -> string), stream entry (JSON object, "" = none), extra (requeue: queue key; schedule: score),
-#   intermediate list key ("" = none: LREM the id from it)
+#   intermediate list key (guard "popped" only)
 # KEYS: started, finished, failed, scheduled registry keys of the queue.
 # Returns, per outcome, 0 (skipped: not ours any more) or 1 (applied) or 2 (applied, job has dependents).
 _OUTCOMES_LUA = """
@@ -220,8 +225,9 @@ for i = 0, n - 1 do
     local score = redis.call('ZSCORE', KEYS[1], member)
     ok = score ~= false and tonumber(score) <= now
     if ok then redis.call('ZREM', KEYS[1], member) end
+  elseif guard == 'popped' then
+    ok = redis.call('LREM', ARGV[b + 9], 1, id) == 1
   end
-  if ARGV[b + 9] ~= '' then redis.call('LREM', ARGV[b + 9], 1, id) end
   if ok then
     local jkey = 'rq:job:' .. id
     local fields = cjson.decode(ARGV[b + 6])
@@ -264,6 +270,33 @@ return out
 """
 
 
+# --- Lua: registration --------------------------------------------------------------------------------
+# KEYS: the intermediate list, the started registry. ARGV: the started entries' expiry, then per job its id, its
+# started member and its hash fields (JSON). A job is registered only while the worker's pop of it is still in the
+# intermediate list (the LREM takes it out), or when this very registration already ran (a retry after a lost
+# reply: its member, unique per execution, is in the registry). An id that another worker re-queued from the
+# intermediate list while this registration waited (Redis full or stalled past the orphan age) is not: the copy
+# re-queued runs instead, never both. Under maxmemory: all or nothing (tests/test_rqfence.py). Returns 1/0 per job.
+_REGISTER_LUA = """
+local out = {}
+for i = 2, #ARGV, 3 do
+  local id, member = ARGV[i], ARGV[i + 1]
+  if redis.call('LREM', KEYS[1], 1, id) == 1 then
+    local flat = {}
+    for k, v in pairs(cjson.decode(ARGV[i + 2])) do flat[#flat + 1] = k; flat[#flat + 1] = v end
+    redis.call('HSET', 'rq:job:' .. id, unpack(flat))
+    redis.call('ZADD', KEYS[2], ARGV[1], member)
+    out[#out + 1] = 1
+  elseif redis.call('ZSCORE', KEYS[2], member) then
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = 0
+  end
+end
+return out
+"""
+
+
 # KEYS: job hash keys; ARGV[1]: the most bytes one hash may hold. Per key: its flat field/value list; {} for a key that
 # is missing or not a hash (WRONGTYPE must not fail the batch); {TOO_LARGE, size} for a hash over the bound (never
 # sent over the wire: a 100 MB description costs the worker nothing).
@@ -289,7 +322,7 @@ return out
 class Outcome:
     """What happens to one job, applied atomically by :meth:`Fence.apply`."""
 
-    guard: str  # "own" | "expired" | "none"
+    guard: str  # "own" | "expired" | "popped" | "none"
     kind: str  # "finished" | "failed" | "requeue" | "schedule"
     job_id: str
     member: str = ""
@@ -321,6 +354,7 @@ class Fence:
         self.keys = QueueKeys(queue_name)
         self._outcomes = connection.register_script(_OUTCOMES_LUA)
         self._read = connection.register_script(_READ_LUA)
+        self._register = connection.register_script(_REGISTER_LUA)
 
     def read_jobs(self, ids: list[str], max_bytes: int) -> list[dict[bytes, bytes]]:
         """Every job hash in one round trip, each bounded to ``max_bytes`` (see :data:`TOO_LARGE`)."""
@@ -339,16 +373,21 @@ class Fence:
         k = self.keys
         return [int(x) for x in self._outcomes(keys=[k.started, k.finished, k.failed, k.scheduled], args=argv)]
 
-    def register(self, pipe: Any, job_id: str, member: str, fields: dict[str, str]) -> None:
-        """Queue the per-job part of registration on ``pipe``: status started, out of the intermediate list.
-        The started-registry entries of a batch are added with one :meth:`add_started`."""
-        pipe.hset(job_key(job_id), mapping=fields)
-        pipe.lrem(self.keys.intermediate, 1, job_id)
+    def register(self, pipe: Any, jobs: list[tuple[str, str, dict[str, str]]], expiry: float) -> None:
+        """Queue on ``pipe`` the registration of popped jobs ``(id, started member, hash fields)``: the pipe's
+        result for it is one flag a job, 1 where it is now started under that member, 0 where it is not ours:
+        another worker re-queued the id from the intermediate list while this registration waited (see
+        :data:`_REGISTER_LUA`)."""
+        argv: list[str] = [repr(expiry)]
+        for job_id, member, fields in jobs:
+            argv += [job_id, member, json.dumps(fields, separators=(",", ":"))]
+        self._register(keys=[self.keys.intermediate, self.keys.started], args=argv, client=pipe)
 
-    def add_started(self, pipe: Any, members: dict[str, float], only_existing: bool = False) -> None:
-        """Add (or, with ``only_existing``, refresh: a heartbeat never re-creates a completed job's entry)."""
+    def refresh_started(self, pipe: Any, members: dict[str, float]) -> None:
+        """Queue on ``pipe`` new expiries for started entries that still exist (ZADD XX: a heartbeat never
+        re-creates the entry of a job completed or recovered meanwhile)."""
         if members:
-            pipe.zadd(self.keys.started, members, xx=only_existing)
+            pipe.zadd(self.keys.started, members, xx=True)
 
     def expired_started(self, now: float) -> list[tuple[str, float]]:
         """Started-registry members whose heartbeat ran out, with their scores."""
