@@ -50,7 +50,7 @@ import re
 from typing import Annotated, Any, Literal, Union
 
 import numpy as np
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, Field, field_validator
 
 from producer.gallery_results import (
     AnyErrorCode,
@@ -78,10 +78,11 @@ from producer.jobs import (
     GALLERY_FUNCTIONS,
     IDENTIFY_FUNC,
     VERIFY_FUNC,
-    Detect,
     ErrorCode,
     ImageRef,
     JobFailure,
+    RequestBase,
+    StrictModel,
     check_arguments,
     validate_payload,
 )
@@ -155,11 +156,7 @@ EnrollmentId = Annotated[str, AfterValidator(_check_enrollment_id)]
 Meta = Annotated[dict[str, Any], AfterValidator(_check_meta)]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class _GalleryField(_Strict):
+class _GalleryField(StrictModel):
     gallery: str = Field(default=DEFAULT_GALLERY, description="letters, digits, _ . @ -; at most 64, no ':'")
 
     @field_validator("gallery")
@@ -177,7 +174,7 @@ class SubjectRef(_GalleryField):
     subject: SubjectId
 
 
-class EmbeddingRef(_Strict):
+class EmbeddingRef(StrictModel):
     """``b`` of a verify job: compare ``a`` with a given embedding (base64 of little-endian float32, e.g. an
     earlier embed result's ``embedding_b64``). It is L2-normalised before use."""
 
@@ -208,7 +205,7 @@ VerifyTarget = Union[ImageRef, SubjectRef, EmbeddingRef]
 
 
 # --- requests --------------------------------------------------------------------------------------
-class EnrollRequest(_GalleryField):
+class EnrollRequest(_GalleryField, RequestBase):
     """Embed ``image`` and store it under ``subject`` in ``gallery``.
 
     Idempotent by ``enrollment_id``: the same id again is a no-op (``created: false``); the same id for a
@@ -223,12 +220,9 @@ class EnrollRequest(_GalleryField):
     meta: Meta | None = Field(
         default=None, description=f"JSON object stored with the enrollment, at most {MAX_META_BYTES} bytes"
     )
-    model: str | None = None
-    detect: Detect | None = None
-    ref: str | None = Field(default=None, max_length=1024)
 
 
-class EnrollItem(_Strict):
+class EnrollItem(StrictModel):
     """One image of an ``enroll_batch`` job (same fields and rules as :class:`EnrollRequest`)."""
 
     image: ImageRef
@@ -237,18 +231,15 @@ class EnrollItem(_Strict):
     meta: Meta | None = None
 
 
-class EnrollBatchRequest(_GalleryField):
+class EnrollBatchRequest(_GalleryField, RequestBase):
     """Many enrollments into one gallery in one job (bulk enrollment): one engine pass for all the images;
     each item is enrolled on its own, a bad image fails only its item."""
 
     kind: Literal["enroll_batch"] = "enroll_batch"
     items: list[EnrollItem] = Field(min_length=1, max_length=MAX_ENROLL_ITEMS)
-    model: str | None = None
-    detect: Detect | None = None
-    ref: str | None = Field(default=None, max_length=1024)
 
 
-class IdentifyRequest(_GalleryField):
+class IdentifyRequest(_GalleryField, RequestBase):
     """Search ``gallery`` for the ``top_k`` subjects closest to the face in ``image`` (1:N), keeping only
     those within ``threshold`` (default: the worker's verify threshold)."""
 
@@ -256,22 +247,17 @@ class IdentifyRequest(_GalleryField):
     image: ImageRef
     top_k: int = Field(default=5, ge=1, le=100)
     threshold: float | None = Field(default=None, ge=0.0, le=2.0)
-    model: str | None = None
-    detect: Detect | None = None
-    ref: str | None = Field(default=None, max_length=1024)
 
 
-class GalleryVerifyRequest(_Strict):
+class GalleryVerifyRequest(RequestBase):
     """``verify`` with ``b`` widened: an image (pairwise verify, as :class:`producer.jobs.VerifyRequest`), an
-    enrolled subject (:class:`SubjectRef`) or an embedding (:class:`EmbeddingRef`)."""
+    enrolled subject (:class:`SubjectRef`) or an embedding (:class:`EmbeddingRef`). Not a subclass of
+    ``VerifyRequest``: code that takes ``b`` of a ``VerifyRequest`` for an image must never get a subject."""
 
     kind: Literal["verify"] = "verify"
     a: ImageRef
     b: VerifyTarget
-    model: str | None = None
-    detect: Detect | None = None
     threshold: float | None = Field(default=None, ge=0.0, le=2.0)
-    ref: str | None = Field(default=None, max_length=1024)
 
 
 class ForgetRequest(_GalleryField):

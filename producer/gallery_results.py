@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field
 from producer.codes import ErrorCode
 from producer.errors import JobNotFound
 from producer.jobs import JobFailure
-from producer.results import Timing, VerifyResult
+from producer.results import ItemError, ItemsResult, ResultBase, VerifyResult
 
 if TYPE_CHECKING:
     from producer.client import FaceClient
@@ -51,18 +51,15 @@ class GalleryFailure(JobFailure):
         super().__init__(error_code(code.value if isinstance(code, enum.Enum) else code), message)
 
 
-class EnrollResult(BaseModel):
+class EnrollResult(ResultBase):
     kind: Literal["enroll"] = "enroll"
     gallery: str
     subject: str
     enrollment_id: str
     created: bool = Field(description="false when this enrollment id was already stored (nothing changed)")
     subject_enrollments: int = Field(description="the subject's enrollments after this job")
-    model: str
     dim: int
-    ref: str | None = None
     face: dict[str, Any] | None = None
-    timing: Timing = Field(default_factory=Timing)
 
 
 class Enrolled(BaseModel):
@@ -74,46 +71,49 @@ class Enrolled(BaseModel):
     subject_enrollments: int
 
 
-class GalleryItemError(BaseModel):
+class GalleryItemError(ItemError):
     """Why one item of a multi-item gallery job failed (by index); the other items are unaffected."""
 
-    index: int
-    code: AnyErrorCode
-    message: str
+    code: AnyErrorCode  # type: ignore[assignment]  # widened: gallery codes too
 
 
-class EnrollBatchResult(BaseModel):
+class EnrollBatchResult(ItemsResult[Enrolled, GalleryItemError]):
     kind: Literal["enroll_batch"] = "enroll_batch"
     gallery: str
-    count: int
-    results: list[Enrolled | None] = Field(
-        description="one per item, in order; null where the item failed (see errors)"
-    )
-    errors: list[GalleryItemError] = Field(default_factory=list)
-    model: str
     dim: int
-    ref: str | None = None
     faces: list[dict[str, Any] | None] | None = None
-    timing: Timing = Field(default_factory=Timing)
 
 
 class Match(BaseModel):
+    """One subject an identify job found within its threshold."""
+
     subject: str
     distance: float = Field(description="cosine distance to the subject's closest enrollment")
     enrollment_id: str = Field(description="that closest enrollment")
 
 
-class IdentifyResult(BaseModel):
+class IdentifyResult(ResultBase):
+    """An identify job's answer: the closest subjects of the gallery (1:N)."""
+
     kind: Literal["identify"] = "identify"
     gallery: str
     matches: list[Match] = Field(description="at most top_k subjects within the threshold, closest first")
     top_k: int
     threshold: float
     searched: int = Field(description="enrollments searched")
-    model: str
-    ref: str | None = None
     face: dict[str, Any] | None = None
-    timing: Timing = Field(default_factory=Timing)
+
+
+class ForgetResult(BaseModel):
+    """What a forget job removed (a subject, or one of its enrollments)."""
+
+    kind: Literal["forget"] = "forget"
+    gallery: str
+    subject: str
+    enrollment_id: str | None = None
+    removed: int = Field(description="enrollments deleted (0: there was nothing to delete)")
+    subject_enrollments: int = Field(description="the subject's enrollments left")
+    ref: str | None = None
 
 
 class VerifySubjectResult(VerifyResult):
@@ -123,16 +123,6 @@ class VerifySubjectResult(VerifyResult):
     gallery: str
     enrollment_id: str = Field(description="the subject's closest enrollment")
     enrollments: int = Field(description="the subject's enrollments compared")
-
-
-class ForgetResult(BaseModel):
-    kind: Literal["forget"] = "forget"
-    gallery: str
-    subject: str
-    enrollment_id: str | None = None
-    removed: int = Field(description="enrollments deleted (0: there was nothing to delete)")
-    subject_enrollments: int = Field(description="the subject's enrollments left")
-    ref: str | None = None
 
 
 GalleryResult = Union[EnrollResult, EnrollBatchResult, IdentifyResult, VerifySubjectResult, VerifyResult, ForgetResult]

@@ -103,12 +103,14 @@ def resolve_shared_path(root: Path | None, relative: str) -> Path:
 
 
 # --- requests --------------------------------------------------------------------------------------
-class _Strict(BaseModel):
-    # strict: JSON types as the contract says ("0.5" or true is not a threshold, 1 is not a string)
+class StrictModel(BaseModel):
+    """Every request model: strict JSON types as the contract says ("0.5" or true is not a threshold, 1 is not a
+    string), no unknown fields, immutable."""
+
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
-class ImageRef(_Strict):
+class ImageRef(StrictModel):
     """An image, inline (``data_b64``: base64 of the encoded file) or as ``path`` relative to the
     workers' shared root. Exactly one of the two."""
 
@@ -135,53 +137,48 @@ Detect = Literal["none", "blazeface"]
 M = TypeVar("M", bound=BaseModel)
 
 
-class EmbedRequest(_Strict):
-    kind: Literal["embed"] = "embed"
-    image: ImageRef
-    model: str | None = None
-    detect: Detect | None = Field(
-        default=None, description="find and align the face first; default: the worker's setting"
-    )
-    faces: Literal["one", "all"] | None = Field(
-        default=None, description="with detection: 'all' embeds every face (largest first); default one"
-    )
+class RequestBase(StrictModel):
+    """What every job request that embeds carries besides its inputs (its fields come first on the wire)."""
+
+    kind: str
+    model: str | None = Field(default=None, description="the model the job is for; default: the worker's")
+    detect: Detect | None = Field(default=None, description="find and align the face first; default: the worker's")
     ref: str | None = Field(default=None, max_length=1024, description="client reference, echoed back")
 
 
-class VerifyRequest(_Strict):
+class EmbedRequest(RequestBase):
+    kind: Literal["embed"] = "embed"
+    image: ImageRef
+    faces: Literal["one", "all"] | None = Field(
+        default=None, description="with detection: 'all' embeds every face (largest first); default one"
+    )
+
+
+class VerifyRequest(RequestBase):
     kind: Literal["verify"] = "verify"
     a: ImageRef
     b: ImageRef
-    model: str | None = None
-    detect: Detect | None = None
     threshold: float | None = Field(default=None, ge=0.0, le=2.0)
-    ref: str | None = Field(default=None, max_length=1024)
 
 
-class EmbedBatchRequest(_Strict):
+class EmbedBatchRequest(RequestBase):
     """Many images in one job: one engine pass for all of them, one result holding every embedding."""
 
     kind: Literal["embed_batch"] = "embed_batch"
     images: list[ImageRef] = Field(min_length=1, max_length=MAX_IMAGES_PER_JOB)
-    model: str | None = None
-    detect: Detect | None = None
-    ref: str | None = Field(default=None, max_length=1024)
 
 
-class Pair(_Strict):
+class Pair(StrictModel):
     a: ImageRef
     b: ImageRef
 
 
-class VerifyBatchRequest(_Strict):
+class VerifyBatchRequest(RequestBase):
     """Many pairs in one job; each pair is verified on its own, a bad image fails only its pair."""
 
     kind: Literal["verify_batch"] = "verify_batch"
     pairs: list[Pair] = Field(min_length=1, max_length=MAX_IMAGES_PER_JOB // 2)
-    model: str | None = None
-    detect: Detect | None = None
     threshold: float | None = Field(default=None, ge=0.0, le=2.0)
-    ref: str | None = Field(default=None, max_length=1024)
 
 
 AnyRequest = Union[EmbedRequest, VerifyRequest, EmbedBatchRequest, VerifyBatchRequest]

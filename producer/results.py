@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import base64
-from typing import TYPE_CHECKING, Any, Literal, Union
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, Union
 
 import numpy as np
 from pydantic import BaseModel, Field
@@ -39,6 +39,15 @@ def cosine_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(1.0 - np.dot(np.asarray(a, np.float64), np.asarray(b, np.float64)))
 
 
+class ResultBase(BaseModel):
+    """What every embedding job's result carries besides its answer (these fields come first on the wire)."""
+
+    kind: str
+    model: str = Field(description="the model that computed it")
+    ref: str | None = Field(default=None, description="the request's ref, echoed back")
+    timing: Timing = Field(default_factory=Timing)
+
+
 class _Embedding:
     """The ``embedding`` of a model with an ``embedding_b64`` field (a mixin with no fields: field order, which is
     the JSON's key order, stays the model's own)."""
@@ -61,29 +70,23 @@ class FaceEmbedding(_Embedding, BaseModel):
     embedding_b64: str
 
 
-class EmbedResult(_Embedding, BaseModel):
+class EmbedResult(_Embedding, ResultBase):
     kind: Literal["embed"] = "embed"
     embedding_b64: str = Field(description="L2-normalised embedding, base64 of little-endian float32")
     dim: int
-    model: str
-    ref: str | None = None
     face: dict[str, Any] | None = Field(default=None, description="with detection: box [x1,y1,x2,y2], keypoints, score")
     faces: list[FaceEmbedding] | None = Field(
         default=None, description="with faces='all': every face, largest first (the first is `face`)"
     )
-    timing: Timing = Field(default_factory=Timing)
 
 
-class VerifyResult(BaseModel):
+class VerifyResult(ResultBase):
     kind: Literal["verify"] = "verify"
     distance: float = Field(description="cosine distance 1 - a.b of the L2-normalised embeddings")
     threshold: float
     similar: bool = Field(description="distance <= threshold")
-    model: str
-    ref: str | None = None
     face_a: dict[str, Any] | None = None
     face_b: dict[str, Any] | None = None
-    timing: Timing = Field(default_factory=Timing)
 
 
 class ItemError(BaseModel):
@@ -99,7 +102,7 @@ def encode_matrix(rows: np.ndarray) -> str:
     return base64.b64encode(np.ascontiguousarray(rows, dtype="<f4").tobytes()).decode("ascii")
 
 
-class EmbedBatchResult(BaseModel):
+class EmbedBatchResult(ResultBase):
     kind: Literal["embed_batch"] = "embed_batch"
     count: int = Field(description="number of images in the job (rows of the matrix)")
     dim: int
@@ -107,12 +110,9 @@ class EmbedBatchResult(BaseModel):
         description="count x dim little-endian float32, row-major; rows of failed items are zero"
     )
     errors: list[ItemError] = Field(default_factory=list, description="one entry per failed image, by index")
-    model: str
-    ref: str | None = None
     faces: list[dict[str, Any] | None] | None = Field(
         default=None, description="with detection: the face used for each image"
     )
-    timing: Timing = Field(default_factory=Timing)
 
     @property
     def embeddings(self) -> np.ndarray:
@@ -133,17 +133,21 @@ class PairResult(BaseModel):
     similar: bool
 
 
-class VerifyBatchResult(BaseModel):
-    kind: Literal["verify_batch"] = "verify_batch"
+R = TypeVar("R")
+E = TypeVar("E", bound=ItemError)
+
+
+class ItemsResult(ResultBase, Generic[R, E]):
+    """A multi-item job's result: one entry per item, null where the item failed and ``errors`` says why."""
+
     count: int
+    results: list[R | None] = Field(description="one per item, in order; null where the item failed (see errors)")
+    errors: list[E] = Field(default_factory=list, description="one entry per failed item, by item index")
+
+
+class VerifyBatchResult(ItemsResult[PairResult, ItemError]):
+    kind: Literal["verify_batch"] = "verify_batch"
     threshold: float
-    results: list[PairResult | None] = Field(
-        description="one per pair, in order; null where the pair failed (see errors)"
-    )
-    errors: list[ItemError] = Field(default_factory=list, description="one entry per failed pair, by pair index")
-    model: str
-    ref: str | None = None
-    timing: Timing = Field(default_factory=Timing)
 
 
 AnyResult = Union[EmbedResult, VerifyResult, EmbedBatchResult, VerifyBatchResult]
