@@ -1,8 +1,9 @@
-"""Pieces the end-to-end benches (e2e, plumbing) share: the plain rq ``SimpleWorker`` they compare against, and
-the span of a set of jobs from rq's own timestamps. Not a bench itself."""
+"""Pieces the benches share: their command-line options, the plain rq ``SimpleWorker`` the end-to-end benches
+(e2e, plumbing) compare against, and the span of a set of jobs from rq's own timestamps. Not a bench itself."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -11,6 +12,15 @@ from pathlib import Path
 from producer.client import FaceClient
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def options(**defaults: float | str) -> argparse.Namespace:
+    """The bench's command line: each keyword is an option (``max_batch_size=32``: ``--max-batch-size``, an int)
+    of its default's type."""
+    ap = argparse.ArgumentParser()
+    for name, default in defaults.items():
+        ap.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
+    return ap.parse_args()
 
 
 def run_plain_rq_worker(url: str, queue: str) -> None:

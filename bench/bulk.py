@@ -7,7 +7,6 @@ Prints bulk images/s against the raw engine's img/s at the worker's batch size (
 
 from __future__ import annotations
 
-import argparse
 import csv
 import os
 import sys
@@ -21,6 +20,7 @@ from PIL import Image, ImageOps
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench._common import options  # noqa: E402
 from producer.bulk import BulkOptions, run_bulk  # noqa: E402
 from producer.client import FaceClient  # noqa: E402
 from producer.settings import ProducerSettings  # noqa: E402
@@ -73,11 +73,7 @@ def raw_engine_rate(weights: Path, folder: Path, names: list[str], batch: int) -
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--images", type=int, default=160)
-    ap.add_argument("--pairs", type=int, default=2000)
-    ap.add_argument("--batch", type=int, default=32)
-    args = ap.parse_args()
+    args = options(images=160, pairs=2000, batch=32)
     tmp = Path(tempfile.mkdtemp(prefix="arcface-bulk-"))
     (tmp / "img").mkdir()
     names = make_images(tmp / "img", args.images)
@@ -100,8 +96,8 @@ def main() -> None:
         worker = WorkerProcess(env, tmp / "worker.log")
         worker.wait_ready(300)
         client = FaceClient(ProducerSettings())
-        options = BulkOptions(root=tmp / "img", window=4 * args.batch)
-        stats, _summary = run_bulk(client, tmp / "pairs.csv", tmp / "out.csv", options, quiet=True)
+        bulk_options = BulkOptions(root=tmp / "img", window=4 * args.batch)
+        stats, _summary = run_bulk(client, tmp / "pairs.csv", tmp / "out.csv", bulk_options, quiet=True)
         img_rate = stats.images_embedded / stats.seconds
         print(
             f"bulk: {stats.rows} pairs over {stats.images_embedded} unique images in {stats.seconds:.1f}s: "

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -23,7 +22,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench._common import job_span_s, run_plain_rq_worker
+from bench._common import job_span_s, options, run_plain_rq_worker
 from producer.client import FaceClient  # noqa: E402
 from producer.settings import ProducerSettings  # noqa: E402
 from tests.redis_server import RedisServer  # noqa: E402
@@ -133,13 +132,7 @@ def plain_rq(url: str, images: list[Path], jobs: int) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--jobs", type=int, default=320)
-    ap.add_argument("--plain-jobs", type=int, default=96)
-    ap.add_argument("--idle-jobs", type=int, default=20)
-    ap.add_argument("--load-seconds", type=float, default=20.0)
-    ap.add_argument("--max-batch-size", type=int, default=32)
-    args = ap.parse_args()
+    args = options(jobs=320, plain_jobs=96, idle_jobs=20, load_seconds=20.0, max_batch_size=32)
 
     tmp = Path(tempfile.mkdtemp(prefix="arcface-bench-"))
     server = RedisServer(tmp / "redis").start()

@@ -8,7 +8,6 @@ Random weights (speed does not depend on them); the real faces in tests/data/fac
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import sys
@@ -20,6 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench._common import options  # noqa: E402
 from worker.engine import Engine, configure_tensorflow, reduced_precision_policy  # noqa: E402
 from worker.model import FaceModel, build_arcface  # noqa: E402
 from worker.preprocess import preprocess  # noqa: E402
@@ -41,10 +41,7 @@ def rate(fn: Callable[[], object], n_images: int, seconds: float) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--sizes", default="1,8,16,32,64")
-    ap.add_argument("--seconds", type=float, default=4.0)
-    args = ap.parse_args()
+    args = options(sizes="1,8,16,32,64", seconds=4.0)
     sizes = [int(s) for s in args.sizes.split(",")]
     gpus = configure_tensorflow()
     print(f"device: {'GPU ' + ', '.join(gpus) if gpus else 'CPU'} ({os.cpu_count()} cores)")

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 import redis  # noqa: E402
 
-from bench._common import job_span_s, run_plain_rq_worker
+from bench._common import job_span_s, options, run_plain_rq_worker
 from producer.client import FaceClient  # noqa: E402
 from producer.jobs import ImageRef  # noqa: E402
 from producer.settings import ProducerSettings  # noqa: E402
@@ -152,13 +152,7 @@ def arcface_worker(
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--jobs", type=int, default=3000)
-    ap.add_argument("--batch-jobs", type=int, default=60)
-    ap.add_argument("--images-per-job", type=int, default=64)
-    ap.add_argument("--plain-jobs", type=int, default=600)
-    ap.add_argument("--max-batch-size", type=int, default=64)
-    args = ap.parse_args()
+    args = options(jobs=3000, batch_jobs=60, images_per_job=64, plain_jobs=600, max_batch_size=64)
 
     tmp = Path(tempfile.mkdtemp(prefix="arcface-plumbing-"))
     server = RedisServer(tmp / "redis").start()
