@@ -43,6 +43,7 @@ from producer.bulk_io import (
 )
 from producer.bulk_jobs import EmbedJobs
 from producer.client import FaceClient
+from producer.defaults import DEFAULT_BULK_WINDOW, DEFAULT_THRESHOLD
 from producer.evaluation import Summary
 from producer.jobs import (
     cosine_distance,
@@ -52,7 +53,6 @@ from producer.jobs import (
 from producer.pairs import Pair, PairFile
 
 COLUMNS = ["a", "b", "label", "distance", "similar", "error", "message"]
-DEFAULT_THRESHOLD = 0.68  # ArcFace's; used only when neither --threshold nor a worker's published model gives one
 
 
 class BulkInterrupted(KeyboardInterrupt):
@@ -70,7 +70,7 @@ class BulkOptions:
     root: Path | None = None  # images are relative to this directory (inline mode)
     shared_root: bool = False  # send paths; workers read them under their ARCFACE_SHARED_ROOT
     threshold: float = DEFAULT_THRESHOLD
-    window: int = 256  # embed jobs in flight
+    window: int = DEFAULT_BULK_WINDOW  # embed jobs in flight
     chunk: int = 64  # images per enqueue_many
     images_per_job: int = 64  # images of one embed_batch job (1: one embed job per image)
     max_pending_pairs: int = 10_000
@@ -98,7 +98,7 @@ class BulkStats:
 
 def resolve_threshold(client: FaceClient, given: float | None) -> tuple[float, str]:
     """The verify threshold of a bulk run and where it came from: ``--threshold``, else the default the
-    workers of the queue publish for their model (``arcface:model:<queue>``), else 0.68."""
+    workers of the queue publish for their model (``arcface:model:<queue>``), else ArcFace's default."""
     if given is not None:
         return given, "--threshold"
     info = client.model_info()

@@ -11,7 +11,9 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from producer.cli_common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, _err, _positive_int, _seconds, _threshold, add_json
+from producer.cli_common import _err, _positive_int, _seconds, _threshold, add_json
+from producer.defaults import DEFAULT_BULK_WINDOW
+from producer.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 
 if TYPE_CHECKING:
     from producer.bulk import BulkStats
@@ -55,7 +57,12 @@ def register(sub: Any) -> None:
 
 def _add_run_options(bk: argparse.ArgumentParser) -> None:
     """How the run sends and waits for its images, and what it prints."""
-    bk.add_argument("--window", type=_positive_int, default=256, help="images in flight at most (default 256)")
+    bk.add_argument(
+        "--window",
+        type=_positive_int,
+        default=DEFAULT_BULK_WINDOW,
+        help=f"images in flight at most (default {DEFAULT_BULK_WINDOW})",
+    )
     bk.add_argument(
         "--images-per-job",
         type=_positive_int,

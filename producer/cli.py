@@ -17,12 +17,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from producer.cli_common import (
-    EXIT_FAILED,
-    EXIT_INTERRUPTED,
-    EXIT_OK,
-    EXIT_REDIS,
-    EXIT_TIMEOUT,
-    EXIT_USAGE,
     PROG,
     _err,
     _fail,
@@ -38,6 +32,7 @@ from producer.cli_common import (
     add_wait,
     version,
 )
+from producer.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_REDIS, EXIT_TIMEOUT, EXIT_USAGE
 
 if TYPE_CHECKING:
     from producer.client import FaceClient

@@ -13,9 +13,14 @@ import sys
 from collections.abc import Mapping
 from typing import Any, NoReturn
 
-from producer.errors import ArcFaceError, JobFailed, JobNotFound, ResultTimeout
+from producer.errors import (
+    EXIT_USAGE,
+    ArcFaceError,
+    JobFailed,
+    JobNotFound,
+    ResultTimeout,
+)
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT, EXIT_REDIS, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 PROG = "arcface-producer"
 
 

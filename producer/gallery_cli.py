@@ -22,8 +22,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from producer.cli_common import (
-    EXIT_FAILED,
-    EXIT_OK,
     PROG,
     _Parser,
     _positive_int,
@@ -35,6 +33,7 @@ from producer.cli_common import (
     add_wait,
     report,
 )
+from producer.errors import EXIT_FAILED, EXIT_OK
 
 if TYPE_CHECKING:
     from producer.client import FaceClient

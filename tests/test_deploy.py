@@ -143,9 +143,9 @@ def test_compose_file_pins_the_dashboard_image_to_loopback_and_builds_every_imag
     assert (
         len(re.findall(r"\btensorflow\b", re.sub(r"#.*", "", dockerfile))) == 1
     )  # TensorFlow installed by one pip call
-    from worker.weights import DEEPFACE_WEIGHTS_URL
+    from producer.defaults import DEFAULT_WEIGHTS_URL
 
-    assert f"/opt/arcface/cache/{Path(DEEPFACE_WEIGHTS_URL).name}" in dockerfile  # baked = the download cache's file
+    assert f"/opt/arcface/cache/{Path(DEFAULT_WEIGHTS_URL).name}" in dockerfile  # baked = the download cache's file
 
 
 # --- logs ----------------------------------------------------------------------------------------------------
@@ -203,12 +203,12 @@ def test_worker_with_empty_model_path_serves_with_the_default_weights_from_the_d
     import signal
 
     from producer.client import FaceClient
+    from producer.defaults import DEFAULT_WEIGHTS_URL
     from producer.settings import ProducerSettings
     from tests.conftest import FACES
-    from worker.weights import DEEPFACE_WEIGHTS_URL
 
     cache = tmp_path / "cache"
-    cached = cache / Path(DEEPFACE_WEIGHTS_URL).name
+    cached = cache / Path(DEFAULT_WEIGHTS_URL).name
     cache.mkdir()
     shutil.copyfile(arcface_h5, cached)  # stand-in weights written by worker.weights.save_deepface_h5 (conftest)
     env = _env_without_arcface(

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import SEED_MODEL_JSON, randomise_statistics, shared_file, write_deepface_h5
-from worker.model import PARAMETER_COUNT, build_arcface, load_face_model, variable_names
-from worker.weights import WeightsError
+from worker.model import PARAMETER_COUNT, build_arcface, load_face_model
+from worker.weights import WeightsError, variable_names
 
 SHARD_BYTES = 4 * 1024 * 1024  # tensorflowjs_converter's default shard size
 

@@ -13,7 +13,9 @@ from typing import Any, Sequence
 
 import structlog
 
-EXIT_CONFIG, EXIT_MODEL, EXIT_REDIS = 2, 3, 4
+from producer.errors import EXIT_MODEL, EXIT_REDIS
+from producer.errors import EXIT_USAGE as EXIT_CONFIG
+
 _WORKER_MODULES = ("tensorflow", "h5py", "prometheus_client")  # the [worker] extra
 
 
@@ -129,7 +131,7 @@ def _connect(settings: Any, log: Any) -> Any:
 
 
 def _load_models(settings: Any, log: Any) -> tuple[Any, Any, float]:
-    """Load and warm up the engine, then the detector; exit 3 with ``model_load_failed`` if either fails.
+    """Load and warm up the engine, then the detector; exit 5 with ``model_load_failed`` if either fails.
     Returns (engine, detector, perf_counter when loading began) after logging ``engine_ready``."""
     import time
 
@@ -231,7 +233,7 @@ def _serve(settings: Any, connection: Any, queue: Any, engine: Any, detector: An
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of ``arcface-worker``: validate settings (exit 2), connect (exit 4), load the model (exit 3),
+    """Entry point of ``arcface-worker``: validate settings (exit 2), connect (exit 4), load the model (exit 5),
     then serve the queue until stopped (exit 0)."""
     args = _parse_args(argv)
 

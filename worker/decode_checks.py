@@ -8,9 +8,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from producer.codes import ErrorCode, JobFailure
+from producer.defaults import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
 
-DEFAULT_MAX_PIXELS = 40_000_000
-DEFAULT_MIN_SIDE = 8
 DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
 BYTES_PER_PIXEL = 4  # the decode memory budget is this x max_pixels
 WEBP_BYTES_PER_PIXEL = 18  # measured: libwebp's canvas, the frame Pillow copies out, Pillow's image

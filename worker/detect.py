@@ -19,6 +19,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from producer.defaults import DEFAULT_DETECT_BATCH_SIZES
 from worker.tfjs_graph import TfjsGraphModel
 
 SIZE = 128
@@ -146,7 +147,7 @@ class BlazeFace:
     def __init__(
         self,
         model_json: str | Path,
-        allowed_batch_sizes: Sequence[int] = (1, 4, 16),
+        allowed_batch_sizes: Sequence[int] = DEFAULT_DETECT_BATCH_SIZES,
         min_score: float = 0.5,
         iou: float = 0.3,
     ) -> None:

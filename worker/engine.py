@@ -15,12 +15,11 @@ from typing import Iterable, Sequence
 import numpy as np
 import tensorflow as tf
 
+from producer.defaults import DEFAULT_ALLOWED_BATCH_SIZES
 from producer.results import cosine_distance
 from worker.decode import DEFAULT_LIMITS
 from worker.model import FaceModel
 from worker.preprocess import DecodeLimits, preprocess
-
-DEFAULT_ALLOWED_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 
 
 def configure_tensorflow(intra_op_threads: int = 0, inter_op_threads: int = 0) -> list[str]:

@@ -8,6 +8,7 @@ names do not depend on how many models a process has already built.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -18,7 +19,8 @@ import keras
 import numpy as np
 from keras import layers
 
-from worker.weights import WeightsError
+from producer.defaults import DEFAULT_INPUT_SCALE, DEFAULT_THRESHOLD
+from worker.weights import WeightsError, assign_weights, read_keras_h5_weights, read_tfjs_weights
 
 INPUT_SIZE = 112
 EMBEDDING_DIM = 512
@@ -73,15 +75,6 @@ def build_arcface(precision: str = "float32") -> keras.Model:
     return keras.Model(inputs, embedding, name="ResNet34")
 
 
-def variable_names(model: keras.Model) -> dict[str, Any]:
-    """Map ``layer/variable`` names (the TF.js manifest's and the HDF5 file's naming) to model variables."""
-    out: dict[str, Any] = {}
-    for layer in model.layers:
-        for var in layer.weights:
-            out[f"{layer.name}/{var.name.split('/')[-1].split(':')[0]}"] = var
-    return out
-
-
 # --- loading any supported source into one served model ---------------------------------------------
 @dataclass
 class FaceModel:
@@ -96,23 +89,21 @@ class FaceModel:
     fn: Callable[[Any], Any]
     input_size: int
     embedding_dim: int
-    scale: float = 1.0 / 255.0
+    scale: float = DEFAULT_INPUT_SCALE
     offset: float = 0.0
-    threshold: float = 0.68
+    threshold: float = DEFAULT_THRESHOLD
     keras_model: keras.Model | None = None
     mean: tuple[float, float, float] | None = None  # subtracted per channel (in the model's channel order)
     bgr: bool = False
 
 
 def _arcface(weights: dict[str, np.ndarray], source: str, precision: str, name: str) -> FaceModel:
-    from worker.weights import assign_weights
-
     model = build_arcface(precision)
     assign_weights(model, weights, source)
     return FaceModel(name=name, fn=model, input_size=INPUT_SIZE, embedding_dim=EMBEDDING_DIM, keras_model=model)
 
 
-def _custom(model: Any, source: str, name: str, scale: float, offset: float, threshold: float) -> FaceModel:
+def _custom(model: Any, source: str, name: str) -> FaceModel:
     """Wrap a user's Keras model or SavedModel signature: one 4-D image input, one 2-D output."""
     if isinstance(model, keras.Model):
         if len(model.inputs) != 1 or len(model.outputs) != 1:
@@ -147,9 +138,6 @@ def _custom(model: Any, source: str, name: str, scale: float, offset: float, thr
         fn=fn,
         input_size=int(in_shape[1]),
         embedding_dim=int(out_shape[1]),
-        scale=scale,
-        offset=offset,
-        threshold=threshold,
         keras_model=model if isinstance(model, keras.Model) else None,
     )
 
@@ -159,19 +147,26 @@ def load_face_model(
     *,
     precision: str = "float32",
     name: str = "arcface",
-    scale: float = 1.0 / 255.0,
+    scale: float = DEFAULT_INPUT_SCALE,
     offset: float = 0.0,
-    threshold: float = 0.68,
+    threshold: float = DEFAULT_THRESHOLD,
+    mean: tuple[float, float, float] | None = None,
+    bgr: bool = False,
 ) -> FaceModel:
     """Load a model from any supported source, detected from the file itself.
 
     - deepface's ``arcface_weights.h5`` (Keras HDF5 *weights*) or a TF.js layers ``model.json`` (+ shards):
       the ArcFace ResNet34 is built and every tensor assigned by name (``precision`` applies);
     - a full Keras model (``.keras``, or ``.h5`` with a model config) or a SavedModel directory: served as
-      it is, with ``scale``/``offset``/``threshold`` describing it.
-    Anything else raises :class:`~worker.weights.WeightsError` naming the problem.
+      it is.
+    ``scale``, ``offset``, ``mean``, ``bgr`` (how pixels become the model's input) and ``threshold`` describe the
+    served model, whatever its source. Anything else raises :class:`~worker.weights.WeightsError` naming the problem.
     """
-    p = Path(path)
+    model = _load_network(Path(path), precision, name)
+    return dataclasses.replace(model, scale=scale, offset=offset, threshold=threshold, mean=mean, bgr=bgr)
+
+
+def _load_network(p: Path, precision: str, name: str) -> FaceModel:
     source = str(p)
     if not p.exists():
         raise WeightsError(f"{source}: no such file or directory")
@@ -179,7 +174,7 @@ def load_face_model(
         if (p / "saved_model.pb").exists():
             import tensorflow as tf
 
-            return _custom(tf.saved_model.load(source), source, name, scale, offset, threshold)
+            return _custom(tf.saved_model.load(source), source, name)
         if (p / "model.json").exists():
             p = p / "model.json"
         else:
@@ -190,9 +185,9 @@ def load_face_model(
         return _load_tfjs(p, precision, name)
     head = p.read_bytes()[:8] if p.is_file() else b""
     if p.suffix == ".keras" or head.startswith(b"PK"):
-        return _custom(keras.models.load_model(p, compile=False), source, name, scale, offset, threshold)
+        return _custom(keras.models.load_model(p, compile=False), source, name)
     if head.startswith(b"\x89HDF\r\n\x1a\n"):
-        return _load_h5(p, source, precision, name, scale, offset, threshold)
+        return _load_h5(p, source, precision, name)
     raise WeightsError(
         f"{source}: matches no supported format "
         "(deepface .h5 weights, TF.js model.json, .keras, .h5 model, SavedModel directory)"
@@ -201,8 +196,6 @@ def load_face_model(
 
 def _load_tfjs(p: Path, precision: str, name: str) -> FaceModel:
     """A TF.js layers ``model.json`` (+ shards): the ArcFace ResNet34 with its weights."""
-    from worker.weights import read_tfjs_weights
-
     try:
         fmt = json.loads(p.read_text()).get("format")
     except ValueError as exc:
@@ -214,13 +207,9 @@ def _load_tfjs(p: Path, precision: str, name: str) -> FaceModel:
     return _arcface(read_tfjs_weights(p), str(p), precision, name)
 
 
-def _load_h5(
-    p: Path, source: str, precision: str, name: str, scale: float, offset: float, threshold: float
-) -> FaceModel:
+def _load_h5(p: Path, source: str, precision: str, name: str) -> FaceModel:
     """An HDF5 file: a full Keras model (a ``model_config`` attribute) or deepface's ArcFace weights."""
     import h5py
-
-    from worker.weights import read_keras_h5_weights
 
     try:
         with h5py.File(p, "r") as f:
@@ -228,5 +217,5 @@ def _load_h5(
     except OSError as exc:
         raise WeightsError(f"{source}: not a readable HDF5 file ({exc})") from None
     if full_model:
-        return _custom(keras.models.load_model(p, compile=False), source, name, scale, offset, threshold)
+        return _custom(keras.models.load_model(p, compile=False), source, name)
     return _arcface(read_keras_h5_weights(p), source, precision, name)

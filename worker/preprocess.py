@@ -37,8 +37,6 @@ import numpy as np
 from producer.codes import ErrorCode, JobFailure
 from worker.decode import (
     DEFAULT_LIMITS,
-    DEFAULT_MAX_PIXELS,
-    DEFAULT_MIN_SIDE,
     Decoded,
     DecodeLimits,
     open_image,
@@ -46,8 +44,6 @@ from worker.decode import (
 )
 
 __all__ = [
-    "DEFAULT_MAX_PIXELS",
-    "DEFAULT_MIN_SIDE",
     "DecodeLimits",
     "as_rgb_array",
     "decode_image",

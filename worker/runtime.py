@@ -74,13 +74,9 @@ def load_engine(settings: WorkerSettings) -> Engine:
         scale=settings.input_scale,
         offset=settings.input_offset,
         threshold=settings.threshold,
+        mean=tuple(settings.input_mean) if settings.input_mean is not None else None,  # type: ignore[arg-type]
+        bgr=settings.channel_order == "BGR",
     )
-    model.threshold = settings.threshold
-    if settings.input_mean is not None:
-        if len(settings.input_mean) != 3:
-            raise ValueError(f"ARCFACE_INPUT_MEAN needs 3 values, got {settings.input_mean}")
-        model.mean = tuple(settings.input_mean)  # type: ignore[assignment]
-    model.bgr = settings.channel_order == "BGR"
     engine = Engine(model, settings.allowed_batch_sizes)
     log.info(
         "model_loaded",
@@ -120,7 +116,7 @@ def load_detector(settings: WorkerSettings) -> BlazeFace | None:
                 "ARCFACE_DETECT=blazeface needs ARCFACE_DETECTOR_PATH (blazeface-front.json) or ARCFACE_DETECTOR_URL"
             )
         return None
-    detector = BlazeFace(path, min_score=settings.detect_min_score)
+    detector = BlazeFace(path, allowed_batch_sizes=settings.detect_batch_sizes, min_score=settings.detect_min_score)
     detector.warm_up()
     return detector
 

@@ -9,8 +9,16 @@ from platformdirs import user_cache_dir
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import NoDecode
 
+from producer.defaults import (
+    DEFAULT_ALLOWED_BATCH_SIZES,
+    DEFAULT_DETECT_BATCH_SIZES,
+    DEFAULT_INPUT_SCALE,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MIN_SIDE,
+    DEFAULT_THRESHOLD,
+    DEFAULT_WEIGHTS_URL,
+)
 from producer.settings import CommonSettings
-from worker.weights import DEEPFACE_WEIGHTS_URL
 
 
 class WorkerSettings(CommonSettings):
@@ -21,7 +29,7 @@ class WorkerSettings(CommonSettings):
         default=None, description="deepface .h5, TF.js model.json, .keras/.h5 model or SavedModel dir; unset = download"
     )
     model_url: str = Field(
-        default=DEEPFACE_WEIGHTS_URL, description="where the default ArcFace weights are downloaded from"
+        default=DEFAULT_WEIGHTS_URL, description="where the default ArcFace weights are downloaded from"
     )
     model_sha256: str | None = Field(default=None, description="pin the downloaded file's sha256")
     cache_dir: Path = Field(default=Path(user_cache_dir("arcface-service")), description="download cache")
@@ -29,7 +37,9 @@ class WorkerSettings(CommonSettings):
     precision: Literal["float32", "reduced"] = Field(
         default="float32", description="reduced = bfloat16 on CPU, float16 on GPU (ArcFace only)"
     )
-    input_scale: float = Field(default=1.0 / 255.0, description="model input = pixel * scale + offset (pixels 0..255)")
+    input_scale: float = Field(
+        default=DEFAULT_INPUT_SCALE, description="model input = pixel * scale + offset (pixels 0..255)"
+    )
     input_offset: float = 0.0
     input_mean: Annotated[list[float] | None, NoDecode] = Field(
         default=None, description="per-channel mean subtracted before scaling (e.g. 103.939,116.779,123.68)"
@@ -46,6 +56,9 @@ class WorkerSettings(CommonSettings):
         default=None, description="download the detector's model.json from here (its .bin beside it)"
     )
     detector_sha256: str | None = None
+    detect_batch_sizes: Annotated[list[int], NoDecode] = Field(
+        default=list(DEFAULT_DETECT_BATCH_SIZES), description="the detector's compiled batch shapes"
+    )
     detect_min_score: float = Field(
         default=0.5, description="detections scoring less are dropped (MediaPipe's default)"
     )
@@ -61,7 +74,7 @@ class WorkerSettings(CommonSettings):
         default="align", description="align: warp to the ArcFace template; square: crop with a margin"
     )
     crop_margin: float = Field(default=0.1, description="crop=square: margin added on each side, x the face box side")
-    threshold: float = Field(default=0.68, description="verify: similar when distance <= threshold")
+    threshold: float = Field(default=DEFAULT_THRESHOLD, description="verify: similar when distance <= threshold")
     # enrolled identities
     gallery_dtype: Literal["float32", "float16"] = Field(
         default="float32", description="in-memory gallery matrices (Redis keeps float32)"
@@ -75,12 +88,12 @@ class WorkerSettings(CommonSettings):
     )
     # engine
     allowed_batch_sizes: Annotated[list[int], NoDecode] = Field(
-        default=[1, 2, 4, 8, 16, 32, 64], description="compiled batch shapes"
+        default=list(DEFAULT_ALLOWED_BATCH_SIZES), description="compiled batch shapes"
     )
     intra_op_threads: int = 0
     inter_op_threads: int = 0
-    max_image_pixels: int = Field(default=40_000_000, description="larger images fail with image_too_large")
-    min_image_side: int = Field(default=8, description="smaller images fail with image_too_small")
+    max_image_pixels: int = Field(default=DEFAULT_MAX_PIXELS, description="larger images fail with image_too_large")
+    min_image_side: int = Field(default=DEFAULT_MIN_SIDE, description="smaller images fail with image_too_small")
     jpeg_decoder: Literal["pillow", "tensorflow"] = Field(
         default="pillow",
         description="tensorflow = the seed's JPEG decoder (INTEGER_FAST IDCT, exact seed pixels); "
@@ -154,7 +167,21 @@ class WorkerSettings(CommonSettings):
             return [float(v) for v in value.strip("[] ").split(",") if v.strip()]
         return value
 
-    @field_validator("allowed_batch_sizes", mode="before")
+    @field_validator("allowed_batch_sizes", "detect_batch_sizes")
+    @classmethod
+    def _sizes(cls, value: list[int]) -> list[int]:
+        if not value or min(value) < 1:
+            raise ValueError(f"needs one or more batch sizes >= 1, got {value}")
+        return sorted(set(value))
+
+    @field_validator("input_mean")
+    @classmethod
+    def _three(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and len(value) != 3:
+            raise ValueError(f"needs 3 values (one per channel), got {len(value)}")
+        return value
+
+    @field_validator("allowed_batch_sizes", "detect_batch_sizes", mode="before")
     @classmethod
     def _csv(cls, value: object) -> object:
         if isinstance(value, str):  # "1,2,4,8" or "[1, 2, 4, 8]"

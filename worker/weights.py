@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-DEEPFACE_WEIGHTS_URL = "https://github.com/serengil/deepface_models/releases/download/v1.0/arcface_weights.h5"
+from producer.errors import ModelLoadError
 
 
-class WeightsError(RuntimeError):
+class WeightsError(ModelLoadError, RuntimeError):
     """A weight file that cannot be used: wrong format, missing or extra tensors, wrong shapes."""
 
 
@@ -150,14 +150,21 @@ def save_deepface_h5(model: Any, path: str | os.PathLike[str], keras2_names: boo
 
 
 # --- assignment ------------------------------------------------------------------------------------
+def variable_names(model: Any) -> dict[str, Any]:
+    """Map ``layer/variable`` names (the TF.js manifest's and the HDF5 file's naming) to model variables."""
+    out: dict[str, Any] = {}
+    for layer in model.layers:
+        for var in layer.weights:
+            out[f"{layer.name}/{var.name.split('/')[-1].split(':')[0]}"] = var
+    return out
+
+
 def assign_weights(model: Any, weights: dict[str, np.ndarray], source: str) -> None:
     """Check ``weights`` against every variable of ``model`` by name and shape, then assign them all.
 
     Raises :class:`WeightsError` naming the first missing, unexpected or wrongly shaped tensor; in that
     case no variable has been changed.
     """
-    from worker.model import variable_names
-
     variables = variable_names(model)
     for name, var in variables.items():
         if name not in weights:

@@ -16,6 +16,7 @@ import pytest
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 
 from producer.client import FaceClient
+from producer.errors import ModelLoadError
 from producer.settings import ProducerSettings
 from tests.conftest import REPO, face_paths
 from tests.redis_server import RedisServer, free_port
@@ -164,7 +165,7 @@ def test_worker_exits_non_zero_before_taking_jobs_when_the_model_cannot_load(tmp
     job_id = client.embed(face_paths()[0])
     worker = WorkerProcess(env, tmp_path / "worker.log")
     try:
-        assert worker.wait(120) == 3
+        assert worker.wait(120) == ModelLoadError.exit_code == 5
     finally:
         worker.stop()
     failed = [e for e in worker.events() if e.get("event") == "model_load_failed"]
