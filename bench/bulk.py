@@ -26,7 +26,7 @@ from producer.client import FaceClient  # noqa: E402
 from producer.settings import ProducerSettings  # noqa: E402
 from tests.redis_server import RedisServer  # noqa: E402
 from tests.workers import WorkerProcess  # noqa: E402
-from worker.weights import save_deepface_h5  # noqa: E402
+from worker.inference.weights import save_deepface_h5  # noqa: E402
 
 
 def make_images(folder: Path, n: int) -> list[str]:
@@ -59,9 +59,9 @@ def write_pairs(path: Path, names: list[str], n: int) -> None:
 
 def raw_engine_rate(weights: Path, folder: Path, names: list[str], batch: int) -> float:
     """img/s of the engine alone in this process, at ``batch``."""
-    from worker.engine import Engine
-    from worker.model import load_face_model
-    from worker.preprocess import preprocess
+    from worker.inference.engine import Engine
+    from worker.inference.model import load_face_model
+    from worker.inference.preprocess import preprocess
 
     engine = Engine(load_face_model(weights), [batch])
     engine.warm_up()
@@ -79,7 +79,7 @@ def main() -> None:
     names = make_images(tmp / "img", args.images)
     write_pairs(tmp / "pairs.csv", names, args.pairs)
     server = RedisServer(tmp / "redis").start()
-    from worker.model import build_arcface
+    from worker.inference.model import build_arcface
 
     weights = save_deepface_h5(build_arcface(), tmp / "w.h5")
     env = {

@@ -23,10 +23,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from worker.detect import SELECT_POLICIES, BlazeFace, Face, align, pick, pick_all, square_crop  # noqa: E402
-from worker.engine import Engine  # noqa: E402
-from worker.model import FaceModel, build_arcface  # noqa: E402
-from worker.preprocess import decode_image, preprocess  # noqa: E402
+from worker.inference.detect import SELECT_POLICIES, BlazeFace, Face, align, pick, pick_all, square_crop  # noqa: E402
+from worker.inference.engine import Engine  # noqa: E402
+from worker.inference.model import FaceModel, build_arcface  # noqa: E402
+from worker.inference.preprocess import decode_image, preprocess  # noqa: E402
 
 if TYPE_CHECKING:
     from worker.settings import WorkerSettings

@@ -27,7 +27,7 @@ from producer.client import FaceClient  # noqa: E402
 from producer.settings import ProducerSettings  # noqa: E402
 from tests.redis_server import RedisServer  # noqa: E402
 from tests.workers import WorkerProcess  # noqa: E402
-from worker.weights import save_deepface_h5  # noqa: E402
+from worker.inference.weights import save_deepface_h5  # noqa: E402
 
 
 def pct(values: list[float], q: float) -> float:
@@ -44,9 +44,9 @@ def wait_all(client: FaceClient, ids: list[str], timeout: float = 1800) -> list[
 
 def raw_engine(weights: Path, sizes: list[int], images: list[Path]) -> tuple[dict[int, float], float]:
     """1. The raw engine in this process: img/s per batch size, and the batch-1 latency in ms."""
-    from worker.engine import Engine
-    from worker.model import load_face_model
-    from worker.preprocess import preprocess
+    from worker.inference.engine import Engine
+    from worker.inference.model import load_face_model
+    from worker.inference.preprocess import preprocess
 
     engine = Engine(load_face_model(weights), sizes)
     engine.warm_up()
@@ -136,7 +136,7 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="arcface-bench-"))
     server = RedisServer(tmp / "redis").start()
-    from worker.model import build_arcface
+    from worker.inference.model import build_arcface
 
     weights = save_deepface_h5(build_arcface(), tmp / "arcface_weights.h5")
     sizes = [1, 8, 16, 32]

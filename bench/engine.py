@@ -20,9 +20,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import options  # noqa: E402
-from worker.engine import Engine, configure_tensorflow, reduced_precision_policy  # noqa: E402
-from worker.model import FaceModel, build_arcface  # noqa: E402
-from worker.preprocess import preprocess  # noqa: E402
+from worker.inference.engine import Engine, configure_tensorflow, reduced_precision_policy  # noqa: E402
+from worker.inference.model import FaceModel, build_arcface  # noqa: E402
+from worker.inference.preprocess import preprocess  # noqa: E402
 
 
 def inputs(n: int) -> np.ndarray:

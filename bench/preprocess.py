@@ -1,6 +1,6 @@
 """Preprocessing benchmark: the seed pipeline (decode, pad, TF.js bilinear to 112x112) per image, the previous
-implementation (kept below as the reference) against worker.preprocess, 1 vs 2 preprocessing threads, and 1 vs 2
-preprocessing processes (``worker.prepool``, the worker's default on 2+ cores).
+implementation (kept below as the reference) against worker.inference.preprocess, 1 vs 2 preprocessing threads,
+and 1 vs 2 preprocessing processes (``worker.inference.prepool``, the worker's default on 2+ cores).
 
     ./dev bench preprocess [--seconds 1.5] [--rounds 5]
 
@@ -32,11 +32,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests.preprocess_reference import reference_decode, reference_pad_and_resize  # noqa: E402
-from worker.decode import _decode_plain_jpeg as decode_plain_jpeg  # noqa: E402
-from worker.decode import jpeg_header  # noqa: E402
-from worker.decode_checks import DecodeLimits  # noqa: E402
-from worker.prepool import ProcessPreprocessor  # noqa: E402
-from worker.preprocess import preprocess  # noqa: E402
+from worker.inference.decode import _decode_plain_jpeg as decode_plain_jpeg  # noqa: E402
+from worker.inference.decode import jpeg_header  # noqa: E402
+from worker.inference.decode_checks import DecodeLimits  # noqa: E402
+from worker.inference.prepool import ProcessPreprocessor  # noqa: E402
+from worker.inference.preprocess import preprocess  # noqa: E402
 
 FACES = REPO / "tests" / "data" / "faces"
 
@@ -117,7 +117,7 @@ def thread_scaling(images: list[bytes], seconds: float, window: float = 0.2) -> 
 
 
 def process_scaling(images: list[bytes], seconds: float, window: float = 0.3) -> float:
-    """2-process / 1-process images/s of the worker's preprocessing processes (``worker.prepool``, what
+    """2-process / 1-process images/s of the worker's preprocessing processes (``worker.inference.prepool``, what
     ``ARCFACE_PREPROCESS_PROCESSES`` runs: inline images in, model inputs out), best window of each, in turn."""
     refs = [(base64.b64encode(d).decode("ascii"), None) for d in images * max(1, 64 // len(images))]
     pools = {n: ProcessPreprocessor(n, 112, DecodeLimits(), None, 1 << 26, 30.0, slots=128) for n in (1, 2)}

@@ -58,7 +58,7 @@ def randomise_statistics(model, seed: int = 0) -> None:
 
 def write_deepface_h5(model, path: Path, keras2_names: bool = True) -> Path:
     """Save ``model``'s weights the way deepface's ``arcface_weights.h5`` is laid out."""
-    from worker.weights import save_deepface_h5
+    from worker.inference.weights import save_deepface_h5
 
     return save_deepface_h5(model, path, keras2_names)
 
@@ -66,7 +66,7 @@ def write_deepface_h5(model, path: Path, keras2_names: bool = True) -> Path:
 @pytest.fixture(scope="session")
 def arcface_h5(tmp_path_factory) -> Path:
     """A freshly initialised ArcFace (non-trivial BN statistics) saved in deepface's .h5 format."""
-    from worker.model import build_arcface
+    from worker.inference.model import build_arcface
 
     model = build_arcface()
     randomise_statistics(model)
@@ -75,14 +75,14 @@ def arcface_h5(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def arcface_model(arcface_h5):
-    from worker.model import load_face_model
+    from worker.inference.model import load_face_model
 
     return load_face_model(arcface_h5)
 
 
 @pytest.fixture(scope="session")
 def engine(arcface_model):
-    from worker.engine import Engine
+    from worker.inference.engine import Engine
 
     eng = Engine(arcface_model, allowed_batch_sizes=(1, 2, 4, 8, 16))
     eng.warm_up()
@@ -159,10 +159,10 @@ def direct(engine) -> dict[Path, np.ndarray]:
 
 @pytest.fixture
 def pool_of(tmp_path: Path) -> Iterator:
-    """Preprocessing-process pools (``worker.prepool``) for model-input size 112 with 64 ring slots, path images
-    under the test's tmp_path; closed at the end of the test."""
-    from worker.decode_checks import DecodeLimits
-    from worker.prepool import ProcessPreprocessor
+    """Preprocessing-process pools (``worker.inference.prepool``) for model-input size 112 with 64 ring slots, path
+    images under the test's tmp_path; closed at the end of the test."""
+    from worker.inference.decode_checks import DecodeLimits
+    from worker.inference.prepool import ProcessPreprocessor
 
     pools: list[ProcessPreprocessor] = []
 

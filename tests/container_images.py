@@ -171,8 +171,8 @@ def stand_in_weights(tmp_path_factory) -> Path:
     import keras
 
     from tests.conftest import randomise_statistics
-    from worker.model import build_arcface
-    from worker.weights import save_deepface_h5
+    from worker.inference.model import build_arcface
+    from worker.inference.weights import save_deepface_h5
 
     keras.utils.set_random_seed(1234)
     model = build_arcface()
@@ -182,8 +182,8 @@ def stand_in_weights(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def reference_engine(stand_in_weights):
-    from worker.engine import Engine
-    from worker.model import load_face_model
+    from worker.inference.engine import Engine
+    from worker.inference.model import load_face_model
 
     return Engine(load_face_model(stand_in_weights), allowed_batch_sizes=(1, 2))
 

@@ -1,5 +1,5 @@
-"""The reference tests/test_preprocess.py holds worker.preprocess to: the previous implementation (a float64 copy
-of the whole image and four full corner gathers, the arithmetic written out the way TF.js's kernel does it), the
+"""The reference tests/test_preprocess.py holds worker.inference.preprocess to: the previous implementation (a float64
+copy of the whole image and four full corner gathers, the arithmetic written out the way TF.js's kernel does it), the
 seed's steps through TensorFlow's own kernel, TF.js's kernel loop by loop; and the helpers making test images."""
 
 from __future__ import annotations

@@ -210,7 +210,7 @@ def test_worker_with_empty_model_path_serves_with_the_default_weights_from_the_d
     cache = tmp_path / "cache"
     cached = cache / Path(DEFAULT_WEIGHTS_URL).name
     cache.mkdir()
-    shutil.copyfile(arcface_h5, cached)  # stand-in weights written by worker.weights.save_deepface_h5 (conftest)
+    shutil.copyfile(arcface_h5, cached)  # stand-in weights written by save_deepface_h5 (conftest)
     env = _env_without_arcface(
         ARCFACE_REDIS_URL=redis_server.url,
         ARCFACE_QUEUE=queue_name,

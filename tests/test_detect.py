@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import FACERES_ENV, FACERES_SAVEDMODEL, FACES, TFJS_MODELS, face_paths, needs_shared, shared_file
-from worker.detect import ARCFACE_TEMPLATE, BlazeFace, Face, align, pick, pick_all, square_crop, umeyama
-from worker.preprocess import decode_image
+from worker.inference.detect import ARCFACE_TEMPLATE, BlazeFace, Face, align, pick, pick_all, square_crop, umeyama
+from worker.inference.preprocess import decode_image
 
 BLAZEFACE = TFJS_MODELS / "blazeface-front.json"
 BLAZEFACE_WHAT = "the shared BlazeFace detector"  # tests without the detector (alignment maths) run regardless

@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 
 from tests.conftest import FACERES_ENV, FACERES_SAVEDMODEL, FACES, TFJS_MODELS, needs_shared, shared_file
-from worker.detect import BlazeFace, Face, pick, pick_all
-from worker.preprocess import decode_image
+from worker.inference.detect import BlazeFace, Face, pick, pick_all
+from worker.inference.preprocess import decode_image
 from worker.settings import WorkerSettings
 
 LABELS = FACES / "group_labels.json"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.weights import WeightsError, download
+from worker.inference.weights import WeightsError, download
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
 

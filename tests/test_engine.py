@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import FACERES_SAVEDMODEL, face_paths, needs_shared
-from worker.engine import Engine
+from worker.inference.engine import Engine
 
 
 def roc_auc(genuine: list[float], impostor: list[float]) -> float:
@@ -62,7 +62,7 @@ def test_random_init_arcface_runs_end_to_end_on_real_faces(engine):
 
 
 def test_reduced_precision_stays_close_to_float32(arcface_h5, engine):
-    from worker.model import load_face_model
+    from worker.inference.model import load_face_model
 
     bf16 = Engine(load_face_model(arcface_h5, precision="mixed_bfloat16"), (1, 8))
     images = [p.read_bytes() for p in face_paths()[::5]]
@@ -74,7 +74,7 @@ def test_reduced_precision_stays_close_to_float32(arcface_h5, engine):
 
 @needs_shared(FACERES_SAVEDMODEL)
 def test_real_face_model_puts_same_person_pairs_closer(capsys):
-    from worker.model import load_face_model
+    from worker.inference.model import load_face_model
 
     model = load_face_model(FACERES_SAVEDMODEL, name="faceres", scale=1.0, offset=0.0, threshold=0.45)
     engine = Engine(model, (8, 40))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import worker.gallery as wg
-import worker.gallery_index as gi
+import worker.gallery.index as gi
 from producer.gallery import (
     EVENTS_KEY,
     EVENTS_SEQ_KEY,

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import SEED_MODEL_JSON, randomise_statistics, shared_file, write_deepface_h5
-from worker.model import PARAMETER_COUNT, build_arcface, load_face_model
-from worker.weights import WeightsError, variable_names
+from worker.inference.model import PARAMETER_COUNT, build_arcface, load_face_model
+from worker.inference.weights import WeightsError, variable_names
 
 SHARD_BYTES = 4 * 1024 * 1024  # tensorflowjs_converter's default shard size
 
@@ -38,7 +38,7 @@ def test_architecture_matches_seed_topology_and_parameter_count(seed_manifest):
 
 
 def test_deepface_h5_round_trip_gives_identical_embeddings(tmp_path):
-    from worker.engine import Engine
+    from worker.inference.engine import Engine
 
     original = build_arcface()
     randomise_statistics(original)
@@ -106,7 +106,7 @@ def test_tfjs_missing_shard_and_short_shard_fail_before_loading(tmp_path, seed_m
 
 
 def test_tfjs_quantized_entries_are_dequantized(tmp_path):
-    from worker.weights import read_tfjs_weights
+    from worker.inference.weights import read_tfjs_weights
 
     q = np.array([0, 1, 255], np.uint8)
     h = np.array([0.5, -2.0], np.float16)
@@ -178,7 +178,7 @@ def test_user_keras_model_and_savedmodel_are_served_with_their_own_size_and_norm
     import keras
     import tensorflow as tf
 
-    from worker.engine import Engine
+    from worker.inference.engine import Engine
 
     inputs = keras.Input((64, 64, 3))
     x = keras.layers.Conv2D(8, 3, strides=2, activation="relu")(inputs)

@@ -1,5 +1,5 @@
-"""Preprocessing in processes (``worker.prepool``): the same model inputs and error codes as the thread path, in
-order, and a child that dies or hangs fails only the image it was on."""
+"""Preprocessing in processes (``worker.inference.prepool``): the same model inputs and error codes as the thread path,
+in order, and a child that dies or hangs fails only the image it was on."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from producer.codes import ErrorCode, JobFailure
-from worker.prepool import ProcessPreprocessor
-from worker.preprocess import preprocess
+from worker.inference.prepool import ProcessPreprocessor
+from worker.inference.preprocess import preprocess
 
 FACES = sorted((Path(__file__).parent / "data" / "faces").glob("*/*.png"))
 
@@ -170,7 +170,7 @@ def test_closing_fails_what_is_still_pending_and_stops_the_children(pool_of, slo
 def test_auto_is_one_process_a_usable_core_capped_by_a_container_quota(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    from worker.prepool import preprocess_processes, usable_cores
+    from worker.inference.prepool import preprocess_processes, usable_cores
 
     cores = len(os.sched_getaffinity(0))
     quota = tmp_path / "cpu.max"
@@ -180,9 +180,9 @@ def test_auto_is_one_process_a_usable_core_capped_by_a_container_quota(tmp_path,
     assert usable_cores(quota) == cores
     assert usable_cores(tmp_path / "absent") == cores
     settings = SimpleNamespace(preprocess_processes="auto", jpeg_decoder="pillow")
-    monkeypatch.setattr("worker.prepool.usable_cores", lambda: 1)
+    monkeypatch.setattr("worker.inference.prepool.usable_cores", lambda: 1)
     assert preprocess_processes(settings) == 0  # one core: threads
-    monkeypatch.setattr("worker.prepool.usable_cores", lambda: 16)
+    monkeypatch.setattr("worker.inference.prepool.usable_cores", lambda: 16)
     assert preprocess_processes(settings) == 8
     assert preprocess_processes(SimpleNamespace(preprocess_processes="auto", jpeg_decoder="tensorflow")) == 0
     assert preprocess_processes(SimpleNamespace(preprocess_processes=3, jpeg_decoder="tensorflow")) == 3

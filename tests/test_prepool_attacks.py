@@ -1,5 +1,5 @@
-"""Failure modes of the preprocessing processes (``worker.prepool``) found by attacking them: signals meant for the
-worker, children that cannot start, a respawn that fails, the worker's working directory, a child's answers, the
+"""Failure modes of the preprocessing processes (``worker.inference.prepool``) found by attacking them: signals meant
+for the worker, children that cannot start, a respawn that fails, the worker's working directory, a child's answers, the
 platform, and a worker that is SIGKILLed. Each test fails on the behaviour it describes, never by waiting forever:
 every wait is bounded."""
 
@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-import worker.prepool_ipc as prepool_ipc
+import worker.inference.prepool_ipc as prepool_ipc
 from producer.codes import JobFailure
 from tests.conftest import REPO, face_paths
-from worker.prepool import ProcessPreprocessor, start_preprocessors
+from worker.inference.prepool import ProcessPreprocessor, start_preprocessors
 from worker.settings import WorkerSettings
 
 FACE = base64.b64encode(face_paths()[0].read_bytes()).decode("ascii")
@@ -31,8 +31,8 @@ FACE = base64.b64encode(face_paths()[0].read_bytes()).decode("ascii")
 _CHILD_PRELUDE = """
 import base64, io, json, signal, sys, time
 from PIL import Image
-from worker.decode_checks import DecodeLimits
-from worker.prepool import ProcessPreprocessor
+from worker.inference.decode_checks import DecodeLimits
+from worker.inference.prepool import ProcessPreprocessor
 
 signal.signal(signal.SIGINT, lambda *_: None)
 signal.signal(signal.SIGTERM, lambda *_: None)
@@ -59,7 +59,7 @@ def outcome(pool: ProcessPreprocessor, timeout: float) -> BaseException | None:
 
 
 def fake_python(path: Path, body: str) -> Path:
-    """An executable that stands in for ``sys.executable`` (the pool starts ``<it> -m worker.prepool_child ...``)."""
+    """Stands in for ``sys.executable`` (the pool runs ``<it> -m worker.inference.prepool_child``)."""
     path.write_text(f"#!{sys.executable}\n{textwrap.dedent(body)}")
     path.chmod(path.stat().st_mode | stat.S_IXUSR)
     return path
@@ -199,7 +199,7 @@ def test_a_childs_answers_are_not_unpickled(pool_of, tmp_path, monkeypatch):
 
 
 def test_auto_does_not_stop_the_worker_where_os_lacks_sched_getaffinity_and_memfd_create(monkeypatch):
-    # macOS and the BSDs have neither; the worker's other Linux-only paths (worker.files) fall back, this must too.
+    # macOS and the BSDs have neither; the worker's other Linux-only paths (inference.files) fall back, this must too.
     monkeypatch.delattr(os, "sched_getaffinity", raising=False)
     monkeypatch.delattr(os, "memfd_create", raising=False)
     pool = start_preprocessors(WorkerSettings(preprocess_processes="auto", jpeg_decoder="pillow"), 112, 16)

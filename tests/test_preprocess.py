@@ -1,6 +1,6 @@
 """Seed-exact preprocessing: decode, symmetric zero padding, TF.js bilinear resize; typed bad-input errors.
 
-The sampled implementation (worker.preprocess) is held bit for bit to the previous one, kept in
+The sampled implementation (worker.inference.preprocess) is held bit for bit to the previous one, kept in
 tests/preprocess_reference.py as ``reference_preprocess``: a float64 copy of the whole image and four full corner
 gathers, the arithmetic written out the way TF.js's kernel does it."""
 
@@ -30,8 +30,15 @@ from tests.preprocess_reference import (
     tfjs_bilinear_numpy,
     truncated_jpeg,
 )
-from worker.decode import Decoded, jpeg_header, open_image, orient
-from worker.preprocess import DecodeLimits, as_rgb_array, decode_image, pad_and_resize, preprocess, seed_padding
+from worker.inference.decode import Decoded, jpeg_header, open_image, orient
+from worker.inference.preprocess import (
+    DecodeLimits,
+    as_rgb_array,
+    decode_image,
+    pad_and_resize,
+    preprocess,
+    seed_padding,
+)
 
 # --- exactness against the previous implementation ----------------------------------------------------------
 
@@ -152,7 +159,7 @@ def test_every_exif_orientation_matches_pillow_exif_transpose(orientation):
 
 def test_fast_jpeg_path_equals_pillows_own_decoding():
     """Plain JPEGs skip Pillow's Python header parser and decode straight into numpy
-    (worker.decode._decode_plain_jpeg); the pixels must be those of Image.open().load() for every variant the
+    (worker.inference.decode._decode_plain_jpeg); the pixels must be those of Image.open().load() for every variant the
     fast path takes, and the slow path takes the rest."""
     variants = {
         "baseline 4:2:0": encode(photo(67, 91), "JPEG", quality=85),
@@ -281,7 +288,7 @@ def test_tensorflow_jpeg_decoder_gives_tensorflows_exact_pixels():
 
 def test_importing_preprocessing_loads_neither_tensorflow_nor_rq_nor_redis():
     code = (
-        "import sys, worker.preprocess, worker.decode, worker.files\n"
+        "import sys, worker.inference.preprocess, worker.inference.decode, worker.inference.files\n"
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'tensorflow', 'keras', 'rq', 'redis'}))"
     )
     out = subprocess.run(

@@ -1,5 +1,5 @@
-"""The rq internals ``worker/rqfence.py`` relies on, pinned against the installed rq: key layouts, formats, and what
-rq's own readers see after the fence writes a job's outcome. If rq changes any of these, this fails first."""
+"""The rq internals ``worker/batching/rqfence.py`` relies on, pinned against the installed rq: key layouts, formats, and
+what rq's own readers see after the fence writes a job's outcome. If rq changes any of these, this fails first."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from rq.results import Result
 from rq.utils import parse_composite_key, utcformat, utcparse
 
 from producer.jobs import EMBED_FUNC, ErrorCode, JobFailure, JSONSerializer, SafeJob
-from worker.rqfence import (
+from worker.batching.rqfence import (
     REDIS_WORKER_KEYS,
     Fence,
     Outcome,

@@ -10,8 +10,8 @@ import pytest
 
 from tests.conftest import SEED_MODEL_JSON, needs_shared, shared_file
 from tests.conftest import TFJS_MODELS as TFJS
-from worker.tfjs_graph import TfjsGraphModel
-from worker.weights import WeightsError
+from worker.inference.tfjs_graph import TfjsGraphModel
+from worker.inference.weights import WeightsError
 
 pytestmark = needs_shared(TFJS, "the shared TF.js models")
 

@@ -135,8 +135,8 @@ def _load_models(settings: Any, log: Any) -> tuple[Any, Any, float]:
     Returns (engine, detector, perf_counter when loading began) after logging ``engine_ready``."""
     import time
 
+    from worker.inference.weights import WeightsError
     from worker.runtime import load_detector, load_engine
-    from worker.weights import WeightsError
 
     started = time.perf_counter()
     try:
@@ -206,7 +206,7 @@ def _start_metrics(settings: Any, engine: Any, queue: Any, started: float, log: 
 
 def _serve(settings: Any, connection: Any, queue: Any, engine: Any, detector: Any, metrics: Any, burst: bool) -> Any:
     """Publish the model, load the galleries and work the queue until stopped; returns the finished worker."""
-    from worker.batcher import BatchWorker
+    from worker.batching.batcher import BatchWorker
     from worker.runtime import Runtime, load_gallery
 
     log = structlog.get_logger("arcface.worker")
@@ -277,7 +277,7 @@ def warm_up(engine: Any, settings: Any) -> tuple[float, dict[int, float]]:
     batches at the fastest (sets ``settings.max_batch_size``). Returns (seconds, measured images/s)."""
     import time
 
-    from worker.engine import choose_batch_size, has_gpu
+    from worker.inference.engine import choose_batch_size, has_gpu
 
     start = time.perf_counter()
     if settings.max_batch_size == "auto":

@@ -21,9 +21,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _model_path() -> tuple[str, bool]:
+    from worker.inference.weights import WeightsError
     from worker.runtime import default_weights
     from worker.settings import WorkerSettings
-    from worker.weights import WeightsError
 
     settings = WorkerSettings()
     if settings.model_path:
@@ -36,8 +36,8 @@ def _model_path() -> tuple[str, bool]:
         )
     fallback = settings.cache_dir / "demo-random-arcface.h5"
     if not fallback.exists():
-        from worker.model import build_arcface
-        from worker.weights import save_deepface_h5
+        from worker.inference.model import build_arcface
+        from worker.inference.weights import save_deepface_h5
 
         fallback.parent.mkdir(parents=True, exist_ok=True)
         save_deepface_h5(build_arcface(), fallback)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,13 +36,13 @@ from producer.jobs import (
     encode_matrix,
     request_images,
 )
-from worker.detect import BlazeFace, Face, align, pick, pick_all, square_crop
-from worker.engine import Engine, configure_tensorflow, reduced_precision_policy
-from worker.files import read_shared_file
-from worker.model import load_face_model
-from worker.preprocess import DecodeLimits, decode_image, preprocess
+from worker.inference.detect import BlazeFace, Face, align, pick, pick_all, square_crop
+from worker.inference.engine import Engine, configure_tensorflow, reduced_precision_policy
+from worker.inference.files import read_shared_file
+from worker.inference.model import load_face_model
+from worker.inference.preprocess import DecodeLimits, PreparedImage, decode_image, preprocess
+from worker.inference.weights import WeightsError, download
 from worker.settings import WorkerSettings
-from worker.weights import WeightsError, download
 
 log = structlog.get_logger("arcface.worker")
 Request = Any  # AnyRequest or a gallery request (producer.gallery)
@@ -122,20 +121,6 @@ def load_detector(settings: WorkerSettings) -> BlazeFace | None:
 
 
 @dataclass
-class PreparedImage:
-    """One image on its way to the model: its input, or (with detection) the decoded image that waits for
-    the batch's detector call, which then fills ``input`` and ``face``."""
-
-    input: np.ndarray | None = None
-    raw: np.ndarray | None = None
-    face: Face | None = None
-    ms: float = 0.0
-    all_faces: bool = False  # faces="all": every face, not just the picked one
-    extra: list[tuple[np.ndarray, Face]] | None = None  # the other faces' inputs (faces="all"), largest first
-    release: Callable[[], None] | None = None  # ``input`` is a view of a preprocessing slot: free it once used
-
-
-@dataclass
 class _Embedded:
     """What the engine made of one request's images: rows in request order (rows of failed images are ignored),
     the failures by index, each image's face (as stored in results) and the timings."""
@@ -160,7 +145,7 @@ class Runtime:
 
     def image_bytes(self, ref: ImageRef) -> bytes:
         """The encoded image: inline bytes, or a path image read once from the shared root (no symlinks, regular
-        files only, at most ``max_inline_bytes``: see :mod:`worker.files`); raises :class:`JobFailure`."""
+        files only, at most ``max_inline_bytes``: see :mod:`worker.inference.files`); raises :class:`JobFailure`."""
         if ref.data_b64 is not None:
             return ref.inline_bytes(self.settings.max_inline_bytes)
         return read_shared_file(self.settings.shared_root, ref.path or "", self.settings.max_inline_bytes)

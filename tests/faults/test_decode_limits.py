@@ -20,8 +20,8 @@ from PIL.PngImagePlugin import PngInfo
 
 from producer.jobs import ErrorCode, JobFailure
 from tests.conftest import REPO
-from worker.decode import BYTES_PER_PIXEL, jpeg_header, jpeg_scans
-from worker.preprocess import DecodeLimits, decode_image, preprocess
+from worker.inference.decode import BYTES_PER_PIXEL, jpeg_header, jpeg_scans
+from worker.inference.preprocess import DecodeLimits, decode_image, preprocess
 
 MiB = 1024 * 1024
 # Work buffers of the sampled resize, Pillow's per-image state, allocator slack: the constant in the formulas.
@@ -152,7 +152,7 @@ def peak_growth(path: Path, call: str) -> int:
     """Peak RSS growth (bytes) of a fresh interpreter running ``call`` on the image at ``path``."""
     code = textwrap.dedent(f"""
         import resource, numpy as np
-        from worker.preprocess import preprocess, decode_image
+        from worker.inference.preprocess import preprocess, decode_image
         data = open({str(path)!r}, "rb").read()
         preprocess(np.zeros((16, 16, 3), np.uint8), 112)  # imports and first-call state before the baseline
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from producer.jobs import ErrorCode, JobFailure
-from worker import files
-from worker.files import read_shared_file
+from worker.inference import files
+from worker.inference.files import read_shared_file
 
 HAS_OPENAT2 = files.openat2_usable
 

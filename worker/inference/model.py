@@ -20,7 +20,7 @@ import numpy as np
 from keras import layers
 
 from producer.defaults import DEFAULT_INPUT_SCALE, DEFAULT_THRESHOLD
-from worker.weights import WeightsError, assign_weights, read_keras_h5_weights, read_tfjs_weights
+from worker.inference.weights import WeightsError, assign_weights, read_keras_h5_weights, read_tfjs_weights
 
 INPUT_SIZE = 112
 EMBEDDING_DIM = 512
@@ -53,7 +53,7 @@ def _stack(x: Any, filters: int, blocks: int, name: str, dtype: Any) -> Any:
 
 
 def build_arcface(precision: str = "float32") -> keras.Model:
-    """Build the ArcFace ResNet34 graph (randomly initialised; load weights with :mod:`worker.weights`).
+    """Build the ArcFace ResNet34 graph (randomly initialised; load weights with :mod:`worker.inference.weights`).
 
     ``precision`` is ``"float32"`` or a Keras mixed policy such as ``"mixed_bfloat16"`` /
     ``"mixed_float16"``: convolutions then run in reduced precision while variables stay float32,
@@ -160,7 +160,8 @@ def load_face_model(
     - a full Keras model (``.keras``, or ``.h5`` with a model config) or a SavedModel directory: served as
       it is.
     ``scale``, ``offset``, ``mean``, ``bgr`` (how pixels become the model's input) and ``threshold`` describe the
-    served model, whatever its source. Anything else raises :class:`~worker.weights.WeightsError` naming the problem.
+    served model, whatever its source. Anything else raises :class:`~worker.inference.weights.WeightsError` naming the
+    problem.
     """
     model = _load_network(Path(path), precision, name)
     return dataclasses.replace(model, scale=scale, offset=offset, threshold=threshold, mean=mean, bgr=bgr)

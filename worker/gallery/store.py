@@ -1,6 +1,6 @@
-"""The worker's gallery store: durable galleries in Redis (:mod:`worker.gallery_redis`) and this worker's
-in-memory indexes of those it serves (:mod:`worker.gallery_index`), kept current from the events stream
-(:class:`worker.gallery_mirror.GalleryMirror`); here the changes, the lookups and the gallery jobs. How
+"""The worker's gallery store: durable galleries in Redis (:mod:`worker.gallery.redis_io`) and this worker's
+in-memory indexes of those it serves (:mod:`worker.gallery.index`), kept current from the events stream
+(:class:`worker.gallery.mirror.GalleryMirror`); here the changes, the lookups and the gallery jobs. How
 changes reach every worker is described in :mod:`worker.gallery`."""
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ from typing import Any
 import numpy as np
 import redis
 
+import worker.gallery.jobs as gallery_jobs
 from producer.gallery import EVENTS_MAXLEN, GalleryErrorCode, GalleryFailure, Match
 from producer.jobs import JobFailure, Timing
-from worker import gallery_jobs
-from worker.gallery_device import DeviceCopy, tf_gpu_available
-from worker.gallery_index import GalleryIndex
-from worker.gallery_mirror import GalleryMirror
-from worker.gallery_redis import (
+from worker.gallery.device import DeviceCopy, tf_gpu_available
+from worker.gallery.index import GalleryIndex
+from worker.gallery.mirror import GalleryMirror
+from worker.gallery.redis_io import (
     ENROLL_LUA,
     FORGET_LUA,
     EnrollOutcome,
@@ -236,7 +236,7 @@ class GalleryStore(GalleryMirror):
                 return None
             return [index.eids[r] for r in rows], index.vectors(rows).astype(np.float64)
 
-    # --- jobs (worker.gallery_jobs) ----------------------------------------------------------------------
+    # --- jobs (worker.gallery.jobs) ----------------------------------------------------------------------
     def complete(
         self,
         kind: str,

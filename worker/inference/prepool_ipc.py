@@ -1,5 +1,5 @@
-"""The worker's end of one preprocessing process (:mod:`worker.prepool_child`): starting it, sending it chunks of
-images (JSON over a pipe, from a sender thread of its own, in-flight bytes counted), reading its answers (JSON,
+"""The worker's end of one preprocessing process (:mod:`worker.inference.prepool_child`): starting it, sending it chunks
+of images (JSON over a pipe, from a sender thread of its own, in-flight bytes counted), reading its answers (JSON,
 checked field by field: a child runs decoders on untrusted images and is not trusted either), and stopping it.
 """
 
@@ -19,7 +19,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from producer.codes import ErrorCode
-from worker.prepool_child import STARTING
+from worker.inference.prepool_child import STARTING
 
 Answer = tuple[int, float, tuple[ErrorCode, str] | None]
 
@@ -63,7 +63,7 @@ class Child:
         env["PYTHONSAFEPATH"] = "1"
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "worker.prepool_child"]
+                [sys.executable, "-m", "worker.inference.prepool_child"]
                 + [str(ring_fd), str(index), str(request_r), str(answer_w), config],
                 pass_fds=(ring_fd, request_r, answer_w),
                 stdin=subprocess.DEVNULL,

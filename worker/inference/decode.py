@@ -11,8 +11,8 @@ Accepted formats (``DecodeLimits.formats``; sniffed from the first bytes before 
   sends it); ``DecodeLimits.formats`` can add it, and every check below still applies. Run-length-encoded BMP is
   refused too: Pillow decodes it in pure Python, two bytes at a time.
 
-Budgets, all checked *before* the pixels are decoded (JPEG and WebP headers are read by worker.jpeg and
-worker.decode_checks, the others by Pillow's header parser, which allocates no pixels):
+Budgets, all checked *before* the pixels are decoded (JPEG and WebP headers are read by worker.inference.jpeg and
+worker.inference.decode_checks, the others by Pillow's header parser, which allocates no pixels):
 
 - **Pixels**: width x height <= ``max_pixels`` (``image_too_large``), both sides >= ``min_side``
   (``image_too_small``). Pillow's own ``MAX_IMAGE_PIXELS`` is set to the same limit, so no Pillow path allows more.
@@ -54,7 +54,7 @@ import numpy as np
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from producer.codes import ErrorCode, JobFailure
-from worker.decode_checks import (
+from worker.inference.decode_checks import (
     BYTES_PER_PIXEL,
     DEFAULT_FORMATS,
     DEFAULT_LIMITS,
@@ -64,14 +64,14 @@ from worker.decode_checks import (
     sniff_format,
     webp_size,
 )
-from worker.decode_checks import check_format as _sniff
-from worker.decode_checks import check_memory as _check_memory  # noqa: F401 - importable from here as before
-from worker.decode_checks import check_webp as _check_webp
-from worker.jpeg import FAST_JPEG as _FAST_JPEG
-from worker.jpeg import JpegHeader, jpeg_header, jpeg_scans
-from worker.jpeg import check_jpeg as _check_jpeg
-from worker.jpeg import decode_plain_jpeg as _decode_plain_jpeg
-from worker.jpeg import decode_tensorflow as _decode_tensorflow
+from worker.inference.decode_checks import check_format as _sniff
+from worker.inference.decode_checks import check_memory as _check_memory  # noqa: F401 - importable from here as before
+from worker.inference.decode_checks import check_webp as _check_webp
+from worker.inference.jpeg import FAST_JPEG as _FAST_JPEG
+from worker.inference.jpeg import JpegHeader, jpeg_header, jpeg_scans
+from worker.inference.jpeg import check_jpeg as _check_jpeg
+from worker.inference.jpeg import decode_plain_jpeg as _decode_plain_jpeg
+from worker.inference.jpeg import decode_tensorflow as _decode_tensorflow
 
 __all__ = [
     "BYTES_PER_PIXEL",

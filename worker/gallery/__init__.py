@@ -18,23 +18,23 @@ the hashes and sets, the event and its sequence number are written atomically, s
 
 The rooms, each its own module (this one re-exports their public names):
 
-* :mod:`worker.gallery_index`: one gallery in memory (the paged matrix, its row tables) and 1:N search, with
+* :mod:`worker.gallery.index`: one gallery in memory (the paged matrix, its row tables) and 1:N search, with
   the memory per enrollment and the search method described there;
-* :mod:`worker.gallery_device`: a gallery's matrix on TensorFlow's device, for search on a GPU;
-* :mod:`worker.gallery_redis`: the Lua scripts and the reads from Redis;
-* :mod:`worker.gallery_mirror`: the galleries a worker holds in memory, loaded and kept current from the events;
-* :mod:`worker.gallery_store`: :class:`GalleryStore`, that mirror plus the changes, lookups and jobs;
-* :mod:`worker.gallery_jobs`: :func:`complete` and :func:`run_one`, a gallery job's result.
+* :mod:`worker.gallery.device`: a gallery's matrix on TensorFlow's device, for search on a GPU;
+* :mod:`worker.gallery.redis_io`: the Lua scripts and the reads from Redis;
+* :mod:`worker.gallery.mirror`: the galleries a worker holds in memory, loaded and kept current from the events;
+* :mod:`worker.gallery.store`: :class:`GalleryStore`, that mirror plus the changes, lookups and jobs;
+* :mod:`worker.gallery.jobs`: :func:`complete` and :func:`run_one`, a gallery job's result.
 """
 
 from __future__ import annotations
 
 from producer.gallery import images_for
-from worker.gallery_device import DeviceCopy, tf_gpu_available
-from worker.gallery_index import F16_BLOCK_ROWS, PAGE_ROWS, GalleryIndex
-from worker.gallery_jobs import GalleryItem, complete, run_one
-from worker.gallery_redis import EnrollOutcome, ForgetOutcome
-from worker.gallery_store import GalleryStore, SubjectDistance
+from worker.gallery.device import DeviceCopy, tf_gpu_available
+from worker.gallery.index import F16_BLOCK_ROWS, PAGE_ROWS, GalleryIndex
+from worker.gallery.jobs import GalleryItem, complete, run_one
+from worker.gallery.redis_io import EnrollOutcome, ForgetOutcome
+from worker.gallery.store import GalleryStore, SubjectDistance
 
 __all__ = [
     "F16_BLOCK_ROWS",

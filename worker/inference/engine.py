@@ -17,9 +17,9 @@ import tensorflow as tf
 
 from producer.defaults import DEFAULT_ALLOWED_BATCH_SIZES
 from producer.results import cosine_distance
-from worker.decode import DEFAULT_LIMITS
-from worker.model import FaceModel
-from worker.preprocess import DecodeLimits, preprocess
+from worker.inference.decode import DEFAULT_LIMITS
+from worker.inference.model import FaceModel
+from worker.inference.preprocess import DecodeLimits, preprocess
 
 
 def configure_tensorflow(intra_op_threads: int = 0, inter_op_threads: int = 0) -> list[str]:
@@ -50,7 +50,7 @@ class Verification:
 
 
 class Engine:
-    """Batched embeddings from a :class:`~worker.model.FaceModel` on fixed batch shapes."""
+    """Batched embeddings from a :class:`~worker.inference.model.FaceModel` on fixed batch shapes."""
 
     def __init__(self, model: FaceModel, allowed_batch_sizes: Sequence[int] = DEFAULT_ALLOWED_BATCH_SIZES) -> None:
         if not allowed_batch_sizes or min(allowed_batch_sizes) < 1:

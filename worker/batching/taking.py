@@ -15,7 +15,7 @@ import numpy as np
 import redis
 
 from producer.jobs import ALLOWED_FUNCTIONS, AnyRequest, ErrorCode, JobFailure, parse_request, request_images
-from worker.rqfence import TOO_LARGE, QueueKeys, decode_data, parse_timestamp, restore, valid_job_id
+from worker.batching.rqfence import TOO_LARGE, QueueKeys, decode_data, parse_timestamp, restore, valid_job_id
 
 # Statuses in which a queue entry is stale (the job already ran, or another worker holds it): dropped, not run.
 _NOT_RUNNABLE = {"finished", "failed", "started", "canceled", "stopped"}

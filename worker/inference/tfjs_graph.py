@@ -20,7 +20,7 @@ from typing import Any, Callable
 import numpy as np
 import tensorflow as tf
 
-from worker.weights import WeightsError, read_tfjs_weights
+from worker.inference.weights import WeightsError, read_tfjs_weights
 
 _DTYPES = {"DT_FLOAT": tf.float32, "DT_INT32": tf.int32, "DT_INT64": tf.int64, "DT_BOOL": tf.bool}
 

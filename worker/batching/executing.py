@@ -1,7 +1,7 @@
 """Executing: the images of registered jobs, packed into engine batches (from any jobs, oldest first), through
 preprocessing, the detector and the engine; a job whose last image is embedded is completed. A mixin of
-:class:`~worker.batcher.BatchWorker` (uses its ``runtime``, ``settings``, ``metrics``, ``_waiting`` queue and
-:class:`~worker.completion.CompletionMixin`).
+:class:`~worker.batching.batcher.BatchWorker` (uses its ``runtime``, ``settings``, ``metrics``, ``_waiting`` queue and
+:class:`~worker.batching.completion.CompletionMixin`).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import numpy as np
 import structlog
 
 from producer.jobs import ErrorCode, ImageRef, JobFailure, request_images
-from worker.runtime import PreparedImage
-from worker.taking import Taken
+from worker.batching.taking import Taken
+from worker.inference.preprocess import PreparedImage
 
 log = structlog.get_logger("arcface.batcher")
 

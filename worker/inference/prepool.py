@@ -1,12 +1,12 @@
 """Preprocessing in processes: the decode, pad and resize of images bound straight for the model, off the worker's
 GIL, so that preprocessing scales with cores (threads share one GIL and reach 1.2-1.5x on two cores).
 
-``ARCFACE_PREPROCESS_PROCESSES`` children (:mod:`worker.prepool_child`: numpy and Pillow, never TensorFlow) are fed
-chunks of images over pipes (:mod:`worker.prepool_ipc`: JSON both ways, one sender thread a child so that a busy
-child never blocks the worker, at most ``CHUNK_BYTES`` of image data in flight to each). Each writes the model
-input into a slot of one shared ring (an anonymous ``memfd``: nothing in ``/dev/shm`` to leak or to outgrow a
-container's small ``/dev/shm``) and answers each chunk in one message; the collector thread resolves the images'
-futures with a :class:`~worker.runtime.PreparedImage` whose ``input`` is a view of the slot (the engine batch is
+``ARCFACE_PREPROCESS_PROCESSES`` children (:mod:`~worker.inference.prepool_child`: numpy and Pillow, never TensorFlow)
+are fed chunks of images over pipes (:mod:`~worker.inference.prepool_ipc`: JSON both ways, one sender thread a child so
+that a busy child never blocks the worker, at most ``CHUNK_BYTES`` of image data in flight to each). Each writes the
+model input into a slot of one shared ring (an anonymous ``memfd``: nothing in ``/dev/shm`` to leak or to outgrow a
+container's small ``/dev/shm``) and answers each chunk in one message; the collector thread resolves the images' futures
+with a :class:`~worker.inference.preprocess.PreparedImage` whose ``input`` is a view of the slot (the engine batch is
 its only copy) and whose ``release`` frees the slot once the batch is built.
 
 A child that dies (a decoder crash, the kernel's OOM killer) or spends longer than ``decode_timeout_s`` on one
@@ -35,10 +35,10 @@ import numpy as np
 import structlog
 
 from producer.codes import ErrorCode, JobFailure
-from worker.decode_checks import DecodeLimits
-from worker.prepool_child import STARTING, model_input
-from worker.prepool_ipc import Answer, Child, Work, parse_answers
-from worker.runtime import PreparedImage
+from worker.inference.decode_checks import DecodeLimits
+from worker.inference.prepool_child import STARTING, model_input
+from worker.inference.prepool_ipc import Answer, Child, Work, parse_answers
+from worker.inference.preprocess import PreparedImage
 
 log = structlog.get_logger("arcface.prepool")
 

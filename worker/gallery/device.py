@@ -1,5 +1,5 @@
 """A gallery's matrix on TensorFlow's device (the GPU when there is one), for 1:N search there: the product
-and the top-k run in TensorFlow; the exact re-score stays in :meth:`worker.gallery_index.GalleryIndex.select`.
+and the top-k run in TensorFlow; the exact re-score stays in :meth:`worker.gallery.index.GalleryIndex.select`.
 TensorFlow is imported only when a copy is made."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from worker.gallery_index import GalleryIndex
+    from worker.gallery.index import GalleryIndex
 
 
 class DeviceCopy:

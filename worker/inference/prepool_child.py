@@ -1,4 +1,5 @@
-"""One preprocessing process of :mod:`worker.prepool` (run as ``python -m worker.prepool_child``; never by hand).
+"""One preprocessing process of :mod:`worker.inference.prepool` (``python -m worker.inference.prepool_child``; never by
+hand).
 
 It loads numpy, Pillow and the worker's decode/preprocess modules: never TensorFlow, rq or Redis. A reader thread
 keeps the request pipe drained (so the worker's sends never wait on a busy child); the main thread takes each
@@ -31,9 +32,9 @@ from typing import Any
 import numpy as np
 
 from producer.codes import ErrorCode, JobFailure, inline_bytes
-from worker.decode_checks import DecodeLimits
-from worker.files import read_shared_file
-from worker.preprocess import preprocess
+from worker.inference.decode_checks import DecodeLimits
+from worker.inference.files import read_shared_file
+from worker.inference.preprocess import preprocess
 
 STARTING, IDLE = -2, -1
 _PR_SET_PDEATHSIG = 1

@@ -1,6 +1,6 @@
 """The galleries a worker holds in memory, kept current from Redis: loaded at start (one snapshot), then
 every event of the stream applied in order; a gap in the sequence numbers reloads everything. How changes
-reach every worker is described in :mod:`worker.gallery`; :class:`worker.gallery_store.GalleryStore` adds
+reach every worker is described in :mod:`worker.gallery`; :class:`worker.gallery.store.GalleryStore` adds
 the changes, the lookups and the jobs."""
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import structlog
 from numpy.typing import DTypeLike
 
 from producer.gallery import EVENTS_KEY
-from worker.gallery_device import DeviceCopy
-from worker.gallery_index import GalleryIndex
-from worker.gallery_redis import events_position, gallery_names, load_gallery, read_binding, text
+from worker.gallery.device import DeviceCopy
+from worker.gallery.index import GalleryIndex
+from worker.gallery.redis_io import events_position, gallery_names, load_gallery, read_binding, text
 
 log = structlog.get_logger("arcface.gallery")
 

@@ -1,5 +1,5 @@
 """One gallery in memory: its embeddings as a paged matrix, the enrollment ids and subjects of the rows, and 1:N
-search over it. Knows nothing of Redis (:mod:`worker.gallery_store` keeps it current).
+search over it. Knows nothing of Redis (:mod:`worker.gallery.store` keeps it current).
 
 Memory per enrollment: ``dim * 4`` bytes (float32; ``dim * 2`` with ``dtype="float16"``) for the matrix,
 plus about 260-290 bytes of Python index (enrollment id, its row, the subject table). The matrix lives in
@@ -13,7 +13,7 @@ most the best ``top_k * m`` of each page (``m`` the most enrollments any subject
 best row per subject, filtered by the threshold. Reported distances are therefore ``1 - q.e`` in float64,
 the same as :func:`producer.jobs.cosine_distance` (bit-for-bit for float32 galleries). With
 ``device="tf"`` (or ``"auto"`` with a GPU visible to TensorFlow) the product and the top-k run in
-TensorFlow on a copy of the matrix kept on the device (:class:`worker.gallery_device.DeviceCopy`).
+TensorFlow on a copy of the matrix kept on the device (:class:`worker.gallery.device.DeviceCopy`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from numpy.typing import DTypeLike
 from producer.gallery import Match
 
 if TYPE_CHECKING:
-    from worker.gallery_device import DeviceCopy
+    from worker.gallery.device import DeviceCopy
 
 PAGE_ROWS = 1 << 16  # rows per page of a gallery's matrix (128 MiB of 512-d float32), also the search block
 F16_BLOCK_ROWS = 8192  # float16 rows converted to float32 at a time for the product (16 MiB scratch at 512-d)
@@ -37,7 +37,7 @@ _SCORE_MARGIN = 1e-4  # candidates are kept down to threshold + margin before th
 class GalleryIndex:
     """One gallery's embeddings as a matrix (rows = enrollments) held in pages of :data:`PAGE_ROWS` rows, with
     the enrollment ids and subjects of the rows. Knows nothing of Redis; not thread-safe by itself
-    (:class:`worker.gallery_store.GalleryStore` locks around it).
+    (:class:`worker.gallery.store.GalleryStore` locks around it).
 
     Growing never copies the matrix: full pages stay where they are and a new page is added; only the last
     page grows (by half again, up to a full page) while the gallery is small. Removal moves the last row

@@ -1,8 +1,8 @@
-"""Completing jobs: a finished job's result or failure becomes an :class:`~worker.rqfence.Outcome`, and the outcomes
-of an engine batch are written in one atomic script (per job when one of them cannot be written), with rq's worker
-counters, metrics and dependents.
+"""Completing jobs: a finished job's result or failure becomes an :class:`~worker.batching.rqfence.Outcome`, and the
+outcomes of an engine batch are written in one atomic script (per job when one of them cannot be written), with rq's
+worker counters, metrics and dependents.
 
-A mixin of :class:`~worker.batcher.BatchWorker`: it uses the worker's ``connection``, ``fence``, ``runtime``,
+A mixin of :class:`~worker.batching.batcher.BatchWorker`: it uses the worker's ``connection``, ``fence``, ``runtime``,
 ``settings``, ``metrics``, ``queue``, ``name``/``key`` and its in-hand bookkeeping (``_jobs``, ``_bytes_in_hand``).
 """
 
@@ -16,8 +16,16 @@ import redis
 import structlog
 
 from producer.jobs import ErrorCode, JobFailure, Timing
-from worker.rqfence import Outcome, exc_string, failure_entry, failure_meta, success_entry, timestamp, valid_job_id
-from worker.taking import Taken, decode_id, utcnow
+from worker.batching.rqfence import (
+    Outcome,
+    exc_string,
+    failure_entry,
+    failure_meta,
+    success_entry,
+    timestamp,
+    valid_job_id,
+)
+from worker.batching.taking import Taken, decode_id, utcnow
 
 log = structlog.get_logger("arcface.batcher")
 _UNREADABLE_DATA = b'["<unreadable job>",null,[],{}]'

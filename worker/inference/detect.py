@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from producer.defaults import DEFAULT_DETECT_BATCH_SIZES
-from worker.tfjs_graph import TfjsGraphModel
+from worker.inference.tfjs_graph import TfjsGraphModel
 
 SIZE = 128
 # insightface's 112x112 ArcFace template (eyes, nose, mouth corners); BlazeFace gives the mouth centre,

@@ -1,5 +1,5 @@
 """Maintenance: jobs of dead workers, ids orphaned in the intermediate list, rq's scheduled jobs, registry and
-worker-registry cleanup. A mixin of :class:`~worker.batcher.BatchWorker` (uses its ``connection``, ``fence``,
+worker-registry cleanup. A mixin of :class:`~worker.batching.batcher.BatchWorker` (uses its ``connection``, ``fence``,
 ``settings``, ``queue``, ``name``/``key``, ``_jobs`` and ``_failure_outcome``).
 
 A started entry is recovered only when seen expired on two passes two heartbeats apart, both after this worker's
@@ -17,8 +17,15 @@ import redis
 import structlog
 
 from producer.jobs import ErrorCode, JobFailure
-from worker.rqfence import REDIS_WORKER_KEYS, Outcome, clean_worker_registry, split_member, timestamp, valid_job_id
-from worker.taking import Taken, classify, decode_id, utcnow
+from worker.batching.rqfence import (
+    REDIS_WORKER_KEYS,
+    Outcome,
+    clean_worker_registry,
+    split_member,
+    timestamp,
+    valid_job_id,
+)
+from worker.batching.taking import Taken, classify, decode_id, utcnow
 
 log = structlog.get_logger("arcface.batcher")
 

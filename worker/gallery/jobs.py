@@ -1,4 +1,4 @@
-"""Gallery jobs: turning a job's embeddings into its result with a :class:`worker.gallery_store.GalleryStore`
+"""Gallery jobs: turning a job's embeddings into its result with a :class:`worker.gallery.store.GalleryStore`
 (:func:`complete`, :func:`complete_batch`, called by the batcher after the engine), and :func:`run_one`, which
 reads, embeds and completes one gallery job in this thread (the plain-rq path)."""
 
@@ -31,7 +31,7 @@ from producer.gallery import (
 from producer.jobs import ErrorCode, JobFailure, Timing, VerifyRequest, VerifyResult
 
 if TYPE_CHECKING:
-    from worker.gallery_store import GalleryStore
+    from worker.gallery.store import GalleryStore
 
 Result = dict[str, Any]
 

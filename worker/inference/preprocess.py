@@ -16,7 +16,7 @@ fy``, in float64, then float32) runs on those samples alone. The result is bit-i
 float64 copy of the padded image, at a cost that does not depend on the photo's size; numpy releases the
 GIL in every step that touches pixels, so preprocessing threads run in parallel. Grey images are
 interpolated as one channel and expanded to RGB at the end. For photos of 2 MP and more only the sampled
-rows are converted out of the decoder's image (see :mod:`worker.decode` for decoding, its limits and the
+rows are converted out of the decoder's image (see :mod:`worker.inference.decode` for decoding, its limits and the
 memory it takes).
 
 Deliberate deviations from the seed, documented in the README:
@@ -29,13 +29,15 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from producer.codes import ErrorCode, JobFailure
-from worker.decode import (
+from worker.inference.decode import (
     DEFAULT_LIMITS,
     Decoded,
     DecodeLimits,
@@ -43,8 +45,27 @@ from worker.decode import (
     orient,
 )
 
+if TYPE_CHECKING:
+    from worker.inference.detect import Face
+
+
+@dataclass
+class PreparedImage:
+    """One image on its way to the model: its input, or (with detection) the decoded image that waits for
+    the batch's detector call, which then fills ``input`` and ``face``."""
+
+    input: np.ndarray | None = None
+    raw: np.ndarray | None = None
+    face: Face | None = None
+    ms: float = 0.0
+    all_faces: bool = False  # faces="all": every face, not just the picked one
+    extra: list[tuple[np.ndarray, Face]] | None = None  # the other faces' inputs (faces="all"), largest first
+    release: Callable[[], None] | None = None  # ``input`` is a view of a preprocessing slot: free it once used
+
+
 __all__ = [
     "DecodeLimits",
+    "PreparedImage",
     "as_rgb_array",
     "decode_image",
     "pad_and_resize",

@@ -27,7 +27,7 @@ from producer.gallery import (
     subject_key,
     subjects_key,
 )
-from worker.gallery_index import GalleryIndex
+from worker.gallery.index import GalleryIndex
 
 log = structlog.get_logger("arcface.gallery")
 

@@ -1,6 +1,6 @@
 """JPEG without decoding (header and scans, read from the segments) and the two direct JPEG decoders: Pillow's C
 decoder straight into numpy for plain JPEGs, and TensorFlow's (``jpeg_decoder="tensorflow"``). What the checks
-bound and why is explained in :mod:`worker.decode`, which re-exports these names."""
+bound and why is explained in :mod:`worker.inference.decode`, which re-exports these names."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from producer.codes import ErrorCode, JobFailure
-from worker.decode_checks import BYTES_PER_PIXEL, DecodeLimits, check_memory, check_size
+from worker.inference.decode_checks import BYTES_PER_PIXEL, DecodeLimits, check_memory, check_size
 
 _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 # Pillow's C decoder called directly (plain JPEGs); Pillow's own path is used if a release ever drops these.

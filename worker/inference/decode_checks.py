@@ -1,6 +1,6 @@
 """What an input image is checked against before any pixel is decoded: the limits (:class:`DecodeLimits`), the
 format its first bytes announce, its size and the memory its decoder would need. The budgets are explained in
-:mod:`worker.decode`, which re-exports every name here."""
+:mod:`worker.inference.decode`, which re-exports every name here."""
 
 from __future__ import annotations
 

@@ -6,14 +6,14 @@ for registration, ``rq info`` and ``rq suspend``, and replaces its loop:
 
 1. take: block for a first id with rq's crash-safe pop (BLMOVE into the intermediate list), then more without
    blocking for up to ``batch_timeout_ms`` (and for as long as the model is busy) until ``max_batch_size``
-   images are waiting; read every hash in one round trip, defensively (:mod:`worker.taking`): a job that
+   images are waiting; read every hash in one round trip, defensively (:mod:`worker.batching.taking`): a job that
    cannot be read or run fails alone, at once;
 2. register the runnable ones in one MULTI (status started, started-registry entries, out of the intermediate
    list); their images go to the preprocessing pool;
 3. pack waiting images, from any jobs, into engine batches of at most ``max_batch_size``: a 256-image job spans
    several engine calls, small jobs share one; the next batch is gathered while the model runs;
 4. a job whose last image is embedded is complete: one Lua call per engine batch writes every finished job's
-   outcome atomically (:mod:`worker.rqfence`).
+   outcome atomically (:mod:`worker.batching.rqfence`).
 
 A heartbeat thread keeps the started entries of jobs in hand alive (``execution_ttl_s``). When a worker dies,
 its entries expire and a live worker's maintenance re-queues those jobs (with their retries) or fails them
@@ -39,15 +39,15 @@ from rq.suspension import is_suspended
 from rq.worker import SimpleWorker, WorkerStatus
 
 from producer.jobs import JobFailure
-from worker.completion import CompletionMixin
-from worker.executing import ExecutionMixin, Item
-from worker.maintenance import MaintenanceMixin
+from worker.batching.completion import CompletionMixin
+from worker.batching.executing import ExecutionMixin, Item
+from worker.batching.maintenance import MaintenanceMixin
+from worker.batching.rqfence import Fence, timestamp
+from worker.batching.taking import Taken, classify, decode_id, pop_first, pop_many, utcnow
+from worker.inference.prepool import ProcessPreprocessor, start_preprocessors
 from worker.metrics import WorkerMetrics
-from worker.prepool import ProcessPreprocessor, start_preprocessors
-from worker.rqfence import Fence, timestamp
 from worker.runtime import Runtime
 from worker.settings import WorkerSettings
-from worker.taking import Taken, classify, decode_id, pop_first, pop_many, utcnow
 
 log = structlog.get_logger("arcface.batcher")
 _BUSY_POLL_S = 0.05  # BLMOVE timeout while the model is busy: wakes at once when a job arrives
