@@ -8,8 +8,9 @@ for registration, ``rq info`` and ``rq suspend``, and replaces its loop:
    blocking for up to ``batch_timeout_ms`` (and for as long as the model is busy) until ``max_batch_size``
    images are waiting; read every hash in one round trip, defensively (:mod:`worker.batching.taking`): a job that
    cannot be read or run fails alone, at once;
-2. register the runnable ones in one MULTI (status started, started-registry entries, out of the intermediate
-   list); their images go to the preprocessing pool;
+2. register the runnable ones in one script (status started, started-registry entries, out of the intermediate
+   list), each only while this worker's pop of it is still in the intermediate list; their images go to the
+   preprocessing pool;
 3. pack waiting images, from any jobs, into engine batches of at most ``max_batch_size``: a 256-image job spans
    several engine calls, small jobs share one; the next batch is gathered while the model runs;
 4. a job whose last image is embedded is complete: one Lua call per engine batch writes every finished job's
@@ -17,8 +18,9 @@ for registration, ``rq info`` and ``rq suspend``, and replaces its loop:
 
 A heartbeat thread keeps the started entries of jobs in hand alive (``execution_ttl_s``). When a worker dies,
 its entries expire and a live worker's maintenance re-queues those jobs (with their retries) or fails them
-``worker_died``; an entry must be seen expired twice, a heartbeat apart, so a Redis stall never makes a live
-worker's jobs look dead. Delivery is at-least-once; each job's outcome is written at most once.
+``worker_died``; an entry must be seen expired twice, two heartbeats apart, after the recovering worker's own
+last failed heartbeat, so a Redis stall or a full Redis never makes a live worker's jobs look dead. Delivery is
+at-least-once; each job's outcome is written at most once.
 """
 
 from __future__ import annotations
