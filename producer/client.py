@@ -53,7 +53,7 @@ from producer.jobs import (
 from producer.options import JobOptions, Options, build
 from producer.redisconn import announce_embedded, connect, redis_errors
 from producer.settings import ProducerSettings, load_settings
-from producer.waiting import FINAL_FAILURES, ResultStream, check_keeps_result, coded_error, job_error
+from producer.waiting import FINAL_FAILURES, ResultStream, check_keeps_result, job_error
 
 if TYPE_CHECKING:
     from producer.gallery import GalleryInfo, GalleryRequest
@@ -311,7 +311,7 @@ class FaceClient:
                         job_id, f"job {job_id} finished with a value that is not an ArcFace result"
                     ) from None
             if latest is not None and latest.type in FINAL_FAILURES:
-                raise JobFailed(job_id, self._error_or_unknown(job_id, latest))
+                raise JobFailed(job_id, stream.error or self._error_or_unknown(job_id, latest))
             # RETRIED: the job was requeued; keep waiting on the same stream.
 
     def result_embed(self, job_id: str, timeout: float | None = None) -> EmbedResult:
@@ -366,9 +366,7 @@ class FaceClient:
         try:
             return self.error(job_id, result)
         except JobNotFound:  # the job hash expired between the result and this read
-            return coded_error(result.exc_string or "") or JobError(
-                code=ErrorCode.INTERNAL_ERROR, message="the job failed; its record has expired"
-            )
+            return JobError(code=ErrorCode.INTERNAL_ERROR, message="the job failed; its record has expired")
 
 
 __all__ = [

@@ -55,6 +55,7 @@ ALLOWED_FUNCTIONS = frozenset({EMBED_FUNC, VERIFY_FUNC, EMBED_BATCH_FUNC, VERIFY
 # Hard ceiling of the contract; workers enforce their own (ARCFACE_MAX_IMAGES_PER_JOB, default 256).
 MAX_IMAGES_PER_JOB = 4096
 ERROR_META_KEY = "error"  # job.meta[...] holds {"code", "message"} of a failed job
+ERROR_ENTRY_FIELD = "error"  # the same JSON in a failed job's result-stream entry (a field rq does not read)
 SERIALIZER = "producer.jobs.JSONSerializer"  # dotted path, for `rq worker --serializer`
 JOB_CLASS = "producer.jobs.SafeJob"  # dotted path, for `rq worker --job-class`
 # + queue: JSON {"model","dim","threshold","input_size","detect","started_at"}, set by workers.
@@ -282,6 +283,7 @@ __all__ = [
     "EMBED_FUNC",
     "ENROLL_BATCH_FUNC",
     "ENROLL_FUNC",
+    "ERROR_ENTRY_FIELD",
     "ERROR_META_KEY",
     "FORGET_FUNC",
     "GALLERY_FUNCTIONS",

@@ -5,23 +5,23 @@ a long wait and a restarted Redis is noticed, with backoff (never a tight loop) 
 
 from __future__ import annotations
 
-import re
 import time
 from typing import Any, cast
 
 import redis
 from pydantic import ValidationError
+from rq.exceptions import AbandonedJobError
 from rq.job import Job, JobStatus
 from rq.results import Result
+from rq.timeouts import JobTimeoutException
 
 from producer.errors import JobNotFound, RedisUnavailable, ResultNotKept
-from producer.jobs import ERROR_META_KEY, ErrorCode, JobError, JSONSerializer
+from producer.jobs import ERROR_ENTRY_FIELD, ERROR_META_KEY, ErrorCode, JobError, JSONSerializer
 from producer.redisconn import redis_errors
 
 BLOCK_CHUNK_MS = 2000  # one XREAD blocks at most this long
 FINAL_FAILURES = frozenset({Result.Type.FAILED, Result.Type.STOPPED, Result.Type.MAX_RETRIES_EXCEEDED})
 _BACKOFF_FIRST_S, _BACKOFF_MAX_S = 0.25, 5.0
-_CODED_ERROR = re.compile(r"JobFailure: \[(?P<code>[a-z_]+)\] (?P<message>.*)")
 
 StreamEntry = tuple[Any, dict[Any, Any]]  # (entry id, fields) as redis-py returns them (bytes)
 
@@ -43,6 +43,7 @@ class ResultStream:
         self.last_id: Any = "0-0"
         self.remaining_ms = 0  # at the last read
         self.gone = False  # the last read found nothing and the job hash no longer exists
+        self.error: JobError | None = None  # the typed error in the latest entry read (a failure by our workers)
         self._backoff = 0.0
 
     def read(self, job_key: str) -> list[StreamEntry]:
@@ -79,6 +80,7 @@ class ResultStream:
                 latest = Result.restore(
                     self.job_id, rid.decode(), payload, connection=self.connection, serializer=JSONSerializer
                 )
+                self.error = _entry_error(payload)
             except Exception as exc:
                 raise JobNotFound(
                     self.job_id,
@@ -100,17 +102,20 @@ def check_keeps_result(job: Job) -> None:
         )
 
 
-def coded_error(text: str) -> JobError | None:
-    """The ``[code] message`` a worker's :class:`~producer.jobs.JobFailure` left in rq's exception text."""
-    coded = _CODED_ERROR.search(text)
-    if coded and coded["code"] in ErrorCode._value2member_map_:
-        return JobError(code=ErrorCode(coded["code"]), message=coded["message"])
-    return None
+def _entry_error(payload: dict[Any, Any]) -> JobError | None:
+    raw = payload.get(ERROR_ENTRY_FIELD.encode(), payload.get(ERROR_ENTRY_FIELD))
+    if not raw:
+        return None
+    try:
+        return JobError.model_validate_json(raw)
+    except ValidationError:
+        return None
 
 
 def job_error(job: Job, result: Result | None = None) -> JobError:
-    """The typed error of a failed job: the one its worker stored in its meta, else derived from rq's record
-    (``result``'s exception text, or the job's): the worker died, the job timed out, or the text's last line."""
+    """The typed error of a failed job: the one its worker stored in its meta, else what rq itself failed it for
+    (a worker rq found dead, a job past its timeout: rq records only text, named by rq's exception classes),
+    else ``internal_error`` with the last line of rq's text."""
     stored = job.meta.get(ERROR_META_KEY)
     if stored:
         try:
@@ -118,9 +123,9 @@ def job_error(job: Job, result: Result | None = None) -> JobError:
         except ValidationError:
             pass
     text = (result.exc_string if result is not None else None) or job.exc_info or ""
-    if "AbandonedJobError" in text:
+    if AbandonedJobError.__name__ in text:
         return JobError(code=ErrorCode.WORKER_DIED, message="the worker running this job died and no retries were left")
-    if "JobTimeoutException" in text:
+    if JobTimeoutException.__name__ in text:
         return JobError(code=ErrorCode.JOB_TIMEOUT, message=f"the job ran past its timeout of {job.timeout}s")
     last = text.strip().splitlines()[-1] if text.strip() else "no error details stored"
-    return coded_error(text) or JobError(code=ErrorCode.INTERNAL_ERROR, message=last)
+    return JobError(code=ErrorCode.INTERNAL_ERROR, message=last)

@@ -4,9 +4,11 @@ what rq's own readers see after the fence writes a job's outcome. If rq changes 
 from __future__ import annotations
 
 import inspect
+import json
 import time
 from datetime import datetime, timezone
 
+import pytest
 import redis
 from rq import Queue
 from rq.intermediate_queue import IntermediateQueue
@@ -15,14 +17,16 @@ from rq.registry import FailedJobRegistry, FinishedJobRegistry, ScheduledJobRegi
 from rq.results import Result
 from rq.utils import parse_composite_key, utcformat, utcparse
 
-from producer.jobs import EMBED_FUNC, ErrorCode, JobFailure, JSONSerializer, SafeJob
+from producer.client import FaceClient
+from producer.errors import JobFailed
+from producer.jobs import EMBED_FUNC, ERROR_ENTRY_FIELD, ErrorCode, JobFailure, JSONSerializer, SafeJob
+from producer.settings import ProducerSettings
 from worker.batching.rqfence import (
     REDIS_WORKER_KEYS,
     Fence,
     Outcome,
     QueueKeys,
     clean_worker_registry,
-    exc_string,
     failure_entry,
     failure_meta,
     inflate,
@@ -110,7 +114,7 @@ def _finished_and_failed(ok, bad) -> list[Outcome]:
             f"{bad.id}:e1",
             700,
             {"status": "failed", "ended_at": timestamp(now), "meta": failure_meta({}, failure).decode()},
-            failure_entry(exc_string(failure), "w1", "e1", now, now),
+            failure_entry(failure, "w1", "e1", now, now),
         ),
     ]
 
@@ -150,6 +154,25 @@ def test_outcomes_written_by_the_fence_read_back_through_rq(redis_server):
         bad.id
     ]
     assert StartedJobRegistry(queue=q).get_job_ids() == []
+
+
+def test_a_failure_carries_its_code_as_data_in_the_result_entry_too(redis_server):
+    conn = redis_server.client()
+    q = Queue(f"fence-{time.time_ns()}", connection=conn, serializer=JSONSerializer, job_class=SafeJob)
+    ok, bad = (
+        q.enqueue_call(EMBED_FUNC, args=({"kind": "embed", "image": {"path": f"{n}.png"}},), failure_ttl=700)
+        for n in "xy"
+    )
+    fence = Fence(conn, q.name)
+    _register_started(conn, fence, (ok, bad))
+    assert fence.apply(_finished_and_failed(ok, bad), time.time(), "rq:worker:w1", "w1") == [1, 1]
+    ((_, entry),) = conn.xrange(f"rq:results:{bad.id}")
+    assert json.loads(entry[ERROR_ENTRY_FIELD.encode()]) == {"code": "image_decode_error", "message": "cannot decode"}
+    conn.hdel(f"rq:job:{bad.id}", "meta")  # no meta to read it from: the entry alone says it, as data
+    client = FaceClient(ProducerSettings(redis_url=redis_server.url, queue=q.name))
+    with pytest.raises(JobFailed) as failed:
+        client.result(bad.id, timeout=5)
+    assert failed.value.code == ErrorCode.IMAGE_DECODE_ERROR and failed.value.error.message == "cannot decode"
 
 
 def test_registration_takes_only_ids_still_popped_and_a_retried_one_again(redis_server):

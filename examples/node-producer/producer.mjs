@@ -85,7 +85,9 @@ async function waitResult(client, jobId, timeoutS) {
         return { status: 'finished', result: JSON.parse(Buffer.from(message.return_value, 'base64').toString('utf8')) };
       }
       if (type === 'retried') continue; // requeued after its worker died: keep waiting
-      // failed: the typed error is in the job hash's meta field (plain JSON): {"error": {"code", "message"}}.
+      // failed: the typed error is the entry's `error` field (JSON {"code", "message"}) when an ArcFace worker
+      // wrote it, else the job hash's meta field (plain JSON): {"error": {"code", "message"}}.
+      if (message.error) return { status: 'failed', error: JSON.parse(message.error) };
       const meta = await client.hGet(`rq:job:${jobId}`, 'meta');
       const error = meta ? JSON.parse(meta).error : { code: 'internal_error', message: type };
       return { status: 'failed', error };

@@ -1,8 +1,7 @@
 """The fence around rq: every rq internal the batching worker relies on lives here, and nowhere else.
 
-rq runs one job at a time and has no hooks for taking, registering or completing many jobs at once, so the
-worker writes rq's data structures itself, exactly as rq 2.x lays them out (pinned by tests/test_rqfence.py
-against the installed rq):
+rq runs one job at a time and has no hooks for taking, registering or completing many jobs at once, so the worker
+writes rq's data structures itself, as rq 2.x lays them out (pinned by tests/test_rqfence.py against rq):
 
 - job hash ``rq:job:<id>`` fields ``status``, ``started_at``, ``ended_at``, ``last_heartbeat``, ``worker_name``,
   ``meta`` (serializer JSON), ``retries_left``; timestamps in rq's ``utcformat``;
@@ -13,9 +12,9 @@ against the installed rq):
 - scheduled retries in ``rq:scheduled:<queue>``;
 - the worker registry ``rq:workers`` (``REDIS_WORKER_KEYS``) and rq's cleanup of it, re-exported for maintenance.
 
-Completion and recovery are Lua scripts, so each job's outcome is applied atomically and at most once: the
-job's started-registry entry is removed in the same script that writes its outcome, and a script that finds
-the entry gone (another worker recovered it, or Redis was flushed) writes nothing. A job therefore ends in
+Registration, completion and recovery are Lua scripts, so each job's outcome is applied atomically and at most
+once: the job's started-registry entry is removed in the same script that writes its outcome, and a script that
+finds the entry gone (another worker recovered it, or Redis was flushed) writes nothing. A job therefore ends in
 exactly one registry, even when a stalled worker and a recovering worker race.
 """
 
@@ -35,7 +34,7 @@ from rq.utils import utcformat
 from rq.worker_registration import REDIS_WORKER_KEYS as REDIS_WORKER_KEYS
 from rq.worker_registration import clean_worker_registry as clean_worker_registry
 
-from producer.jobs import ERROR_META_KEY, JobFailure, JSONSerializer, SafeJob
+from producer.jobs import ERROR_ENTRY_FIELD, ERROR_META_KEY, JobFailure, JSONSerializer, SafeJob
 
 JOB_PREFIX = Job.redis_job_namespace_prefix  # "rq:job:"
 
@@ -155,22 +154,21 @@ def success_entry(
     return_value: dict, worker_name: str, execution_id: str, started: datetime, ended: datetime
 ) -> dict[str, Any]:
     """The result-stream entry rq writes for a finished job (``Result.Type.SUCCESSFUL``)."""
-    entry = {
-        "type": Result.Type.SUCCESSFUL.value,
-        "worker_name": worker_name,
-        "return_value": base64.b64encode(JSONSerializer.dumps(return_value)).decode("ascii"),
-    }
+    encoded = base64.b64encode(JSONSerializer.dumps(return_value)).decode("ascii")
+    entry = {"type": Result.Type.SUCCESSFUL.value, "worker_name": worker_name, "return_value": encoded}
     return {**entry, **_execution_fields(execution_id, started, ended)}
 
 
 def failure_entry(
-    exc_string: str, worker_name: str, execution_id: str | None, started: datetime | None, ended: datetime
+    failure: JobFailure, worker_name: str, execution_id: str | None, started: datetime | None, ended: datetime
 ) -> dict[str, Any]:
-    """The result-stream entry rq writes for a failed job (``Result.Type.FAILED``)."""
+    """The result-stream entry rq writes for a failed job (``Result.Type.FAILED``), plus the typed error as data
+    (:data:`~producer.jobs.ERROR_ENTRY_FIELD`), so a client reads the code even after the job hash expired."""
     entry = {
         "type": Result.Type.FAILED.value,
         "worker_name": worker_name,
-        "exc_string": base64.b64encode(zlib.compress(exc_string.encode())).decode("ascii"),
+        "exc_string": base64.b64encode(zlib.compress(exc_string(failure).encode())).decode("ascii"),
+        ERROR_ENTRY_FIELD: failure.to_error().model_dump_json(),
     }
     return {**entry, **_execution_fields(execution_id, started, ended)}
 
