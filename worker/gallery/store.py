@@ -15,6 +15,7 @@ import numpy as np
 import redis
 
 import worker.gallery.jobs as gallery_jobs
+from producer.defaults import DEFAULT_THRESHOLD
 from producer.gallery import EVENTS_MAXLEN, GalleryErrorCode, GalleryFailure, Match
 from producer.jobs import JobFailure, Timing
 from worker.gallery.device import DeviceCopy, tf_gpu_available
@@ -60,7 +61,7 @@ class GalleryStore(GalleryMirror):
         connection: redis.Redis,
         model: str | None,
         *,
-        threshold: float = 0.68,
+        threshold: float = DEFAULT_THRESHOLD,
         dtype: str = "float32",
         galleries: Iterable[str] | None = None,
         device: str = "cpu",
