@@ -21,6 +21,7 @@ from worker.batching.rqfence import (
     exc_string,
     failure_entry,
     failure_meta,
+    job_key,
     success_entry,
     timestamp,
     valid_job_id,
@@ -169,7 +170,7 @@ class CompletionMixin:
         named = [jid for _, jid in members if jid is not None and valid_job_id(jid)]
         with self.connection.pipeline(transaction=False) as pipe:
             for jid in named:
-                pipe.hget(f"rq:job:{jid}", "status")
+                pipe.hget(job_key(jid), "status")
             deferred = {jid for jid, status in zip(named, pipe.execute(), strict=True) if status == b"deferred"}
         stale = [m for m, jid in members if jid not in deferred]
         if stale:

@@ -21,6 +21,7 @@ from worker.batching.rqfence import (
     REDIS_WORKER_KEYS,
     Outcome,
     clean_worker_registry,
+    job_key,
     split_member,
     timestamp,
     valid_job_id,
@@ -100,7 +101,7 @@ class MaintenanceMixin:
     def _recover(self, member: str) -> None:
         job_id = split_member(member)
 
-        fields = self.connection.hgetall(f"rq:job:{job_id}") if valid_job_id(job_id) else {}
+        fields = self.connection.hgetall(job_key(job_id)) if valid_job_id(job_id) else {}
         t = (
             classify(job_id, fields, self.connection, self.settings.max_job_bytes, utcnow(), recovering=True)
             if fields
