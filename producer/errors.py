@@ -22,7 +22,7 @@ The exit codes of both command-line programs (``arcface-producer``, ``arcface-wo
 
 from __future__ import annotations
 
-from producer.jobs import ErrorCode, JobError
+from producer.codes import ErrorCode, JobError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT, EXIT_REDIS, EXIT_MODEL, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 5, 130
 

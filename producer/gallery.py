@@ -52,6 +52,7 @@ from typing import Annotated, Any, Literal, Union
 import numpy as np
 from pydantic import AfterValidator, Field, field_validator
 
+from producer.codes import ErrorCode, JobFailure
 from producer.gallery_results import (
     AnyErrorCode,
     EnrollBatchResult,
@@ -71,55 +72,25 @@ from producer.gallery_results import (
     error_code,
     parse_gallery_result,
 )
-from producer.jobs import (
+from producer.keys import (
+    DEFAULT_GALLERY,
     ENROLL_BATCH_FUNC,
     ENROLL_FUNC,
+    EVENTS_KEY,
+    EVENTS_MAXLEN,
+    EVENTS_SEQ_KEY,
     FORGET_FUNC,
+    GALLERIES_KEY,
     GALLERY_FUNCTIONS,
     IDENTIFY_FUNC,
     VERIFY_FUNC,
-    ErrorCode,
-    ImageRef,
-    JobFailure,
-    RequestBase,
-    StrictModel,
-    check_arguments,
-    validate_payload,
+    embeddings_key,
+    enrollments_key,
+    gallery_key,
+    subject_key,
+    subjects_key,
 )
-
-# --- Redis names -----------------------------------------------------------------------------------
-GALLERIES_KEY = "arcface:galleries"
-GALLERY_KEY_PREFIX = "arcface:gallery:"
-EVENTS_KEY = "arcface:gallery-events"
-EVENTS_SEQ_KEY = "arcface:gallery-events:seq"
-EVENTS_MAXLEN = 10_000  # about 20 MiB of 512-d events; a worker further behind reloads from the hashes
-DEFAULT_GALLERY = "default"
-
-
-def gallery_key(gallery: str) -> str:
-    """The hash binding ``gallery`` to a model: ``model``, ``dim``, ``created_at``."""
-    return f"{GALLERY_KEY_PREFIX}{gallery}"
-
-
-def subjects_key(gallery: str) -> str:
-    """Hash subject -> enrollment count."""
-    return f"{GALLERY_KEY_PREFIX}{gallery}:subjects"
-
-
-def subject_key(gallery: str, subject: str) -> str:
-    """Set of the subject's enrollment ids."""
-    return f"{GALLERY_KEY_PREFIX}{gallery}:subject:{subject}"
-
-
-def embeddings_key(gallery: str) -> str:
-    """Hash enrollment id -> raw little-endian float32 embedding."""
-    return f"{GALLERY_KEY_PREFIX}{gallery}:embeddings"
-
-
-def enrollments_key(gallery: str) -> str:
-    """Hash enrollment id -> JSON record (subject, enrolled_at, meta)."""
-    return f"{GALLERY_KEY_PREFIX}{gallery}:enrollments"
-
+from producer.requests import ImageRef, RequestBase, StrictModel, check_arguments, validate_payload
 
 # --- job functions: ENROLL_FUNC, ENROLL_BATCH_FUNC, ... are in producer.jobs (one allow-list) ----------------
 MAX_ENROLL_ITEMS = 1024  # contract ceiling of one enroll_batch job (workers may enforce a lower images-per-job limit)

@@ -11,9 +11,8 @@ from typing import TYPE_CHECKING, Any, Literal, Union
 
 from pydantic import BaseModel, Field
 
-from producer.codes import ErrorCode
+from producer.codes import ErrorCode, JobFailure
 from producer.errors import JobNotFound
-from producer.jobs import JobFailure
 from producer.results import ItemError, ItemsResult, ResultBase, VerifyResult
 
 if TYPE_CHECKING:

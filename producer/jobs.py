@@ -1,5 +1,7 @@
-"""The job contract, shared by producers and workers: job kinds, image references, typed results and
-errors, the wire serializer, and the Redis names we own.
+"""The job contract, shared by producers and workers: it gathers the Redis names (:mod:`producer.keys`), the
+requests (:mod:`producer.requests`, :mod:`producer.gallery`), the results (:mod:`producer.results`,
+:mod:`producer.gallery_results`) and the error codes (:mod:`producer.codes`), and holds the wire serializer, the
+dispatch over every job kind and the rq job class both sides use.
 
 Nothing here imports TensorFlow or rq's worker side, so a backend service can depend on it alone.
 
@@ -10,15 +12,48 @@ field is the UTF-8 JSON array ``[func_name, null, [payload], {}]``, with ``func_
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeVar, Union
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-from producer.codes import ErrorCode, JobError, JobFailure, inline_bytes
+from producer.codes import ErrorCode, JobError, JobFailure
+from producer.gallery import GalleryRequest, gallery_func_for, images_for, parse_gallery_request
+from producer.gallery_results import parse_gallery_result
+from producer.keys import (
+    ALLOWED_FUNCTIONS,
+    DEFAULT_QUEUE,
+    EMBED_BATCH_FUNC,
+    EMBED_FUNC,
+    ENROLL_BATCH_FUNC,
+    ENROLL_FUNC,
+    ERROR_ENTRY_FIELD,
+    ERROR_META_KEY,
+    FORGET_FUNC,
+    GALLERY_FUNCTIONS,
+    IDENTIFY_FUNC,
+    JOB_CLASS,
+    MODEL_INFO_PREFIX,
+    SERIALIZER,
+    VERIFY_BATCH_FUNC,
+    VERIFY_FUNC,
+    model_info_key,
+)
+from producer.requests import (
+    MAX_IMAGES_PER_JOB,
+    AnyRequest,
+    Detect,
+    EmbedBatchRequest,
+    EmbedRequest,
+    ImageRef,
+    Pair,
+    RequestBase,
+    StrictModel,
+    VerifyBatchRequest,
+    VerifyRequest,
+    check_arguments,
+    validate_payload,
+)
 from producer.results import (
     AnyResult,
     EmbedBatchResult,
@@ -33,38 +68,8 @@ from producer.results import (
     decode_embedding,
     encode_embedding,
     encode_matrix,
-    parse_result,
+    parse_embedding_result,
 )
-
-if TYPE_CHECKING:
-    from producer.gallery import GalleryRequest
-
-# --- Redis names -----------------------------------------------------------------------------------
-DEFAULT_QUEUE = "arcface"
-EMBED_FUNC = "worker.jobs.embed"
-VERIFY_FUNC = "worker.jobs.verify"
-EMBED_BATCH_FUNC = "worker.jobs.embed_batch"
-VERIFY_BATCH_FUNC = "worker.jobs.verify_batch"
-ENROLL_FUNC = "worker.jobs.enroll"
-ENROLL_BATCH_FUNC = "worker.jobs.enroll_batch"
-IDENTIFY_FUNC = "worker.jobs.identify"
-FORGET_FUNC = "worker.jobs.forget"
-# The gallery kinds (producer.gallery); verify also takes a subject or an embedding there.
-GALLERY_FUNCTIONS = frozenset({ENROLL_FUNC, ENROLL_BATCH_FUNC, IDENTIFY_FUNC, FORGET_FUNC})
-ALLOWED_FUNCTIONS = frozenset({EMBED_FUNC, VERIFY_FUNC, EMBED_BATCH_FUNC, VERIFY_BATCH_FUNC}) | GALLERY_FUNCTIONS
-# Hard ceiling of the contract; workers enforce their own (ARCFACE_MAX_IMAGES_PER_JOB, default 256).
-MAX_IMAGES_PER_JOB = 4096
-ERROR_META_KEY = "error"  # job.meta[...] holds {"code", "message"} of a failed job
-ERROR_ENTRY_FIELD = "error"  # the same JSON in a failed job's result-stream entry (a field rq does not read)
-SERIALIZER = "producer.jobs.JSONSerializer"  # dotted path, for `rq worker --serializer`
-JOB_CLASS = "producer.jobs.SafeJob"  # dotted path, for `rq worker --job-class`
-# + queue: JSON {"model","dim","threshold","input_size","detect","started_at"}, set by workers.
-MODEL_INFO_PREFIX = "arcface:model:"
-
-
-def model_info_key(queue: str) -> str:
-    """The Redis string where the workers of ``queue`` publish what they serve (see README "Wire format")."""
-    return MODEL_INFO_PREFIX + queue
 
 
 class JSONSerializer:
@@ -103,86 +108,7 @@ def resolve_shared_path(root: Path | None, relative: str) -> Path:
     return target
 
 
-# --- requests --------------------------------------------------------------------------------------
-class StrictModel(BaseModel):
-    """Every request model: strict JSON types as the contract says ("0.5" or true is not a threshold, 1 is not a
-    string), no unknown fields, immutable."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-
-
-class ImageRef(StrictModel):
-    """An image, inline (``data_b64``: base64 of the encoded file) or as ``path`` relative to the
-    workers' shared root. Exactly one of the two."""
-
-    data_b64: str | None = None
-    path: str | None = None
-
-    @model_validator(mode="after")
-    def _exactly_one(self) -> "ImageRef":
-        if (self.data_b64 is None) == (self.path is None):
-            raise ValueError("an image needs exactly one of data_b64 or path")
-        return self
-
-    @classmethod
-    def inline(cls, data: bytes) -> "ImageRef":
-        return cls(data_b64=base64.b64encode(data).decode("ascii"))
-
-    def inline_bytes(self, limit: int) -> bytes:
-        """Decode the inline image; :class:`JobFailure` when it is not base64 or exceeds ``limit`` bytes."""
-        assert self.data_b64 is not None
-        return inline_bytes(self.data_b64, limit)
-
-
-Detect = Literal["none", "blazeface"]
-M = TypeVar("M", bound=BaseModel)
-
-
-class RequestBase(StrictModel):
-    """What every job request that embeds carries besides its inputs (its fields come first on the wire)."""
-
-    kind: str
-    model: str | None = Field(default=None, description="the model the job is for; default: the worker's")
-    detect: Detect | None = Field(default=None, description="find and align the face first; default: the worker's")
-    ref: str | None = Field(default=None, max_length=1024, description="client reference, echoed back")
-
-
-class EmbedRequest(RequestBase):
-    kind: Literal["embed"] = "embed"
-    image: ImageRef
-    faces: Literal["one", "all"] | None = Field(
-        default=None, description="with detection: 'all' embeds every face (largest first); default one"
-    )
-
-
-class VerifyRequest(RequestBase):
-    kind: Literal["verify"] = "verify"
-    a: ImageRef
-    b: ImageRef
-    threshold: float | None = Field(default=None, ge=0.0, le=2.0)
-
-
-class EmbedBatchRequest(RequestBase):
-    """Many images in one job: one engine pass for all of them, one result holding every embedding."""
-
-    kind: Literal["embed_batch"] = "embed_batch"
-    images: list[ImageRef] = Field(min_length=1, max_length=MAX_IMAGES_PER_JOB)
-
-
-class Pair(StrictModel):
-    a: ImageRef
-    b: ImageRef
-
-
-class VerifyBatchRequest(RequestBase):
-    """Many pairs in one job; each pair is verified on its own, a bad image fails only its pair."""
-
-    kind: Literal["verify_batch"] = "verify_batch"
-    pairs: list[Pair] = Field(min_length=1, max_length=MAX_IMAGES_PER_JOB // 2)
-    threshold: float | None = Field(default=None, ge=0.0, le=2.0)
-
-
-AnyRequest = Union[EmbedRequest, VerifyRequest, EmbedBatchRequest, VerifyBatchRequest]
+# --- dispatch over every kind (gallery kinds included) ---------------------------------------------
 _REQUEST_FOR_FUNC: dict[str, type[AnyRequest]] = {
     EMBED_FUNC: EmbedRequest,
     VERIFY_FUNC: VerifyRequest,
@@ -202,9 +128,7 @@ def request_images(request: AnyRequest) -> list[ImageRef]:
         return list(request.images)
     if isinstance(request, VerifyBatchRequest):
         return [ref for pair in request.pairs for ref in (pair.a, pair.b)]
-    from producer.gallery import images_for  # gallery kinds (enroll, identify, forget, verify against a subject)
-
-    return images_for(request)
+    return images_for(request)  # gallery kinds (enroll, identify, forget, verify against a subject)
 
 
 def _targets_gallery(b: Any) -> bool:
@@ -216,8 +140,6 @@ def func_for(request: AnyRequest | GalleryRequest) -> str:
     """The rq function path that runs ``request`` (any kind, gallery kinds included)."""
     if isinstance(request, (EmbedRequest, VerifyRequest, EmbedBatchRequest, VerifyBatchRequest)):
         return _FUNC_FOR_KIND[request.kind]
-    from producer.gallery import gallery_func_for
-
     return gallery_func_for(request)
 
 
@@ -234,31 +156,31 @@ def parse_request(func_name: str | None, args: Any, kwargs: Any) -> AnyRequest:
         )
     payload = check_arguments(args, kwargs)
     if func_name in GALLERY_FUNCTIONS or (func_name == VERIFY_FUNC and _targets_gallery(payload.get("b"))):
-        from producer.gallery import parse_gallery_request
-
         return parse_gallery_request(func_name, args, kwargs)  # type: ignore[return-value]  # a gallery request
     return validate_payload(_REQUEST_FOR_FUNC[func_name], args[0])
 
 
-def check_arguments(args: Any, kwargs: Any) -> dict[str, Any]:
-    """The one request dict of an rq job's arguments; ``invalid_payload`` for anything else."""
-    if kwargs or not isinstance(args, (list, tuple)) or len(args) != 1 or not isinstance(args[0], dict):
-        raise JobFailure(ErrorCode.INVALID_PAYLOAD, "job arguments must be exactly one JSON object (the request)")
-    return args[0]
-
-
-def validate_payload(model: type[M], payload: dict[str, Any]) -> M:
-    """``payload`` as ``model``; ``invalid_payload`` naming the first field that is wrong."""
-    try:
-        return model.model_validate(payload)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "payload"
-        raise JobFailure(ErrorCode.INVALID_PAYLOAD, f"{where}: {first['msg']}") from None
+def parse_result(value: Any) -> AnyResult:
+    """Turn a stored rq return value back into its typed result (any kind, gallery kinds included)."""
+    if isinstance(value, dict) and (
+        value.get("kind") in ("enroll", "enroll_batch", "identify", "forget")
+        or (value.get("kind") == "verify" and "subject" in value)
+    ):
+        return parse_gallery_result(value)  # type: ignore[return-value]  # a gallery result (see producer.gallery)
+    return parse_embedding_result(value)
 
 
 # --- the rq job class both sides use -------------------------------------------------------------------
 from rq.job import Job as _RqJob  # noqa: E402  (rq is a producer dependency; kept at the end for readability)
+
+
+def record_failure(job: Any, failure: JobFailure) -> None:
+    """Store the typed error in the job's meta, where producers read it, and stop rq from retrying: retries are
+    for jobs whose worker died; a bad image stays bad. For a job run by a plain rq worker (ours write the meta
+    with the outcome)."""
+    job.meta[ERROR_META_KEY] = failure.to_error().model_dump(mode="json")
+    job.save_meta()
+    job.retries_left = 0
 
 
 class SafeJob(_RqJob):
@@ -266,13 +188,15 @@ class SafeJob(_RqJob):
 
     rq imports whatever dotted path a job names; a job hand-written into Redis could name ``os.system``.
     Workers (ours and a plain ``rq worker --job-class producer.jobs.SafeJob``) use this class, so such a
-    job fails with ``unsupported_job`` before anything is imported.
+    job fails with ``unsupported_job`` (recorded as data in its meta) before anything is imported.
     """
 
     @property
     def func(self) -> Any:
         if self.func_name not in ALLOWED_FUNCTIONS or self.instance is not None:
-            raise JobFailure(ErrorCode.UNSUPPORTED_JOB, f"function {self.func_name!r} is not an ArcFace job")
+            failure = JobFailure(ErrorCode.UNSUPPORTED_JOB, f"function {self.func_name!r} is not an ArcFace job")
+            record_failure(self, failure)
+            raise failure
         return super().func
 
 
@@ -291,6 +215,8 @@ __all__ = [
     "JOB_CLASS",
     "MAX_IMAGES_PER_JOB",
     "MODEL_INFO_PREFIX",
+    "RequestBase",
+    "StrictModel",
     "SERIALIZER",
     "VERIFY_BATCH_FUNC",
     "VERIFY_FUNC",
@@ -325,6 +251,7 @@ __all__ = [
     "model_info_key",
     "parse_request",
     "parse_result",
+    "record_failure",
     "request_images",
     "resolve_shared_path",
     "validate_payload",

@@ -156,15 +156,9 @@ _RESULT_FOR_KIND: dict[str, type[AnyResult]] = {
 }
 
 
-def parse_result(value: Any) -> AnyResult:
-    """Turn a stored rq return value back into its typed result."""
-    if isinstance(value, dict) and (
-        value.get("kind") in ("enroll", "enroll_batch", "identify", "forget")
-        or (value.get("kind") == "verify" and "subject" in value)
-    ):
-        from producer.gallery import parse_gallery_result
-
-        return parse_gallery_result(value)  # type: ignore[return-value]  # a gallery result (see producer.gallery)
+def parse_embedding_result(value: Any) -> AnyResult:
+    """Turn a stored rq return value of an embedding job back into its typed result (any kind:
+    :func:`producer.jobs.parse_result`)."""
     if not isinstance(value, dict) or value.get("kind") not in _RESULT_FOR_KIND:
         raise ValueError(f"not an ArcFace job result: {str(value)[:80]!r}")
     return _RESULT_FOR_KIND[value["kind"]].model_validate(value)

@@ -32,7 +32,7 @@ def _serve_job(*args: Any, **kwargs: Any) -> dict:
     """The plain-rq path for the gallery kinds (what worker/jobs.py's functions do for embed/verify)."""
     from rq import get_current_job
 
-    from worker.jobs import record_failure
+    from producer.jobs import record_failure
 
     job = get_current_job()
     b = args[0].get("b") if args and isinstance(args[0], dict) else None

@@ -17,13 +17,13 @@ from producer.jobs import (
     EMBED_FUNC,
     ENROLL_BATCH_FUNC,
     ENROLL_FUNC,
-    ERROR_META_KEY,
     FORGET_FUNC,
     IDENTIFY_FUNC,
     VERIFY_BATCH_FUNC,
     VERIFY_FUNC,
     JobFailure,
     parse_request,
+    record_failure,
 )
 from worker.runtime import Runtime, load_detector, load_engine, load_gallery
 from worker.settings import WorkerSettings
@@ -41,14 +41,6 @@ def runtime() -> Runtime:
         engine = load_engine(settings)
         _runtime = Runtime(settings, engine, load_detector(settings), load_gallery(settings, connect(settings), engine))
     return _runtime
-
-
-def record_failure(job: Any, failure: JobFailure) -> None:
-    """Store the typed error in the job's meta, where producers read it, and stop rq from retrying:
-    retries are for jobs whose worker died; a bad image stays bad."""
-    job.meta[ERROR_META_KEY] = failure.to_error().model_dump(mode="json")
-    job.save_meta()
-    job.retries_left = 0
 
 
 def _run(func_name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict:
