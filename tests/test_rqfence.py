@@ -22,6 +22,7 @@ from producer.errors import JobFailed
 from producer.jobs import EMBED_FUNC, ERROR_ENTRY_FIELD, ErrorCode, JobFailure, JSONSerializer, SafeJob
 from producer.settings import ProducerSettings
 from worker.batching.rqfence import (
+    EXECUTION_FIELD,
     REDIS_WORKER_KEYS,
     Fence,
     Outcome,
@@ -30,6 +31,7 @@ from worker.batching.rqfence import (
     failure_entry,
     failure_meta,
     inflate,
+    mark_worker_dead,
     parse_timestamp,
     restore,
     success_entry,
@@ -217,3 +219,82 @@ def test_registration_under_maxmemory_is_refused_whole_or_applied_whole(tmp_path
         assert len(StartedJobRegistry(queue=q).get_job_ids(cleanup=False)) == 3
     finally:
         server.stop()
+
+
+def _queue(conn) -> Queue:
+    return Queue(f"fence-{time.time_ns()}", connection=conn, serializer=JSONSerializer, job_class=SafeJob)
+
+
+def _embed_job(q: Queue, **kwargs):
+    return q.enqueue_call(EMBED_FUNC, args=({"kind": "embed", "image": {"path": "x.png"}},), **kwargs)
+
+
+def test_an_id_queued_twice_and_popped_by_two_workers_is_registered_or_failed_once(redis_server):
+    conn = redis_server.client()
+    q = _queue(conn)
+    job = _embed_job(q)
+    conn.rpush(QueueKeys(q.name).queue, job.id)  # the same id queued twice (a producer's retry with its job_id)
+    fence = Fence(conn, q.name)
+    _pop(conn, q.name, 2)  # two workers each popped one copy and read the hash (queued) before either registered
+    assert _register(conn, fence, [job.id], execution="w1") == [1]
+    assert _register(conn, fence, [job.id], execution="w2") == [0]  # started by w1: w2 drops its copy
+    assert StartedJobRegistry(queue=q).get_job_ids(cleanup=False) == [job.id]
+    assert conn.llen(fence.keys.intermediate) == 0
+    # a copy failed before registration (say its worker found the payload bad) is not failed on top of w1's run
+    conn.rpush(fence.keys.intermediate, job.id)
+    failure = JobFailure(ErrorCode.INVALID_PAYLOAD, "bad")
+    now = datetime.now(timezone.utc)
+    entry = failure_entry(failure, "w2", None, None, now)
+    popped = Outcome("popped", "failed", job.id, "", 60, {"status": "failed"}, entry, "", fence.keys.intermediate)
+    assert fence.apply([popped], time.time(), "rq:worker:w2", "w2") == [0]
+    assert conn.hget(f"rq:job:{job.id}", "status") == b"started" and conn.xlen(f"rq:results:{job.id}") == 0
+
+
+def test_recovery_leaves_a_job_alone_that_runs_under_another_entry(redis_server):
+    conn = redis_server.client()
+    q = _queue(conn)
+    job = _embed_job(q, retry=None)
+    fence = Fence(conn, q.name)
+    stale = f"{job.id}:dead"  # left by a worker killed while it held the job, before the id was queued again
+    conn.zadd(fence.keys.started, {stale: time.time() - 60})
+    _pop(conn, q.name, 1)
+    live = f"{job.id}:e2"
+    stamp = timestamp(datetime.now(timezone.utc))
+    fields = {"status": "started", "started_at": stamp, EXECUTION_FIELD: live}
+    with conn.pipeline() as pipe:
+        fence.register(pipe, [(job.id, live, fields)], time.time() + 30)
+        assert pipe.execute()[0] == [1]
+    requeue = Outcome("expired", "requeue", job.id, stale, 0, {"status": "queued"}, None, fence.keys.queue)
+    assert fence.apply([requeue], time.time(), "rq:worker:w3", "w3") == [0]
+    assert conn.zscore(fence.keys.started, stale) is None  # the stale entry is gone ...
+    assert conn.zscore(fence.keys.started, live) is not None and conn.llen(fence.keys.queue) == 0  # ... the run not
+    assert conn.hget(f"rq:job:{job.id}", "status") == b"started"
+
+
+def test_a_ttl_over_what_expire_takes_is_kept_as_long_as_redis_can(redis_server):
+    conn = redis_server.client()
+    q = _queue(conn)
+    ok, bad = _embed_job(q, result_ttl=600), _embed_job(q, failure_ttl=600)
+    fence = Fence(conn, q.name)
+    _register_started(conn, fence, (ok, bad))
+    outcomes = _finished_and_failed(ok, bad)
+    for o in outcomes:
+        o.ttl = 10**20  # a hostile or mistaken result_ttl / failure_ttl
+    assert fence.apply(outcomes, time.time(), "rq:worker:w1", "w1") == [1, 1]
+    assert conn.ttl(f"rq:job:{ok.id}") > 10**9 and conn.ttl(f"rq:job:{bad.id}") > 10**9
+    assert FinishedJobRegistry(queue=q).get_job_ids() == [ok.id] and FailedJobRegistry(queue=q).get_job_ids() == [
+        bad.id
+    ]
+
+
+def test_a_worker_key_marked_dead_lets_rq_register_the_worker_again(redis_server):
+    from rq.worker import SimpleWorker
+
+    conn = redis_server.client()
+    worker = SimpleWorker([_queue(conn)], connection=conn)
+    conn.hset(worker.key, "last_heartbeat", "x")  # the worker's own heartbeat re-created a bare key after FLUSHALL
+    with pytest.raises(ValueError, match="active worker"):
+        worker.register_birth()
+    mark_worker_dead(conn, worker.key)
+    worker.register_birth()
+    assert conn.sismember(REDIS_WORKER_KEYS, worker.key) and not conn.hexists(worker.key, "death")

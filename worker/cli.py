@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 from typing import Any, Sequence
 
+import redis
 import structlog
 
 from producer.errors import EXIT_MODEL, EXIT_REDIS
@@ -34,7 +35,10 @@ def settings_help() -> str:
         if isinstance(default, list):
             default = ",".join(str(v) for v in default)
         lines.append(f"  ARCFACE_{name.upper():<24} {str(default):<14.40} {field.description or ''}".rstrip())
-    lines.append("exit codes: 0 stopped, 2 bad configuration, 3 model failed to load, 4 Redis unreachable")
+    lines.append(
+        f"exit codes: 0 stopped, {EXIT_CONFIG} bad configuration, {EXIT_REDIS} Redis unreachable or refusing commands "
+        f"while starting, {EXIT_MODEL} model failed to load, 128+N a second signal N (cold shutdown)"
+    )
     return "\n".join(lines)
 
 
@@ -250,7 +254,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     engine, detector, started = _load_models(settings, log)
     queue = Queue(settings.queue, connection=connection, serializer=JSONSerializer, job_class=SafeJob)
     metrics = _start_metrics(settings, engine, queue, started, log)
-    worker = _serve(settings, connection, queue, engine, detector, metrics, args.burst)
+    try:
+        worker = _serve(settings, connection, queue, engine, detector, metrics, args.burst)
+    except redis.RedisError as exc:  # while starting (publishing the model, loading galleries, registering)
+        log.error("redis_unreachable", during="start", error=f"{type(exc).__name__}: {str(exc)[:300]}")
+        sys.exit(EXIT_REDIS)
     log.info("worker_stopped", worker=worker.name, batches=worker.batches_done)
     sys.exit(0)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -19,6 +20,8 @@ from producer.defaults import (
     DEFAULT_WEIGHTS_URL,
 )
 from producer.settings import CommonSettings
+
+MAX_BATCH_SHAPE = 4096  # a compiled batch shape larger than this is a typo, not a batch
 
 
 class WorkerSettings(CommonSettings):
@@ -38,9 +41,11 @@ class WorkerSettings(CommonSettings):
         default="float32", description="reduced = bfloat16 on CPU, float16 on GPU (ArcFace only)"
     )
     input_scale: float = Field(
-        default=DEFAULT_INPUT_SCALE, description="model input = pixel * scale + offset (pixels 0..255)"
+        default=DEFAULT_INPUT_SCALE,
+        allow_inf_nan=False,
+        description="model input = pixel * scale + offset (pixels 0..255)",
     )
-    input_offset: float = 0.0
+    input_offset: float = Field(default=0.0, allow_inf_nan=False)
     input_mean: Annotated[list[float] | None, NoDecode] = Field(
         default=None, description="per-channel mean subtracted before scaling (e.g. 103.939,116.779,123.68)"
     )
@@ -74,7 +79,9 @@ class WorkerSettings(CommonSettings):
         default="align", description="align: warp to the ArcFace template; square: crop with a margin"
     )
     crop_margin: float = Field(default=0.1, description="crop=square: margin added on each side, x the face box side")
-    threshold: float = Field(default=DEFAULT_THRESHOLD, description="verify: similar when distance <= threshold")
+    threshold: float = Field(
+        default=DEFAULT_THRESHOLD, ge=0.0, le=2.0, description="verify: similar when distance <= threshold"
+    )
     # enrolled identities
     gallery_dtype: Literal["float32", "float16"] = Field(
         default="float32", description="in-memory gallery matrices (Redis keeps float32)"
@@ -126,12 +133,18 @@ class WorkerSettings(CommonSettings):
         description="largest job payload (after zlib inflation); larger jobs fail with invalid_payload",
     )
     # rq worker liveness
-    heartbeat_interval_s: float = Field(default=3.0, description="how often a busy worker refreshes its heartbeat")
-    execution_ttl_s: int = Field(
-        default=15, description="a job's started-registry entry lives this long past each heartbeat"
+    heartbeat_interval_s: float = Field(
+        default=3.0, gt=0, allow_inf_nan=False, description="how often a busy worker refreshes its heartbeat"
     )
-    maintenance_interval_s: int = Field(default=10, description="how often a worker looks for jobs of dead workers")
-    worker_ttl_s: int = Field(default=60, description="a worker's registration lives this long past its last heartbeat")
+    execution_ttl_s: int = Field(
+        default=15, ge=1, description="a job's started-registry entry lives this long past each heartbeat"
+    )
+    maintenance_interval_s: int = Field(
+        default=10, ge=1, description="how often a worker looks for jobs of dead workers"
+    )
+    worker_ttl_s: int = Field(
+        default=60, ge=1, description="a worker's registration lives this long past its last heartbeat"
+    )
     metrics_port: int | None = Field(default=None, description="serve Prometheus metrics on this port (unset = off)")
 
     @field_validator("max_batch_size", "preprocess_processes")
@@ -170,15 +183,15 @@ class WorkerSettings(CommonSettings):
     @field_validator("allowed_batch_sizes", "detect_batch_sizes")
     @classmethod
     def _sizes(cls, value: list[int]) -> list[int]:
-        if not value or min(value) < 1:
-            raise ValueError(f"needs one or more batch sizes >= 1, got {value}")
+        if not value or min(value) < 1 or max(value) > MAX_BATCH_SHAPE:
+            raise ValueError(f"needs one or more batch sizes from 1 to {MAX_BATCH_SHAPE}, got {value}")
         return sorted(set(value))
 
     @field_validator("input_mean")
     @classmethod
     def _three(cls, value: list[float] | None) -> list[float] | None:
-        if value is not None and len(value) != 3:
-            raise ValueError(f"needs 3 values (one per channel), got {len(value)}")
+        if value is not None and (len(value) != 3 or not all(math.isfinite(v) for v in value)):
+            raise ValueError(f"needs 3 finite values (one per channel), got {value}")
         return value
 
     @field_validator("allowed_batch_sizes", "detect_batch_sizes", mode="before")

@@ -87,7 +87,11 @@ async function waitResult(client, jobId, timeoutS) {
       if (type === 'retried') continue; // requeued after its worker died: keep waiting
       // failed: the typed error is the entry's `error` field (JSON {"code", "message"}) when an ArcFace worker
       // wrote it, else the job hash's meta field (plain JSON): {"error": {"code", "message"}}.
-      if (message.error) return { status: 'failed', error: JSON.parse(message.error) };
+      if (message.error) {
+        try {
+          return { status: 'failed', error: JSON.parse(message.error) };
+        } catch {} // not ours after all: fall back to the meta
+      }
       const meta = await client.hGet(`rq:job:${jobId}`, 'meta');
       const error = meta ? JSON.parse(meta).error : { code: 'internal_error', message: type };
       return { status: 'failed', error };

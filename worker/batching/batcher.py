@@ -44,7 +44,7 @@ from producer.jobs import JobFailure
 from worker.batching.completion import CompletionMixin
 from worker.batching.executing import ExecutionMixin, Item
 from worker.batching.maintenance import MaintenanceMixin
-from worker.batching.rqfence import Fence, timestamp
+from worker.batching.rqfence import EXECUTION_FIELD, Fence, timestamp
 from worker.batching.taking import Taken, classify, decode_id, pop_first, pop_many, utcnow
 from worker.inference.prepool import ProcessPreprocessor, start_preprocessors
 from worker.metrics import WorkerMetrics
@@ -250,6 +250,7 @@ class BatchWorker(ExecutionMixin, CompletionMixin, MaintenanceMixin, SimpleWorke
             t.member = f"{t.id}:{t.execution_id}"
             t.started_at = now
             fields = {"status": "started", "started_at": stamp, "last_heartbeat": stamp, "worker_name": self.name}
+            fields[EXECUTION_FIELD] = t.member  # recovery acts on the job only while it runs under this entry
             if t.job.origin != self.queue.name:
                 fields["origin"] = self.queue.name  # a producer that wrote no origin (wire-format default)
             if t.job.enqueued_at is None:

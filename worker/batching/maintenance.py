@@ -22,6 +22,7 @@ from worker.batching.rqfence import (
     Outcome,
     clean_worker_registry,
     job_key,
+    mark_worker_dead,
     split_member,
     timestamp,
     valid_job_id,
@@ -195,9 +196,9 @@ class MaintenanceMixin:
         while not self._heartbeat_stop.wait(self.settings.heartbeat_interval_s):
             try:
                 self.heartbeat_batch()
-            except redis.RedisError as exc:
+            except Exception as exc:  # never let the thread die: without it, jobs in hand would look dead
                 self._heartbeat_failed_at = time.monotonic()
-                log.warning("heartbeat_failed", error=str(exc)[:300])
+                log.warning("heartbeat_failed", error=f"{type(exc).__name__}: {str(exc)[:300]}")
 
     def heartbeat_batch(self) -> None:
         """Refresh the worker and every job in hand (ZADD XX: a completed job's entry is never re-created).
@@ -215,7 +216,9 @@ class MaintenanceMixin:
             log.warning(
                 "worker_reregistered", worker=self.name, reason="not in rq:workers (Redis flushed or restarted empty)"
             )
-            self.connection.delete(self.key)
+            # the loop's own heartbeat may re-create the bare key at any moment: rq's register_birth refuses a
+            # live-looking key, so mark it dead first (rqfence) rather than delete it
+            mark_worker_dead(self.connection, self.key)
             self.register_birth()
             if self.on_reregister is not None:
                 self.on_reregister()  # what a flushed Redis lost besides the worker: the published model info

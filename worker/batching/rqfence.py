@@ -25,6 +25,7 @@ import json
 import zlib
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -163,7 +164,7 @@ def failure_entry(
     failure: JobFailure, worker_name: str, execution_id: str | None, started: datetime | None, ended: datetime
 ) -> dict[str, Any]:
     """The result-stream entry rq writes for a failed job (``Result.Type.FAILED``), plus the typed error as data
-    (:data:`~producer.jobs.ERROR_ENTRY_FIELD`), so a client reads the code even after the job hash expired."""
+    (:data:`~producer.keys.ERROR_ENTRY_FIELD`): a reader of the stream gets the code without the job's meta."""
     entry = {
         "type": Result.Type.FAILED.value,
         "worker_name": worker_name,
@@ -195,125 +196,15 @@ def failure_meta(meta: dict | None, failure: JobFailure) -> bytes:
     return JSONSerializer.dumps(merged)
 
 
-# --- Lua: outcomes ----------------------------------------------------------------------------------
-# ARGV: now (unix seconds), worker key, worker name, then per outcome a fixed group of 9 fields:
-#   guard   "own": apply only if ZREM of the started entry removes it (completion by the worker that holds it)
-#           "expired": apply only if the entry is still in the registry with a score <= now (recovery)
-#           "popped": apply only if LREM of the id from the intermediate list (the last field) removes it (a job
-#           failed before registration: never twice when another worker re-queued the id meanwhile)
-#           "none": no condition (the scheduler's moves; its ZREM already decided)
-#   kind    "finished" | "failed" | "requeue" | "schedule" | "invalid" (failed, in no registry: an id rq refuses)
-#   job id, started member, ttl (result/failure ttl; -1 = forever, 0 = delete), hash fields (JSON object of
-#   field -> string), stream entry (JSON object, "" = none), extra (requeue: queue key; schedule: score),
-#   intermediate list key (guard "popped" only)
-# KEYS: started, finished, failed, scheduled registry keys of the queue.
-# Returns, per outcome, 0 (skipped: not ours any more) or 1 (applied) or 2 (applied, job has dependents).
-_OUTCOMES_LUA = """
-local now = tonumber(ARGV[1])
-local out = {}
-local n = (#ARGV - 3) / 9
-for i = 0, n - 1 do
-  local b = 3 + i * 9
-  local guard, kind, id, member = ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4]
-  local ttl = tonumber(ARGV[b + 5])
-  local ok = true
-  if guard == 'own' then
-    ok = redis.call('ZREM', KEYS[1], member) == 1
-  elseif guard == 'expired' then
-    local score = redis.call('ZSCORE', KEYS[1], member)
-    ok = score ~= false and tonumber(score) <= now
-    if ok then redis.call('ZREM', KEYS[1], member) end
-  elseif guard == 'popped' then
-    ok = redis.call('LREM', ARGV[b + 9], 1, id) == 1
-  end
-  if ok then
-    local jkey = 'rq:job:' .. id
-    local fields = cjson.decode(ARGV[b + 6])
-    if fields['__replace__'] then redis.call('DEL', jkey); fields['__replace__'] = nil end
-    local flat = {}
-    for k, v in pairs(fields) do flat[#flat + 1] = k; flat[#flat + 1] = v end
-    if #flat > 0 then redis.call('HSET', jkey, unpack(flat)) end
-    if ARGV[b + 7] ~= '' then
-      local entry = cjson.decode(ARGV[b + 7])
-      local ef = {}
-      for k, v in pairs(entry) do ef[#ef + 1] = k; ef[#ef + 1] = tostring(v) end
-      local rkey = 'rq:results:' .. id
-      redis.call('XADD', rkey, 'MAXLEN', '~', '10', '*', unpack(ef))
-      if ttl > 0 then redis.call('EXPIRE', rkey, ttl) elseif ttl == 0 then redis.call('DEL', rkey) end
-    end
-    local registry = nil
-    if kind == 'finished' then registry = KEYS[2] elseif kind == 'failed' then registry = KEYS[3] end
-    if registry then
-      if ttl > 0 then
-        redis.call('EXPIRE', jkey, ttl)
-        redis.call('ZADD', registry, now + ttl, id)
-      elseif ttl < 0 then
-        redis.call('PERSIST', jkey)
-        redis.call('ZADD', registry, '+inf', id)
-      else
-        redis.call('DEL', jkey)
-      end
-      if redis.call('EXISTS', jkey .. ':dependents') == 1 then ok = 2 end
-    elseif kind == 'requeue' then
-      redis.call('RPUSH', ARGV[b + 8], id)
-    elseif kind == 'schedule' then
-      redis.call('ZADD', KEYS[4], tonumber(ARGV[b + 8]), id)
-    elseif ttl > 0 then
-      redis.call('EXPIRE', jkey, ttl)
-    end
-  end
-  if ok == true then out[#out + 1] = 1 elseif ok == false then out[#out + 1] = 0 else out[#out + 1] = ok end
-end
-return out
-"""
+# --- Lua (worker/batching/*.lua: each script's KEYS, ARGV and replies are described at its top) ----------
+def _lua(name: str) -> str:
+    return Path(__file__).with_name(f"{name}.lua").read_text()
 
 
-# --- Lua: registration --------------------------------------------------------------------------------
-# KEYS: the intermediate list, the started registry. ARGV: the started entries' expiry, then per job its id, its
-# started member and its hash fields (JSON). A job is registered only while the worker's pop of it is still in the
-# intermediate list (the LREM takes it out), or when this very registration already ran (a retry after a lost
-# reply: its member, unique per execution, is in the registry). An id that another worker re-queued from the
-# intermediate list while this registration waited (Redis full or stalled past the orphan age) is not: the copy
-# re-queued runs instead, never both. Under maxmemory: all or nothing (tests/test_rqfence.py). Returns 1/0 per job.
-_REGISTER_LUA = """
-local out = {}
-for i = 2, #ARGV, 3 do
-  local id, member = ARGV[i], ARGV[i + 1]
-  if redis.call('LREM', KEYS[1], 1, id) == 1 then
-    local flat = {}
-    for k, v in pairs(cjson.decode(ARGV[i + 2])) do flat[#flat + 1] = k; flat[#flat + 1] = v end
-    redis.call('HSET', 'rq:job:' .. id, unpack(flat))
-    redis.call('ZADD', KEYS[2], ARGV[1], member)
-    out[#out + 1] = 1
-  elseif redis.call('ZSCORE', KEYS[2], member) then
-    out[#out + 1] = 1
-  else
-    out[#out + 1] = 0
-  end
-end
-return out
-"""
-
-
-# KEYS: job hash keys; ARGV[1]: the most bytes one hash may hold. Per key: its flat field/value list; {} for a key that
-# is missing or not a hash (WRONGTYPE must not fail the batch); {TOO_LARGE, size} for a hash over the bound (never
-# sent over the wire: a 100 MB description costs the worker nothing).
-TOO_LARGE = b"__arcface_hash_too_large__"
-_READ_LUA = """
-local limit = tonumber(ARGV[1])
-local out = {}
-for i, key in ipairs(KEYS) do
-  local ok, t = pcall(redis.call, 'HGETALL', key)
-  if not ok then
-    out[i] = {}
-  else
-    local n = 0
-    for j = 1, #t do n = n + #t[j] end
-    if n > limit then out[i] = {'__arcface_hash_too_large__', tostring(n)} else out[i] = t end
-  end
-end
-return out
-"""
+_OUTCOMES_LUA, _REGISTER_LUA, _READ_LUA = _lua("outcomes"), _lua("register"), _lua("read")
+TOO_LARGE = b"__arcface_hash_too_large__"  # read.lua's marker of a hash over the bound
+MAX_TTL_S = 2**31 - 1  # a larger result/failure TTL (68 years) is kept this long
+EXECUTION_FIELD = "arcface_execution"  # the job hash field naming the started member it runs under (outcomes.lua)
 
 
 @dataclass
@@ -336,7 +227,7 @@ class Outcome:
             self.kind,
             self.job_id,
             self.member,
-            str(int(self.ttl)),
+            str(min(int(self.ttl), MAX_TTL_S)),  # EXPIRE refuses more, after the script's first writes
             json.dumps(self.fields or {}, separators=(",", ":")),
             json.dumps(self.entry, separators=(",", ":")) if self.entry else "",
             self.extra,
@@ -391,6 +282,11 @@ class Fence:
         """Started-registry members whose heartbeat ran out, with their scores."""
         rows: Any = self.connection.zrangebyscore(self.keys.started, "-inf", now, withscores=True)
         return [(m.decode() if isinstance(m, bytes) else str(m), float(s)) for m, s in rows]
+
+
+def mark_worker_dead(connection: redis.Redis, worker_key: str) -> None:
+    """Let rq's ``register_birth`` re-register this worker: it refuses a worker key without a ``death`` field."""
+    connection.hset(worker_key, "death", utcformat(datetime.now(timezone.utc)))
 
 
 def split_member(member: str) -> str:

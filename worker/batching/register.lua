@@ -1,0 +1,27 @@
+-- Registration of popped jobs (worker/batching/rqfence.py: Fence.register).
+-- KEYS: the queue's intermediate list, its started registry. ARGV: the started entries' expiry, then per job its
+-- id, its started member and its hash fields (JSON; they name the member as 'arcface_execution').
+-- A job is registered only while the worker's pop of it is still in the intermediate list (the LREM takes it out)
+-- and no other worker has taken the same id (queued twice, popped by two workers at once); or when this very
+-- registration already ran (a retry after a lost reply: its member, unique per execution, is in the registry).
+-- An id that another worker re-queued from the intermediate list while this registration waited (Redis full or
+-- stalled past the orphan age) is not registered: the copy re-queued runs instead, never both.
+-- Under maxmemory: all or nothing (tests/test_rqfence.py). Returns 1 (registered) or 0 (not ours) per job.
+local TAKEN = {started = true, finished = true, failed = true, stopped = true, canceled = true}
+local out = {}
+for i = 2, #ARGV, 3 do
+  local id, member = ARGV[i], ARGV[i + 1]
+  local jkey = 'rq:job:' .. id
+  if redis.call('ZSCORE', KEYS[2], member) then
+    out[#out + 1] = 1
+  elseif redis.call('LREM', KEYS[1], 1, id) == 1 and not TAKEN[redis.call('HGET', jkey, 'status')] then
+    local flat = {}
+    for k, v in pairs(cjson.decode(ARGV[i + 2])) do flat[#flat + 1] = k; flat[#flat + 1] = v end
+    redis.call('HSET', jkey, unpack(flat))
+    redis.call('ZADD', KEYS[2], ARGV[1], member)
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = 0
+  end
+end
+return out
