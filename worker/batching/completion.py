@@ -114,7 +114,8 @@ class CompletionMixin:
             )
         lrem = self.fence.keys.intermediate if guard == "popped" else ""
         entry = failure_entry(failure, self.name, t.execution_id or None, t.started_at, ended)
-        log.info("job_failed", job_id=t.id[:200], code=failure.code.value, error=failure.message[:500])
+        if guard != "expired":  # recovery logs it once the fence applied it (a stale entry is only dropped)
+            log.info("job_failed", job_id=t.id[:200], code=failure.code.value, error=failure.message[:500])
         if not t.valid_id:
             # no registry: rq's registry code cannot parse such ids. The hash and result stream still say why.
             return Outcome(guard, "invalid", t.id, "", ttl, fields, entry, "", lrem)

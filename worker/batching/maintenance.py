@@ -132,7 +132,8 @@ class MaintenanceMixin:
             ErrorCode.WORKER_DIED, "the worker running this job died (its heartbeat expired) and no retries are left"
         )
         o = self._failure_outcome(t, failure, guard="expired")
-        self.fence.apply([o], time.time(), self.key, self.name)
+        if self.fence.apply([o], time.time(), self.key, self.name)[0]:
+            log.info("job_failed", job_id=job_id, code=failure.code.value, error=failure.message)
 
     def recover_intermediate(self) -> None:
         """Ids left in the intermediate list by a worker that died between pop and registration go back to the
