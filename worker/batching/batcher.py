@@ -271,7 +271,7 @@ class BatchWorker(ExecutionMixin, CompletionMixin, MaintenanceMixin, SimpleWorke
         elsewhere = [t for t, ok in zip(jobs, flags, strict=True) if not ok]
         if elsewhere:
             self._release(elsewhere)
-            log.warning("registration_lost", job_ids=[t.id for t in elsewhere], reason="re-queued by another worker")
+            log.warning("registration_lost", job_ids=[t.id for t in elsewhere], reason="another worker has it")
             jobs = [t for t, ok in zip(jobs, flags, strict=True) if ok]
         instant = [t for t in jobs if t.n_images == 0]  # nothing to embed (forget): complete now
         if instant:
