@@ -8,20 +8,28 @@
 -- stalled past the orphan age) is not registered: the copy re-queued runs instead, never both.
 -- Under maxmemory: all or nothing (tests/test_rqfence.py). Returns 1 (registered) or 0 (not ours) per job.
 local TAKEN = {started = true, finished = true, failed = true, stopped = true, canceled = true}
-local out = {}
+local out, started = {}, {}
 for i = 2, #ARGV, 3 do
   local id, member = ARGV[i], ARGV[i + 1]
   local jkey = 'rq:job:' .. id
-  if redis.call('ZSCORE', KEYS[2], member) then
-    out[#out + 1] = 1
-  elseif redis.call('LREM', KEYS[1], 1, id) == 1 and not TAKEN[redis.call('HGET', jkey, 'status')] then
-    local flat = {}
-    for k, v in pairs(cjson.decode(ARGV[i + 2])) do flat[#flat + 1] = k; flat[#flat + 1] = v end
-    redis.call('HSET', jkey, unpack(flat))
-    redis.call('ZADD', KEYS[2], ARGV[1], member)
+  if redis.call('LREM', KEYS[1], 1, id) == 1 then
+    if TAKEN[redis.call('HGET', jkey, 'status')] then
+      out[#out + 1] = 0
+    else
+      local flat = {}
+      for k, v in pairs(cjson.decode(ARGV[i + 2])) do flat[#flat + 1] = k; flat[#flat + 1] = v end
+      redis.call('HSET', jkey, unpack(flat))
+      started[#started + 1] = ARGV[1]
+      started[#started + 1] = member
+      out[#out + 1] = 1
+    end
+  elseif redis.call('ZSCORE', KEYS[2], member) then
     out[#out + 1] = 1
   else
     out[#out + 1] = 0
   end
+end
+for j = 1, #started, 1000 do  -- one ZADD per 500 entries (unpack's stack is bounded)
+  redis.call('ZADD', KEYS[2], unpack(started, j, math.min(j + 999, #started)))
 end
 return out
