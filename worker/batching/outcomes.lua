@@ -13,7 +13,8 @@
 --   field -> string), stream entry (JSON object, "" = none), extra (requeue: queue key; schedule: score),
 --   intermediate list key (guard "popped" only)
 -- Returns, per outcome, 0 (skipped: not ours any more) or 1 (applied) or 2 (applied, job has dependents).
-local TAKEN = {started = true, finished = true, failed = true, stopped = true, canceled = true}
+-- TAKEN (statuses of a job some worker already took: rqfence.TAKEN_STATUSES) is defined by the line rqfence.py
+-- puts before this script.
 local now = tonumber(ARGV[1])
 local out = {}
 local n = (#ARGV - 3) / 9

@@ -7,7 +7,8 @@
 -- An id that another worker re-queued from the intermediate list while this registration waited (Redis full or
 -- stalled past the orphan age) is not registered: the copy re-queued runs instead, never both.
 -- Under maxmemory: all or nothing (tests/test_rqfence.py). Returns 1 (registered) or 0 (not ours) per job.
-local TAKEN = {started = true, finished = true, failed = true, stopped = true, canceled = true}
+-- TAKEN (statuses of a job some worker already took: rqfence.TAKEN_STATUSES) is defined by the line rqfence.py
+-- puts before this script.
 local out, started = {}, {}
 for i = 2, #ARGV, 3 do
   local id, member = ARGV[i], ARGV[i + 1]

@@ -197,11 +197,18 @@ def failure_meta(meta: dict | None, failure: JobFailure) -> bytes:
 
 
 # --- Lua (worker/batching/*.lua: each script's KEYS, ARGV and replies are described at its top) ----------
+# A job in one of these statuses was taken by some worker (or ended): taking drops a queue entry naming it, and the
+# registration and outcome scripts refuse it (the same set, written once).
+TAKEN_STATUSES = frozenset({"started", "finished", "failed", "stopped", "canceled"})
+_TAKEN_LUA = "local TAKEN = {" + ", ".join(f"{s} = true" for s in sorted(TAKEN_STATUSES)) + "}\n"
+
+
 def _lua(name: str) -> str:
     return Path(__file__).with_name(f"{name}.lua").read_text()
 
 
-_OUTCOMES_LUA, _REGISTER_LUA, _READ_LUA = _lua("outcomes"), _lua("register"), _lua("read")
+_OUTCOMES_LUA, _REGISTER_LUA = _TAKEN_LUA + _lua("outcomes"), _TAKEN_LUA + _lua("register")
+_READ_LUA = _lua("read")
 TOO_LARGE = b"__arcface_hash_too_large__"  # read.lua's marker of a hash over the bound
 MAX_TTL_S = 2**31 - 1  # a larger result/failure TTL (68 years) is kept this long
 EXECUTION_FIELD = "arcface_execution"  # the job hash field naming the started member it runs under (outcomes.lua)

@@ -15,10 +15,17 @@ import numpy as np
 import redis
 
 from producer.jobs import ALLOWED_FUNCTIONS, AnyRequest, ErrorCode, JobFailure, parse_request, request_images
-from worker.batching.rqfence import TOO_LARGE, QueueKeys, decode_data, parse_timestamp, restore, valid_job_id
+from worker.batching.rqfence import (
+    TAKEN_STATUSES,
+    TOO_LARGE,
+    QueueKeys,
+    decode_data,
+    parse_timestamp,
+    restore,
+    valid_job_id,
+)
 
 # Statuses in which a queue entry is stale (the job already ran, or another worker holds it): dropped, not run.
-_NOT_RUNNABLE = {"finished", "failed", "started", "canceled", "stopped"}
 
 
 @dataclass
@@ -98,7 +105,7 @@ def classify(
         )
         return taken
     status = fields.get(b"status", b"").decode("ascii", "replace")
-    if status in _NOT_RUNNABLE and not recovering:
+    if status in TAKEN_STATUSES and not recovering:
         return None
     taken = Taken(id=job_id, status=status)
     taken.enqueued_at = parse_timestamp(fields.get(b"enqueued_at")) or parse_timestamp(fields.get(b"created_at"))
