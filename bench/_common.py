@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from producer.client import FaceClient
+from producer.client.face_client import FaceClient
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,8 +27,8 @@ def run_plain_rq_worker(url: str, queue: str) -> None:
     """Run ``rq worker --burst`` (rq's ``SimpleWorker``, our job class and serializer) on ``queue`` until it is
     empty; the ``ARCFACE_*`` settings come from this process's environment."""
     cmd = [sys.executable, "-m", "rq.cli", "worker", "--burst", "--url", url]
-    cmd += ["--worker-class", "rq.worker.SimpleWorker", "--job-class", "producer.jobs.SafeJob"]
-    cmd += ["--serializer", "producer.jobs.JSONSerializer", queue]
+    cmd += ["--worker-class", "rq.worker.SimpleWorker", "--job-class", "producer.contract.rqjob.SafeJob"]
+    cmd += ["--serializer", "producer.contract.rqjob.JSONSerializer", queue]
     env = {**os.environ, "ARCFACE_QUEUE": queue, "TF_CPP_MIN_LOG_LEVEL": "2"}
     subprocess.run(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
 

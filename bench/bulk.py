@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench._common import options  # noqa: E402
-from producer.bulk import BulkOptions, run_bulk  # noqa: E402
-from producer.client import FaceClient  # noqa: E402
+from producer.bulk.run import BulkOptions, run_bulk  # noqa: E402
+from producer.client.face_client import FaceClient  # noqa: E402
 from producer.settings import ProducerSettings  # noqa: E402
 from tests.redis_server import RedisServer  # noqa: E402
 from tests.workers import WorkerProcess  # noqa: E402

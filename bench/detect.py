@@ -42,7 +42,7 @@ def _auc_figures(
     margin: float,
 ) -> float:
     """ROC AUC over all pairs of ``images`` (same person = same label), each embedded from its picked face."""
-    from producer.evaluation import roc_auc
+    from producer.bulk.evaluation import roc_auc
 
     size = engine.model.input_size
     inputs = []

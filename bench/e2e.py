@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench._common import job_span_s, options, run_plain_rq_worker
-from producer.client import FaceClient  # noqa: E402
+from producer.client.face_client import FaceClient  # noqa: E402
 from producer.settings import ProducerSettings  # noqa: E402
 from tests.redis_server import RedisServer  # noqa: E402
 from tests.workers import WorkerProcess  # noqa: E402

@@ -27,7 +27,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from producer.jobs import cosine_distance  # noqa: E402
+from producer.contract.metric import cosine_distance  # noqa: E402
 from worker.gallery import DeviceCopy, GalleryIndex, GalleryStore  # noqa: E402
 
 DIM = 512

@@ -28,8 +28,8 @@ sys.path.insert(0, str(ROOT))
 import redis  # noqa: E402
 
 from bench._common import job_span_s, options, run_plain_rq_worker
-from producer.client import FaceClient  # noqa: E402
-from producer.jobs import ImageRef  # noqa: E402
+from producer.client.face_client import FaceClient  # noqa: E402
+from producer.contract.requests import ImageRef  # noqa: E402
 from producer.settings import ProducerSettings  # noqa: E402
 from tests.redis_server import RedisServer  # noqa: E402
 from tests.workers import WorkerProcess  # noqa: E402

@@ -32,9 +32,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests.preprocess_reference import reference_decode, reference_pad_and_resize  # noqa: E402
-from worker.inference.decode import _decode_plain_jpeg as decode_plain_jpeg  # noqa: E402
 from worker.inference.decode import jpeg_header  # noqa: E402
 from worker.inference.decode_checks import DecodeLimits  # noqa: E402
+from worker.inference.jpeg import decode_plain_jpeg  # noqa: E402
 from worker.inference.prepool import ProcessPreprocessor  # noqa: E402
 from worker.inference.preprocess import preprocess  # noqa: E402
 

@@ -6,9 +6,9 @@ import sys
 
 import numpy as np
 
-from producer.client import FaceClient
-from producer.errors import ArcFaceError, JobFailed, ResultTimeout
-from producer.jobs import EmbedResult, VerifyResult
+from producer.client.face_client import FaceClient
+from producer.contract.errors import ArcFaceError, JobFailed, ResultTimeout
+from producer.contract.results import EmbedResult, VerifyResult
 
 
 def embed(client: FaceClient, path: str) -> np.ndarray:

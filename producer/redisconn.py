@@ -18,7 +18,7 @@ from typing import Any, Iterator
 
 import redis
 
-from producer.errors import RedisUnavailable
+from producer.contract.errors import RedisUnavailable
 from producer.settings import CommonSettings, redact
 
 

@@ -16,8 +16,8 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 from structlog.typing import EventDict
 
-from producer.errors import ConfigError
-from producer.jobs import DEFAULT_QUEUE
+from producer.contract.errors import ConfigError
+from producer.contract.keys import DEFAULT_QUEUE
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")

@@ -33,7 +33,7 @@ def bulk_env(arcface_h5, redis_server, tmp_path_factory):
 
 @pytest.fixture()
 def bulk_client(bulk_env, monkeypatch):
-    from producer.client import FaceClient
+    from producer.client.face_client import FaceClient
     from producer.settings import ProducerSettings
 
     for k, v in bulk_env.items():

@@ -144,7 +144,7 @@ FACERES_ENV = {
 @pytest.fixture()
 def client(worker_env):
     """A producer client on this test's Redis and queue."""
-    from producer.client import FaceClient
+    from producer.client.face_client import FaceClient
     from producer.settings import ProducerSettings
 
     return FaceClient(ProducerSettings())

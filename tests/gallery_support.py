@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from producer.jobs import ImageRef
+from producer.contract.requests import ImageRef
 from worker.gallery import GalleryStore
 
 DIM = 64

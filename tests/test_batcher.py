@@ -14,8 +14,10 @@ from rq.job import Job
 from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
 from rq.worker import Worker
 
-from producer.client import FaceClient, JobFailed
-from producer.jobs import EMBED_FUNC, ErrorCode
+from producer.client.face_client import FaceClient
+from producer.contract.codes import ErrorCode
+from producer.contract.errors import JobFailed
+from producer.contract.keys import EMBED_FUNC
 from tests.conftest import face_paths
 from tests.workers import WorkerProcess
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from producer.evaluation import accuracy, best_threshold, roc_auc, summarise, tar_at_far, ten_fold
-from producer.pairs import PairFile, PairsFormatError, read_pairs
+from producer.bulk.evaluation import accuracy, best_threshold, roc_auc, summarise, tar_at_far, ten_fold
+from producer.bulk.pairs import PairFile, PairsFormatError, read_pairs
 from tests.bulk_fixtures import write_face_pairs
 from tests.conftest import FACES, face_paths
 
@@ -130,7 +130,8 @@ def test_tar_at_far_and_ten_fold_protocol():
 # --- end to end through a real worker (fixtures in tests/bulk_fixtures.py; the CLI's runs in test_bulk_cli.py) ---
 @pytest.mark.parametrize("images_per_job", [3, 1])  # embed_batch jobs of 3 images, or one embed job per image
 def test_bulk_csv_over_real_faces_equals_the_engine(bulk_client, engine, tmp_path, images_per_job):
-    from producer.bulk import BulkOptions, read_results, run_bulk
+    from producer.bulk.output import read_results
+    from producer.bulk.run import BulkOptions, run_bulk
 
     rows = write_face_pairs(tmp_path / "pairs.csv")
     unique = {x for a, b, _ in rows for x in (a, b)}
@@ -148,7 +149,8 @@ def test_bulk_csv_over_real_faces_equals_the_engine(bulk_client, engine, tmp_pat
 
 
 def test_resume_after_interruption_writes_no_duplicates_and_recomputes_nothing(bulk_client, tmp_path):
-    from producer.bulk import BulkOptions, read_results, run_bulk
+    from producer.bulk.output import read_results
+    from producer.bulk.run import BulkOptions, run_bulk
 
     rows = write_face_pairs(tmp_path / "pairs.csv", 40)
     out = tmp_path / "results.csv"
@@ -166,7 +168,8 @@ def test_resume_after_interruption_writes_no_duplicates_and_recomputes_nothing(b
 
 
 def test_rerun_retries_failed_rows_and_rewrites_similar_for_the_new_threshold(bulk_client, tmp_path):
-    from producer.bulk import BulkOptions, read_results, run_bulk
+    from producer.bulk.output import read_results
+    from producer.bulk.run import BulkOptions, run_bulk
 
     root = tmp_path / "imgs"
     root.mkdir()
@@ -198,7 +201,7 @@ def test_one_client_shared_by_150_threads(bulk_client):
     own exceptions could escape (none does), and the waiters block concurrently (a blocking pool, not errors)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from producer.errors import ArcFaceError
+    from producer.contract.errors import ArcFaceError
 
     paths = face_paths()
 
@@ -222,8 +225,8 @@ def test_one_client_shared_by_150_threads(bulk_client):
 def test_waiting_on_a_job_that_keeps_no_result_is_refused_at_once(bulk_client, tmp_path):
     import time
 
-    from producer.client import FaceClient
-    from producer.errors import ResultNotKept
+    from producer.client.face_client import FaceClient
+    from producer.contract.errors import ResultNotKept
 
     no_result = FaceClient(bulk_client.settings.model_copy(update={"result_ttl": 0}), bulk_client.connection)
     jid = no_result.embed(face_paths()[0])

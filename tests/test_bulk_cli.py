@@ -84,7 +84,8 @@ def test_interrupted_bulk_run_is_resumed_reusing_its_queued_jobs(bulk_env, bulk_
     waits for those same jobs instead of enqueueing the images again."""
     import signal
 
-    from producer.bulk import BulkOptions, read_results, run_bulk
+    from producer.bulk.output import read_results
+    from producer.bulk.run import BulkOptions, run_bulk
 
     filler = bulk_client.embed_many(
         [face_paths()[i % 40] for i in range(96)]

@@ -214,9 +214,9 @@ def test_bad_invocation_exits_with_one_line(case: Case, redis_server, tmp_path):
 
 
 def test_help_documents_every_argument():
-    from producer.cli import _parser
+    from producer.cli.main import build_parser
 
-    parser = _parser()
+    parser = build_parser()
     subparsers = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
     for name, sub in subparsers.choices.items():
         for action in sub._actions:

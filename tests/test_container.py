@@ -100,7 +100,7 @@ def check_clean_stop(name: str, redis_host: str) -> None:
     from rq.registry import StartedJobRegistry
     from rq.worker import Worker
 
-    from producer.jobs import JSONSerializer
+    from producer.contract.rqjob import JSONSerializer
 
     run([*PODMAN, "kill", "--signal", "TERM", name])
     assert run([*PODMAN, "wait", name], timeout=90).stdout.strip() == "0"

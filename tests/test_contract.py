@@ -13,8 +13,11 @@ from rq import Queue, SimpleWorker
 from rq.job import Job
 from rq.registry import FinishedJobRegistry
 
-from producer.client import FaceClient, InputError, JobFailed, JobNotFound, ResultTimeout
-from producer.jobs import EMBED_FUNC, VERIFY_FUNC, ErrorCode, JSONSerializer, SafeJob
+from producer.client.face_client import FaceClient
+from producer.contract.codes import ErrorCode
+from producer.contract.errors import InputError, JobFailed, JobNotFound, ResultTimeout
+from producer.contract.keys import EMBED_FUNC, VERIFY_FUNC
+from producer.contract.rqjob import JSONSerializer, SafeJob
 from producer.settings import ProducerSettings
 from tests.conftest import FACES, face_paths
 
@@ -112,9 +115,9 @@ def test_rq_cli_worker_serves_the_queue_and_result_blocks_until_it_finishes(clie
         "--worker-class",
         "rq.worker.SimpleWorker",
         "--job-class",
-        "producer.jobs.SafeJob",
+        "producer.contract.rqjob.SafeJob",
         "--serializer",
-        "producer.jobs.JSONSerializer",
+        "producer.contract.rqjob.JSONSerializer",
         worker_env["ARCFACE_QUEUE"],
     ]
     proc = subprocess.Popen(cmd, env={**os.environ, **worker_env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

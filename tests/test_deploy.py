@@ -143,7 +143,7 @@ def test_compose_file_pins_the_dashboard_image_to_loopback_and_builds_every_imag
     assert (
         len(re.findall(r"\btensorflow\b", re.sub(r"#.*", "", dockerfile))) == 1
     )  # TensorFlow installed by one pip call
-    from producer.defaults import DEFAULT_WEIGHTS_URL
+    from producer.contract.defaults import DEFAULT_WEIGHTS_URL
 
     assert f"/opt/arcface/cache/{Path(DEFAULT_WEIGHTS_URL).name}" in dockerfile  # baked = the download cache's file
 
@@ -202,8 +202,8 @@ def test_worker_with_empty_model_path_serves_with_the_default_weights_from_the_d
     import shutil
     import signal
 
-    from producer.client import FaceClient
-    from producer.defaults import DEFAULT_WEIGHTS_URL
+    from producer.client.face_client import FaceClient
+    from producer.contract.defaults import DEFAULT_WEIGHTS_URL
     from producer.settings import ProducerSettings
     from tests.conftest import FACES
 
@@ -313,7 +313,7 @@ def _serve_through_a_redis_outage(servers: list, worker, tmp_path) -> None:
     import signal
     import time
 
-    from producer.client import FaceClient
+    from producer.client.face_client import FaceClient
     from producer.settings import ProducerSettings
     from tests.conftest import face_paths
     from tests.redis_server import RedisServer

@@ -125,8 +125,8 @@ def _write_all_pairs(path) -> None:
 
 def _check_single_jobs_with_detection(client) -> None:
     """No face in a white image; the best face of a group photo; a verify with both faces; detection switched off."""
-    from producer.client import JobFailed
-    from producer.jobs import ErrorCode
+    from producer.contract.codes import ErrorCode
+    from producer.contract.errors import JobFailed
 
     with pytest.raises(JobFailed) as info:
         client.result(client.embed(FACES / "white.png"), timeout=60)
@@ -145,7 +145,7 @@ def test_worker_with_detection_and_a_real_model_separates_people(redis_server, t
     """The shared 224x224 face model behind BlazeFace in a real worker configured as the README's command (the
     model's input settings, ARCFACE_CROP=square; detection margin, score floor and face selection at their
     defaults): a bulk run over all 780 pairs of the 40 crops, plus a photo with no face and a group photo."""
-    from producer.bulk import BulkOptions, run_bulk
+    from producer.bulk.run import BulkOptions, run_bulk
     from tests.workers import queue_env, ready_worker
 
     with ready_worker(queue_env(redis_server.url, "det", **FACERES_ENV), tmp_path / "w.log") as worker:

@@ -166,7 +166,7 @@ def test_default_pick_in_a_portrait_crop_is_its_person(detector, context):
 def test_real_photo_pairs_through_a_worker_at_default_settings(detector, redis_server, tmp_path, capsys):
     """The portrait crops written as files; all pairs of the people known, same person = crops of two different
     photos; a bulk run through a worker configured as the README's faceres command (detection defaults)."""
-    from producer.bulk import BulkOptions, run_bulk
+    from producer.bulk.run import BulkOptions, run_bulk
     from tests.workers import queue_env, ready_worker
 
     crops = portraits()

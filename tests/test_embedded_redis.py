@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from producer.client import FaceClient
+from producer.client.face_client import FaceClient
 from producer.redisconn import EmbeddedRedis, connect
 from producer.settings import ProducerSettings
 from tests.conftest import face_paths

@@ -9,18 +9,19 @@ import pytest
 
 import worker.gallery as wg
 import worker.gallery.index as gi
-from producer.gallery import (
+from producer.contract.codes import JobFailure
+from producer.contract.gallery import EnrollRequest, enrollment_id_for
+from producer.contract.keys import (
     EVENTS_KEY,
     EVENTS_SEQ_KEY,
-    EnrollRequest,
     embeddings_key,
-    enrollment_id_for,
     enrollments_key,
     gallery_key,
     subject_key,
     subjects_key,
 )
-from producer.jobs import ImageRef, JobFailure, cosine_distance
+from producer.contract.metric import cosine_distance
+from producer.contract.requests import ImageRef
 from tests.gallery_support import DIM, IMG, near, top_subjects, unit, wait_until
 
 pytest_plugins = ["tests.gallery_fixtures"]  # fixtures: model_name, stores (each test starts with no galleries)

@@ -7,25 +7,30 @@ import numpy as np
 import pytest
 
 import worker.gallery as wg
-from producer.gallery import (
+from producer.contract.codes import ErrorCode, JobFailure
+from producer.contract.gallery import (
     EmbeddingRef,
     EnrollBatchRequest,
-    EnrollBatchResult,
     EnrollItem,
     EnrollRequest,
-    EnrollResult,
     ForgetRequest,
-    ForgetResult,
     GalleryVerifyRequest,
     IdentifyRequest,
-    IdentifyResult,
     SubjectRef,
-    VerifySubjectResult,
-    embeddings_key,
     enrollment_id_for,
+)
+from producer.contract.gallery_results import (
+    EnrollBatchResult,
+    EnrollResult,
+    ForgetResult,
+    IdentifyResult,
+    VerifySubjectResult,
     parse_gallery_result,
 )
-from producer.jobs import ErrorCode, ImageRef, JobFailure, Timing, VerifyResult, cosine_distance, encode_embedding
+from producer.contract.keys import embeddings_key
+from producer.contract.metric import cosine_distance
+from producer.contract.requests import ImageRef
+from producer.contract.results import Timing, VerifyResult, encode_embedding
 from tests.gallery_support import DIM, IMG, near, unit
 from worker.gallery import GalleryItem, complete, images_for
 

@@ -14,8 +14,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from producer.gallery import GALLERY_FUNCTIONS, EnrollResult, VerifySubjectResult, parse_gallery_request
-from producer.jobs import EMBED_FUNC, VERIFY_FUNC, ErrorCode, JobFailure, JSONSerializer, SafeJob, parse_request
+from producer.contract.codes import ErrorCode, JobFailure
+from producer.contract.gallery import parse_gallery_request
+from producer.contract.gallery_results import EnrollResult, VerifySubjectResult
+from producer.contract.keys import EMBED_FUNC, GALLERY_FUNCTIONS, VERIFY_FUNC
+from producer.contract.rqjob import JSONSerializer, SafeJob
+from producer.contract.wire import parse_request
 from tests.conftest import FACERES_ENV as CONFTEST_FACERES_ENV
 from tests.conftest import FACERES_SAVEDMODEL, TFJS_MODELS, face_paths, needs_shared
 from worker.gallery import run_one
@@ -32,7 +36,7 @@ def _serve_job(*args: Any, **kwargs: Any) -> dict:
     """The plain-rq path for the gallery kinds (what worker/jobs.py's functions do for embed/verify)."""
     from rq import get_current_job
 
-    from producer.jobs import record_failure
+    from producer.contract.rqjob import record_failure
 
     job = get_current_job()
     b = args[0].get("b") if args and isinstance(args[0], dict) else None
@@ -87,7 +91,7 @@ def drive(connection: Any, queue: str, fn: Any) -> Any:
 def serving(worker_env, engine, redis_server, stores):
     """A FaceClient on this test's queue, served through rq by a runtime on the session's ArcFace engine and a
     gallery store (random weights: the same image gives the same embedding, which is all these tests need)."""
-    from producer.client import FaceClient
+    from producer.client.face_client import FaceClient
     from worker.runtime import Runtime
     from worker.settings import WorkerSettings
 
@@ -99,8 +103,8 @@ def serving(worker_env, engine, redis_server, stores):
 
 def _client_calls(client: Any, faces: list[Path]) -> dict[str, Any]:
     """Every gallery call of the producer API once, with the results (and two refusals) by name."""
-    from producer import gallery_client as gc
-    from producer.errors import JobFailed
+    from producer.client import gallery as gc
+    from producer.contract.errors import JobFailed
 
     out: dict[str, Any] = {}
     out["enroll"] = gc.result(client, gc.enroll(client, "amy", faces[0], "c", meta={"source": "test"}))
@@ -158,7 +162,7 @@ class _Cli:
         self.err: list[str] = []
 
     def __call__(self, *argv: str) -> tuple[int, str]:
-        from producer.gallery_cli import run
+        from producer.cli.gallery import run
 
         code = drive(self.conn, self.queue, lambda: run(list(argv)))
         captured = self.capsys.readouterr()
@@ -229,7 +233,7 @@ FACERES_ENV = {**CONFTEST_FACERES_ENV, "ARCFACE_ALLOWED_BATCH_SIZES": "1,8"}  # 
 def faceres(redis_server, stores, monkeypatch):
     """A FaceClient on a queue of its own, served through rq by a runtime with the shared face model and BlazeFace
     and a gallery store; yields the client, the queue and the engine."""
-    from producer.client import FaceClient
+    from producer.client.face_client import FaceClient
     from worker.runtime import Runtime, load_detector, load_engine
     from worker.settings import WorkerSettings
 
@@ -247,7 +251,7 @@ def faceres(redis_server, stores, monkeypatch):
 def _enroll_first_identify_the_rest(client: Any, paths: list[Path]) -> tuple[Any, list[Any], list[Any], list[Any]]:
     """Image 1 of each person enrolled in one enroll_batch job, images 2-5 identified; verify against 3 subjects
     and the same 3 pairwise."""
-    from producer import gallery_client as gc
+    from producer.client import gallery as gc
     from tests.conftest import PEOPLE
 
     firsts = [(person, paths[5 * i]) for i, person in enumerate(PEOPLE)]

@@ -9,8 +9,9 @@ import time
 import numpy as np
 import pytest
 
-from producer.client import FaceClient, JobFailed
-from producer.jobs import ErrorCode
+from producer.client.face_client import FaceClient
+from producer.contract.codes import ErrorCode
+from producer.contract.errors import JobFailed
 from producer.settings import ProducerSettings
 from tests.conftest import PEOPLE, face_paths
 from tests.workers import WorkerProcess
@@ -82,7 +83,7 @@ def test_enroll_batch_and_identify_share_engine_batches_with_embed_jobs(two_queu
     (a, _), (wa, _) = two_queues
     gallery = f"h{time.time_ns()}"
     paths = face_paths()
-    from producer import gallery_client as gc
+    from producer.client import gallery as gc
 
     batch_id = gc.enroll_many(a, [(PEOPLE[i], paths[5 * i]) for i in range(8)], gallery)
     embed_ids = a.embed_many(paths[:6])

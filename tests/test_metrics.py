@@ -8,8 +8,9 @@ import urllib.request
 
 import pytest
 
-from producer.client import FaceClient, JobFailed
-from producer.jobs import ErrorCode
+from producer.client.face_client import FaceClient
+from producer.contract.codes import ErrorCode
+from producer.contract.errors import JobFailed
 from producer.settings import ProducerSettings
 from tests.conftest import face_paths
 from tests.redis_server import free_port

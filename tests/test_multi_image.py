@@ -9,7 +9,9 @@ import json
 import numpy as np
 import pytest
 
-from producer.jobs import EmbedBatchResult, ErrorCode, ImageRef, VerifyBatchResult
+from producer.contract.codes import ErrorCode
+from producer.contract.requests import ImageRef
+from producer.contract.results import EmbedBatchResult, VerifyBatchResult
 from tests.conftest import FACES, SHARED, face_paths, needs_shared
 from tests.workers import WorkerProcess
 
@@ -79,7 +81,7 @@ def test_a_job_over_the_image_limit_fails_with_a_clear_code(client, worker_env, 
     try:
         w.wait_ready()
         jid = client.embed_batch(face_paths()[:5])
-        from producer.client import JobFailed
+        from producer.contract.errors import JobFailed
 
         with pytest.raises(JobFailed) as info:
             client.result(jid, timeout=60)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from producer.codes import ErrorCode, JobFailure
+from producer.contract.codes import ErrorCode, JobFailure
 from worker.inference.prepool import ProcessPreprocessor
 from worker.inference.preprocess import preprocess
 

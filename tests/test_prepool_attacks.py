@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import worker.inference.prepool_ipc as prepool_ipc
-from producer.codes import JobFailure
+from producer.contract.codes import JobFailure
 from tests.conftest import REPO, face_paths
 from worker.inference.prepool import ProcessPreprocessor, start_preprocessors
 from worker.settings import WorkerSettings

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from producer.jobs import ErrorCode, JobFailure
+from producer.contract.codes import ErrorCode, JobFailure
 from tests.conftest import FACES, REPO, face_paths
 from tests.preprocess_reference import (
     assert_same,
@@ -159,7 +159,7 @@ def test_every_exif_orientation_matches_pillow_exif_transpose(orientation):
 
 def test_fast_jpeg_path_equals_pillows_own_decoding():
     """Plain JPEGs skip Pillow's Python header parser and decode straight into numpy
-    (worker.inference.decode._decode_plain_jpeg); the pixels must be those of Image.open().load() for every variant the
+    (worker.inference.jpeg.decode_plain_jpeg); the pixels must be those of Image.open().load() for every variant the
     fast path takes, and the slow path takes the rest."""
     variants = {
         "baseline 4:2:0": encode(photo(67, 91), "JPEG", quality=85),

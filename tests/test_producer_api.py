@@ -17,7 +17,7 @@ from tests.conftest import REPO, face_paths
 
 @pytest.fixture()
 def client(worker_env):
-    from producer.client import FaceClient
+    from producer.client.face_client import FaceClient
 
     return FaceClient()
 
@@ -26,8 +26,8 @@ def test_waiters_block_concurrently_and_raise_only_documented_errors(client, mon
     """150 threads wait on queued jobs (no worker): every one gets ResultTimeout after its own timeout, all at
     about the same time (each holds its own pooled connection); with a pool of 8 they queue for connections
     and still raise nothing but ResultTimeout."""
-    from producer.client import FaceClient
-    from producer.errors import ArcFaceError, ResultTimeout
+    from producer.client.face_client import FaceClient
+    from producer.contract.errors import ArcFaceError, ResultTimeout
 
     ids = client.embed_many([face_paths()[0]] * 150)
 
@@ -61,7 +61,7 @@ def test_waiters_block_concurrently_and_raise_only_documented_errors(client, mon
 
 
 def test_bad_arguments_raise_input_error_not_pydantic(client):
-    from producer.errors import InputError
+    from producer.contract.errors import InputError
 
     for kwargs in (
         {"threshold": 5},
@@ -82,8 +82,8 @@ def test_bad_arguments_raise_input_error_not_pydantic(client):
 
 
 def test_redis_down_is_redis_unavailable(worker_env):
-    from producer.client import FaceClient
-    from producer.errors import RedisUnavailable
+    from producer.client.face_client import FaceClient
+    from producer.contract.errors import RedisUnavailable
     from producer.settings import ProducerSettings
     from tests.redis_server import free_port
 

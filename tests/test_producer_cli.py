@@ -19,9 +19,9 @@ class _Block(importlib.abc.MetaPathFinder):
         if name.split('.')[0] in ('tensorflow', 'keras', 'worker'):
             raise ModuleNotFoundError(f"No module named {name!r} (blocked: producer-only environment)")
 sys.meta_path.insert(0, _Block())
-import producer, producer.client, producer.cli, producer.jobs, producer.settings, producer.redisconn
+import producer, producer.contract.wire, producer.contract.rqjob, producer.client, producer.cli, producer.bulk.run, producer.settings, producer.redisconn
 assert not any(m.split('.')[0] in ('tensorflow', 'keras', 'worker') for m in sys.modules)
-from producer.cli import run
+from producer.cli.main import run
 sys.exit(run(sys.argv[1:]))
 """
 
@@ -38,7 +38,7 @@ def cli(env: dict, *args: str, timeout: float = 60) -> subprocess.CompletedProce
 
 
 def test_cli_embed_then_result_without_tensorflow(worker_env):
-    from producer.client import FaceClient
+    from producer.client.face_client import FaceClient
     from tests.test_contract import run_plain_rq_worker
 
     queued = cli(worker_env, "embed", str(face_paths()[0]), "--json", "--ref", "abc")
@@ -64,7 +64,7 @@ def test_cli_embed_then_result_without_tensorflow(worker_env):
 
 
 def test_cli_verify_human_output_and_failed_job_exit_1(worker_env, tmp_path):
-    from producer.client import FaceClient
+    from producer.client.face_client import FaceClient
     from tests.test_contract import run_plain_rq_worker
 
     a, b = face_paths()[0], face_paths()[1]
@@ -101,7 +101,7 @@ def test_cli_exit_codes_for_bad_input_timeout_and_redis_down(worker_env, tmp_pat
 
 def test_import_producer_pulls_no_tensorflow():
     code = (
-        "import sys, producer, producer.client, producer.cli; "
+        "import sys, producer, producer.contract.wire, producer.client, producer.cli, producer.bulk.run; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow','keras','worker')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)

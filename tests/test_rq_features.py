@@ -12,8 +12,9 @@ from datetime import timedelta
 import pytest
 from rq.job import Callback
 
-from producer.client import FaceClient
-from producer.jobs import EMBED_FUNC, ImageRef
+from producer.client.face_client import FaceClient
+from producer.contract.keys import EMBED_FUNC
+from producer.contract.requests import ImageRef
 from producer.settings import ProducerSettings
 from tests.conftest import REPO, face_paths
 from tests.workers import WorkerProcess

@@ -17,9 +17,11 @@ from rq.registry import FailedJobRegistry, FinishedJobRegistry, ScheduledJobRegi
 from rq.results import Result
 from rq.utils import parse_composite_key, utcformat, utcparse
 
-from producer.client import FaceClient
-from producer.errors import JobFailed
-from producer.jobs import EMBED_FUNC, ERROR_ENTRY_FIELD, ErrorCode, JobFailure, JSONSerializer, SafeJob
+from producer.client.face_client import FaceClient
+from producer.contract.codes import ErrorCode, JobFailure
+from producer.contract.errors import JobFailed
+from producer.contract.keys import EMBED_FUNC, ERROR_ENTRY_FIELD
+from producer.contract.rqjob import JSONSerializer, SafeJob
 from producer.settings import ProducerSettings
 from worker.batching.rqfence import (
     EXECUTION_FIELD,

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import redis
 
-from producer.jobs import EMBED_FUNC, VERIFY_FUNC, model_info_key
+from producer.contract.keys import EMBED_FUNC, VERIFY_FUNC, model_info_key
 from tests.conftest import REPO, face_paths
 from tests.workers import queue_env, ready_worker
 
@@ -105,7 +105,7 @@ def check_registry(r: redis.Redis, queue: str, job_id: str, registry: str, ttl: 
     """Where ``rq info`` / rq-dashboard look: the queue's registry, the job's origin and status, and the TTLs."""
     from rq import Queue
 
-    from producer.jobs import JSONSerializer
+    from producer.contract.rqjob import JSONSerializer
 
     q = Queue(queue, connection=r, serializer=JSONSerializer)
     reg = q.finished_job_registry if registry == "finished" else q.failed_job_registry
@@ -222,7 +222,7 @@ def run_node(where: Path, env: dict, *args: str) -> dict:
 
 
 def test_node_producer_follows_the_spec(wire, node_producer):
-    from producer.client import FaceClient
+    from producer.client.face_client import FaceClient
     from producer.settings import ProducerSettings
 
     env, r = wire

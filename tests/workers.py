@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from tests.conftest import REPO
 
 if TYPE_CHECKING:
-    from producer.client import FaceClient
+    from producer.client.face_client import FaceClient
 
 
 def queue_env(redis_url: str, prefix: str, **settings: str) -> dict[str, str]:
@@ -90,7 +90,7 @@ class WorkerProcess:
 
     def client(self) -> FaceClient:
         """A FaceClient on this worker's Redis and queue."""
-        from producer.client import FaceClient
+        from producer.client.face_client import FaceClient
         from producer.settings import ProducerSettings
 
         return FaceClient(ProducerSettings(redis_url=self.env["ARCFACE_REDIS_URL"], queue=self.env["ARCFACE_QUEUE"]))

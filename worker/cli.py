@@ -14,8 +14,8 @@ from typing import Any, Sequence
 import redis
 import structlog
 
-from producer.errors import EXIT_MODEL, EXIT_REDIS
-from producer.errors import EXIT_USAGE as EXIT_CONFIG
+from producer.contract.errors import EXIT_MODEL, EXIT_REDIS
+from producer.contract.errors import EXIT_USAGE as EXIT_CONFIG
 
 _WORKER_MODULES = ("tensorflow", "h5py", "prometheus_client")  # the [worker] extra
 
@@ -56,7 +56,7 @@ def _checked_settings() -> Any:
     a metrics port that cannot be bound exits 2 with one line on stderr."""
     import socket
 
-    from producer.errors import ConfigError
+    from producer.contract.errors import ConfigError
     from producer.settings import load_settings
     from worker.settings import WorkerSettings
 
@@ -91,7 +91,7 @@ def publish_model(connection: Any, settings: Any, engine: Any) -> dict[str, Any]
     import json
     from datetime import datetime, timezone
 
-    from producer.jobs import model_info_key
+    from producer.contract.keys import model_info_key
 
     model = engine.model
     info = {
@@ -109,9 +109,9 @@ def publish_model(connection: Any, settings: Any, engine: Any) -> dict[str, Any]
 def _parse_args(argv: Sequence[str] | None) -> Any:
     import argparse
 
-    from producer.cli import _Parser, version
+    from producer.cli.common import Parser, version
 
-    parser = _Parser(
+    parser = Parser(
         prog="arcface-worker",
         description="Serve ArcFace jobs from Redis in micro-batches.",
         epilog=settings_help(),
@@ -124,7 +124,7 @@ def _parse_args(argv: Sequence[str] | None) -> Any:
 
 def _connect(settings: Any, log: Any) -> Any:
     """The Redis connection, or exit 4 with a ``redis_unreachable`` event."""
-    from producer.errors import RedisUnavailable
+    from producer.contract.errors import RedisUnavailable
     from producer.redisconn import connect
 
     try:
@@ -243,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from rq import Queue
 
-    from producer.jobs import JSONSerializer, SafeJob
+    from producer.contract.rqjob import JSONSerializer, SafeJob
     from producer.settings import configure_logging
     from worker.settings import WorkerSettings
 
@@ -310,8 +310,8 @@ def health(argv: Sequence[str] | None = None) -> None:
     from rq import Queue
     from rq.worker import Worker
 
-    from producer.errors import RedisUnavailable
-    from producer.jobs import JSONSerializer
+    from producer.contract.errors import RedisUnavailable
+    from producer.contract.rqjob import JSONSerializer
     from producer.redisconn import connect
     from worker.settings import WorkerSettings
 

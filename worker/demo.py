@@ -58,7 +58,7 @@ def _faces() -> list[Path]:
 
 
 def main() -> None:
-    from producer.client import FaceClient
+    from producer.client.face_client import FaceClient
     from producer.redisconn import connect
     from producer.settings import ProducerSettings
 

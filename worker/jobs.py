@@ -1,7 +1,8 @@
 """The rq job functions named by the contract (``worker.jobs.embed`` / ``worker.jobs.verify``).
 
 The micro-batching worker never calls these: it reads the same payloads and runs them many at a time.
-They exist so a plain ``rq worker --job-class producer.jobs.SafeJob --serializer producer.jobs.JSONSerializer``
+They exist so a plain
+``rq worker --job-class producer.contract.rqjob.SafeJob --serializer producer.contract.rqjob.JSONSerializer``
 also serves the queue, one job at a time, with the same results and error codes (the slow path).
 """
 
@@ -12,7 +13,8 @@ from typing import Any, Callable
 
 from rq import get_current_job
 
-from producer.jobs import (
+from producer.contract.codes import JobFailure
+from producer.contract.keys import (
     EMBED_BATCH_FUNC,
     EMBED_FUNC,
     ENROLL_BATCH_FUNC,
@@ -21,10 +23,9 @@ from producer.jobs import (
     IDENTIFY_FUNC,
     VERIFY_BATCH_FUNC,
     VERIFY_FUNC,
-    JobFailure,
-    parse_request,
-    record_failure,
 )
+from producer.contract.rqjob import record_failure
+from producer.contract.wire import parse_request
 from worker.runtime import Runtime, load_detector, load_engine, load_gallery
 from worker.settings import WorkerSettings
 

@@ -15,37 +15,39 @@ from typing import Any
 import numpy as np
 import structlog
 
-from producer.gallery import EnrollBatchRequest, EnrollRequest, ForgetRequest, GalleryVerifyRequest, IdentifyRequest
-from producer.jobs import (
-    EmbedBatchRequest,
+from producer.contract.codes import ErrorCode, JobFailure
+from producer.contract.gallery import (
+    EnrollBatchRequest,
+    EnrollRequest,
+    ForgetRequest,
+    GalleryVerifyRequest,
+    IdentifyRequest,
+)
+from producer.contract.requests import EmbedBatchRequest, EmbedRequest, ImageRef, VerifyBatchRequest, VerifyRequest
+from producer.contract.results import (
     EmbedBatchResult,
-    EmbedRequest,
     EmbedResult,
-    ErrorCode,
     FaceEmbedding,
-    ImageRef,
     ItemError,
-    JobFailure,
     PairResult,
     Timing,
-    VerifyBatchRequest,
     VerifyBatchResult,
-    VerifyRequest,
     VerifyResult,
     encode_embedding,
     encode_matrix,
-    request_images,
 )
+from producer.contract.wire import request_images
+from worker.inference.decode_checks import DecodeLimits
 from worker.inference.detect import BlazeFace, Face, align, pick, pick_all, square_crop
 from worker.inference.engine import Engine, configure_tensorflow, reduced_precision_policy
 from worker.inference.files import read_shared_file
 from worker.inference.model import load_face_model
-from worker.inference.preprocess import DecodeLimits, PreparedImage, decode_image, preprocess
+from worker.inference.preprocess import PreparedImage, decode_image, preprocess
 from worker.inference.weights import WeightsError, download
 from worker.settings import WorkerSettings
 
 log = structlog.get_logger("arcface.worker")
-Request = Any  # AnyRequest or a gallery request (producer.gallery)
+Request = Any  # AnyRequest or a gallery request (producer.contract.gallery)
 GALLERY_REQUESTS = (EnrollRequest, EnrollBatchRequest, IdentifyRequest, GalleryVerifyRequest, ForgetRequest)
 
 

@@ -10,7 +10,7 @@ from platformdirs import user_cache_dir
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import NoDecode
 
-from producer.defaults import (
+from producer.contract.defaults import (
     DEFAULT_ALLOWED_BATCH_SIZES,
     DEFAULT_DETECT_BATCH_SIZES,
     DEFAULT_INPUT_SCALE,

@@ -19,8 +19,10 @@ import pytest
 import redis
 from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
 
-from producer.client import FaceClient, JobFailed
-from producer.jobs import EMBED_FUNC, JSONSerializer, SafeJob
+from producer.client.face_client import FaceClient
+from producer.contract.errors import JobFailed
+from producer.contract.keys import EMBED_FUNC
+from producer.contract.rqjob import JSONSerializer, SafeJob
 from tests.conftest import REPO, face_paths
 from tests.workers import WorkerProcess
 

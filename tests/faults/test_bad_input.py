@@ -20,8 +20,10 @@ import pytest
 from PIL import Image
 from rq.registry import StartedJobRegistry
 
-from producer.client import FaceClient, JobFailed
-from producer.jobs import EMBED_FUNC, VERIFY_FUNC, ErrorCode
+from producer.client.face_client import FaceClient
+from producer.contract.codes import ErrorCode
+from producer.contract.errors import JobFailed
+from producer.contract.keys import EMBED_FUNC, VERIFY_FUNC
 from producer.settings import ProducerSettings
 from tests.conftest import FACES, face_paths
 from tests.workers import WorkerProcess

@@ -18,9 +18,11 @@ import pytest
 from PIL import Image, ImageOps
 from PIL.PngImagePlugin import PngInfo
 
-from producer.jobs import ErrorCode, JobFailure
+from producer.contract.codes import ErrorCode, JobFailure
 from tests.conftest import REPO
-from worker.inference.decode import BYTES_PER_PIXEL, jpeg_header, jpeg_scans
+from worker.inference.decode import jpeg_header
+from worker.inference.decode_checks import BYTES_PER_PIXEL
+from worker.inference.jpeg import jpeg_scans
 from worker.inference.preprocess import DecodeLimits, decode_image, preprocess
 
 MiB = 1024 * 1024

@@ -27,8 +27,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from producer.client import FaceClient
-from producer.jobs import EMBED_BATCH_FUNC, EMBED_FUNC, JSONSerializer, SafeJob
+from producer.client.face_client import FaceClient
+from producer.contract.keys import EMBED_BATCH_FUNC, EMBED_FUNC
+from producer.contract.rqjob import JSONSerializer, SafeJob
 from producer.settings import ProducerSettings
 from tests.conftest import face_paths
 from tests.faults.fleet_support import (

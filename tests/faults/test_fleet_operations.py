@@ -32,9 +32,10 @@ import redis
 from rq import Retry
 from rq.registry import FailedJobRegistry, FinishedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 
-from producer.client import FaceClient
-from producer.errors import ArcFaceError
-from producer.jobs import EMBED_FUNC, JSONSerializer, SafeJob
+from producer.client.face_client import FaceClient
+from producer.contract.errors import ArcFaceError
+from producer.contract.keys import EMBED_FUNC
+from producer.contract.rqjob import JSONSerializer, SafeJob
 from producer.settings import ProducerSettings
 from tests.conftest import REPO, face_paths
 from tests.redis_server import RedisServer

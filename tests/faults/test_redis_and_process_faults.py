@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 
-from producer.client import FaceClient
-from producer.errors import ModelLoadError
+from producer.client.face_client import FaceClient
+from producer.contract.errors import ModelLoadError
 from producer.settings import ProducerSettings
 from tests.conftest import REPO, face_paths
 from tests.redis_server import RedisServer, free_port

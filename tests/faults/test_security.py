@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from producer.client import FaceClient
-from producer.jobs import JSONSerializer, SafeJob
+from producer.client.face_client import FaceClient
+from producer.contract.rqjob import JSONSerializer, SafeJob
 from producer.settings import ProducerSettings, redact
 from tests.conftest import REPO, face_paths
 from tests.redis_server import RedisServer, free_port

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from producer.jobs import ErrorCode, JobFailure
+from producer.contract.codes import ErrorCode, JobFailure
 from worker.inference import files
 from worker.inference.files import read_shared_file
 

@@ -40,7 +40,7 @@ import structlog
 from rq.suspension import is_suspended
 from rq.worker import SimpleWorker, WorkerStatus
 
-from producer.jobs import JobFailure
+from producer.contract.codes import JobFailure
 from worker.batching.completion import CompletionMixin
 from worker.batching.executing import ExecutionMixin, Item
 from worker.batching.maintenance import MaintenanceMixin

@@ -15,7 +15,8 @@ import numpy as np
 import redis
 import structlog
 
-from producer.jobs import ErrorCode, JobFailure, Timing
+from producer.contract.codes import ErrorCode, JobFailure
+from producer.contract.results import Timing
 from worker.batching.rqfence import (
     Outcome,
     exc_string,

@@ -15,7 +15,9 @@ from typing import Any
 import numpy as np
 import structlog
 
-from producer.jobs import ErrorCode, ImageRef, JobFailure, request_images
+from producer.contract.codes import ErrorCode, JobFailure
+from producer.contract.requests import ImageRef
+from producer.contract.wire import request_images
 from worker.batching.taking import Taken
 from worker.inference.preprocess import PreparedImage
 

@@ -16,7 +16,7 @@ from typing import Any
 import redis
 import structlog
 
-from producer.jobs import ErrorCode, JobFailure
+from producer.contract.codes import ErrorCode, JobFailure
 from worker.batching.rqfence import (
     REDIS_WORKER_KEYS,
     Outcome,

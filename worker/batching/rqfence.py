@@ -35,7 +35,9 @@ from rq.utils import utcformat
 from rq.worker_registration import REDIS_WORKER_KEYS as REDIS_WORKER_KEYS
 from rq.worker_registration import clean_worker_registry as clean_worker_registry
 
-from producer.jobs import ERROR_ENTRY_FIELD, ERROR_META_KEY, JobFailure, JSONSerializer, SafeJob
+from producer.contract.codes import JobFailure
+from producer.contract.keys import ERROR_ENTRY_FIELD, ERROR_META_KEY
+from producer.contract.rqjob import JSONSerializer, SafeJob
 
 JOB_PREFIX = Job.redis_job_namespace_prefix  # "rq:job:"
 
@@ -164,7 +166,7 @@ def failure_entry(
     failure: JobFailure, worker_name: str, execution_id: str | None, started: datetime | None, ended: datetime
 ) -> dict[str, Any]:
     """The result-stream entry rq writes for a failed job (``Result.Type.FAILED``), plus the typed error as data
-    (:data:`~producer.keys.ERROR_ENTRY_FIELD`): a reader of the stream gets the code without the job's meta."""
+    (:data:`~producer.contract.keys.ERROR_ENTRY_FIELD`): a reader of the stream gets the code without the job's meta."""
     entry = {
         "type": Result.Type.FAILED.value,
         "worker_name": worker_name,

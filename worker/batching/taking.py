@@ -14,7 +14,10 @@ from typing import Any
 import numpy as np
 import redis
 
-from producer.jobs import ALLOWED_FUNCTIONS, AnyRequest, ErrorCode, JobFailure, parse_request, request_images
+from producer.contract.codes import ErrorCode, JobFailure
+from producer.contract.keys import ALLOWED_FUNCTIONS
+from producer.contract.requests import AnyRequest
+from producer.contract.wire import parse_request, request_images
 from worker.batching.rqfence import (
     TAKEN_STATUSES,
     TOO_LARGE,

@@ -2,7 +2,7 @@
 current from the events stream, 1:N search as one matrix product per batch of queries, and
 :func:`complete`, which turns a gallery job's embeddings into its result.
 
-Layout and events are described in :mod:`producer.gallery`. Every change (enroll, forget) is one Lua script:
+Layout and events are described in :mod:`producer.contract.gallery`. Every change (enroll, forget) is one Lua script:
 the hashes and sets, the event and its sequence number are written atomically, so
 
 * the data in Redis is the truth and survives any worker (and, with AOF, Redis restarts);
@@ -29,7 +29,7 @@ The rooms, each its own module (this one re-exports their public names):
 
 from __future__ import annotations
 
-from producer.gallery import images_for
+from producer.contract.gallery import images_for
 from worker.gallery.device import DeviceCopy, tf_gpu_available
 from worker.gallery.index import F16_BLOCK_ROWS, PAGE_ROWS, GalleryIndex
 from worker.gallery.jobs import GalleryItem, complete, run_one

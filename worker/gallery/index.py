@@ -11,7 +11,7 @@ page (scores for one page of a 32-query batch: 8 MiB), keeping per query the row
 most the best ``top_k * m`` of each page (``m`` the most enrollments any subject has, which guarantees the top
 ``top_k`` distinct subjects are among them); those candidates are re-scored in float64 and reduced to the
 best row per subject, filtered by the threshold. Reported distances are therefore ``1 - q.e`` in float64,
-the same as :func:`producer.jobs.cosine_distance` (bit-for-bit for float32 galleries). With
+the same as :func:`producer.contract.metric.cosine_distance` (bit-for-bit for float32 galleries). With
 ``device="tf"`` (or ``"auto"`` with a GPU visible to TensorFlow) the product and the top-k run in
 TensorFlow on a copy of the matrix kept on the device (:class:`worker.gallery.device.DeviceCopy`).
 """
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from numpy.typing import DTypeLike
 
-from producer.gallery import Match
+from producer.contract.gallery_results import Match
 
 if TYPE_CHECKING:
     from worker.gallery.device import DeviceCopy

@@ -10,25 +10,29 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from producer.gallery import (
+from producer.contract.codes import ErrorCode, JobFailure
+from producer.contract.gallery import (
     EmbeddingRef,
     EnrollBatchRequest,
-    EnrollBatchResult,
-    Enrolled,
     EnrollRequest,
-    EnrollResult,
     ForgetRequest,
-    ForgetResult,
-    GalleryItemError,
     GalleryVerifyRequest,
     IdentifyRequest,
-    IdentifyResult,
     SubjectRef,
-    VerifySubjectResult,
     enrollment_id_for,
     images_for,
 )
-from producer.jobs import ErrorCode, JobFailure, Timing, VerifyRequest, VerifyResult
+from producer.contract.gallery_results import (
+    EnrollBatchResult,
+    Enrolled,
+    EnrollResult,
+    ForgetResult,
+    GalleryItemError,
+    IdentifyResult,
+    VerifySubjectResult,
+)
+from producer.contract.requests import VerifyRequest
+from producer.contract.results import Timing, VerifyResult
 
 if TYPE_CHECKING:
     from worker.gallery.store import GalleryStore
@@ -86,9 +90,9 @@ def complete(
     ``embeddings``: the job's rows, one per :func:`images_for` image, in that order (rows of failed images are
     ignored: zeros will do). ``failures``: the images that could not be read, decoded or had no face, by index.
     Single-image kinds (and verify) raise their image's failure; ``enroll_batch`` reports failed items in
-    ``errors``. Raises :class:`~producer.jobs.JobFailure` (gallery codes as
-    :class:`~producer.gallery.GalleryFailure`). For a whole batch use :meth:`GalleryStore.complete_batch`, which
-    searches all identify jobs of one gallery with one matrix product.
+    ``errors``. Raises :class:`~producer.contract.codes.JobFailure` (gallery codes
+    as :class:`~producer.contract.gallery.GalleryFailure`). For a whole batch use
+    :meth:`GalleryStore.complete_batch`, which     searches all identify jobs of one gallery with one matrix product.
     """
     if getattr(request, "kind", None) != kind:
         sent = getattr(request, "kind", type(request).__name__)

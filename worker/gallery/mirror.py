@@ -16,7 +16,7 @@ import redis
 import structlog
 from numpy.typing import DTypeLike
 
-from producer.gallery import EVENTS_KEY
+from producer.contract.keys import EVENTS_KEY
 from worker.gallery.device import DeviceCopy
 from worker.gallery.index import GalleryIndex
 from worker.gallery.redis_io import events_position, gallery_names, load_gallery, read_binding, text

@@ -1,7 +1,7 @@
 """The Redis side of enrolled identities: the Lua scripts that write one change (enroll, forget) together with
 its event and sequence number, atomically; what their replies mean; and the reads a worker's store makes (a
 gallery's binding, a whole gallery at start-up, a subject's float32 embeddings). Layout and events are
-described in :mod:`producer.gallery`."""
+described in :mod:`producer.contract.gallery`."""
 
 from __future__ import annotations
 
@@ -15,12 +15,11 @@ import redis
 import structlog
 from numpy.typing import DTypeLike
 
-from producer.gallery import (
+from producer.contract.gallery_results import GalleryErrorCode, GalleryFailure
+from producer.contract.keys import (
     EVENTS_KEY,
     EVENTS_SEQ_KEY,
     GALLERIES_KEY,
-    GalleryErrorCode,
-    GalleryFailure,
     embeddings_key,
     enrollments_key,
     gallery_key,

@@ -15,9 +15,11 @@ import numpy as np
 import redis
 
 import worker.gallery.jobs as gallery_jobs
-from producer.defaults import DEFAULT_THRESHOLD
-from producer.gallery import EVENTS_MAXLEN, GalleryErrorCode, GalleryFailure, Match
-from producer.jobs import JobFailure, Timing
+from producer.contract.codes import JobFailure
+from producer.contract.defaults import DEFAULT_THRESHOLD
+from producer.contract.gallery_results import GalleryErrorCode, GalleryFailure, Match
+from producer.contract.keys import EVENTS_MAXLEN
+from producer.contract.results import Timing
 from worker.gallery.device import DeviceCopy, tf_gpu_available
 from worker.gallery.index import GalleryIndex
 from worker.gallery.mirror import GalleryMirror

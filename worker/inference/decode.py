@@ -53,41 +53,25 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
-from producer.codes import ErrorCode, JobFailure
+from producer.contract.codes import ErrorCode, JobFailure
 from worker.inference.decode_checks import (
-    BYTES_PER_PIXEL,
-    DEFAULT_FORMATS,
     DEFAULT_LIMITS,
-    WEBP_BYTES_PER_PIXEL,
     DecodeLimits,
     check_size,
-    sniff_format,
     webp_size,
 )
 from worker.inference.decode_checks import check_format as _sniff
-from worker.inference.decode_checks import check_memory as _check_memory  # noqa: F401 - importable from here as before
 from worker.inference.decode_checks import check_webp as _check_webp
 from worker.inference.jpeg import FAST_JPEG as _FAST_JPEG
-from worker.inference.jpeg import JpegHeader, jpeg_header, jpeg_scans
 from worker.inference.jpeg import check_jpeg as _check_jpeg
 from worker.inference.jpeg import decode_plain_jpeg as _decode_plain_jpeg
 from worker.inference.jpeg import decode_tensorflow as _decode_tensorflow
+from worker.inference.jpeg import jpeg_header
 
 __all__ = [
-    "BYTES_PER_PIXEL",
-    "DEFAULT_FORMATS",
-    "DEFAULT_LIMITS",
-    "WEBP_BYTES_PER_PIXEL",
-    "DecodeLimits",
     "Decoded",
-    "JpegHeader",
-    "check_size",
-    "jpeg_header",
-    "jpeg_scans",
     "open_image",
     "orient",
-    "sniff_format",
-    "webp_size",
 ]
 
 # Images over the limit are refused by our own check with a clear message; Pillow's warning for sizes between

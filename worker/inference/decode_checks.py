@@ -7,8 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from producer.codes import ErrorCode, JobFailure
-from producer.defaults import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
+from producer.contract.codes import ErrorCode, JobFailure
+from producer.contract.defaults import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
 
 DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
 BYTES_PER_PIXEL = 4  # the decode memory budget is this x max_pixels

@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from producer.defaults import DEFAULT_DETECT_BATCH_SIZES
+from producer.contract.defaults import DEFAULT_DETECT_BATCH_SIZES
 from worker.inference.tfjs_graph import TfjsGraphModel
 
 SIZE = 128

@@ -15,11 +15,11 @@ from typing import Iterable, Sequence
 import numpy as np
 import tensorflow as tf
 
-from producer.defaults import DEFAULT_ALLOWED_BATCH_SIZES
-from producer.results import cosine_distance
-from worker.inference.decode import DEFAULT_LIMITS
+from producer.contract.defaults import DEFAULT_ALLOWED_BATCH_SIZES
+from producer.contract.metric import cosine_distance
+from worker.inference.decode_checks import DEFAULT_LIMITS, DecodeLimits
 from worker.inference.model import FaceModel
-from worker.inference.preprocess import DecodeLimits, preprocess
+from worker.inference.preprocess import preprocess
 
 
 def configure_tensorflow(intra_op_threads: int = 0, inter_op_threads: int = 0) -> list[str]:

@@ -26,7 +26,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
-from producer.codes import ErrorCode, JobFailure
+from producer.contract.codes import ErrorCode, JobFailure
 
 # openat2(2): <linux/openat2.h>. The syscall number is 437 on every architecture that uses the generic table
 # (aarch64) and on x86_64; other machines use the component walk.
@@ -167,7 +167,7 @@ def _read_limited(fd: int, size: int, limit: int) -> bytes:
 def read_shared_file(root: Path | None, relative: str, limit: int) -> bytes:
     """The bytes of the regular file ``relative`` names under ``root``, read from one descriptor.
 
-    Raises :class:`~producer.jobs.JobFailure`: ``path_not_allowed`` for a path that is absolute, contains
+    Raises :class:`~producer.contract.codes.JobFailure`: ``path_not_allowed`` for a path that is absolute, contains
     ``..`` or NUL, passes through or ends in a symlink (even one pointing inside the root), does not exist,
     cannot be opened or is not a regular file (FIFO, socket, device, directory); ``image_too_large`` when the
     file has, or grows to, more than ``limit`` bytes. Never blocks on a FIFO; never reads more than

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from producer.codes import ErrorCode, JobFailure
+from producer.contract.codes import ErrorCode, JobFailure
 from worker.inference.decode_checks import BYTES_PER_PIXEL, DecodeLimits, check_memory, check_size
 
 _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}

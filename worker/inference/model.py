@@ -19,7 +19,7 @@ import keras
 import numpy as np
 from keras import layers
 
-from producer.defaults import DEFAULT_INPUT_SCALE, DEFAULT_THRESHOLD
+from producer.contract.defaults import DEFAULT_INPUT_SCALE, DEFAULT_THRESHOLD
 from worker.inference.weights import WeightsError, assign_weights, read_keras_h5_weights, read_tfjs_weights
 
 INPUT_SIZE = 112

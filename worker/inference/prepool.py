@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import structlog
 
-from producer.codes import ErrorCode, JobFailure
+from producer.contract.codes import ErrorCode, JobFailure
 from worker.inference.decode_checks import DecodeLimits
 from worker.inference.prepool_child import STARTING, model_input
 from worker.inference.prepool_ipc import Answer, Child, Work, parse_answers

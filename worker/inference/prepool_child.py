@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from producer.codes import ErrorCode, JobFailure, inline_bytes
+from producer.contract.codes import ErrorCode, JobFailure, inline_bytes
 from worker.inference.decode_checks import DecodeLimits
 from worker.inference.files import read_shared_file
 from worker.inference.preprocess import preprocess

@@ -18,7 +18,7 @@ from concurrent.futures import Future
 from multiprocessing.connection import Connection
 from typing import Any
 
-from producer.codes import ErrorCode
+from producer.contract.codes import ErrorCode
 from worker.inference.prepool_child import STARTING
 
 Answer = tuple[int, float, tuple[ErrorCode, str] | None]

@@ -36,14 +36,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from producer.codes import ErrorCode, JobFailure
-from worker.inference.decode import (
-    DEFAULT_LIMITS,
-    Decoded,
-    DecodeLimits,
-    open_image,
-    orient,
-)
+from producer.contract.codes import ErrorCode, JobFailure
+from worker.inference.decode import Decoded, open_image, orient
+from worker.inference.decode_checks import DEFAULT_LIMITS, DecodeLimits
 
 if TYPE_CHECKING:
     from worker.inference.detect import Face
@@ -64,7 +59,6 @@ class PreparedImage:
 
 
 __all__ = [
-    "DecodeLimits",
     "PreparedImage",
     "as_rgb_array",
     "decode_image",

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from producer.errors import ModelLoadError
+from producer.contract.errors import ModelLoadError
 
 
 class WeightsError(ModelLoadError, RuntimeError):

@@ -2,7 +2,7 @@
 
 :func:`register` adds them to the main parser's subparsers; :func:`handle` runs one (errors are raised as the
 producer library's exceptions, which ``producer.cli`` turns into its exit codes). :func:`run` is a standalone
-entry point with the same exit codes (``python -m producer.gallery_cli ...``)::
+entry point with the same exit codes (``python -m producer.cli.gallery ...``)::
 
     arcface-producer enroll alice alice.jpg --gallery staff --wait     # one image (or several: one enroll_batch job)
     arcface-producer enroll --folder photos/ --out enrolled.csv --gallery staff   # photos/<subject>/<image>, resumable
@@ -21,22 +21,23 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from producer.cli_common import (
+from producer.cli.common import (
     PROG,
-    _Parser,
-    _positive_int,
-    _ref,
-    _threshold,
+    Parser,
     add_command,
     add_image_options,
     add_json,
     add_wait,
+    bounded_text,
+    positive_int_argument,
+    print_verify,
     report,
+    threshold_argument,
 )
-from producer.errors import EXIT_FAILED, EXIT_OK
+from producer.contract.errors import EXIT_FAILED, EXIT_OK
 
 if TYPE_CHECKING:
-    from producer.client import FaceClient
+    from producer.client.face_client import FaceClient
 
 # Each gallery command's line in the command list, and the description atop its own --help.
 COMMANDS = {
@@ -64,9 +65,14 @@ def register(sub: Any) -> None:
     _add_enroll(sub)
     i = add_command(sub, "identify", COMMANDS)
     i.add_argument("image", help="image file")
-    i.add_argument("--top-k", type=_positive_int, default=5, help="subjects to return at most (default 5, at most 100)")
     i.add_argument(
-        "--threshold", type=_threshold, default=None, help="keep subjects within this distance (default: the worker's)"
+        "--top-k", type=positive_int_argument, default=5, help="subjects to return at most (default 5, at most 100)"
+    )
+    i.add_argument(
+        "--threshold",
+        type=threshold_argument,
+        default=None,
+        help="keep subjects within this distance (default: the worker's)",
     )
     _common(i)
     _image_options(i)
@@ -76,7 +82,7 @@ def register(sub: Any) -> None:
     _common(f)
     g = add_command(sub, "gallery", COMMANDS)
     g.add_argument("name", nargs="?", help="a gallery")
-    g.add_argument("--limit", type=_positive_int, default=None, help="list at most this many subjects")
+    g.add_argument("--limit", type=positive_int_argument, default=None, help="list at most this many subjects")
     g.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
@@ -84,7 +90,7 @@ def _common(sp: argparse.ArgumentParser) -> None:
     add_json(sp)
     sp.add_argument("--gallery", default="default", help="gallery name (default: default)")
     add_wait(sp)
-    sp.add_argument("--ref", type=_ref, default=None, help="client reference, echoed in the result")
+    sp.add_argument("--ref", type=bounded_text, default=None, help="client reference, echoed in the result")
 
 
 def _image_options(sp: argparse.ArgumentParser) -> None:
@@ -114,11 +120,11 @@ def _add_enroll(sub: Any) -> None:
     e.add_argument("--out", default=None, help="with --folder: a CSV of one row per image")
     e.add_argument(
         "--per-job",
-        type=_positive_int,
+        type=positive_int_argument,
         default=32,
         help="with --folder: images per enroll_batch job (default 32; 1 = enroll jobs)",
     )
-    e.add_argument("--window", type=_positive_int, default=8, help="with --folder: jobs in flight (default 8)")
+    e.add_argument("--window", type=positive_int_argument, default=8, help="with --folder: jobs in flight (default 8)")
     e.add_argument(
         "--shared-root",
         action="store_true",
@@ -130,8 +136,8 @@ def _add_enroll(sub: Any) -> None:
 
 
 def _invalid(message: str) -> Exception:
-    from producer.errors import InputError
-    from producer.jobs import ErrorCode
+    from producer.contract.codes import ErrorCode
+    from producer.contract.errors import InputError
 
     return InputError(ErrorCode.INVALID_PAYLOAD, message)
 
@@ -149,7 +155,7 @@ def _meta(args: argparse.Namespace) -> dict[str, Any] | None:
 
 
 def _enroll(client: FaceClient, args: argparse.Namespace, options: dict[str, Any]) -> None:
-    from producer import gallery_client as gc
+    from producer.client import gallery as gc
 
     if not args.subject or not args.images:
         raise _invalid("enroll needs SUBJECT and at least one IMAGE (or --folder ROOT --out CSV)")
@@ -166,7 +172,7 @@ def _enroll(client: FaceClient, args: argparse.Namespace, options: dict[str, Any
 
 def _enqueue(client: FaceClient, args: argparse.Namespace, job_id: str) -> None:
     """Enqueue the enroll, identify or forget job under ``job_id``."""
-    from producer import gallery_client as gc
+    from producer.client import gallery as gc
 
     if args.command == "forget":
         gc.forget(client, args.subject, args.gallery, enrollment_id=args.enrollment_id, ref=args.ref, job_id=job_id)
@@ -177,15 +183,15 @@ def _enqueue(client: FaceClient, args: argparse.Namespace, job_id: str) -> None:
     elif args.command == "identify":
         gc.identify(client, args.image, args.gallery, args.top_k, threshold=args.threshold, **options)
     else:
-        from producer.errors import InputError
-        from producer.jobs import ErrorCode
+        from producer.contract.codes import ErrorCode
+        from producer.contract.errors import InputError
 
         raise InputError(ErrorCode.UNSUPPORTED_JOB, f"{args.command!r} is not a gallery command")
 
 
 def handle(args: argparse.Namespace, client: FaceClient, state: Any = None) -> int:
     """Run one gallery subcommand with ``client``; ``state`` (``producer.cli``'s) learns the job id for Ctrl-C."""
-    from producer import gallery_client as gc
+    from producer.client import gallery as gc
 
     if args.command == "gallery":
         return _list(client, args)
@@ -247,7 +253,6 @@ def _print_forget(job_id: str, result: Any) -> None:
 
 
 def _print_verify(job_id: str, result: Any) -> None:
-    from producer.cli import print_verify
 
     whom = (
         f" as {result.subject} (gallery {result.gallery}, closest of {result.enrollments})"
@@ -280,7 +285,7 @@ def print_result(job_id: str, result: Any, as_json: bool) -> None:
 
 # --- listing and folders -----------------------------------------------------------------------------------
 def _list(client: FaceClient, args: argparse.Namespace) -> int:
-    from producer import gallery_client as gc
+    from producer.client import gallery as gc
 
     if args.name is None:
         galleries = gc.list_galleries(client)
@@ -302,18 +307,18 @@ def _list(client: FaceClient, args: argparse.Namespace) -> int:
 
 
 def _folder(client: FaceClient, args: argparse.Namespace) -> int:
-    from producer import gallery_client as gc
+    from producer.bulk import enroll as bulk
 
     if args.out is None:
         raise _invalid("enroll --folder needs --out CSV (one row per image; rerun with it to resume)")
     if args.subject or args.images:
         raise _invalid("enroll --folder takes the subjects from the folder names: give no SUBJECT or IMAGE")
-    options = gc.BulkEnrollOptions(
+    options = bulk.BulkEnrollOptions(
         gallery=args.gallery, per_job=args.per_job, window=args.window, shared_root=args.shared_root, detect=args.detect
     )
-    total = len(gc.scan_folder(Path(args.folder)))
-    progress = None if (args.quiet or args.json) else gc.progress_printer(total)
-    stats = gc.bulk_enroll(client, Path(args.folder), Path(args.out), options, on_progress=progress)
+    total = len(bulk.scan_folder(Path(args.folder)))
+    progress = None if (args.quiet or args.json) else bulk.progress_printer(total)
+    stats = bulk.bulk_enroll(client, Path(args.folder), Path(args.out), options, on_progress=progress)
     if progress is not None:
         print(file=sys.stderr)
     names = ("images", "skipped", "enrolled", "already", "failed")
@@ -331,11 +336,11 @@ def _folder(client: FaceClient, args: argparse.Namespace) -> int:
 
 def run(argv: Sequence[str] | None = None) -> int:
     """Parse and run one gallery subcommand; returns the exit code (as ``arcface-producer``)."""
-    parser = _Parser(prog=PROG, description="Gallery commands of arcface-producer.")
-    register(parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser))
+    parser = Parser(prog=PROG, description="Gallery commands of arcface-producer.")
+    register(parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser))
     args = parser.parse_args(argv)
-    from producer.client import FaceClient
-    from producer.errors import ArcFaceError
+    from producer.client.face_client import FaceClient
+    from producer.contract.errors import ArcFaceError
     from producer.settings import ProducerSettings, configure_logging, load_settings
 
     try:

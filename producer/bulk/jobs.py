@@ -8,12 +8,13 @@ from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from producer.client import FaceClient
-from producer.errors import InputError, JobFailed, JobNotFound, ResultTimeout
-from producer.jobs import EmbedBatchRequest, EmbedRequest, ErrorCode, JobError
+from producer.client.face_client import FaceClient
+from producer.contract.codes import ErrorCode, JobError
+from producer.contract.errors import InputError, JobFailed, JobNotFound, ResultTimeout
+from producer.contract.requests import EmbedBatchRequest, EmbedRequest
 
 if TYPE_CHECKING:
-    from producer.bulk import BulkOptions, BulkStats, _Sidecar
+    from producer.bulk.run import BulkOptions, BulkStats, Sidecar
 
 
 class EmbedJobs:
@@ -21,7 +22,7 @@ class EmbedJobs:
     interrupted run left queued, or enqueued (in chunks of ``options.chunk``, one ``enqueue_many`` each);
     results are collected oldest first."""
 
-    def __init__(self, client: FaceClient, options: BulkOptions, side: _Sidecar, stats: BulkStats) -> None:
+    def __init__(self, client: FaceClient, options: BulkOptions, side: Sidecar, stats: BulkStats) -> None:
         self.client, self.options, self.side, self.stats = client, options, side, stats
         self.in_flight: dict[str, str] = {}  # image key -> job id
         self.order: deque[str] = deque()  # keys in submission order

@@ -1,7 +1,7 @@
 """The keyword options every enqueueing call takes (:class:`JobOptions`), and :func:`build`, which makes a
-contract model from keyword fields and turns pydantic's refusal into an :class:`~producer.errors.InputError`.
+contract model from keyword fields and turns pydantic's refusal into an :class:`~producer.contract.errors.InputError`.
 
-Used by :class:`~producer.client.FaceClient` and :mod:`producer.gallery_client`; ``producer.client``
+Used by :class:`~producer.client.FaceClient` and :mod:`producer.client.gallery`; ``producer.client``
 re-exports :class:`JobOptions`.
 """
 
@@ -12,8 +12,8 @@ from typing import Any, TypedDict, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from producer.errors import InputError
-from producer.jobs import ErrorCode
+from producer.contract.codes import ErrorCode
+from producer.contract.errors import InputError
 
 M = TypeVar("M", bound=BaseModel)
 

@@ -15,13 +15,13 @@ ENROLL_FUNC = "worker.jobs.enroll"
 ENROLL_BATCH_FUNC = "worker.jobs.enroll_batch"
 IDENTIFY_FUNC = "worker.jobs.identify"
 FORGET_FUNC = "worker.jobs.forget"
-# The gallery kinds (producer.gallery); verify also takes a subject or an embedding there.
+# The gallery kinds (producer.contract.gallery); verify also takes a subject or an embedding there.
 GALLERY_FUNCTIONS = frozenset({ENROLL_FUNC, ENROLL_BATCH_FUNC, IDENTIFY_FUNC, FORGET_FUNC})
 ALLOWED_FUNCTIONS = frozenset({EMBED_FUNC, VERIFY_FUNC, EMBED_BATCH_FUNC, VERIFY_BATCH_FUNC}) | GALLERY_FUNCTIONS
 ERROR_META_KEY = "error"  # job.meta[...] holds {"code", "message"} of a failed job
 ERROR_ENTRY_FIELD = "error"  # the same JSON in a failed job's result-stream entry (a field rq does not read)
-SERIALIZER = "producer.jobs.JSONSerializer"  # dotted path, for `rq worker --serializer`
-JOB_CLASS = "producer.jobs.SafeJob"  # dotted path, for `rq worker --job-class`
+SERIALIZER = "producer.contract.rqjob.JSONSerializer"  # dotted path, for `rq worker --serializer`
+JOB_CLASS = "producer.contract.rqjob.SafeJob"  # dotted path, for `rq worker --job-class`
 # + queue: JSON {"model","dim","threshold","input_size","detect","started_at"}, set by workers.
 MODEL_INFO_PREFIX = "arcface:model:"
 
@@ -31,7 +31,7 @@ def model_info_key(queue: str) -> str:
     return MODEL_INFO_PREFIX + queue
 
 
-# --- enrolled identities (see producer.gallery) ------------------------------------------------------------
+# --- enrolled identities (see producer.contract.gallery) ------------------------------------------------------------
 GALLERIES_KEY = "arcface:galleries"
 GALLERY_KEY_PREFIX = "arcface:gallery:"
 EVENTS_KEY = "arcface:gallery-events"

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from producer.errors import ArcFaceError
+from producer.contract.errors import ArcFaceError
 
 _TRUE = {"1", "yes", "true", "same", "y", "t"}
 _FALSE = {"0", "no", "false", "different", "n", "f", "diff"}

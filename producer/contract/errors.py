@@ -22,7 +22,7 @@ The exit codes of both command-line programs (``arcface-producer``, ``arcface-wo
 
 from __future__ import annotations
 
-from producer.codes import ErrorCode, JobError
+from producer.contract.codes import ErrorCode, JobError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT, EXIT_REDIS, EXIT_MODEL, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 5, 130
 
@@ -50,7 +50,7 @@ class ConfigError(ArcFaceError, ValueError):
 
 class InputError(ArcFaceError, ValueError):
     """A request the client cannot send (missing file, too large, unsupported type, a value outside the
-    contract); ``code`` is the :class:`~producer.jobs.ErrorCode` a worker would have failed it with."""
+    contract); ``code`` is the :class:`~producer.contract.codes.ErrorCode` a worker would have failed it with."""
 
     exit_code = EXIT_USAGE
 
@@ -76,7 +76,8 @@ class ResultNotKept(JobNotFound):
 
 
 class JobFailed(ArcFaceError):
-    """The job ran and failed; ``code`` (also ``error.code``) is its stable :class:`~producer.jobs.ErrorCode`."""
+    """The job ran and failed; ``code`` (also ``error.code``) is its stable
+    :class:`~producer.contract.codes.ErrorCode`."""
 
     exit_code = EXIT_FAILED
 

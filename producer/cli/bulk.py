@@ -11,14 +11,14 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from producer.cli_common import _err, _positive_int, _seconds, _threshold, add_json
-from producer.defaults import DEFAULT_BULK_WINDOW
-from producer.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from producer.cli.common import add_json, positive_int_argument, print_error, seconds_argument, threshold_argument
+from producer.contract.defaults import DEFAULT_BULK_WINDOW
+from producer.contract.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 
 if TYPE_CHECKING:
-    from producer.bulk import BulkStats
-    from producer.client import FaceClient
-    from producer.evaluation import Summary
+    from producer.bulk.evaluation import Summary
+    from producer.bulk.run import BulkStats
+    from producer.client.face_client import FaceClient
     from producer.settings import ProducerSettings
 
 
@@ -48,7 +48,7 @@ def register(sub: Any) -> None:
     )
     bk.add_argument(
         "--threshold",
-        type=_threshold,
+        type=threshold_argument,
         default=None,
         help="similar when distance <= this, 0..2 (default: the threshold the workers publish for their model)",
     )
@@ -59,13 +59,13 @@ def _add_run_options(bk: argparse.ArgumentParser) -> None:
     """How the run sends and waits for its images, and what it prints."""
     bk.add_argument(
         "--window",
-        type=_positive_int,
+        type=positive_int_argument,
         default=DEFAULT_BULK_WINDOW,
         help=f"images in flight at most (default {DEFAULT_BULK_WINDOW})",
     )
     bk.add_argument(
         "--images-per-job",
-        type=_positive_int,
+        type=positive_int_argument,
         default=64,
         help="images per embed_batch job (default 64; 1 = one embed job per image)",
     )
@@ -80,7 +80,7 @@ def _add_run_options(bk: argparse.ArgumentParser) -> None:
     )
     bk.add_argument(
         "--timeout",
-        type=_seconds,
+        type=seconds_argument,
         default=600.0,
         metavar="S",
         help="seconds to wait for one image's embedding (default 600)",
@@ -91,8 +91,8 @@ def _add_run_options(bk: argparse.ArgumentParser) -> None:
 
 def _check(settings: ProducerSettings, args: argparse.Namespace) -> None:
     """Everything that can be refused is refused here, before one job is enqueued."""
-    from producer.bulk import BulkError, check_output_path, check_plot_available
-    from producer.pairs import PairFile
+    from producer.bulk.output import BulkError, check_output_path, check_plot_available
+    from producer.bulk.pairs import PairFile
 
     check_output_path(Path(args.out), "--out")
     if args.plot:
@@ -113,12 +113,13 @@ def _check(settings: ProducerSettings, args: argparse.Namespace) -> None:
 
 def handle(client: FaceClient, settings: ProducerSettings, args: argparse.Namespace) -> int:
     """Run ``bulk``: exit 0 when every pair was verified, 1 when some failed, 2 when only the plot failed."""
-    from producer.bulk import BulkOptions, plot, resolve_threshold, run_bulk
+    from producer.bulk.output import plot
+    from producer.bulk.run import BulkOptions, resolve_threshold, run_bulk
 
     _check(settings, args)
     threshold, source = resolve_threshold(client, args.threshold)
     if args.threshold is None and not args.json and not args.quiet:
-        _err(f"threshold {threshold:g} from {source} (--threshold to choose)")
+        print_error(f"threshold {threshold:g} from {source} (--threshold to choose)")
     options = BulkOptions(
         root=Path(args.root) if args.root else None,
         shared_root=args.shared_root,
@@ -139,7 +140,7 @@ def handle(client: FaceClient, settings: ProducerSettings, args: argparse.Namesp
             plot_error = f"--plot {args.plot}: {type(exc).__name__}: {exc}"
     _print_summary(args, stats, summary, (threshold, source), plot_error)
     if plot_error:
-        _err(plot_error)
+        print_error(plot_error)
         return EXIT_USAGE
     return EXIT_FAILED if summary.failed else EXIT_OK
 

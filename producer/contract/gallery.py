@@ -1,7 +1,7 @@
 """The enrolled-identities contract: gallery key names in Redis, the events stream, job kinds (``enroll``,
 ``identify``, ``verify`` against a subject or an embedding, ``forget``), typed results and error codes.
 
-Like :mod:`producer.jobs`, nothing here imports TensorFlow or rq's worker side.
+Like :mod:`producer.contract.wire`, nothing here imports TensorFlow or rq's worker side.
 
 Data model. A *gallery* (a name) is bound to one model name and embedding dimension by its first enrollment;
 it holds *subjects* (any id string: a user id, an e-mail); a subject holds one or more *enrollments*, each an
@@ -52,47 +52,18 @@ from typing import Annotated, Any, Literal, Union
 import numpy as np
 from pydantic import AfterValidator, Field, field_validator
 
-from producer.codes import ErrorCode, JobFailure
-from producer.gallery_results import (
-    AnyErrorCode,
-    EnrollBatchResult,
-    Enrolled,
-    EnrollResult,
-    ForgetResult,
-    GalleryErrorCode,
-    GalleryFailure,
-    GalleryInfo,
-    GalleryItemError,
-    GalleryJobError,
-    GalleryResult,
-    IdentifyResult,
-    Match,
-    SubjectInfo,
-    VerifySubjectResult,
-    error_code,
-    parse_gallery_result,
-)
-from producer.keys import (
+from producer.contract.codes import ErrorCode, JobFailure
+from producer.contract.keys import (
     DEFAULT_GALLERY,
     ENROLL_BATCH_FUNC,
     ENROLL_FUNC,
-    EVENTS_KEY,
-    EVENTS_MAXLEN,
-    EVENTS_SEQ_KEY,
     FORGET_FUNC,
-    GALLERIES_KEY,
-    GALLERY_FUNCTIONS,
     IDENTIFY_FUNC,
     VERIFY_FUNC,
-    embeddings_key,
-    enrollments_key,
-    gallery_key,
-    subject_key,
-    subjects_key,
 )
-from producer.requests import ImageRef, RequestBase, StrictModel, check_arguments, validate_payload
+from producer.contract.requests import ImageRef, RequestBase, StrictModel, check_arguments, validate_payload
 
-# --- job functions: ENROLL_FUNC, ENROLL_BATCH_FUNC, ... are in producer.jobs (one allow-list) ----------------
+# --- job functions: ENROLL_FUNC, ENROLL_BATCH_FUNC, ... are in producer.contract.wire (one allow-list) ----------------
 MAX_ENROLL_ITEMS = 1024  # contract ceiling of one enroll_batch job (workers may enforce a lower images-per-job limit)
 
 
@@ -221,7 +192,8 @@ class IdentifyRequest(_GalleryField, RequestBase):
 
 
 class GalleryVerifyRequest(RequestBase):
-    """``verify`` with ``b`` widened: an image (pairwise verify, as :class:`producer.jobs.VerifyRequest`), an
+    """``verify`` with ``b`` widened: an image (pairwise verify, as
+    :class:`producer.contract.requests.VerifyRequest`), an
     enrolled subject (:class:`SubjectRef`) or an embedding (:class:`EmbeddingRef`). Not a subclass of
     ``VerifyRequest``: code that takes ``b`` of a ``VerifyRequest`` for an image must never get a subject."""
 
@@ -272,7 +244,7 @@ def gallery_func_for(request: GalleryRequest) -> str:
 
 def parse_gallery_request(func_name: str | None, args: Any, kwargs: Any) -> GalleryRequest:
     """Validate an rq job of a gallery kind (or a verify job, with ``b`` widened); same rules and codes as
-    :func:`producer.jobs.parse_request`."""
+    :func:`producer.contract.wire.parse_request`."""
     model = _MODEL_FOR_FUNC.get(func_name or "")
     if model is None:
         raise JobFailure(
@@ -298,50 +270,18 @@ def images_for(request: Any) -> list[ImageRef]:
 
 
 __all__ = [
-    "AnyErrorCode",
     "GalleryRequest",
-    "GalleryResult",
     "VerifyTarget",
-    "DEFAULT_GALLERY",
-    "ENROLL_BATCH_FUNC",
     "EnrollBatchRequest",
-    "EnrollBatchResult",
     "EnrollItem",
-    "Enrolled",
-    "GalleryItemError",
     "MAX_ENROLL_ITEMS",
-    "EVENTS_KEY",
-    "EVENTS_MAXLEN",
-    "EVENTS_SEQ_KEY",
-    "GALLERIES_KEY",
-    "ENROLL_FUNC",
-    "IDENTIFY_FUNC",
-    "FORGET_FUNC",
-    "GALLERY_FUNCTIONS",
     "EmbeddingRef",
     "EnrollRequest",
-    "EnrollResult",
     "ForgetRequest",
-    "ForgetResult",
-    "GalleryErrorCode",
-    "GalleryFailure",
-    "GalleryInfo",
-    "GalleryJobError",
     "GalleryVerifyRequest",
     "IdentifyRequest",
-    "IdentifyResult",
-    "Match",
-    "SubjectInfo",
     "SubjectRef",
-    "VerifySubjectResult",
-    "embeddings_key",
-    "enrollments_key",
-    "error_code",
-    "gallery_key",
     "enrollment_id_for",
     "images_for",
     "parse_gallery_request",
-    "parse_gallery_result",
-    "subject_key",
-    "subjects_key",
 ]

@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from producer.errors import ArcFaceError
-from producer.evaluation import Summary, summarise
-from producer.pairs import PairFile
+from producer.bulk.evaluation import Summary, summarise
+from producer.bulk.pairs import PairFile
+from producer.contract.errors import ArcFaceError
 
 if TYPE_CHECKING:
-    from producer.bulk import BulkStats
+    from producer.bulk.run import BulkStats
 
 
 class BulkError(ArcFaceError):

@@ -1,8 +1,8 @@
 """The error vocabulary of the job contract: the stable codes a failed job (or a failed item of a
 multi-item job) carries, and the ``{"code", "message"}`` record a failure is stored as.
 
-Also :class:`JobFailure`, the exception worker code raises with a code. Imported by :mod:`producer.jobs` (which
-re-exports these names) and :mod:`producer.results`; it imports
+Also :class:`JobFailure`, the exception worker code raises with a code. Imported by :mod:`producer.contract.wire` (which
+re-exports these names) and :mod:`producer.contract.results`; it imports
 nothing of the project, so neither needs the other to load.
 """
 

@@ -1,8 +1,9 @@
 """Image inputs of the producer: whatever a caller passes as an image, turned into the contract's
-:class:`~producer.jobs.ImageRef` (inline bytes, or a path under the shared root), checked before it is sent.
+:class:`~producer.contract.requests.ImageRef` (inline bytes, or a path under the shared root), checked before it is
+sent.
 
 :class:`~producer.client.FaceClient` uses :func:`image_ref`; everything it raises is an
-:class:`~producer.errors.InputError` whose ``code`` is the one a worker would have failed the job with.
+:class:`~producer.contract.errors.InputError` whose ``code`` is the one a worker would have failed the job with.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from typing import TYPE_CHECKING, Any, Union, cast
 
 import numpy as np
 
-from producer.errors import InputError
-from producer.jobs import ErrorCode, ImageRef, JobFailure, resolve_shared_path
+from producer.contract.codes import ErrorCode, JobFailure
+from producer.contract.errors import InputError
+from producer.contract.requests import ImageRef
+from producer.contract.wire import resolve_shared_path
 
 if TYPE_CHECKING:
     from PIL.Image import Image as PILImage

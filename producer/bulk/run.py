@@ -32,25 +32,19 @@ from typing import IO, Any
 
 import numpy as np
 
-from producer.bulk_io import (
+from producer.bulk.evaluation import Summary
+from producer.bulk.jobs import EmbedJobs
+from producer.bulk.output import (
     BulkError,
     Progress,
     check_output_path,
-    check_plot_available,
-    plot,
-    read_results,
     summary_from_output,
 )
-from producer.bulk_jobs import EmbedJobs
-from producer.client import FaceClient
-from producer.defaults import DEFAULT_BULK_WINDOW, DEFAULT_THRESHOLD
-from producer.evaluation import Summary
-from producer.jobs import (
-    cosine_distance,
-    decode_embedding,
-    encode_embedding,
-)
-from producer.pairs import Pair, PairFile
+from producer.bulk.pairs import Pair, PairFile
+from producer.client.face_client import FaceClient
+from producer.contract.defaults import DEFAULT_BULK_WINDOW, DEFAULT_THRESHOLD
+from producer.contract.metric import cosine_distance
+from producer.contract.results import decode_embedding, encode_embedding
 
 COLUMNS = ["a", "b", "label", "distance", "similar", "error", "message"]
 
@@ -111,7 +105,7 @@ def resolve_threshold(client: FaceClient, given: float | None) -> tuple[float, s
     )
 
 
-class _Sidecar:
+class Sidecar:
     """Embeddings and queued job ids by image key, appended to ``<out>.embeddings.jsonl`` as they happen."""
 
     def __init__(self, path: Path, params: dict[str, Any]) -> None:
@@ -205,7 +199,7 @@ class BulkRun:
         :class:`BulkInterrupted` on Ctrl-C (the rows so far stay, queued jobs are in the sidecar)."""
         start = time.monotonic()
         total = self.pairs.validate()  # broken lines are reported before anything is enqueued
-        side = _Sidecar(self.sidecar_path, self._params())
+        side = Sidecar(self.sidecar_path, self._params())
         jobs = EmbedJobs(self.client, self.options, side, self.stats)
         try:
             with self.out.open("w", newline="") as f:
@@ -231,7 +225,7 @@ class _Rows:
     """The results CSV of a run: pairs wait (at most ``max_pending_pairs``) until both embeddings are in,
     then are written in file order."""
 
-    def __init__(self, run: BulkRun, f: IO[str], side: _Sidecar, jobs: EmbedJobs, total: int) -> None:
+    def __init__(self, run: BulkRun, f: IO[str], side: Sidecar, jobs: EmbedJobs, total: int) -> None:
         self.run, self.f, self.side, self.jobs, self.total = run, f, side, jobs, total
         self.stats, self.options = run.stats, run.options
         self.writer = csv.writer(f)
@@ -300,18 +294,10 @@ def run_bulk(
 
 __all__ = [
     "COLUMNS",
-    "DEFAULT_THRESHOLD",
-    "BulkError",
     "BulkInterrupted",
     "BulkOptions",
     "BulkRun",
     "BulkStats",
-    "Progress",
-    "check_output_path",
-    "check_plot_available",
-    "plot",
-    "read_results",
     "resolve_threshold",
     "run_bulk",
-    "summary_from_output",
 ]

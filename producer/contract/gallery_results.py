@@ -1,7 +1,7 @@
 """The typed results and errors of the gallery jobs (what :func:`parse_gallery_result` reads back from rq's
 result stream, what a failed gallery job stores) and the listing records (:class:`GalleryInfo`, :class:`SubjectInfo`).
 
-:mod:`producer.gallery` re-exports every name, so ``from producer.gallery import EnrollResult`` keeps working.
+:mod:`producer.contract.gallery` re-exports every name.
 """
 
 from __future__ import annotations
@@ -11,16 +11,16 @@ from typing import TYPE_CHECKING, Any, Literal, Union
 
 from pydantic import BaseModel, Field
 
-from producer.codes import ErrorCode, JobFailure
-from producer.errors import JobNotFound
-from producer.results import ItemError, ItemsResult, ResultBase, VerifyResult
+from producer.contract.codes import ErrorCode, JobFailure
+from producer.contract.errors import JobNotFound
+from producer.contract.results import ItemError, ItemsResult, ResultBase, VerifyResult
 
 if TYPE_CHECKING:
-    from producer.client import FaceClient
+    from producer.client.face_client import FaceClient
 
 
 class GalleryErrorCode(str, enum.Enum):
-    """Error codes of the gallery jobs (to be merged into :class:`producer.jobs.ErrorCode`)."""
+    """Error codes of the gallery jobs (to be merged into :class:`producer.contract.codes.ErrorCode`)."""
 
     UNKNOWN_GALLERY = "unknown_gallery"
     UNKNOWN_SUBJECT = "unknown_subject"
@@ -166,8 +166,8 @@ _GALLERY_RESULTS = (EnrollResult, EnrollBatchResult, IdentifyResult, VerifyResul
 
 def result(client: FaceClient, job_id: str, timeout: float | None = None) -> GalleryResult:
     """Block until a gallery job (or a verify job) finishes and return its typed result: :meth:`FaceClient.result
-    <producer.client.FaceClient.result>` (same errors; :class:`~producer.errors.JobFailed`'s ``code`` may be a
-    gallery code), and :class:`~producer.errors.JobNotFound` for a job of another kind."""
+    <producer.client.FaceClient.result>` (same errors; :class:`~producer.contract.errors.JobFailed`'s ``code`` may be a
+    gallery code), and :class:`~producer.contract.errors.JobNotFound` for a job of another kind."""
     res = client.result(job_id, timeout)
     if not isinstance(res, _GALLERY_RESULTS):
         raise JobNotFound(job_id, f"job {job_id} finished with a value that is not a gallery or verify result")

@@ -1,6 +1,6 @@
 """The producer client: enqueue embed/verify jobs through rq and wait for their typed results.
 
-Every error it raises is a :class:`~producer.errors.ArcFaceError` (see :mod:`producer.errors`); Redis,
+Every error it raises is a :class:`~producer.contract.errors.ArcFaceError` (see :mod:`producer.contract.errors`); Redis,
 rq and pydantic exceptions never escape it.
 """
 
@@ -17,7 +17,11 @@ from rq import Queue, Retry
 from rq.exceptions import NoSuchJobError
 from rq.results import Result
 
-from producer.errors import (
+from producer.client.images import ImageInput, image_ref
+from producer.client.options import JobOptions, Options, build
+from producer.client.waiting import FINAL_FAILURES, ResultStream, check_keeps_result, job_error
+from producer.contract.codes import ErrorCode, JobError
+from producer.contract.errors import (
     ArcFaceError,
     InputError,
     JobFailed,
@@ -26,37 +30,25 @@ from producer.errors import (
     ResultNotKept,
     ResultTimeout,
 )
-from producer.images import ImageInput, image_ref
-from producer.jobs import (
-    EMBED_FUNC,
-    VERIFY_FUNC,
+from producer.contract.keys import model_info_key
+from producer.contract.requests import (
     AnyRequest,
-    AnyResult,
     EmbedBatchRequest,
-    EmbedBatchResult,
     EmbedRequest,
-    EmbedResult,
-    ErrorCode,
     ImageRef,
-    JobError,
-    JSONSerializer,
     Pair,
-    SafeJob,
     VerifyBatchRequest,
-    VerifyBatchResult,
     VerifyRequest,
-    VerifyResult,
-    func_for,
-    model_info_key,
-    parse_result,
 )
-from producer.options import JobOptions, Options, build
+from producer.contract.results import AnyResult, EmbedBatchResult, EmbedResult, VerifyBatchResult, VerifyResult
+from producer.contract.rqjob import JSONSerializer, SafeJob
+from producer.contract.wire import func_for, parse_result
 from producer.redisconn import announce_embedded, connect, redis_errors
 from producer.settings import ProducerSettings, load_settings
-from producer.waiting import FINAL_FAILURES, ResultStream, check_keeps_result, job_error
 
 if TYPE_CHECKING:
-    from producer.gallery import GalleryInfo, GalleryRequest
+    from producer.contract.gallery import GalleryRequest
+    from producer.contract.gallery_results import GalleryInfo
 
     Request = Union[AnyRequest, GalleryRequest]
 
@@ -68,11 +60,11 @@ class FaceClient:
     """Enqueue ArcFace jobs and read their results.
 
     ``image`` arguments accept bytes, a file path (``str`` / ``pathlib.Path``), a PIL image, a numpy array
-    (HxW or HxWxC, 0..255) or an :class:`~producer.jobs.ImageRef`. With ``as_path=True`` a path is sent as
+    (HxW or HxWxC, 0..255) or an :class:`~producer.contract.requests.ImageRef`. With ``as_path=True`` a path is sent as
     a reference relative to the shared root instead of inline bytes. Every enqueueing method takes the
     keyword :class:`JobOptions` (``model``, ``detect``, ``ref``, ``as_path``, ``job_id``).
 
-    Raises only :class:`~producer.errors.ArcFaceError` subclasses: :class:`ConfigError` (a bad setting, at
+    Raises only :class:`~producer.contract.errors.ArcFaceError` subclasses: :class:`ConfigError` (a bad setting, at
     construction), :class:`InputError`, :class:`JobNotFound`, :class:`ResultNotKept`, :class:`JobFailed`,
     :class:`ResultTimeout`, :class:`RedisUnavailable`. One client may be shared by any number of threads: its
     connection pool (``ARCFACE_REDIS_MAX_CONNECTIONS``) makes a thread wait for a free connection rather
@@ -189,37 +181,37 @@ class FaceClient:
             self.verify_request(a, b, threshold=threshold, model=model, as_path=as_path) for a, b in pairs
         )
 
-    # --- enrolled identities (producer.gallery_client holds the logic) ----------------------------
+    # --- enrolled identities (producer.client.gallery holds the logic) ----------------------------
     def enroll(self, subject: str, image: ImageInput, gallery: str = "default", **kwargs: Any) -> str:
         """Enqueue an enroll job: the image's embedding is stored under ``subject`` in ``gallery`` (idempotent by
         ``enrollment_id``, derived from subject + image when not given). Result: ``EnrollResult``."""
-        from producer import gallery_client
+        from producer.client import gallery as gallery_client
 
         return gallery_client.enroll(self, subject, image, gallery, **kwargs)
 
     def identify(self, image: ImageInput, gallery: str = "default", top_k: int = 5, **kwargs: Any) -> str:
         """Enqueue a 1:N search: the ``top_k`` closest enrolled subjects within the threshold.
         Result: ``IdentifyResult``."""
-        from producer import gallery_client
+        from producer.client import gallery as gallery_client
 
         return gallery_client.identify(self, image, gallery, top_k, **kwargs)
 
     def verify_subject(self, image: ImageInput, subject: str, gallery: str = "default", **kwargs: Any) -> str:
         """Enqueue a verify of ``image`` against an enrolled subject (its closest enrollment).
         Result: ``VerifySubjectResult``."""
-        from producer import gallery_client
+        from producer.client import gallery as gallery_client
 
         return gallery_client.verify_subject(self, image, subject, gallery, **kwargs)
 
     def forget(self, subject: str, gallery: str = "default", **kwargs: Any) -> str:
         """Enqueue the deletion of a subject (or, with ``enrollment_id=``, one enrollment). Result: ``ForgetResult``."""
-        from producer import gallery_client
+        from producer.client import gallery as gallery_client
 
         return gallery_client.forget(self, subject, gallery, **kwargs)
 
     def galleries(self) -> list[GalleryInfo]:
         """Every gallery with its model, dimension and counts (read from Redis; no job)."""
-        from producer import gallery_client
+        from producer.client import gallery as gallery_client
 
         return gallery_client.list_galleries(self)
 
@@ -370,16 +362,5 @@ class FaceClient:
 
 
 __all__ = [
-    "EMBED_FUNC",
-    "VERIFY_FUNC",
-    "ArcFaceError",
     "FaceClient",
-    "ImageInput",
-    "InputError",
-    "JobFailed",
-    "JobNotFound",
-    "JobOptions",
-    "RedisUnavailable",
-    "ResultNotKept",
-    "ResultTimeout",
 ]

@@ -1,7 +1,6 @@
 """What every ``arcface-producer`` command shares: the exit codes, the argument types (each refusing a bad
 value in one line), the options several subcommands take, and the one-line error report.
 
-``producer.cli`` re-exports the names it always had (``_Parser``, ``version``, ``EXIT_*``, ``PROG``).
 """
 
 from __future__ import annotations
@@ -13,18 +12,12 @@ import sys
 from collections.abc import Mapping
 from typing import Any, NoReturn
 
-from producer.errors import (
-    EXIT_USAGE,
-    ArcFaceError,
-    JobFailed,
-    JobNotFound,
-    ResultTimeout,
-)
+from producer.contract.errors import EXIT_USAGE, ArcFaceError, JobFailed, JobNotFound, ResultTimeout
 
 PROG = "arcface-producer"
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     """argparse with a one-line usage error (exit 2) instead of the usage block."""
 
     def error(self, message: str) -> NoReturn:
@@ -53,21 +46,21 @@ def _finite(text: str) -> float:
     return value
 
 
-def _threshold(text: str) -> float:
+def threshold_argument(text: str) -> float:
     value = _finite(text)
     if not 0.0 <= value <= 2.0:
         raise argparse.ArgumentTypeError(f"{text} is outside 0..2 (a cosine distance: 0 identical, 2 opposite)")
     return value
 
 
-def _seconds(text: str) -> float:
+def seconds_argument(text: str) -> float:
     value = _finite(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text} is negative: give seconds >= 0")
     return value
 
 
-def _positive_int(text: str) -> int:
+def positive_int_argument(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -77,14 +70,14 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _ref(text: str) -> str:
+def bounded_text(text: str) -> str:
     if len(text) > 1024:
         raise argparse.ArgumentTypeError(f"{len(text)} characters, over the 1024-character limit")
     return text
 
 
-def _job_id(text: str) -> str:
-    from producer.client import JOB_ID
+def job_id_argument(text: str) -> str:
+    from producer.client.face_client import JOB_ID
 
     if not JOB_ID.fullmatch(text):
         raise argparse.ArgumentTypeError(f"{text[:80]!r} is not a job id (1-128 letters, digits, '_' or '-')")
@@ -110,7 +103,7 @@ def add_wait(sp: argparse.ArgumentParser, flag: bool = True) -> None:
         sp.add_argument("--wait", action="store_true", help="wait for the result and print it")
     sp.add_argument(
         "--timeout",
-        type=_seconds,
+        type=seconds_argument,
         default=None,
         metavar="S",
         help="seconds to wait for the result (default: ARCFACE_WAIT_TIMEOUT, 60)",
@@ -127,12 +120,12 @@ def add_image_options(sp: argparse.ArgumentParser, path_help: str, detect_help: 
 
 
 # --- errors --------------------------------------------------------------------------------------------
-def _err(message: str) -> None:
+def print_error(message: str) -> None:
     print(f"{PROG}: {' '.join(message.split())}", file=sys.stderr)
 
 
-def _fail(message: str, exit_code: int, as_json: bool, **extra: Any) -> int:
-    _err(message)
+def fail(message: str, exit_code: int, as_json: bool, **extra: Any) -> int:
+    print_error(message)
     if as_json:
         print(json.dumps({"error": message, "exit_code": exit_code, **extra}))
     return exit_code
@@ -141,8 +134,18 @@ def _fail(message: str, exit_code: int, as_json: bool, **extra: Any) -> int:
 def report(exc: ArcFaceError, as_json: bool) -> int:
     """One line on stderr (and, with ``--json``, a JSON object on stdout) for a library error; its exit code."""
     if isinstance(exc, JobFailed):
-        return _fail(str(exc), exc.exit_code, as_json, job_id=exc.job_id, code=exc.code.value)
+        return fail(str(exc), exc.exit_code, as_json, job_id=exc.job_id, code=exc.code.value)
     if isinstance(exc, (JobNotFound, ResultTimeout)):
-        return _fail(exc.message, exc.exit_code, as_json, job_id=exc.job_id)
+        return fail(exc.message, exc.exit_code, as_json, job_id=exc.job_id)
     code = getattr(exc, "code", None)
-    return _fail(exc.message, exc.exit_code, as_json, **({"code": code.value} if code is not None else {}))
+    return fail(exc.message, exc.exit_code, as_json, **({"code": code.value} if code is not None else {}))
+
+
+def print_verify(job_id: str, result: Any, whom: str = "") -> None:
+    """The line for a finished verify job (``whom``: who ``b`` is, for a verify against a subject)."""
+    verdict = "same person" if result.similar else "different people"
+    op = "<=" if result.similar else ">"
+    print(
+        f"job {job_id} finished: {verdict}{whom}: distance {result.distance:.4f} {op} "
+        f"threshold {result.threshold:.2f} ({result.model})"
+    )

@@ -1,7 +1,6 @@
 """The typed results of the job contract: what a worker stores as a job's return value (JSON through
-:class:`~producer.jobs.JSONSerializer`) and :func:`parse_result` reads back, with the embedding encodings.
-
-:mod:`producer.jobs` re-exports every name, so ``from producer.jobs import EmbedResult`` keeps working.
+:class:`~producer.contract.rqjob.JSONSerializer`) and
+:func:`producer.contract.wire.parse_result` reads back, with the embedding encodings.
 """
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, Union
 import numpy as np
 from pydantic import BaseModel, Field
 
-from producer.codes import ErrorCode
+from producer.contract.codes import ErrorCode
 
 
 class Timing(BaseModel):
@@ -32,11 +31,6 @@ def encode_embedding(vector: np.ndarray) -> str:
 
 def decode_embedding(data: str) -> np.ndarray:
     return np.frombuffer(base64.b64decode(data), dtype="<f4").astype(np.float32)
-
-
-def cosine_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """``1 - a.b`` for L2-normalised embeddings (0 same direction, 1 orthogonal, 2 opposite)."""
-    return float(1.0 - np.dot(np.asarray(a, np.float64), np.asarray(b, np.float64)))
 
 
 class ResultBase(BaseModel):
@@ -158,7 +152,7 @@ _RESULT_FOR_KIND: dict[str, type[AnyResult]] = {
 
 def parse_embedding_result(value: Any) -> AnyResult:
     """Turn a stored rq return value of an embedding job back into its typed result (any kind:
-    :func:`producer.jobs.parse_result`)."""
+    :func:`producer.contract.wire.parse_result`)."""
     if not isinstance(value, dict) or value.get("kind") not in _RESULT_FOR_KIND:
         raise ValueError(f"not an ArcFace job result: {str(value)[:80]!r}")
     return _RESULT_FOR_KIND[value["kind"]].model_validate(value)

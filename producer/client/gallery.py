@@ -4,7 +4,7 @@ a :class:`~producer.client.FaceClient`, wait for their typed results, list galle
 The functions take the client as their first argument (``FaceClient`` methods wrap them). Enqueueing works
 exactly like the client's own embed/verify jobs (:meth:`FaceClient.submit <producer.client.FaceClient.submit>`:
 same rq options, JSON serializer, retries); listing reads the gallery hashes straight from Redis
-(:mod:`producer.gallery` documents the layout). No TensorFlow here.
+(:mod:`producer.contract.gallery` documents the layout). No TensorFlow here.
 """
 
 from __future__ import annotations
@@ -14,42 +14,28 @@ from typing import TYPE_CHECKING, Any, Unpack
 
 import numpy as np
 
-from producer.errors import InputError
-from producer.gallery import (
-    DEFAULT_GALLERY,
-    GALLERIES_KEY,
+from producer.client.options import JobOptions, Options, build
+from producer.contract.codes import ErrorCode
+from producer.contract.errors import InputError
+from producer.contract.gallery import (
     EmbeddingRef,
     EnrollBatchRequest,
     EnrollItem,
     EnrollRequest,
     ForgetRequest,
-    GalleryInfo,
     GalleryRequest,
     GalleryVerifyRequest,
     IdentifyRequest,
-    SubjectInfo,
     SubjectRef,
-    embeddings_key,
-    gallery_key,
-    subjects_key,
 )
-from producer.gallery_bulk import (
-    BULK_COLUMNS,
-    IMAGE_SUFFIXES,
-    BulkEnrollOptions,
-    BulkEnrollStats,
-    bulk_enroll,
-    progress_printer,
-    scan_folder,
-)
-from producer.gallery_results import result
-from producer.jobs import ErrorCode, encode_embedding
-from producer.options import JobOptions, Options, build
+from producer.contract.gallery_results import GalleryInfo, SubjectInfo, result
+from producer.contract.keys import DEFAULT_GALLERY, GALLERIES_KEY, embeddings_key, gallery_key, subjects_key
+from producer.contract.results import encode_embedding
 from producer.redisconn import redis_errors
 
 if TYPE_CHECKING:
-    from producer.client import FaceClient
-    from producer.images import ImageInput
+    from producer.client.face_client import FaceClient
+    from producer.client.images import ImageInput
 
 
 def Subject(subject: str, gallery: str = DEFAULT_GALLERY) -> SubjectRef:  # noqa: N802  (reads as a type at call sites)
@@ -85,7 +71,8 @@ def enroll(
 ) -> str:
     """Enqueue an enroll job: ``image``'s embedding is stored under ``subject`` in ``gallery``. Without an
     ``enrollment_id`` the worker derives one from the subject and the image, so enrolling the same image twice
-    (or a retried job) stores it once. Returns the job id; its result is an :class:`~producer.gallery.EnrollResult`."""
+    (or a retried job) stores it once. Returns the job id; its result
+    is an :class:`~producer.contract.gallery.EnrollResult`."""
     o = Options(**options)
     image_ref = client.image_ref(image, o.as_path)
     fields = dict(subject=subject, gallery=gallery, enrollment_id=enrollment_id, meta=meta, **o.request_fields())
@@ -99,7 +86,7 @@ def enroll_many(
     **options: Unpack[JobOptions],
 ) -> str:
     """Enqueue one ``enroll_batch`` job for ``(subject, image[, enrollment_id])`` items (one engine pass for all);
-    its result (:class:`~producer.gallery.EnrollBatchResult`) reports each item, failed ones in ``errors``."""
+    its result (:class:`~producer.contract.gallery.EnrollBatchResult`) reports each item, failed ones in ``errors``."""
     o = Options(**options)
     entries = [
         build(EnrollItem, image=client.image_ref(it[1], o.as_path), subject=it[0], enrollment_id=_enrollment_id(it))
@@ -122,7 +109,7 @@ def identify(
     **options: Unpack[JobOptions],
 ) -> str:
     """Enqueue an identify job (1:N): the ``top_k`` enrolled subjects closest to the face in ``image``, within
-    ``threshold`` (default: the worker's). Its result is an :class:`~producer.gallery.IdentifyResult`."""
+    ``threshold`` (default: the worker's). Its result is an :class:`~producer.contract.gallery.IdentifyResult`."""
     o = Options(**options)
     image_ref = client.image_ref(image, o.as_path)
     fields = dict(gallery=gallery, top_k=top_k, threshold=threshold, **o.request_fields())
@@ -150,7 +137,7 @@ def verify_subject(
     client: FaceClient, image: ImageInput, subject: str, gallery: str = DEFAULT_GALLERY, **kwargs: Any
 ) -> str:
     """:func:`verify` against an enrolled subject (``kwargs``: :func:`verify`'s ``threshold`` and
-    :class:`~producer.client.JobOptions`); the result is a :class:`~producer.gallery.VerifySubjectResult`."""
+    :class:`~producer.client.JobOptions`); the result is a :class:`~producer.contract.gallery.VerifySubjectResult`."""
     return verify(client, image, Subject(subject, gallery), **kwargs)
 
 
@@ -164,7 +151,7 @@ def forget(
     job_id: str | None = None,
 ) -> str:
     """Enqueue a forget job: delete ``subject`` (or only its ``enrollment_id``) from ``gallery`` in Redis and,
-    within a second, from every worker's memory. Its result is a :class:`~producer.gallery.ForgetResult`."""
+    within a second, from every worker's memory. Its result is a :class:`~producer.contract.gallery.ForgetResult`."""
     request = build(ForgetRequest, subject=subject, gallery=gallery, enrollment_id=enrollment_id, ref=ref)
     return client.submit(request, job_id)
 
@@ -201,7 +188,8 @@ def list_galleries(client: FaceClient) -> list[GalleryInfo]:
 
 def list_subjects(client: FaceClient, gallery: str = DEFAULT_GALLERY, limit: int | None = None) -> list[SubjectInfo]:
     """The subjects of ``gallery`` with their enrollment counts, sorted by subject (at most ``limit``, read with
-    HSCAN so a large gallery is not read in one reply). :class:`~producer.errors.InputError` for an unknown gallery."""
+    HSCAN so a large gallery is not read in one reply).
+    :class:`~producer.contract.errors.InputError` for an unknown gallery."""
     conn = client.connection
     with redis_errors("listing subjects"):
         if not conn.exists(gallery_key(gallery)):
@@ -218,22 +206,15 @@ def list_subjects(client: FaceClient, gallery: str = DEFAULT_GALLERY, limit: int
 
 
 __all__ = [
-    "BULK_COLUMNS",
-    "IMAGE_SUFFIXES",
-    "BulkEnrollOptions",
-    "BulkEnrollStats",
+    "result",
     "Embedding",
     "Subject",
-    "bulk_enroll",
     "enroll",
     "enroll_many",
     "forget",
     "identify",
     "list_galleries",
     "list_subjects",
-    "progress_printer",
-    "result",
-    "scan_folder",
     "submit",
     "submit_many",
     "verify",

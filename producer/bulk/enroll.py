@@ -1,7 +1,7 @@
 """Bulk enrollment from a folder ``root/<subject>/<image>``: ``enroll_batch`` jobs with a bounded window, one
 CSV row per image appended as results arrive, resumable (``arcface-producer enroll --folder``).
 
-:mod:`producer.gallery_client` re-exports every name.
+:mod:`producer.client.gallery` re-exports every name.
 """
 
 from __future__ import annotations
@@ -15,21 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from producer.errors import InputError, JobFailed, JobNotFound, ResultTimeout
-from producer.gallery import (
-    DEFAULT_GALLERY,
-    EnrollBatchRequest,
-    EnrollBatchResult,
-    EnrollItem,
-    EnrollRequest,
-    EnrollResult,
-    GalleryRequest,
-)
-from producer.jobs import ErrorCode, ImageRef
-from producer.options import build
+from producer.client.options import build
+from producer.contract.codes import ErrorCode
+from producer.contract.errors import InputError, JobFailed, JobNotFound, ResultTimeout
+from producer.contract.gallery import EnrollBatchRequest, EnrollItem, EnrollRequest, GalleryRequest
+from producer.contract.gallery_results import EnrollBatchResult, EnrollResult
+from producer.contract.keys import DEFAULT_GALLERY
+from producer.contract.requests import ImageRef
 
 if TYPE_CHECKING:
-    from producer.client import FaceClient
+    from producer.client.face_client import FaceClient
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 BULK_COLUMNS = ["subject", "image", "enrollment_id", "created", "subject_enrollments", "error", "message"]

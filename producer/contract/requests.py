@@ -1,6 +1,7 @@
 """The requests of the embedding jobs (embed, verify, embed_batch, verify_batch) and what every request model shares:
 strict JSON types, image references, the fields every embedding request carries, and the validation both sides
-run. The gallery requests build on these in :mod:`producer.gallery`; :mod:`producer.jobs` dispatches over both.
+run. The gallery requests build on these in :mod:`producer.contract.gallery`; :mod:`producer.contract.wire`
+dispatches over both.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from typing import Any, Literal, TypeVar, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from producer.codes import ErrorCode, JobFailure, inline_bytes
+from producer.contract.codes import ErrorCode, JobFailure, inline_bytes
 
 # Hard ceiling of the contract; workers enforce their own (ARCFACE_MAX_IMAGES_PER_JOB, default 256).
 MAX_IMAGES_PER_JOB = 4096

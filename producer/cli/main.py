@@ -16,34 +16,34 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from producer.cli_common import (
+from producer.cli.common import (
     PROG,
-    _err,
-    _fail,
-    _job_id,
-    _Parser,
-    _positive_int,
-    _ref,
-    _seconds,
-    _threshold,
+    Parser,
     add_command,
     add_image_options,
     add_json,
     add_wait,
+    bounded_text,
+    fail,
+    job_id_argument,
+    print_error,
+    print_verify,
+    threshold_argument,
     version,
 )
-from producer.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_REDIS, EXIT_TIMEOUT, EXIT_USAGE
+from producer.contract.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 
 if TYPE_CHECKING:
-    from producer.client import FaceClient
-    from producer.jobs import AnyResult
+    from producer.client.face_client import FaceClient
+    from producer.contract.results import AnyResult
     from producer.settings import ProducerSettings
 
 
-def _parser() -> argparse.ArgumentParser:
-    from producer import bulk_cli, gallery_cli
+def build_parser() -> argparse.ArgumentParser:
+    from producer.cli import bulk as bulk_cli
+    from producer.cli import gallery as gallery_cli
 
-    p = _Parser(
+    p = Parser(
         prog=PROG,
         description="Enqueue ArcFace jobs and read their results. Settings: ARCFACE_* environment "
         "variables or .env (see the README's Configuration table).",
@@ -51,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
         "4 Redis unreachable, 130 interrupted",
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {version()}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
     _add_embed_verify(sub)
     _add_result_status(sub)
     bulk_cli.register(sub)
@@ -61,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _job_options(sp: argparse.ArgumentParser) -> None:
     sp.add_argument(
-        "--ref", type=_ref, default=None, help="client reference (up to 1024 characters), echoed in the result"
+        "--ref", type=bounded_text, default=None, help="client reference (up to 1024 characters), echoed in the result"
     )
     add_image_options(
         sp,
@@ -99,7 +99,7 @@ def _add_embed_verify(sub: Any) -> None:
     v.add_argument("b", help="second image file")
     v.add_argument(
         "--threshold",
-        type=_threshold,
+        type=threshold_argument,
         default=None,
         help="similar when the cosine distance is <= this, 0..2 (default: the worker's ARCFACE_THRESHOLD)",
     )
@@ -110,18 +110,18 @@ def _add_embed_verify(sub: Any) -> None:
 
 def _add_result_status(sub: Any) -> None:
     r = add_command(sub, "result", _ABOUT)
-    r.add_argument("job_id", type=_job_id, help="the id printed when the job was enqueued")
+    r.add_argument("job_id", type=job_id_argument, help="the id printed when the job was enqueued")
     add_json(r)
     add_wait(r, flag=False)
     r.add_argument("--wait", action="store_true", help=argparse.SUPPRESS)  # accepted for old scripts: result waits
     r.add_argument("--out", default=None, metavar="FILE.npy", help="write an embed job's embedding to this .npy file")
     s = add_command(sub, "status", _ABOUT)
-    s.add_argument("job_id", type=_job_id, help="the id printed when the job was enqueued")
+    s.add_argument("job_id", type=job_id_argument, help="the id printed when the job was enqueued")
     add_json(s)
 
 
 def _print_result(job_id: str, result: Any, as_json: bool, out: str | None) -> None:
-    from producer.jobs import EmbedResult
+    from producer.contract.results import EmbedResult
 
     if out is not None:
         import numpy as np
@@ -150,16 +150,6 @@ def _print_result(job_id: str, result: Any, as_json: bool, out: str | None) -> N
         print_verify(job_id, result)
 
 
-def print_verify(job_id: str, result: Any, whom: str = "") -> None:
-    """The line for a finished verify job (``whom``: who ``b`` is, for a verify against a subject)."""
-    verdict = "same person" if result.similar else "different people"
-    op = "<=" if result.similar else ">"
-    print(
-        f"job {job_id} finished: {verdict}{whom}: distance {result.distance:.4f} {op} "
-        f"threshold {result.threshold:.2f} ({result.model})"
-    )
-
-
 class _State:
     """What the command got to, for the Ctrl-C message."""
 
@@ -170,12 +160,12 @@ class _State:
 
 
 def _interrupted(args: argparse.Namespace, state: _State, exc: BaseException) -> int:
-    from producer.bulk import BulkInterrupted
+    from producer.bulk.run import BulkInterrupted
 
     as_json = getattr(args, "json", False)
     if isinstance(exc, BulkInterrupted):
         st, ids = exc.stats, exc.pending_job_ids
-        _err(
+        print_error(
             f"interrupted: {st.rows} rows written to {args.out}; {len(ids)} embed jobs are still queued (their ids "
             f"are in {exc.sidecar}); rerun the same command to resume: their results are reused, nothing done is "
             "recomputed"
@@ -191,14 +181,14 @@ def _interrupted(args: argparse.Namespace, state: _State, exc: BaseException) ->
         return EXIT_INTERRUPTED
     jid = state.job_id
     if jid is None:
-        _err("interrupted")
+        print_error("interrupted")
     elif state.enqueued:
-        _err(
+        print_error(
             f"interrupted; job {jid} is queued and still runs: fetch its result with `{PROG} result {jid}` "
             f"(status: `{PROG} status {jid}`)"
         )
     else:
-        _err(f"interrupted while enqueueing job {jid}; it may or may not be queued: `{PROG} status {jid}`")
+        print_error(f"interrupted while enqueueing job {jid}; it may or may not be queued: `{PROG} status {jid}`")
     if as_json:
         fetch = {"fetch": f"{PROG} result {jid}"} if jid else {}
         print(
@@ -234,8 +224,8 @@ def _enqueue(client: FaceClient, args: argparse.Namespace, state: _State) -> str
 
 
 def _settings_for(args: argparse.Namespace, wait: bool, out: str | None) -> ProducerSettings:
-    from producer.bulk import check_output_path
-    from producer.errors import ConfigError
+    from producer.bulk.output import check_output_path
+    from producer.contract.errors import ConfigError
     from producer.settings import ProducerSettings, configure_logging, load_settings
 
     settings = load_settings(ProducerSettings)
@@ -252,8 +242,9 @@ def _settings_for(args: argparse.Namespace, wait: bool, out: str | None) -> Prod
 
 
 def _command(args: argparse.Namespace, state: _State) -> int:
-    from producer import bulk_cli, gallery_cli
-    from producer.client import FaceClient
+    from producer.cli import bulk as bulk_cli
+    from producer.cli import gallery as gallery_cli
+    from producer.client.face_client import FaceClient
 
     out = getattr(args, "out", None) if args.command in ("embed", "result") else None
     wait = args.command == "result" or bool(getattr(args, "wait", False)) or out is not None
@@ -273,19 +264,19 @@ def _command(args: argparse.Namespace, state: _State) -> int:
     result: AnyResult = client.result(job_id, args.timeout)
     if out is not None and getattr(result, "kind", None) != "embed":
         message = f"--out writes an embedding; job {job_id} is a {result.kind} job"
-        return _fail(message, EXIT_USAGE, args.json, job_id=job_id)
+        return fail(message, EXIT_USAGE, args.json, job_id=job_id)
     _print_result(job_id, result, args.json, out)
     return EXIT_OK
 
 
 def run(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (usage errors exit 2 from argparse)."""
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     state = _State()
     as_json = getattr(args, "json", False)
     try:
-        from producer.cli_common import report
-        from producer.errors import ArcFaceError
+        from producer.cli.common import report
+        from producer.contract.errors import ArcFaceError
 
         try:
             return _command(args, state)
@@ -295,7 +286,7 @@ def run(argv: Sequence[str] | None = None) -> int:
             sys.stderr.close()
             return EXIT_OK
         except OSError as exc:  # e.g. --out on a full disk
-            return _fail(f"{exc.filename or ''}: {exc.strerror or exc}", EXIT_USAGE, as_json)
+            return fail(f"{exc.filename or ''}: {exc.strerror or exc}", EXIT_USAGE, as_json)
     except KeyboardInterrupt as exc:
         return _interrupted(args, state, exc)
 
@@ -311,20 +302,8 @@ def main() -> None:
 
 
 __all__ = [
-    "EXIT_FAILED",
-    "EXIT_INTERRUPTED",
-    "EXIT_OK",
-    "EXIT_REDIS",
-    "EXIT_TIMEOUT",
-    "EXIT_USAGE",
-    "PROG",
     "main",
-    "print_verify",
     "run",
-    "version",
-    "_Parser",
-    "_positive_int",
-    "_seconds",
 ]
 
 

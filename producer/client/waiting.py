@@ -15,8 +15,10 @@ from rq.job import Job, JobStatus
 from rq.results import Result
 from rq.timeouts import JobTimeoutException
 
-from producer.errors import JobNotFound, RedisUnavailable, ResultNotKept
-from producer.jobs import ERROR_ENTRY_FIELD, ERROR_META_KEY, ErrorCode, JobError, JSONSerializer
+from producer.contract.codes import ErrorCode, JobError
+from producer.contract.errors import JobNotFound, RedisUnavailable, ResultNotKept
+from producer.contract.keys import ERROR_ENTRY_FIELD, ERROR_META_KEY
+from producer.contract.rqjob import JSONSerializer
 from producer.redisconn import redis_errors
 
 BLOCK_CHUNK_MS = 2000  # one XREAD blocks at most this long
