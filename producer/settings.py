@@ -46,16 +46,30 @@ class CommonSettings(BaseSettings):
         default=None, description="CA bundle to verify a rediss:// server (default: the system's)"
     )
     data_dir: Path = Field(
-        default=Path(user_data_dir("arcface-service")), description="where the embedded Redis keeps its data"
+        default=Path(user_data_dir("arcface-service")),
+        description="where the embedded Redis keeps its data (unix socket, AOF)",
+        json_schema_extra={"doc_default": "the user data directory (platformdirs, arcface-service)"},
     )
     queue: str = Field(default=DEFAULT_QUEUE, min_length=1, description="rq queue name")
     result_ttl: int = Field(
-        default=3600, ge=-1, description="seconds a result is kept under its job id (-1 forever, 0 not kept)"
+        default=3600,
+        ge=-1,
+        description="seconds a result is kept under its job id (-1 forever; 0 not kept: waiting on such a job "
+        "is refused with ResultNotKept)",
     )
-    failure_ttl: int = Field(default=86400, ge=-1, description="seconds a failed job is kept (-1 forever, 0 not kept)")
-    job_timeout: int = Field(default=180, ge=1, description="seconds a job may run before it fails with job_timeout")
+    failure_ttl: int = Field(
+        default=86400, ge=-1, description="seconds a failed job and its error are kept (-1 forever, 0 not kept)"
+    )
+    job_timeout: int = Field(
+        default=180,
+        ge=1,
+        description="seconds written into each rq job (shown by rq info; plain rq workers enforce it); the "
+        "batching worker bounds each image's own work instead (ARCFACE_DECODE_TIMEOUT_S)",
+    )
     retries: int = Field(default=3, ge=0, description="times a job is retried after its worker died")
-    max_inline_bytes: int = Field(default=10 * 1024 * 1024, ge=1, description="largest inline image")
+    max_inline_bytes: int = Field(
+        default=10 * 1024 * 1024, ge=1, description="largest image in bytes, inline or read from a file"
+    )
     shared_root: Path | None = Field(
         default=None, description="directory path images are relative to; unset = path images refused"
     )

@@ -29,27 +29,39 @@ class WorkerSettings(CommonSettings):
 
     # model
     model_path: Path | None = Field(
-        default=None, description="deepface .h5, TF.js model.json, .keras/.h5 model or SavedModel dir; unset = download"
+        default=None,
+        description="deepface .h5 weights, TF.js model.json (or its folder), .keras / full-model .h5 or "
+        "SavedModel folder; unset = download ARCFACE_MODEL_URL",
     )
     model_url: str = Field(
-        default=DEFAULT_WEIGHTS_URL, description="where the default ArcFace weights are downloaded from"
+        default=DEFAULT_WEIGHTS_URL,
+        description="where the default ArcFace weights (deepface's) are downloaded from, once",
     )
     model_sha256: str | None = Field(default=None, description="pin the downloaded file's sha256")
-    cache_dir: Path = Field(default=Path(user_cache_dir("arcface-service")), description="download cache")
+    cache_dir: Path = Field(
+        default=Path(user_cache_dir("arcface-service")),
+        description="download cache (model weights, the detector)",
+        json_schema_extra={"doc_default": "the user cache directory (platformdirs, arcface-service)"},
+    )
     model_name: str = Field(default="arcface", description="name reported in results; jobs naming another model fail")
     precision: Literal["float32", "reduced"] = Field(
-        default="float32", description="reduced = bfloat16 on CPU, float16 on GPU (ArcFace only)"
+        default="float32",
+        description="reduced = bfloat16 on CPU, float16 on GPU (ArcFace only; the embedding's BatchNorm and the "
+        "L2 norm stay float32)",
     )
     input_scale: float = Field(
         default=DEFAULT_INPUT_SCALE,
         allow_inf_nan=False,
-        description="model input = pixel * scale + offset (pixels 0..255)",
+        description="model input = (pixel - mean) * scale + offset (pixels 0..255)",
+        json_schema_extra={"doc_default": "1/255"},
     )
-    input_offset: float = Field(default=0.0, allow_inf_nan=False)
+    input_offset: float = Field(default=0.0, allow_inf_nan=False, description="added after scaling")
     input_mean: Annotated[list[float] | None, NoDecode] = Field(
         default=None, description="per-channel mean subtracted before scaling (e.g. 103.939,116.779,123.68)"
     )
-    channel_order: Literal["RGB", "BGR"] = "RGB"
+    channel_order: Literal["RGB", "BGR"] = Field(
+        default="RGB", description="BGR: the channels are reversed before the mean is subtracted"
+    )
     # detection
     detect: Literal["none", "blazeface"] = Field(
         default="none", description="find the face before embedding (jobs may override)"
@@ -60,7 +72,7 @@ class WorkerSettings(CommonSettings):
     detector_url: str | None = Field(
         default=None, description="download the detector's model.json from here (its .bin beside it)"
     )
-    detector_sha256: str | None = None
+    detector_sha256: str | None = Field(default=None, description="pin the downloaded model.json's sha256")
     detect_batch_sizes: Annotated[list[int], NoDecode] = Field(
         default=list(DEFAULT_DETECT_BATCH_SIZES), description="the detector's compiled batch shapes"
     )
@@ -95,10 +107,11 @@ class WorkerSettings(CommonSettings):
     )
     # engine
     allowed_batch_sizes: Annotated[list[int], NoDecode] = Field(
-        default=list(DEFAULT_ALLOWED_BATCH_SIZES), description="compiled batch shapes"
+        default=list(DEFAULT_ALLOWED_BATCH_SIZES),
+        description="the engine's compiled batch shapes; a batch is padded to the next one",
     )
-    intra_op_threads: int = 0
-    inter_op_threads: int = 0
+    intra_op_threads: int = Field(default=0, description="TensorFlow's intra-op thread pool (0 = TensorFlow's default)")
+    inter_op_threads: int = Field(default=0, description="TensorFlow's inter-op thread pool (0 = TensorFlow's default)")
     max_image_pixels: int = Field(default=DEFAULT_MAX_PIXELS, description="larger images fail with image_too_large")
     min_image_side: int = Field(default=DEFAULT_MIN_SIDE, description="smaller images fail with image_too_small")
     jpeg_decoder: Literal["pillow", "tensorflow"] = Field(
@@ -115,14 +128,20 @@ class WorkerSettings(CommonSettings):
     batch_timeout_ms: float = Field(
         default=5.0, ge=0, description="how long a batch may wait to fill after its first job"
     )
-    preprocess_threads: int = Field(default=2, ge=1)
+    preprocess_threads: int = Field(
+        default=2,
+        ge=1,
+        description="decode/resize threads: images for the detector, and every image when there are no "
+        "preprocessing processes",
+    )
     preprocess_processes: int | Literal["auto"] = Field(
         default="auto",
         description="decode/resize in this many processes (off the GIL); 0 = threads only; "
-        "auto = one a core (at most 8) on 2+ cores with the pillow JPEG decoder",
+        "auto = one a usable core (at most 8, a container's CPU quota counted) on 2+ cores with the pillow "
+        "JPEG decoder",
     )
     max_images_per_job: int = Field(
-        default=256, ge=1, le=4096, description="largest multi-image job (embed_batch, verify_batch pairs x 2)"
+        default=256, ge=1, le=4096, description="largest multi-image job in images (a verify_batch pair counts two)"
     )
     decode_timeout_s: float = Field(
         default=30.0, gt=0, description="an image still decoding after this long fails alone (image_decode_error)"
