@@ -19,7 +19,8 @@ class _Block(importlib.abc.MetaPathFinder):
         if name.split('.')[0] in ('tensorflow', 'keras', 'worker'):
             raise ModuleNotFoundError(f"No module named {name!r} (blocked: producer-only environment)")
 sys.meta_path.insert(0, _Block())
-import producer, producer.contract.wire, producer.contract.rqjob, producer.client, producer.cli, producer.bulk.run, producer.settings, producer.redisconn
+import producer, producer.contract.wire, producer.contract.rqjob, producer.client, producer.cli
+import producer.bulk.run, producer.settings, producer.redisconn
 assert not any(m.split('.')[0] in ('tensorflow', 'keras', 'worker') for m in sys.modules)
 from producer.cli.main import run
 sys.exit(run(sys.argv[1:]))

@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog=PROG,
         description="Enqueue ArcFace jobs and read their results. Settings: ARCFACE_* environment "
-        "variables or .env (see the README's Configuration table).",
+        "variables or .env (see docs/configuration.md).",
         epilog="exit codes: 0 done or enqueued, 1 job failed, 2 bad usage/input/config or no such job, 3 timeout, "
         "4 Redis unreachable, 130 interrupted",
     )

@@ -29,7 +29,7 @@ Events (stream fields; every change is written together with its event in one Lu
 for ``forget`` ``eids``, a JSON list of the enrollment ids removed. A worker that sees a sequence number
 other than the next one (events trimmed while it was away, a Redis that lost writes) reloads everything.
 
-Wire format of the jobs (same rq envelope as embed/verify, see README "Wire format")::
+Wire format of the jobs (same rq envelope as embed/verify, see docs/wire-format.md)::
 
     ["worker.jobs.enroll", null, [{"kind": "enroll", "image": {...}, "subject": "alice", "gallery": "staff"}], {}]
     ["worker.jobs.enroll_batch", null, [{"kind": "enroll_batch", "gallery": "staff",

@@ -27,7 +27,7 @@ MODEL_INFO_PREFIX = "arcface:model:"
 
 
 def model_info_key(queue: str) -> str:
-    """The Redis string where the workers of ``queue`` publish what they serve (see README "Wire format")."""
+    """The Redis string where the workers of ``queue`` publish what they serve (see docs/wire-format.md)."""
     return MODEL_INFO_PREFIX + queue
 
 

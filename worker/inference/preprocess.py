@@ -19,7 +19,7 @@ interpolated as one channel and expanded to RGB at the end. For photos of 2 MP a
 rows are converted out of the decoder's image (see :mod:`worker.inference.decode` for decoding, its limits and the
 memory it takes).
 
-Deliberate deviations from the seed, documented in the README:
+Deliberate deviations from the seed, documented in docs/model.md:
 - decoding is Pillow's by default (JPEG pixels can differ from TensorFlow's INTEGER_FAST decoder by a few grey
   levels, FINDINGS #2; ``ARCFACE_JPEG_DECODER=tensorflow`` uses the seed's decoder), and EXIF orientation is
   applied (the seed ignores it).
