@@ -121,6 +121,13 @@ class WorkerSettings(CommonSettings):
         description="decode/resize in this many processes (off the GIL); 0 = threads only; "
         "auto = one a core (at most 8) on 2+ cores with the pillow JPEG decoder",
     )
+    preprocess_stall_s: float | None = Field(
+        default=None,
+        gt=0,
+        allow_inf_nan=False,
+        description="the health check fails while images wait this long in the preprocessing processes with none "
+        "finished; unset = the child start timeout (at least 60 s) plus twice decode_timeout_s",
+    )
     max_images_per_job: int = Field(
         default=256, ge=1, le=4096, description="largest multi-image job (embed_batch, verify_batch pairs x 2)"
     )
