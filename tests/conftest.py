@@ -166,8 +166,8 @@ def pool_of(tmp_path: Path) -> Iterator:
 
     pools: list[ProcessPreprocessor] = []
 
-    def make(processes: int = 1, timeout_s: float = 30.0) -> ProcessPreprocessor:
-        pool = ProcessPreprocessor(processes, 112, DecodeLimits(), str(tmp_path), 10 << 20, timeout_s, slots=64)
+    def make(processes: int = 1, timeout_s: float = 30.0, **kw: float) -> ProcessPreprocessor:
+        pool = ProcessPreprocessor(processes, 112, DecodeLimits(), str(tmp_path), 10 << 20, timeout_s, slots=64, **kw)
         pools.append(pool)
         return pool
 

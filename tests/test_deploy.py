@@ -62,6 +62,60 @@ def test_healthcheck_passes_while_the_worker_heartbeats_and_fails_after_it_dies(
         worker.stop()
 
 
+def test_healthcheck_fails_while_preprocessing_is_stuck_and_passes_once_it_moves(worker_env, tmp_path):
+    # A worker whose preprocessing had stopped (one child's 4-byte frame header had wedged the collector) kept
+    # heartbeating: the health check said healthy while every image timed out. The worker now publishes a stall
+    # with its heartbeat. Here its one child is stopped with a 60 s decode timeout and a 1 s stall limit.
+    import os
+    import signal
+    import time
+
+    from tests.conftest import face_paths
+    from tests.workers import WorkerProcess
+
+    settings = {
+        "ARCFACE_PREPROCESS_PROCESSES": "1",
+        "ARCFACE_DECODE_TIMEOUT_S": "60",
+        "ARCFACE_PREPROCESS_STALL_S": "1",
+    }
+    worker = WorkerProcess(worker_env, tmp_path / "w.log", **settings)
+    env = {**os.environ, **worker_env}
+    health = [sys.executable, "-c", "from worker.cli import health; health()"]
+
+    def check() -> subprocess.CompletedProcess:
+        return subprocess.run(health, env=env, capture_output=True, text=True, cwd=REPO, timeout=60)
+
+    def until(wanted: int, what: str) -> subprocess.CompletedProcess:
+        deadline = time.monotonic() + 30
+        while (out := check()).returncode != wanted:
+            assert time.monotonic() < deadline, f"the health check was not {what} within 30s: {out.stdout}"
+            time.sleep(0.2)
+        return out
+
+    try:
+        worker.wait_ready()
+        until(0, "healthy")
+        children = [
+            int(pid)
+            for task in Path(f"/proc/{worker.proc.pid}/task").iterdir()
+            for pid in (task / "children").read_text().split()
+        ]
+        assert len(children) == 1, children
+        os.kill(children[0], signal.SIGSTOP)
+        try:
+            job = worker.client().embed(face_paths()[0].read_bytes())
+            stuck = until(1, "unhealthy")
+        finally:
+            os.kill(children[0], signal.SIGCONT)
+        assert re.fullmatch(
+            r"unhealthy: worker \S+: no preprocessing progress for \d+s with 1 images waiting\n", stuck.stdout
+        )
+        assert until(0, "healthy again").stdout.startswith("healthy: heartbeat")
+        assert worker.client().result(job, timeout=60).embedding.shape == (512,)
+    finally:
+        worker.stop()
+
+
 # --- settings: an empty ARCFACE_* variable is unset ------------------------------------------------------------
 def _env_without_arcface(**extra: str) -> dict[str, str]:
     import os

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -186,3 +187,42 @@ def test_auto_is_one_process_a_usable_core_capped_by_a_container_quota(tmp_path,
     assert preprocess_processes(settings) == 8
     assert preprocess_processes(SimpleNamespace(preprocess_processes="auto", jpeg_decoder="tensorflow")) == 0
     assert preprocess_processes(SimpleNamespace(preprocess_processes=3, jpeg_decoder="tensorflow")) == 3
+
+
+def test_stalled_says_so_while_images_wait_with_nothing_moving_and_clears_once_they_move(pool_of):
+    # The worker's health check reads stalled() (with its heartbeat): images held by a child that neither answers
+    # nor gets replaced (the decode timeout is 30 s here) are a stall after stall_s.
+    pool = pool_of(1, stall_s=1.0)
+    faces = [p.read_bytes() for p in FACES[:3]]
+    same_inputs(pool.submit([(b64(faces[0]), None)]), faces[:1])  # the child is up
+    assert pool.stalled() is None
+    pid = pool.child_pids()[0]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        futures = pool.submit([(b64(f), None) for f in faces])
+        deadline = time.monotonic() + 10
+        while (why := pool.stalled()) is None:
+            assert time.monotonic() < deadline, "stalled() never said so"
+            time.sleep(0.05)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert re.fullmatch(r"no preprocessing progress for \d+s with 3 images waiting", why), why
+    same_inputs(futures, faces)
+    assert pool.stalled() is None
+
+
+def test_stalled_says_so_when_the_collector_stops_running(pool_of):
+    # Whatever wedges the collector thread (a blocking read on one child did), images stop coming: the health
+    # check must say so even with nothing submitted.
+    pool = pool_of(1, stall_s=1.0)
+    same_inputs(pool.submit([(b64(FACES[0].read_bytes()), None)]), [FACES[0].read_bytes()])
+    with pool._lock:  # the collector takes it on every pass
+        deadline = time.monotonic() + 10
+        while (why := pool.stalled()) is None:
+            assert time.monotonic() < deadline, "stalled() never said so"
+            time.sleep(0.05)
+    assert re.fullmatch(r"the preprocessing collector has not run for \d+s", why), why
+    deadline = time.monotonic() + 10
+    while pool.stalled() is not None:
+        assert time.monotonic() < deadline, "stalled() still says so once the collector runs"
+        time.sleep(0.05)

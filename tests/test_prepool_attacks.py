@@ -1,7 +1,7 @@
 """Failure modes of the preprocessing processes (``worker.inference.prepool``) found by attacking them: signals meant
-for the worker, children that cannot start, a respawn that fails, the worker's working directory, a child's answers, the
-platform, and a worker that is SIGKILLed. Each test fails on the behaviour it describes, never by waiting forever:
-every wait is bounded."""
+for the worker, children that cannot start, a respawn that fails, the worker's working directory, a child's answers and
+its memory, the platform, and a worker that is SIGKILLed. Each test fails on the behaviour it describes, never by
+waiting forever: every wait is bounded."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import base64
 import os
 import signal
 import stat
+import struct
 import subprocess
 import sys
 import textwrap
@@ -16,15 +17,19 @@ import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 
+import numpy as np
 import pytest
+from structlog.testing import capture_logs
 
 import worker.inference.prepool_ipc as prepool_ipc
 from producer.contract.codes import JobFailure
 from tests.conftest import REPO, face_paths
 from worker.inference.prepool import ProcessPreprocessor, start_preprocessors
+from worker.inference.preprocess import preprocess
 from worker.settings import WorkerSettings
 
 FACE = base64.b64encode(face_paths()[0].read_bytes()).decode("ascii")
+FACES = [p.read_bytes() for p in face_paths()]
 
 # A child script's common start: the repository's pool, the worker's own SIGINT/SIGTERM handlers (a warm shutdown
 # that lets the images in hand finish) and a 6000 x 6000 PNG (about half a second to decode and resize).
@@ -63,6 +68,20 @@ def fake_python(path: Path, body: str) -> Path:
     path.write_text(f"#!{sys.executable}\n{textwrap.dedent(body)}")
     path.chmod(path.stat().st_mode | stat.S_IXUSR)
     return path
+
+
+def hostile_first_child(tmp_path: Path, body: str) -> Path:
+    """A ``sys.executable`` whose first child runs ``body`` (argv: ``-m module memory index requests answers
+    config``) and whose later ones are the real child."""
+    flag = tmp_path / "hostile-started"
+    first_only = f"""
+        import os, sys
+        try:
+            os.close(os.open({str(flag)!r}, os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            os.execv({sys.executable!r}, [{sys.executable!r}, *sys.argv[1:]])
+        """
+    return fake_python(tmp_path / "python", textwrap.dedent(first_only) + textwrap.dedent(body))
 
 
 def run_in_own_session(script: str, *args: str) -> subprocess.Popen:
@@ -234,3 +253,117 @@ def test_children_stop_soon_after_the_worker_is_killed():
         except ProcessLookupError:
             pass
     assert alive == [], f"children still running {time.monotonic() - killed:.1f}s after the worker was killed"
+
+
+@pytest.mark.parametrize(
+    "header",
+    [struct.pack("!i", 2**31 - 1), struct.pack("!i", -1) + struct.pack("!Q", 1 << 40)],
+    ids=["2GB", "8-byte-length"],
+)
+def test_a_child_announcing_a_huge_answer_is_replaced_and_its_images_go_to_the_others(
+    pool_of, tmp_path, monkeypatch, header
+):
+    # A frame header announcing 2 GB (or, after -1, a 1 TB 8-byte length) and nothing after it held the one collector
+    # thread in a blocking read for good: every later image timed out, with nothing logged. The frame is refused at
+    # its header, the child killed and replaced with a log line, and the images it had come out right elsewhere.
+    body = f"""
+        import time
+        os.read(int(sys.argv[5]), 1)  # a chunk of images has come
+        os.write(int(sys.argv[6]), {header!r})
+        time.sleep(120)
+        """
+    monkeypatch.setattr(sys, "executable", str(hostile_first_child(tmp_path, body)))
+    pool = pool_of(2)
+    with capture_logs() as logs:
+        futures = pool.submit([(base64.b64encode(f).decode("ascii"), None) for f in FACES[:16]])
+        for future, data in zip(futures, FACES[:16], strict=True):
+            try:
+                prepared = future.result(timeout=30)
+            except FutureTimeout:
+                pytest.fail(f"an image was neither prepared nor failed within 30s ({pool.replaced} respawns)")
+            np.testing.assert_array_equal(prepared.input, preprocess(data, 112))
+            prepared.release()
+    announced = struct.unpack("!i", header[:4])[0]
+    assert [(e["event"], e["reason"]) for e in logs if e["event"] == "preprocess_process_replaced"] == [
+        (
+            "preprocess_process_replaced",
+            f"its preprocessing process broke the protocol (a frame of {announced} bytes announced (at most 65536))",
+        )
+    ]
+    assert pool.replaced == 1 and len(pool.child_pids()) == 2
+
+
+def test_a_child_cannot_write_into_the_images_of_other_children(pool_of, tmp_path, monkeypatch):
+    # Every child mapped the whole shared ring: one that a crafted image took over could overwrite the inputs other
+    # children had prepared, and wrong embeddings came back as successes. A child now writes only its own memory
+    # and the worker copies each answered input out of it: this child scribbles over all the memory it has while it
+    # refuses each image it is given, and every image the other child prepared comes out exactly right.
+    body = """
+        import json, mmap, threading
+        import numpy as np
+        from multiprocessing.connection import Connection
+
+        fd = int(sys.argv[3])
+        memory = np.frombuffer(mmap.mmap(fd, os.fstat(fd).st_size), np.uint8)
+
+        def scribble():
+            while True:
+                memory[:] = 0x40  # 3.0 in every float32
+
+        threading.Thread(target=scribble, daemon=True).start()
+        requests = Connection(int(sys.argv[5]), writable=False)
+        answers = Connection(int(sys.argv[6]), readable=False)
+        while True:
+            chunk = json.loads(requests.recv_bytes())
+            refused = [[item[0], 0, ["image_decode_error", "refused by a hostile child"]] for item in chunk]
+            answers.send_bytes(json.dumps(refused).encode())
+        """
+    monkeypatch.setattr(sys, "executable", str(hostile_first_child(tmp_path, body)))
+    pool = pool_of(2)
+    blobs = FACES * 2
+    futures = pool.submit([(base64.b64encode(b).decode("ascii"), None) for b in blobs])
+    prepared = refused = 0
+    for future, data in zip(futures, blobs, strict=True):
+        error = future.exception(timeout=60)
+        if error is not None:
+            assert isinstance(error, JobFailure) and error.message == "refused by a hostile child", error
+            refused += 1
+            continue
+        time.sleep(0.002)  # give a scribbler the time to reach it
+        np.testing.assert_array_equal(future.result().input, preprocess(data, 112))
+        future.result().release()
+        prepared += 1
+    assert prepared > 0 and refused > 0 and prepared + refused == len(blobs)
+
+
+def test_a_pool_on_threads_goes_back_to_processes_once_a_child_starts_again(pool_of, tmp_path, monkeypatch):
+    # Three failed starts in a row (a fork refused under memory pressure, an install being replaced) put the pool on
+    # threads for good: 2.4x slower for the rest of the worker's life. It now tries one child again after a back-off
+    # and goes back to processes once it is up.
+    starts = tmp_path / "starts"
+    starts.mkdir()
+    body = f"""
+        import os, sys
+        n = len(os.listdir({str(starts)!r}))
+        open(os.path.join({str(starts)!r}, str(os.getpid())), "w").close()
+        if n < 3:
+            raise SystemExit(3)
+        os.execv({sys.executable!r}, [{sys.executable!r}, *sys.argv[1:]])
+        """
+    monkeypatch.setattr(sys, "executable", str(fake_python(tmp_path / "python", body)))
+    with capture_logs() as logs:
+        pool = pool_of(1, retry_s=0.5)
+        assert outcome(pool, timeout=15) is None  # on the threads meanwhile
+        deadline = time.monotonic() + 30
+        while pool.broken is not None:
+            assert time.monotonic() < deadline, f"still on threads 30s later: {pool.broken}"
+            time.sleep(0.02)
+    prepared = pool.submit([(FACE, None)])[0].result(timeout=30)
+    assert prepared.release is not None  # a child's input (the threads' have no slot to release)
+    prepared.release()
+    assert len(pool.child_pids()) == 1 and len(os.listdir(starts)) == 4
+    assert [e["event"] for e in logs if e["event"].startswith("preprocess_processes")] == [
+        "preprocess_processes_unavailable",
+        "preprocess_processes_retry",
+        "preprocess_processes_restored",
+    ]

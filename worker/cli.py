@@ -298,8 +298,9 @@ def warm_up(engine: Any, settings: Any) -> tuple[float, dict[int, float]]:
 
 def health(argv: Sequence[str] | None = None) -> None:
     """``arcface-worker-health``: exit 0 when a worker on this host has sent an rq heartbeat within
-    ``--max-age`` seconds (the container HEALTHCHECK), else 1. A worker that is alive but stuck stops
-    heartbeating and turns the container unhealthy."""
+    ``--max-age`` seconds (the container HEALTHCHECK) and none of them says its preprocessing is stuck, else 1.
+    A worker that is alive but stuck stops heartbeating, or publishes why with its heartbeat (preprocessing:
+    nothing moved for ``ARCFACE_PREPROCESS_STALL_S``), and turns the container unhealthy."""
     import argparse
     import socket
     from datetime import datetime, timezone
@@ -313,21 +314,31 @@ def health(argv: Sequence[str] | None = None) -> None:
     from producer.contract.errors import RedisUnavailable
     from producer.contract.rqjob import JSONSerializer
     from producer.redisconn import connect
+    from worker.batching.rqfence import STALLED_FIELD
     from worker.settings import WorkerSettings
 
     settings = WorkerSettings()
     try:
         connection = connect(settings)
         workers = Worker.all(queue=Queue(settings.queue, connection=connection, serializer=JSONSerializer))
+        now = datetime.now(timezone.utc)
+        ages = {
+            w.key: (now - (b if b.tzinfo else b.replace(tzinfo=timezone.utc))).total_seconds()
+            for w in workers
+            if w.hostname == socket.gethostname() and (b := w.last_heartbeat) is not None
+        }
+        fresh = sorted((age, key) for key, age in ages.items() if age <= args.max_age)
+        stalled = [(key, connection.hget(key, STALLED_FIELD)) for _, key in fresh]
     except RedisUnavailable as exc:
         print(f"unhealthy: {exc}")
         sys.exit(1)
-    now = datetime.now(timezone.utc)
-    mine = [w for w in workers if w.hostname == socket.gethostname() and w.last_heartbeat is not None]
-    beats = [w.last_heartbeat for w in mine if w.last_heartbeat is not None]
-    ages = [(now - (b if b.tzinfo else b.replace(tzinfo=timezone.utc))).total_seconds() for b in beats]
-    if ages and min(ages) <= args.max_age:
-        print(f"healthy: heartbeat {min(ages):.1f}s ago")
+    for key, why in stalled:
+        if why is not None:
+            name = key.rsplit(":", 1)[-1]
+            print(f"unhealthy: worker {name}: {why.decode() if isinstance(why, bytes) else why}")
+            sys.exit(1)
+    if fresh:
+        print(f"healthy: heartbeat {fresh[0][0]:.1f}s ago")
         sys.exit(0)
     print(f"unhealthy: no worker on {socket.gethostname()} has heartbeated within {args.max_age:g}s")
     sys.exit(1)

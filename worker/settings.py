@@ -140,6 +140,13 @@ class WorkerSettings(CommonSettings):
         "auto = one a usable core (at most 8, a container's CPU quota counted) on 2+ cores with the pillow "
         "JPEG decoder",
     )
+    preprocess_stall_s: float | None = Field(
+        default=None,
+        gt=0,
+        allow_inf_nan=False,
+        description="the health check fails while images wait this long in the preprocessing processes with none "
+        "finished; unset = the child start timeout (at least 60 s) plus twice decode_timeout_s",
+    )
     max_images_per_job: int = Field(
         default=256, ge=1, le=4096, description="largest multi-image job in images (a verify_batch pair counts two)"
     )

@@ -105,6 +105,7 @@ class BatchWorker(ExecutionMixin, CompletionMixin, MaintenanceMixin, SimpleWorke
         self.fence = Fence(queue.connection, queue.name)
         self._pool = ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="preprocess")
         self._procs: ProcessPreprocessor | None = None  # started by work()
+        self._stalled: str | None = None  # why preprocessing is stuck, as the last heartbeat published it
         self._infer = ThreadPoolExecutor(1, thread_name_prefix="infer")
         self._lock = threading.Lock()  # guards _jobs against the heartbeat thread
         self._jobs: dict[str, Taken] = {}  # registered, not yet completed

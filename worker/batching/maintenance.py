@@ -19,6 +19,7 @@ import structlog
 from producer.contract.codes import ErrorCode, JobFailure
 from worker.batching.rqfence import (
     REDIS_WORKER_KEYS,
+    STALLED_FIELD,
     Outcome,
     clean_worker_registry,
     job_key,
@@ -52,6 +53,8 @@ class MaintenanceMixin:
     _heartbeat_stop: Any
     on_reregister: Any
     heartbeat: Any  # rq's worker heartbeat
+    _procs: Any  # ProcessPreprocessor | None
+    _stalled: str | None
     register_birth: Any
 
     def maintain(self, force: bool = False) -> None:
@@ -202,8 +205,16 @@ class MaintenanceMixin:
                 log.warning("heartbeat_failed", error=f"{type(exc).__name__}: {str(exc)[:300]}")
 
     def heartbeat_batch(self) -> None:
-        """Refresh the worker and every job in hand (ZADD XX: a completed job's entry is never re-created).
+        """Refresh the worker and every job in hand (ZADD XX: a completed job's entry is never re-created), and
+        say in the worker's hash whether preprocessing is stuck (``arcface-worker-health`` fails while it is).
         After a FLUSHALL or a Redis restarted empty the worker registers itself again."""
+        stalled = self._procs.stalled() if self._procs is not None else None
+        if stalled != self._stalled:
+            if stalled:
+                log.error("preprocessing_stalled", reason=stalled)
+            else:
+                log.info("preprocessing_moving_again", after=self._stalled)
+            self._stalled = stalled
         with self._lock:
             members = {t.member: time.time() + self.settings.execution_ttl_s for t in self._jobs.values()}
             with self.connection.pipeline() as pipe:
@@ -211,6 +222,10 @@ class MaintenanceMixin:
                 # key right after a FLUSHALL, so the key's existence proves nothing
                 pipe.sismember(REDIS_WORKER_KEYS, self.key)
                 self.heartbeat(pipeline=pipe)
+                if stalled:
+                    pipe.hset(self.key, STALLED_FIELD, stalled)
+                else:
+                    pipe.hdel(self.key, STALLED_FIELD)
                 self.fence.refresh_started(pipe, members)
                 alive = pipe.execute()[0]
         if not alive:

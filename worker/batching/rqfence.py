@@ -214,6 +214,7 @@ _READ_LUA = _lua("read")
 TOO_LARGE = b"__arcface_hash_too_large__"  # read.lua's marker of a hash over the bound
 MAX_TTL_S = 2**31 - 1  # a larger result/failure TTL (68 years) is kept this long
 EXECUTION_FIELD = "arcface_execution"  # the job hash field naming the started member it runs under (outcomes.lua)
+STALLED_FIELD = "arcface_stalled"  # the worker hash field saying why the worker is stuck (arcface-worker-health)
 
 
 @dataclass

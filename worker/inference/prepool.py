@@ -3,25 +3,42 @@ GIL, so that preprocessing scales with cores (threads share one GIL and reach 1.
 
 ``ARCFACE_PREPROCESS_PROCESSES`` children (:mod:`~worker.inference.prepool_child`: numpy and Pillow, never TensorFlow)
 are fed chunks of images over pipes (:mod:`~worker.inference.prepool_ipc`: JSON both ways, one sender thread a child so
-that a busy child never blocks the worker, at most ``CHUNK_BYTES`` of image data in flight to each). Each writes the
-model input into a slot of one shared ring (an anonymous ``memfd``: nothing in ``/dev/shm`` to leak or to outgrow a
-container's small ``/dev/shm``) and answers each chunk in one message; the collector thread resolves the images' futures
-with a :class:`~worker.inference.preprocess.PreparedImage` whose ``input`` is a view of the slot (the engine batch is
-its only copy) and whose ``release`` frees the slot once the batch is built.
+that a busy child never blocks the worker, at most ``CHUNK_BYTES`` of image data in flight to each). The collector
+thread resolves the images' futures with a :class:`~worker.inference.preprocess.PreparedImage` whose ``input`` is a
+view of a slot of the worker's ring and whose ``release`` frees the slot once the engine batch is built.
 
-A child that dies (a decoder crash, the kernel's OOM killer) or spends longer than ``decode_timeout_s`` on one
-image is killed and replaced: that image fails alone (``image_decode_error``), the rest of its work goes to the
-other children. A child that cannot start (a failed fork, a broken install: ``MAX_FAILED_STARTS`` in a row) puts
-the pool on threads in the worker, with an error logged: slower, never stuck. Images for the face detector (whole
-photos of any size) stay on the worker's threads.
+A child decodes untrusted images and is untrusted itself: one that a crafted image took over must not be able to
+stop the pool, change other images or run code in the worker.
+
+- Memory: each child has a memfd of its own (``CHILD_SLOTS`` inputs and a progress word) and no other shared
+  memory: it can write only images it was given. When a chunk is answered the collector checks that the answer
+  names exactly the child slots of the chunk it gave that child, oldest first, and copies each input into the
+  worker's ring (a slot reserved when the image was sent; the child never sees that memory), so that what the child
+  writes afterwards changes nothing. A lying child can spoil only the images it was given.
+- Answers: length-prefixed frames of at most ``MAX_ANSWER_BYTES``, read without blocking from every child at once
+  into a bounded buffer of each: an oversized or garbled frame, or an answer to images it was not given, is a
+  protocol violation; a frame that never completes holds nothing but that child's images.
+- Deadlines: a child on one image (its progress word) for over ``decode_timeout_s`` is killed and replaced and that
+  image fails alone (``image_decode_error``); since the progress word is the child's say-so, any chunk must also be
+  answered within ``decode_timeout_s`` an image (plus one) of becoming the child's oldest, whatever the word says.
+- A child that dies, breaks the protocol or misses a deadline is killed and replaced, with a log line; the image it
+  was on fails, the rest of its images go to the other children, alone in their chunks, and an image that
+  ``MAX_TRIES`` killed children had fails (``image_decode_error``) instead of taking a fourth one down.
+- Health: :meth:`ProcessPreprocessor.stalled` says why the pool is stuck when its collector stopped running or no
+  image it holds moved for ``stall_s``; the worker publishes it with its heartbeat and ``arcface-worker-health`` fails.
+
+A child that cannot start (a failed fork, a broken install: ``MAX_FAILED_STARTS`` in a row) puts the pool on
+threads in the worker, with an error logged: slower, never stuck. After ``RETRY_S`` (doubling up to ``RETRY_MAX_S``
+while starts keep failing) it tries one child again and goes back to processes once that one is up. Images for the
+face detector (whole photos of any size) stay on the worker's threads.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
-import mmap
 import os
 import threading
 import time
@@ -37,7 +54,7 @@ import structlog
 from producer.contract.codes import ErrorCode, JobFailure
 from worker.inference.decode_checks import DecodeLimits
 from worker.inference.prepool_child import STARTING, model_input
-from worker.inference.prepool_ipc import Answer, Child, Work, parse_answers
+from worker.inference.prepool_ipc import CHILD_SLOTS, Answer, Child, ProtocolError, Work, parse_answers
 from worker.inference.preprocess import PreparedImage
 
 log = structlog.get_logger("arcface.prepool")
@@ -45,10 +62,17 @@ log = structlog.get_logger("arcface.prepool")
 CHUNK = 8  # images a message: amortises the pipe round trip, small enough to spread a job over the children
 CHUNK_BYTES = 8 << 20  # image data in flight to one child (beyond its first image): bounds the copies on the way
 MAX_FAILED_STARTS = 3  # children in a row that die before their first image: then threads
+MAX_TRIES = 3  # killed children an image may have been with: then it fails
+RETRY_S = 30.0  # threads for this long before processes are tried again; doubles while starts keep failing
+RETRY_MAX_S = 600.0
 
 
 class ProcessPreprocessor:
-    """A pool of preprocessing processes for ``size`` x ``size`` model inputs; :meth:`submit` returns futures."""
+    """A pool of preprocessing processes for ``size`` x ``size`` model inputs; :meth:`submit` returns futures.
+
+    ``slots``: the worker's ring (inputs sent or prepared and not yet released); ``retry_s``: how long the pool stays
+    on threads after its children failed to start; ``stall_s``: how long images may wait with nothing moving before
+    :meth:`stalled` reports it (default: the start timeout plus two decode timeouts)."""
 
     def __init__(
         self,
@@ -59,20 +83,17 @@ class ProcessPreprocessor:
         max_inline_bytes: int,
         timeout_s: float,
         slots: int = 128,
+        retry_s: float = RETRY_S,
+        stall_s: float | None = None,
     ) -> None:
         self.size, self.slots, self.timeout_s = size, slots, timeout_s
         self.start_timeout_s = max(60.0, 2 * timeout_s)  # Python, numpy and Pillow on busy cores
-        ring_bytes = slots * size * size * 3 * 4 + 8 * processes
-        self._ring_fd = os.memfd_create("arcface-preprocess")
-        os.ftruncate(self._ring_fd, ring_bytes)
-        self._map = mmap.mmap(self._ring_fd, ring_bytes)
-        self._ring = np.ndarray((slots, size, size, 3), np.float32, buffer=self._map)
-        self._on = np.ndarray((processes,), np.int64, buffer=self._map, offset=self._ring.nbytes)
+        self.stall_s = stall_s if stall_s is not None else self.start_timeout_s + 2 * timeout_s
+        self.retry_s = retry_s
+        self._ring = np.empty((slots, size, size, 3), np.float32)  # the worker's own: no child maps it
         config: dict[str, Any] = {
             "size": size,
-            "slots": slots,
-            "ring_bytes": ring_bytes,
-            "max_children": processes,
+            "child_slots": CHILD_SLOTS,
             "limits": dataclasses.asdict(limits),
             "shared_root": shared_root,
             "max_inline_bytes": max_inline_bytes,
@@ -84,12 +105,15 @@ class ProcessPreprocessor:
         self._pending: deque[Work] = deque()
         self._closed = False
         self.replaced = 0
-        self.broken: str | None = None  # why the pool fell back to threads
+        self.broken: str | None = None  # why the pool is on threads now
         self._fallback: ThreadPoolExecutor | None = None
         self._failed_starts, self._next_start = 0, 0.0
+        self._retry_wait, self._retry_at = retry_s, math.inf
+        self._beat = self._progress_at = time.monotonic()
         self._children: list[Child | None] = [None] * processes
-        for i in range(processes):
-            self._start(i)
+        with self._lock:
+            for i in range(processes):
+                self._start(i)
         self._collector = threading.Thread(target=self._collect, name="prepool-collect", daemon=True)
         self._collector.start()
 
@@ -98,8 +122,23 @@ class ProcessPreprocessor:
         return [c.proc.pid for c in self._children if c is not None]
 
     def busy(self) -> int:
-        """How many of the processes are on an image right now."""
-        return int((self._on >= 0).sum())
+        """How many of the processes say they are on an image right now."""
+        return sum(1 for c in self._children if c is not None and c.progress() >= 0)
+
+    def stalled(self) -> str | None:
+        """Why preprocessing is stuck, or None: the collector has not run for ``stall_s``, or images have waited
+        in the pool that long with none answered, failed, started or released. Takes no lock (the heartbeat thread
+        calls it: it must answer even when the pool is wedged)."""
+        if self._closed:
+            return None
+        now = time.monotonic()
+        if now - self._beat > self.stall_s:
+            return f"the preprocessing collector has not run for {now - self._beat:.0f}s"
+        held = sum(len(c.sent) for c in list(self._children) if c is not None)
+        waiting = held + (len(self._pending) if self._free else 0)  # no free slot: the engine holds them, not us
+        if waiting and now - self._progress_at > self.stall_s:
+            return f"no preprocessing progress for {now - self._progress_at:.0f}s with {waiting} images waiting"
+        return None
 
     def submit(self, refs: list[tuple[str | None, str | None]]) -> list[Future]:
         """Futures of :class:`PreparedImage` for ``(data_b64, path)`` images, in order; a failed image's future
@@ -112,30 +151,44 @@ class ProcessPreprocessor:
             elif self.broken:
                 self._run_here(works)
             else:
+                if not self._pending and not any(c.sent for c in self._children if c is not None):
+                    self._moved()  # the wait starts now, not at the last answer
                 self._pending.extend(works)
                 self._dispatch()
         return [w.future for w in works]
 
+    def _moved(self) -> None:
+        self._progress_at = time.monotonic()
+
     def _dispatch(self) -> None:
-        """Hand pending images to the least loaded children, while ring slots are free (holds the lock)."""
+        """Hand pending images to the least loaded children, while ring slots are free (holds the lock). An image
+        that was with a killed child goes alone: it cannot take a chunk of others down with it twice."""
         live = [c for c in self._children if c is not None]
-        while self._pending and self._free and live and not self._closed:
-            child = min(live, key=lambda c: len(c.sent))
+        while self._pending and self._free and not self._closed:
+            ready = [c for c in live if c.free]
+            if not ready:
+                return
+            child = min(ready, key=lambda c: len(c.sent))
             if child.sent and child.in_flight_bytes >= CHUNK_BYTES:
                 return  # the least loaded child has enough data in hand already
-            n = min(len(self._pending), len(self._free), CHUNK)
-            n = max(1, min(n, -(-len(self._pending) // len(live))))
+            if self._pending[0].tries:
+                n = 1
+            else:
+                n = min(len(self._pending), len(self._free), len(child.free), CHUNK)
+                n = max(1, min(n, -(-len(self._pending) // len(live))))
             works: list[Work] = []
-            while len(works) < n and (not works or sum(w.nbytes for w in works) < CHUNK_BYTES):
-                works.append(self._pending.popleft())
-                works[-1].slot = self._free.popleft()
+            while len(works) < n and (
+                not works or (sum(w.nbytes for w in works) < CHUNK_BYTES and not self._pending[0].tries)
+            ):
+                work = self._pending.popleft()
+                work.slot, work.child_slot = self._free.popleft(), child.free.popleft()
+                works.append(work)
             child.send(works)
 
     def _start(self, index: int) -> None:
         """Start (or restart) child ``index``; a refused fork counts as a failed start (the collector retries)."""
-        self._on[index] = STARTING
         try:
-            self._children[index] = Child.spawn(index, self._ring_fd, self._config)
+            self._children[index] = Child.spawn(index, self.size, self._config)
         except OSError as exc:
             self._children[index] = None
             self._start_failed(f"could not start a preprocessing process: {exc}")
@@ -144,14 +197,21 @@ class ProcessPreprocessor:
         self._failed_starts += 1
         self._next_start = time.monotonic() + 0.5 * self._failed_starts
         log.warning("preprocess_process_start_failed", reason=why, failed_starts=self._failed_starts)
-        if self._failed_starts >= MAX_FAILED_STARTS and not self.broken:
+        if self.broken:
+            self._retry_wait = min(2 * self._retry_wait, RETRY_MAX_S)
+            self._retry_at = time.monotonic() + self._retry_wait
+            log.warning("preprocess_processes_still_unavailable", reason=why, retry_in_s=self._retry_wait)
+        elif self._failed_starts >= MAX_FAILED_STARTS:
             self._fall_back(f"{why} ({self._failed_starts} starts in a row failed)")
 
     def _fall_back(self, why: str) -> None:
-        """Preprocess in the worker from now on; what the children held and what is pending goes there too."""
+        """Preprocess in the worker until a child starts again; what the children held and what is pending goes
+        there too."""
         self.broken = why
-        log.error("preprocess_processes_unavailable", reason=why, fallback="threads in the worker")
-        self._fallback = ThreadPoolExecutor(max(1, len(self._children)), thread_name_prefix="preprocess-fallback")
+        self._retry_at = time.monotonic() + self._retry_wait
+        log.error("preprocess_processes_unavailable", reason=why, fallback="threads", retry_in_s=self._retry_wait)
+        if self._fallback is None:
+            self._fallback = ThreadPoolExecutor(max(1, len(self._children)), thread_name_prefix="preprocess-fallback")
         works = list(self._pending)
         self._pending.clear()
         for i, child in enumerate(self._children):
@@ -159,8 +219,23 @@ class ProcessPreprocessor:
                 child.stop(kill=True)
                 works.extend(child.sent)
                 self._children[i] = None
-        self._free = deque(range(self.slots))
+        for w in works:
+            if w.slot >= 0:
+                self._free.append(w.slot)  # slots of prepared images stay held until their release
+                w.slot = -1
+        self._moved()
         self._run_here(works)
+
+    def _came_up(self, child: Child) -> None:
+        """``child`` is past its start: its deadlines start now; a pool on threads goes back to processes."""
+        child.up = True
+        child.head_since = max(child.head_since, time.monotonic())
+        self._moved()
+        if self.broken:
+            log.info("preprocess_processes_restored", after=self.broken)
+            self.broken = None
+            self._failed_starts = 0
+            self._retry_wait, self._retry_at = self.retry_s, math.inf
 
     def _run_here(self, works: list[Work]) -> None:
         assert self._fallback is not None
@@ -188,50 +263,76 @@ class ProcessPreprocessor:
                 time.sleep(0.1)
 
     def _collect_once(self) -> None:
-        by_pipe: dict[Any, Child] = {c.answers: c for c in self._children if c is not None}
-        if not by_pipe:
+        """One pass: read what every child has sent (never blocking on one), enforce the deadlines, start
+        children, dispatch."""
+        by_fd: dict[int, Child] = {c.answers.fd: c for c in self._children if c is not None}
+        if not by_fd:
             time.sleep(0.1)
-        for pipe in wait(list(by_pipe), timeout=0.2) if by_pipe else []:
-            child = by_pipe[pipe]
+        for fd in wait(list(by_fd), timeout=0.2) if by_fd else []:
+            assert isinstance(fd, int)
+            child = by_fd[fd]
+            if self._children[child.index] is not child:
+                continue  # replaced earlier in this pass
             try:
-                answers = parse_answers(child.answers.recv_bytes())
-            except (EOFError, OSError):
+                frames = child.answers.read()
+            except EOFError:
                 self._replace(child, "its preprocessing process died (exit code {code})")
                 continue
-            except ValueError as exc:
+            except ProtocolError as exc:
                 self._replace(child, f"its preprocessing process broke the protocol ({exc})")
                 continue
-            self._answer(child, answers)
-        self._watchdog()
+            for frame in frames:
+                try:
+                    answers = parse_answers(frame)
+                except ValueError as exc:
+                    self._replace(child, f"its preprocessing process broke the protocol ({exc})")
+                    break
+                if not self._answer(child, answers):
+                    break
         with self._lock:
+            self._watchdog()
+            now = time.monotonic()
+            if self.broken and now >= self._retry_at and not self._closed and self._children[0] is None:
+                self._retry_at = math.inf  # one child on trial; its start or its failure decides
+                log.info("preprocess_processes_retry", after=self.broken)
+                self._start(0)
             for i, c in enumerate(self._children):
-                if c is None and not self.broken and not self._closed and time.monotonic() >= self._next_start:
+                if c is None and not self.broken and not self._closed and now >= self._next_start:
                     self._start(i)
             self._dispatch()
+        self._beat = time.monotonic()
 
-    def _answer(self, child: Child, answers: list[Answer]) -> None:
-        done: list[tuple[Work, float, tuple[ErrorCode, str] | None]] = []
+    def _answer(self, child: Child, answers: list[Answer]) -> bool:
+        """Take ``child``'s answer to its oldest chunk: copy the inputs into the worker's ring, resolve the futures.
+        Returns False when the answer was refused (the child is replaced)."""
+        done: list[tuple[Work, PreparedImage | JobFailure]] = []
         with self._lock:
             if self._children[child.index] is not child:
-                return
-            if any(slot != w.slot for (slot, _, _), w in zip(answers, child.sent, strict=False)):
-                self._replace(child, "its preprocessing process answered out of order")
-                return
+                return False
+            head = list(itertools.islice(child.sent, child.chunks[0])) if child.chunks else []
+            if not head or [slot for slot, _, _ in answers] != [w.child_slot for w in head]:
+                self._replace(child, "its preprocessing process answered images it was not given")
+                return False
+            if not child.up:
+                self._came_up(child)
             self._failed_starts = 0
-            for _, ms, error in answers[: len(child.sent)]:
-                work = child.answered()
-                done.append((work, ms, error))
+            for work, (_, ms, error) in zip(child.answered(), answers, strict=True):
                 if error:
                     self._free.append(work.slot)
+                    done.append((work, JobFailure(*error)))
+                else:
+                    self._ring[work.slot] = child.segment.images[work.child_slot]
+                    done.append((work, self._prepared(work.slot, ms)))
+            self._moved()
             self._dispatch()
-        for work, ms, error in done:
-            if error:
-                _resolve(work.future, JobFailure(*error))
-            elif not _resolve(work.future, self._prepared(work.slot, ms)):
+        for work, outcome in done:
+            if not _resolve(work.future, outcome) and isinstance(outcome, PreparedImage):
                 self._release(work.slot)  # nobody waits for it any more (the worker gave up: decode timeout)
+        return True
 
     def _prepared(self, slot: int, ms: float) -> PreparedImage:
-        """The image in ``slot`` as a view (no copy: the engine batch is its one copy); ``release`` frees the slot."""
+        """The image in ``slot`` as a view (no copy: the engine batch is its next copy); ``release`` frees the
+        slot."""
         released = False
 
         def release() -> None:
@@ -245,51 +346,79 @@ class ProcessPreprocessor:
     def _release(self, slot: int) -> None:
         with self._lock:
             self._free.append(slot)
+            self._moved()
             self._dispatch()
 
     def _watchdog(self) -> None:
-        """Replace a child that made no progress for longer than ``timeout_s`` while it has images: stuck on one
-        (that image fails) or between two (stopped, say: nothing fails, its images go to the others); and one
-        that has not started within ``start_timeout_s``."""
+        """Replace (holds the lock) a child that did not start within ``start_timeout_s``; one whose progress word
+        stayed on one image (that image fails) or between two (stopped, say: nothing fails, its images go to the
+        others) for longer than ``timeout_s`` while it has images; and one that has not answered its oldest chunk
+        within ``timeout_s`` an image, plus one, whatever its progress word says."""
         now = time.monotonic()
         for child in [c for c in self._children if c is not None]:
-            on = int(self._on[child.index])
-            if on == STARTING:
-                if now - child.started > self.start_timeout_s:
-                    self._replace(child, f"it did not start within {self.start_timeout_s:g}s")
-            elif on != child.seen[0] or not child.sent:
+            if self._children[child.index] is not child:
+                continue  # the pool fell back to threads while this pass replaced another
+            on = child.progress()
+            if not child.up:
+                if on == STARTING:
+                    if now - child.started > self.start_timeout_s:
+                        self._replace(child, f"it did not start within {self.start_timeout_s:g}s")
+                    continue
+                self._came_up(child)
+            if on != child.seen[0] or not child.sent:
+                if child.sent:
+                    self._moved()
                 child.seen = (on, now)
             elif now - child.seen[1] > self.timeout_s:
                 self._replace(child, f"it took over {self.timeout_s:g}s to decode (ARCFACE_DECODE_TIMEOUT_S)")
+                continue
+            if child.chunks and now - child.head_since > (child.chunks[0] + 1) * self.timeout_s:
+                self._replace(child, f"it answered nothing for {now - child.head_since:.0f}s")
 
     def _replace(self, child: Child, why: str) -> None:
-        """Kill ``child``, fail the image it was on, give the rest of its images back, start a new child. ``why``
-        may name the child's ``{code}`` (its exit code)."""
+        """Kill ``child``, fail the image it was on and those that ``MAX_TRIES`` killed children had, give the rest
+        of its images back, start a new child. ``why`` may name the child's ``{code}`` (its exit code)."""
+        failed: list[tuple[Work, str]] = []
         with self._lock:
             if self._closed or self._children[child.index] is not child:
                 return
+            on = child.progress()
             child.stop(kill=True)
             why = why.replace("{code}", str(child.proc.returncode))
-            on = int(self._on[child.index])
-            culprit = next((w for w in child.sent if w.slot == on), None) if on >= 0 else None
+            culprit = next((w for w in child.sent if w.child_slot == on), None) if child.up and on >= 0 else None
+            retried = 0
             for w in reversed(child.sent):
                 self._free.append(w.slot)
-                if w is not culprit:
-                    w.slot = -1
+                w.slot = w.child_slot = -1
+                w.tries += child.up  # a child that never started never tried it
+                if w is culprit:
+                    failed.append((w, f"the image failed: {why}"))
+                elif w.tries >= MAX_TRIES:
+                    failed.append((w, f"the image failed: {w.tries} preprocessing processes that had it were killed"))
+                else:
                     self._pending.appendleft(w)
+                    retried += 1
             self._children[child.index] = None
             self.replaced += 1
-            log.warning("preprocess_process_replaced", reason=why, exit_code=child.proc.returncode)
-            if on == STARTING:
+            log.warning(
+                "preprocess_process_replaced",
+                reason=why,
+                exit_code=child.proc.returncode,
+                images_failed=len(failed),
+                images_retried=retried,
+            )
+            if failed:
+                self._moved()
+            if not child.up:
                 self._start_failed(f"a preprocessing process failed before its first image: {why}")
             if not self.broken and time.monotonic() >= self._next_start:
                 self._start(child.index)
             self._dispatch()
-        if culprit is not None:
-            _resolve(culprit.future, JobFailure(ErrorCode.IMAGE_DECODE_ERROR, f"the image failed: {why}"))
+        for work, message in failed:
+            _resolve(work.future, JobFailure(ErrorCode.IMAGE_DECODE_ERROR, message))
 
     def close(self) -> None:
-        """Stop the children (images still pending fail with ``internal_error``) and free the ring."""
+        """Stop the children (images still pending fail with ``internal_error``)."""
         with self._lock:
             if self._closed:
                 return
@@ -307,12 +436,6 @@ class ProcessPreprocessor:
             self._fallback.shutdown(wait=True)
         for w in left:
             _resolve(w.future, JobFailure(ErrorCode.INTERNAL_ERROR, "the worker stopped preprocessing"))
-        del self._ring, self._on  # views of the map: it cannot close while they exist
-        try:
-            self._map.close()
-        except BufferError:  # a prepared image still holds a view: the map goes with the last of them
-            pass
-        os.close(self._ring_fd)
 
 
 def _resolve(future: Future, outcome: PreparedImage | JobFailure) -> bool:
@@ -368,6 +491,7 @@ def start_preprocessors(settings: Any, size: int, max_batch_size: int) -> Proces
         settings.max_inline_bytes,
         settings.decode_timeout_s,
         slots=max(64, 4 * max_batch_size),
+        stall_s=getattr(settings, "preprocess_stall_s", None),
     )
     log.info("preprocess_processes", processes=n, ring_slots=pool.slots)
     return pool

@@ -3,15 +3,16 @@ hand).
 
 It loads numpy, Pillow and the worker's decode/preprocess modules: never TensorFlow, rq or Redis. A reader thread
 keeps the request pipe drained (so the worker's sends never wait on a busy child); the main thread takes each
-chunk ``[[slot, data_b64, path], ...]`` in order, writes the model input into ``slot`` of the shared ring and
-answers the chunk with one JSON list of ``[slot, ms, null]`` or ``[slot, 0, [code, message]]`` (one message a
-chunk: each message costs the worker a GIL hand-over). Both directions are JSON, never pickle: a child runs
-decoders on untrusted images, and what it says must not be able to run code in the worker.
+chunk ``[[slot, data_b64, path], ...]`` in order, writes the model input into ``slot`` of its own memory (a memfd the
+worker made for this child alone: ``child_slots`` inputs, then the progress word) and answers the chunk with one
+length-prefixed JSON frame, a list of ``[slot, ms, null]`` or ``[slot, 0, [code, message]]`` (one frame a chunk: each
+costs the worker a GIL hand-over; messages are cut to fit the worker's frame limit). Both directions are JSON, never
+pickle: a child runs decoders on untrusted images, and what it says must not be able to run code in the worker.
 
-The progress array after the ring says what the child is doing: -2 starting, -1 between images, else the slot in
-hand, so the worker knows which image a stuck or dead child was on. SIGINT and SIGTERM are ignored (a Ctrl-C or a
-systemd stop reaches the whole process group; the worker's warm shutdown decides, and finishes the images in
-hand); the child exits when the worker closes the pipe, and is killed by the kernel when the worker dies.
+The progress word says what the child is doing: -2 starting, -1 between images, else the slot in hand, so the
+worker knows which image a stuck or dead child was on. SIGINT and SIGTERM are ignored (a Ctrl-C or a systemd stop
+reaches the whole process group; the worker's warm shutdown decides, and finishes the images in hand); the child
+exits when the worker closes the pipe, and is killed by the kernel when the worker dies.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from worker.inference.files import read_shared_file
 from worker.inference.preprocess import preprocess
 
 STARTING, IDLE = -2, -1
+MESSAGE_CHARS = 1000  # an error message in an answer (the worker's frame limit holds a chunk of them)
 _PR_SET_PDEATHSIG = 1
 
 
@@ -62,9 +64,10 @@ def _prepare(item: list[Any], ring: np.ndarray, config: dict[str, Any]) -> list[
     try:
         ring[slot] = model_input(data_b64, path, ring.shape[1], config)
     except JobFailure as failure:
-        return [slot, 0.0, [failure.code.value, failure.message]]
+        return [slot, 0.0, [failure.code.value, failure.message[:MESSAGE_CHARS]]]
     except Exception as exc:  # a bug, not bad input: this image fails, the child goes on
-        return [slot, 0.0, [ErrorCode.INTERNAL_ERROR.value, f"preprocessing crashed: {type(exc).__name__}: {exc}"]]
+        message = f"preprocessing crashed: {type(exc).__name__}: {exc}"
+        return [slot, 0.0, [ErrorCode.INTERNAL_ERROR.value, message[:MESSAGE_CHARS]]]
     return [slot, (time.perf_counter() - start) * 1000.0, None]
 
 
@@ -88,31 +91,31 @@ def _die_with_the_worker() -> None:
 
 
 def main(argv: list[str]) -> int:
-    """``argv``: the ring's file descriptor, this child's index, the request and answer pipe descriptors, the
-    JSON config."""
+    """``argv``: this child's memory (a memfd), its index, the request and answer pipe descriptors, the JSON
+    config."""
     _die_with_the_worker()
     worker = os.getppid()
-    ring_fd, index, request_fd, answer_fd = (int(a) for a in argv[:4])
+    memory_fd, _index, request_fd, answer_fd = (int(a) for a in argv[:4])
     config = json.loads(argv[4])
     config["limits"] = limits_from(config)
-    size, slots = config["size"], config["slots"]
-    ring_map = mmap.mmap(ring_fd, config["ring_bytes"])
-    ring = np.ndarray((slots, size, size, 3), np.float32, buffer=ring_map)
-    on = np.ndarray((config["max_children"],), np.int64, buffer=ring_map, offset=ring.nbytes)
+    size, slots = config["size"], config["child_slots"]
+    memory = mmap.mmap(memory_fd, os.fstat(memory_fd).st_size)
+    ring = np.ndarray((slots, size, size, 3), np.float32, buffer=memory)
+    on = np.ndarray((1,), np.int64, buffer=memory, offset=ring.nbytes)
     requests, answers = Connection(request_fd, writable=False), Connection(answer_fd, readable=False)
     inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
     closed = threading.Event()
     threading.Thread(target=_read, args=(requests, inbox, closed), name="requests", daemon=True).start()
-    on[index] = IDLE  # up: the worker's start timeout no longer applies
+    on[0] = IDLE  # up: the worker's start timeout no longer applies
     try:
         while (chunk := inbox.get()) is not None:
             done = []
             for item in chunk:
                 if closed.is_set() or os.getppid() != worker:
                     return 0
-                on[index] = item[0]
+                on[0] = item[0]
                 done.append(_prepare(item, ring, config))
-            on[index] = IDLE
+            on[0] = IDLE
             answers.send_bytes(json.dumps(done).encode())
     except OSError:  # the worker is gone
         return 0
