@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import time
 from datetime import datetime, timezone
 
 import pytest
 import redis
-from rq import Queue
+from rq import Queue, Retry
 from rq.intermediate_queue import IntermediateQueue
 from rq.job import JOB_ID_PATTERN, Job, JobStatus
 from rq.registry import FailedJobRegistry, FinishedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
@@ -84,8 +85,16 @@ def _pop(conn, queue: str, n: int) -> None:
 
 
 def _register(conn, fence: Fence, ids, execution: str = "e1") -> list[int]:
+    """The worker's registration of popped ids under ``execution`` (its hash fields as the worker writes them)."""
     stamp = timestamp(datetime.now(timezone.utc))
-    rows = [(jid, f"{jid}:{execution}", {"status": "started", "started_at": stamp, "worker_name": "w1"}) for jid in ids]
+    rows = [
+        (
+            jid,
+            f"{jid}:{execution}",
+            {"status": "started", "started_at": stamp, "worker_name": "w1", EXECUTION_FIELD: f"{jid}:{execution}"},
+        )
+        for jid in ids
+    ]
     with conn.pipeline() as pipe:
         fence.register(pipe, rows, time.time() + 30)
         return pipe.execute()[0]
@@ -300,3 +309,86 @@ def test_a_worker_key_marked_dead_lets_rq_register_the_worker_again(redis_server
     mark_worker_dead(conn, worker.key)
     worker.register_birth()
     assert conn.sismember(REDIS_WORKER_KEYS, worker.key) and not conn.hexists(worker.key, "death")
+
+
+def _success(job_id: str, execution: str, worker: str) -> Outcome:
+    """Worker ``worker``'s finished outcome of ``job_id``, run under ``execution``."""
+    now = datetime.now(timezone.utc)
+    entry = success_entry({"kind": "embed", "by": worker}, worker, execution, now, now)
+    fields = {"status": "finished", "ended_at": timestamp(now)}
+    return Outcome("own", "finished", job_id, f"{job_id}:{execution}", 600, fields, entry)
+
+
+def test_rq_cleanup_run_by_rq_info_never_requeues_a_started_job_however_late_it_runs(redis_server):
+    conn = redis_server.client()
+    q = _queue(conn)
+    retrying, once = _embed_job(q, retry=Retry(max=3)), _embed_job(q)
+    fence = Fence(conn, q.name)
+    _register_started(conn, fence, (retrying, once))
+    registry = StartedJobRegistry(queue=q)
+    registry.cleanup(timestamp=time.time() + 10**6)  # what `rq info` runs, after a stall of any length
+    assert registry.count == 2 and set(registry.get_job_ids()) == {retrying.id, once.id}
+    assert q.get_job_ids() == [] and FailedJobRegistry(queue=q).get_job_ids(cleanup=False) == []
+    for job in (retrying, once):
+        assert conn.hget(f"rq:job:{job.id}", "status") == b"started"
+    # the worker's own recovery still sees the entries once their heartbeat runs out
+    expired = fence.expired_started(time.time() + 31)
+    assert sorted(m for m, _ in expired) == sorted(f"{j.id}:e1" for j in (retrying, once))
+    assert fence.expired_started(time.time()) == []
+    with conn.pipeline() as pipe:  # a heartbeat moves the liveness expiry, never rq's score
+        fence.refresh_started(pipe, {f"{once.id}:e1": time.time() + 100})
+        pipe.execute()
+    assert [m for m, _ in fence.expired_started(time.time() + 31)] == [f"{retrying.id}:e1"]
+    assert conn.zscore(fence.keys.started, f"{once.id}:e1") == math.inf
+
+
+def test_an_entry_scored_by_expiry_in_rqs_registry_by_an_earlier_worker_is_still_recovered(redis_server):
+    conn = redis_server.client()
+    q = _queue(conn)
+    job = _embed_job(q, retry=None)
+    fence = Fence(conn, q.name)
+    _pop(conn, q.name, 1)
+    assert _register(conn, fence, [job.id], execution="old") == [1]
+    member = f"{job.id}:old"
+    conn.zrem(fence.keys.alive, member)  # as an earlier version registered it: no liveness entry ...
+    conn.zadd(fence.keys.started, {member: time.time() - 5})  # ... its expiry as rq's score
+    assert fence.expired_started(time.time()) == [(member, conn.zscore(fence.keys.started, member))]
+    requeue = Outcome("expired", "requeue", job.id, member, 0, {"status": "queued"}, None, fence.keys.queue)
+    assert fence.apply([requeue], time.time(), "rq:worker:w3", "w3") == [1]
+    assert q.get_job_ids() == [job.id] and conn.zcard(fence.keys.started) == 0
+
+
+@pytest.mark.parametrize("order", ["first finishes before the copy is taken", "first finishes first", "copy first"])
+def test_a_job_requeued_behind_its_worker_gets_exactly_one_success(redis_server, order):
+    """rq's cleanup re-queued a job while worker A still computes it, and A's heartbeat landed between the
+    cleanup's read and its ZREMRANGEBYSCORE (so A's started entry stayed); worker B takes the re-queued copy.
+    Only the execution that registered last writes an outcome; the other is refused, whatever the order."""
+    conn = redis_server.client()
+    q = _queue(conn)
+    job = _embed_job(q, retry=Retry(max=3))
+    fence = Fence(conn, q.name)
+    _pop(conn, q.name, 1)
+    assert _register(conn, fence, [job.id], execution="a") == [1]
+    rq_job = SafeJob.fetch(job.id, connection=conn, serializer=JSONSerializer)
+    with conn.pipeline() as pipe:
+        rq_job.retry(q, pipe)  # what StartedJobRegistry.cleanup does to an expired entry's job
+        pipe.execute()
+    assert q.get_job_ids() == [job.id] and conn.zscore(fence.keys.started, f"{job.id}:a") is not None
+    a, b = _success(job.id, "a", "wa"), _success(job.id, "b", "wb")
+    if order == "first finishes before the copy is taken":
+        assert fence.apply([a], time.time(), "rq:worker:wa", "wa") == [0]
+        _pop(conn, q.name, 1)
+        assert _register(conn, fence, [job.id], execution="b") == [1]
+        assert fence.apply([b], time.time(), "rq:worker:wb", "wb") == [1]
+    else:
+        _pop(conn, q.name, 1)
+        assert _register(conn, fence, [job.id], execution="b") == [1]
+        first, second = (a, b) if order == "first finishes first" else (b, a)
+        replies = [fence.apply([o], time.time(), f"rq:worker:{o.member}", "w")[0] for o in (first, second)]
+        assert replies == ([0, 1] if order == "first finishes first" else [1, 0])
+    entries = conn.xrange(f"rq:results:{job.id}")
+    assert [(e[b"type"], e[b"execution_id"]) for _, e in entries] == [(b"1", b"b")]
+    assert conn.hget(f"rq:job:{job.id}", "status") == b"finished"
+    assert FinishedJobRegistry(queue=q).get_job_ids() == [job.id]
+    assert conn.zcard(fence.keys.started) == 0 and conn.zcard(fence.keys.alive) == 0
+    assert q.get_job_ids() == [] and conn.llen(fence.keys.intermediate) == 0

@@ -1,10 +1,15 @@
 -- Outcomes of jobs, each applied atomically and at most once (worker/batching/rqfence.py: Fence.apply).
--- KEYS: the queue's started, finished, failed and scheduled registries.
+-- KEYS: the queue's started, finished, failed and scheduled registries, its liveness set.
 -- ARGV: now (unix seconds), worker key, worker name, then per outcome a fixed group of 9 fields:
---   guard   "own": apply only if ZREM of the started entry removes it (completion by the worker that holds it)
---           "expired": apply only if the entry is still in the registry with a score <= now (recovery), and the
---           job still runs under that entry: an entry left behind by an execution the job has since outlived (the
---           same id queued again and run by another worker, or already ended) is dropped, the job untouched
+--   guard   "own": completion by the worker that holds the job: its started and liveness entries are removed, and
+--           the outcome applied only if the job still runs under that entry (status started, its hash naming the
+--           member as 'arcface_execution'). A job re-queued, failed, cancelled or deleted behind the worker's back
+--           (rq's registry cleanup, a dashboard, a recovering worker) is not ours any more: if it was re-queued, the
+--           copy on the queue runs instead, and whichever execution registered last is the one whose outcome counts
+--           "expired": apply only if the member's liveness entry (or, for an entry registered before the liveness
+--           set existed, its started entry) is there with a score <= now (recovery), and the job still runs under
+--           that entry: an entry left behind by an execution the job has since outlived (the same id queued again
+--           and run by another worker, or already ended) is dropped, the job untouched
 --           "popped": apply only if LREM of the id from the intermediate list (the last field) removes it and no
 --           other worker has taken the same id meanwhile (a job failed before registration: never twice)
 --           "none": no condition (the scheduler's moves; its ZREM already decided)
@@ -25,12 +30,16 @@ for i = 0, n - 1 do
   local jkey = 'rq:job:' .. id
   local ok = true
   if guard == 'own' then
-    ok = redis.call('ZREM', KEYS[1], member) == 1
+    redis.call('ZREM', KEYS[1], member)
+    redis.call('ZREM', KEYS[5], member)
+    ok = redis.call('HGET', jkey, 'status') == 'started' and redis.call('HGET', jkey, 'arcface_execution') == member
   elseif guard == 'expired' then
-    local score = redis.call('ZSCORE', KEYS[1], member)
+    local score = redis.call('ZSCORE', KEYS[5], member)
+    if not score then score = redis.call('ZSCORE', KEYS[1], member) end
     ok = score ~= false and tonumber(score) <= now
     if ok then
       redis.call('ZREM', KEYS[1], member)
+      redis.call('ZREM', KEYS[5], member)
       local owner = redis.call('HGET', jkey, 'arcface_execution')
       ok = redis.call('HGET', jkey, 'status') == 'started' and (not owner or owner == member)
     end

@@ -5,7 +5,8 @@ writes rq's data structures itself, as rq 2.x lays them out (pinned by tests/tes
 
 - job hash ``rq:job:<id>`` fields ``status``, ``started_at``, ``ended_at``, ``last_heartbeat``, ``worker_name``,
   ``meta`` (serializer JSON), ``retries_left``; timestamps in rq's ``utcformat``;
-- the started registry ``rq:wip:<queue>``: members ``<job id>:<execution id>`` scored by expiry time;
+- the started registry ``rq:wip:<queue>``: members ``<job id>:<execution id>``; the worker scores its own ``+inf``
+  (rq's "never expires", see below);
 - finished / failed registries ``rq:finished:<queue>`` / ``rq:failed:<queue>`` scored by expiry time;
 - the result stream ``rq:results:<id>`` (``XADD MAXLEN ~ 10``): fields as rq's ``Result.serialize``;
 - the queue's intermediate list ``rq:queue:<queue>:intermediate`` (rq's crash-safe pop);
@@ -13,9 +14,16 @@ writes rq's data structures itself, as rq 2.x lays them out (pinned by tests/tes
 - the worker registry ``rq:workers`` (``REDIS_WORKER_KEYS``) and rq's cleanup of it, re-exported for maintenance.
 
 Registration, completion and recovery are Lua scripts, so each job's outcome is applied atomically and at most
-once: the job's started-registry entry is removed in the same script that writes its outcome, and a script that
-finds the entry gone (another worker recovered it, or Redis was flushed) writes nothing. A job therefore ends in
-exactly one registry, even when a stalled worker and a recovering worker race.
+once: the job's hash names the started member it runs under (:data:`EXECUTION_FIELD`), and an outcome is written
+only while the job is still started under the writer's member (not recovered by another worker, re-queued, failed
+or deleted by rq's tools, nor flushed). A job therefore ends in exactly one registry with one outcome, even when a
+stalled worker, a recovering worker and rq's own tools race.
+
+rq's ``StartedJobRegistry.cleanup`` (run by every ``count`` / ``get_job_ids``: ``rq info``, dashboards) re-queues or
+fails every entry whose score is in the past, at once and not atomically with completion. After a Redis stall
+longer than the execution TTL every live job's entry would look expired to it, so the worker scores its started
+entries ``+inf`` and keeps their liveness in a set of its own, ``arcface:alive:<queue>`` (member -> expiry,
+refreshed by the heartbeat), which only the worker's recovery reads, with its two-sightings rule.
 """
 
 from __future__ import annotations
@@ -71,6 +79,7 @@ class QueueKeys:
     finished = _QueueKey("rq:finished:{}")
     failed = _QueueKey("rq:failed:{}")
     scheduled = _QueueKey("rq:scheduled:{}")
+    alive = _QueueKey("arcface:alive:{}")  # started member -> liveness expiry (the worker's, not rq's)
 
 
 def valid_job_id(job_id: str) -> bool:
@@ -270,28 +279,36 @@ class Fence:
         for outcome in outcomes:
             argv.extend(outcome.argv())
         k = self.keys
-        return [int(x) for x in self._outcomes(keys=[k.started, k.finished, k.failed, k.scheduled], args=argv)]
+        keys = [k.started, k.finished, k.failed, k.scheduled, k.alive]
+        return [int(x) for x in self._outcomes(keys=keys, args=argv)]
 
     def register(self, pipe: Any, jobs: list[tuple[str, str, dict[str, str]]], expiry: float) -> None:
-        """Queue on ``pipe`` the registration of popped jobs ``(id, started member, hash fields)``: the pipe's
-        result for it is one flag a job, 1 where it is now started under that member, 0 where it is not ours:
-        another worker re-queued the id from the intermediate list while this registration waited (see
-        :data:`_REGISTER_LUA`)."""
+        """Queue on ``pipe`` the registration of popped jobs ``(id, started member, hash fields)``, alive until
+        ``expiry``: the pipe's result for it is one flag a job, 1 where it is now started under that member, 0 where
+        it is not ours: another worker re-queued the id from the intermediate list while this registration waited
+        (see :data:`_REGISTER_LUA`)."""
         argv: list[str] = [repr(expiry)]
         for job_id, member, fields in jobs:
             argv += [job_id, member, json.dumps(fields, separators=(",", ":"))]
-        self._register(keys=[self.keys.intermediate, self.keys.started], args=argv, client=pipe)
+        self._register(keys=[self.keys.intermediate, self.keys.started, self.keys.alive], args=argv, client=pipe)
 
     def refresh_started(self, pipe: Any, members: dict[str, float]) -> None:
-        """Queue on ``pipe`` new expiries for started entries that still exist (ZADD XX: a heartbeat never
-        re-creates the entry of a job completed or recovered meanwhile)."""
+        """Queue on ``pipe`` new liveness expiries for started members that still have one (ZADD XX: a heartbeat
+        never re-creates the entry of a job completed or recovered meanwhile)."""
         if members:
-            pipe.zadd(self.keys.started, members, xx=True)
+            pipe.zadd(self.keys.alive, members, xx=True)
 
     def expired_started(self, now: float) -> list[tuple[str, float]]:
-        """Started-registry members whose heartbeat ran out, with their scores."""
-        rows: Any = self.connection.zrangebyscore(self.keys.started, "-inf", now, withscores=True)
-        return [(m.decode() if isinstance(m, bytes) else str(m), float(s)) for m, s in rows]
+        """Started members whose heartbeat ran out, with their expiries: from the liveness set, and entries that
+        an earlier worker version scored by expiry in the started registry itself (never this version's ``+inf``)."""
+        with self.connection.pipeline(transaction=False) as pipe:
+            pipe.zrangebyscore(self.keys.alive, "-inf", now, withscores=True)
+            pipe.zrangebyscore(self.keys.started, "-inf", now, withscores=True)
+            alive, legacy = pipe.execute()
+        found: dict[str, float] = {}
+        for m, score in [*legacy, *alive]:
+            found[m.decode() if isinstance(m, bytes) else str(m)] = float(score)
+        return list(found.items())
 
 
 def mark_worker_dead(connection: redis.Redis, worker_key: str) -> None:
