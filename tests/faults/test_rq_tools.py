@@ -16,8 +16,8 @@ import pytest
 import redis
 from rq.registry import FailedJobRegistry, FinishedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 
-from producer.client import FaceClient
-from producer.jobs import JSONSerializer, SafeJob
+from producer.client.face_client import FaceClient
+from producer.contract.rqjob import JSONSerializer, SafeJob
 from producer.settings import ProducerSettings
 from tests.conftest import REPO, face_paths
 from tests.redis_server import RedisServer
