@@ -163,7 +163,9 @@ class WorkerSettings(CommonSettings):
         default=3.0, gt=0, allow_inf_nan=False, description="how often a busy worker refreshes its heartbeat"
     )
     execution_ttl_s: int = Field(
-        default=15, ge=1, description="a job's started-registry entry lives this long past each heartbeat"
+        default=15,
+        ge=1,
+        description="a job's liveness entry (arcface:alive:<queue>) lives this long past each heartbeat; a worker silent for longer is presumed dead",
     )
     maintenance_interval_s: int = Field(
         default=10, ge=1, description="how often a worker looks for jobs of dead workers"
