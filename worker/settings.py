@@ -165,7 +165,10 @@ class WorkerSettings(CommonSettings):
     execution_ttl_s: int = Field(
         default=15,
         ge=1,
-        description="a job's liveness entry (arcface:alive:<queue>) lives this long past each heartbeat; a worker silent for longer is presumed dead",
+        description=(
+            "a job's liveness entry (arcface:alive:<queue>) lives this long past each heartbeat; "
+            "a worker silent for longer is presumed dead"
+        ),
     )
     maintenance_interval_s: int = Field(
         default=10, ge=1, description="how often a worker looks for jobs of dead workers"
