@@ -27,7 +27,15 @@ from tests.conftest import REPO, face_paths
 from tests.workers import queue_env, ready_worker
 
 GOLDEN = REPO / "tests" / "data" / "wire-golden.json"
-VOLATILE_HASH_FIELDS = {"created_at", "enqueued_at", "started_at", "ended_at", "last_heartbeat", "worker_name"}
+VOLATILE_HASH_FIELDS = {
+    "created_at",
+    "enqueued_at",
+    "started_at",
+    "ended_at",
+    "last_heartbeat",
+    "worker_name",
+    "arcface_execution",
+}
 VOLATILE_ENTRY_FIELDS = {"worker_name", "execution_id", "execution_started_at", "execution_ended_at", "created_at"}
 VOLATILE_VALUE_KEYS = {"timing", "enrollment_id", "enrolled_at", "created_at"}
 
@@ -58,6 +66,13 @@ def _text(raw: bytes) -> str:
         return "b64:" + base64.b64encode(raw).decode("ascii")
 
 
+def _maybe_decompressed(raw: bytes) -> bytes:
+    try:
+        return zlib.decompress(raw)
+    except zlib.error:
+        return raw
+
+
 def _job_hash(fields: dict[bytes, bytes]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in sorted(fields):
@@ -65,11 +80,11 @@ def _job_hash(fields: dict[bytes, bytes]) -> dict[str, Any]:
         if name in VOLATILE_HASH_FIELDS:
             out[name] = "<volatile>"
         elif name == "data":
-            out[name] = _shape(json.loads(zlib.decompress(fields[key]) if fields[key][:1] == b"x" else fields[key]))
+            out[name] = _shape(json.loads(_maybe_decompressed(fields[key])))
         elif name in ("meta",):
             out[name] = _shape(json.loads(fields[key]))
-        elif name in ("exc_info",):
-            out[name] = _text(zlib.decompress(fields[key]))
+        elif name == "exc_info":
+            out[name] = _text(_maybe_decompressed(fields[key]))
         else:
             out[name] = _text(fields[key])
     return out
