@@ -253,3 +253,132 @@ def tempfile_bytes(data: bytes) -> Path:
     f.write(data)
     f.close()
     return Path(f.name)
+
+
+# --- the Node.js example's exit codes and default Redis: arcface-producer's ----------------------------------
+def node_exit(where: Path, env: dict[str, str], *args: str, timeout: float = 30) -> tuple[int, str, float]:
+    """Run the Node producer with only ``env``'s ARCFACE_* settings: (exit code, stderr, seconds taken)."""
+    import os
+
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("ARCFACE_", "XDG_"))}
+    start = time.monotonic()
+    proc = subprocess.run(
+        ["node", "producer.mjs", *args],
+        cwd=where,
+        env={**full, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    return proc.returncode, proc.stderr.strip(), time.monotonic() - start
+
+
+def test_node_producer_exits_4_at_once_when_redis_is_down(node_producer):
+    from tests.redis_server import free_port
+
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    code, err, took = node_exit(node_producer, {"ARCFACE_REDIS_URL": url}, "embed", str(face_paths()[0]))
+    assert (code, err) == (4, f"arcface-node-producer: cannot reach Redis at {url}: connect ECONNREFUSED {url[8:-2]}")
+    assert took < 5
+
+
+def test_node_producer_exits_4_when_redis_never_answers(node_producer):
+    import socket
+
+    with socket.socket() as silent:  # accepts connections (the kernel does), never says a word
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
+        code, err, took = node_exit(node_producer, {"ARCFACE_REDIS_URL": url}, "embed", str(face_paths()[0]))
+    assert (code, err) == (4, f"arcface-node-producer: cannot reach Redis at {url}: no answer within 5s")
+    assert 5 <= took < 10
+
+
+def test_node_producer_exits_4_with_the_auth_error_for_a_wrong_or_missing_password(node_producer, tmp_path):
+    from tests.redis_server import RedisServer
+
+    server = RedisServer(tmp_path / "redis", "--requirepass", "s3cret-pw", password="s3cret-pw").start()
+    try:
+        face = str(face_paths()[0])
+        wrong = f"redis://:wrong-pw@127.0.0.1:{server.port}/0"
+        code, err, _ = node_exit(node_producer, {"ARCFACE_REDIS_URL": wrong}, "embed", face)
+        assert (code, err) == (
+            4,
+            f"arcface-node-producer: cannot reach Redis at redis://:***@127.0.0.1:{server.port}/0: "
+            "WRONGPASS invalid username-password pair or user is disabled.",
+        )
+        code, err, _ = node_exit(node_producer, {"ARCFACE_REDIS_URL": server.url}, "embed", face)
+        assert (code, err) == (
+            4,
+            f"arcface-node-producer: cannot reach Redis at {server.url}: NOAUTH Authentication required.",
+        )
+        assert server.client().keys("*") == []
+    finally:
+        server.stop()
+
+
+def test_node_producer_exits_2_for_an_unreadable_image_and_enqueues_nothing(node_producer, redis_server, tmp_path):
+    queue = f"node-{uuid.uuid4().hex[:8]}"
+    env = {"ARCFACE_REDIS_URL": redis_server.url, "ARCFACE_QUEUE": queue}
+    missing = str(tmp_path / "nope.png")
+    assert node_exit(node_producer, env, "embed", missing)[:2] == (
+        2,
+        f"arcface-node-producer: {missing}: No such file or directory",
+    )
+    assert node_exit(node_producer, env, "verify", str(face_paths()[0]), missing)[:2] == (
+        2,
+        f"arcface-node-producer: image b: {missing}: No such file or directory",
+    )
+    assert node_exit(node_producer, env, "embed", str(tmp_path))[:2] == (
+        2,
+        f"arcface-node-producer: {tmp_path}: Is a directory",
+    )
+    assert redis_server.client().llen(f"rq:queue:{queue}") == 0
+
+
+def _python_default_socket(env: dict[str, str]) -> str:
+    """Where arcface-producer looks for Redis with ARCFACE_REDIS_URL unset, under ``env``."""
+    import os
+    import sys
+
+    code = (
+        "from producer.redisconn import EmbeddedRedis; from producer.settings import ProducerSettings;"
+        "print(EmbeddedRedis(ProducerSettings().data_dir).socket)"
+    )
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("ARCFACE_", "XDG_"))}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env={**full, "PYTHONPATH": str(REPO), **env}, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_node_producer_defaults_to_the_embedded_redis_that_arcface_producer_uses(node_producer, tmp_path):
+    from tests.redis_server import RedisServer
+
+    face = str(face_paths()[0])
+    for env in (
+        {"HOME": str(tmp_path / "home")},
+        {"HOME": str(tmp_path / "home"), "XDG_DATA_HOME": str(tmp_path / "xdg")},
+        {"ARCFACE_DATA_DIR": str(tmp_path / "data")},
+    ):
+        socket_path = _python_default_socket(env)
+        assert node_exit(node_producer, env, "embed", face)[:2] == (
+            4,
+            f"arcface-node-producer: cannot reach Redis at the embedded Redis at {socket_path}: it is not running "
+            "(no socket there); arcface-producer or arcface-worker start it on this machine, or set ARCFACE_REDIS_URL",
+        )
+    # with the embedded Redis running there, the job lands in it (no worker: the wait times out, exit 3)
+    data = tmp_path / "data"
+    server = RedisServer(data / "redis", "--unixsocket", str(data / "redis" / "redis.sock")).start()
+    try:
+        queue = f"node-{uuid.uuid4().hex[:8]}"
+        env = {"ARCFACE_DATA_DIR": str(data), "ARCFACE_QUEUE": queue, "ARCFACE_WAIT_TIMEOUT": "0.2"}
+        assert node_exit(node_producer, env, "embed", face)[:2] == (3, "")
+        assert server.client().llen(f"rq:queue:{queue}") == 1
+    finally:
+        server.stop()
+    assert node_exit(node_producer, {"ARCFACE_EMBEDDED_REDIS": "false"}, "embed", face)[:2] == (
+        2,
+        "arcface-node-producer: ARCFACE_REDIS_URL is required when ARCFACE_EMBEDDED_REDIS=false",
+    )

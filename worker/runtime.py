@@ -37,13 +37,14 @@ from producer.contract.results import (
     encode_matrix,
 )
 from producer.contract.wire import request_images
+from worker.inference.cache import download
 from worker.inference.decode_checks import DecodeLimits
 from worker.inference.detect import BlazeFace, Face, align, pick, pick_all, square_crop
 from worker.inference.engine import Engine, configure_tensorflow, reduced_precision_policy
 from worker.inference.files import read_shared_file
 from worker.inference.model import load_face_model
 from worker.inference.preprocess import PreparedImage, decode_image, preprocess
-from worker.inference.weights import WeightsError, download
+from worker.inference.weights import WeightsError, check_weights_file
 from worker.settings import WorkerSettings
 
 log = structlog.get_logger("arcface.worker")
@@ -52,13 +53,16 @@ GALLERY_REQUESTS = (EnrollRequest, EnrollBatchRequest, IdentifyRequest, GalleryV
 
 
 def default_weights(settings: WorkerSettings, retries: int = 3, timeout_s: float = 30.0) -> Path:
-    """deepface's published weights from ``model_url``, downloaded once into ``cache_dir``."""
+    """deepface's published weights from ``model_url``, downloaded once into ``cache_dir`` (an HDF5 file is
+    checked for damaged weights before it is kept; a damaged cached copy is downloaded again)."""
+    name = Path(settings.model_url).name
     return download(
         settings.model_url,
-        settings.cache_dir / Path(settings.model_url).name,
+        settings.cache_dir / name,
         settings.model_sha256,
         retries,
         timeout_s,
+        check=check_weights_file if name.endswith(".h5") else None,
     )
 
 

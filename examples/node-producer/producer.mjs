@@ -6,12 +6,23 @@
 //   node producer.mjs verify a.png b.png [--threshold 0.6]
 //   node producer.mjs embed face.png --minimal     (only the required fields: data, the queue push)
 //
-// Settings: ARCFACE_REDIS_URL (default redis://127.0.0.1:6379/0), ARCFACE_QUEUE (default arcface),
-// ARCFACE_WAIT_TIMEOUT seconds (default 60). Prints one JSON line: {"job_id", "status", "result" | "error"}.
-// Exit codes as arcface-producer: 0 finished, 1 the job failed, 2 bad usage, 3 timeout, 4 Redis unreachable.
+// Settings, as arcface-producer reads them: ARCFACE_REDIS_URL (redis://, rediss:// or unix://; unset = the
+// embedded Redis that arcface-producer / arcface-worker start on this machine, at
+// ARCFACE_DATA_DIR/redis/redis.sock; this script only connects to it, it never starts it),
+// ARCFACE_EMBEDDED_REDIS=false (then ARCFACE_REDIS_URL is required), ARCFACE_DATA_DIR, ARCFACE_QUEUE
+// (default arcface), ARCFACE_WAIT_TIMEOUT seconds (default 60). Prints one JSON line:
+// {"job_id", "status", "result" | "error"}.
+// Exit codes as arcface-producer: 0 finished, 1 the job failed, 2 bad usage or an unreadable image,
+// 3 timeout, 4 Redis unreachable or refusing us (wrong password, no answer within 5 s).
 import { readFileSync } from 'node:fs';
 import { randomUUID } from 'node:crypto';
+import { homedir } from 'node:os';
+import { isAbsolute, join } from 'node:path';
 import { createClient } from 'redis';
+
+const EXIT = { ok: 0, failed: 1, usage: 2, timeout: 3, redis: 4 };
+const CONNECT_TIMEOUT_MS = 5000; // arcface-producer's socket connect timeout
+const PROG = 'arcface-node-producer';
 
 const FUNCS = { embed: 'worker.jobs.embed', verify: 'worker.jobs.verify' };
 const RESULT_TYPES = { 1: 'successful', 2: 'failed', 3: 'stopped', 4: 'retried', 5: 'max_retries_exceeded' };
@@ -19,10 +30,74 @@ const RESULT_TYPES = { 1: 'successful', 2: 'failed', 3: 'stopped', 4: 'retried',
 // rq's timestamp format: %Y-%m-%dT%H:%M:%S.%fZ, UTC (toISOString's milliseconds are accepted as %f).
 const rqTimestamp = (date = new Date()) => date.toISOString();
 
-function usage(message) {
-  process.stderr.write(`arcface-node-producer: ${message}\n`);
-  process.exit(2);
+function fail(message, code) {
+  process.stderr.write(`${PROG}: ${message}\n`);
+  process.exit(code);
 }
+
+const usage = (message) => fail(message, EXIT.usage);
+
+// Hide the password in a Redis URL (arcface-producer's redact): scheme://user:***@host.
+const redact = (text) => String(text).replace(/\b(rediss?|unix):\/\/([^:@/\s]*):([^@\s]+)@/g, '$1://$2:***@');
+
+// The environment as pydantic-settings reads it: an empty variable is unset.
+const env = (name) => (process.env[name] ?? '').trim() || undefined;
+
+// platformdirs' user_data_dir("arcface-service"), where arcface-producer keeps the embedded Redis.
+function defaultDataDir() {
+  const xdg = env('XDG_DATA_HOME');
+  if (xdg && isAbsolute(xdg)) return join(xdg, 'arcface-service');
+  if (process.platform === 'darwin') return join(homedir(), 'Library', 'Application Support', 'arcface-service');
+  return join(homedir(), '.local', 'share', 'arcface-service');
+}
+
+// Where Redis is: { options for createClient, where (for messages, password hidden) }.
+function redisTarget() {
+  const url = env('ARCFACE_REDIS_URL');
+  if (url === undefined) {
+    if (/^(false|0|no|off|f|n)$/i.test(env('ARCFACE_EMBEDDED_REDIS') ?? '')) {
+      usage('ARCFACE_REDIS_URL is required when ARCFACE_EMBEDDED_REDIS=false');
+    }
+    const path = join(env('ARCFACE_DATA_DIR') ?? defaultDataDir(), 'redis', 'redis.sock');
+    return { options: { socket: { path } }, where: `the embedded Redis at ${path}`, embedded: true };
+  }
+  if (url.startsWith('unix://')) {
+    const parsed = new URL(url);
+    const db = Number(parsed.searchParams.get('db') ?? 0);
+    return { options: { socket: { path: decodeURIComponent(parsed.pathname) }, database: db }, where: redact(url) };
+  }
+  if (!/^rediss?:\/\//.test(url)) {
+    usage(`ARCFACE_REDIS_URL=${redact(url)}: must be a redis://host:port/db, rediss://host:port/db or unix:///path.sock URL`);
+  }
+  return { options: { url }, where: redact(url) };
+}
+
+// One connected client, or exit 4 with the reason: refused, unreachable, wrong password, or no answer in time.
+async function connectOrExit(target) {
+  const client = createClient({
+    ...target.options,
+    socket: { ...target.options.socket, connectTimeout: CONNECT_TIMEOUT_MS, reconnectStrategy: false },
+  });
+  client.on('error', () => {}); // every failure is reported where it is awaited
+  let timer;
+  const noAnswer = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`no answer within ${CONNECT_TIMEOUT_MS / 1000}s`)), CONNECT_TIMEOUT_MS);
+  });
+  try {
+    await Promise.race([(async () => { await client.connect(); await client.ping(); })(), noAnswer]);
+  } catch (err) {
+    let reason = redact(err.message || err.code || err);
+    if (target.embedded && err.code === 'ENOENT') {
+      reason = 'it is not running (no socket there); arcface-producer or arcface-worker start it on this machine, or set ARCFACE_REDIS_URL';
+    }
+    fail(`cannot reach Redis at ${target.where}: ${reason}`, EXIT.redis);
+  } finally {
+    clearTimeout(timer);
+  }
+  return client;
+}
+
+const FILE_ERRORS = { ENOENT: 'No such file or directory', EACCES: 'Permission denied', EISDIR: 'Is a directory' };
 
 function parseArgs(argv) {
   const [kind, ...rest] = argv;
@@ -39,12 +114,19 @@ function parseArgs(argv) {
   return { kind, files, opts };
 }
 
-// An image is inline: base64 of the encoded file's bytes (one base64 layer, nothing else).
-const inlineImage = (file) => ({ data_b64: readFileSync(file).toString('base64') });
+// An image is inline: base64 of the encoded file's bytes (one base64 layer, nothing else). An unreadable file is
+// a usage error, named as arcface-producer names it.
+function inlineImage(file, label) {
+  try {
+    return { data_b64: readFileSync(file).toString('base64') };
+  } catch (err) {
+    return usage(`${label}${file}: ${FILE_ERRORS[err.code] ?? err.message}`);
+  }
+}
 
 function request(kind, files, opts) {
-  if (kind === 'embed') return { kind: 'embed', image: inlineImage(files[0]) };
-  const req = { kind: 'verify', a: inlineImage(files[0]), b: inlineImage(files[1]) };
+  if (kind === 'embed') return { kind: 'embed', image: inlineImage(files[0], '') };
+  const req = { kind: 'verify', a: inlineImage(files[0], 'image a: '), b: inlineImage(files[1], 'image b: ') };
   if (opts.threshold !== undefined) req.threshold = opts.threshold; // a JSON number, never a string
   return req;
 }
@@ -102,32 +184,25 @@ async function waitResult(client, jobId, timeoutS) {
 
 async function main() {
   const { kind, files, opts } = parseArgs(process.argv.slice(2));
-  const url = process.env.ARCFACE_REDIS_URL || 'redis://127.0.0.1:6379/0';
-  const queue = process.env.ARCFACE_QUEUE || 'arcface';
-  const timeoutS = Number(process.env.ARCFACE_WAIT_TIMEOUT || 60);
-  const client = createClient({ url });
-  client.on('error', () => {});
-  try {
-    await client.connect();
-  } catch (err) {
-    process.stderr.write(`arcface-node-producer: cannot reach Redis: ${err.message}\n`);
-    process.exit(4);
-  }
+  const target = redisTarget();
+  const queue = env('ARCFACE_QUEUE') ?? 'arcface';
+  const timeoutS = Number(env('ARCFACE_WAIT_TIMEOUT') ?? 60);
+  if (!(timeoutS > 0 && Number.isFinite(timeoutS))) usage('ARCFACE_WAIT_TIMEOUT must be a number of seconds above 0');
+  const client = await connectOrExit(target);
+  const payload = request(kind, files, opts);
   const blocking = client.duplicate(); // XREAD BLOCK holds its connection: give it its own
   blocking.on('error', () => {});
-  await blocking.connect();
+  let outcome, jobId;
   try {
-    const jobId = await enqueue(client, queue, kind, request(kind, files, opts), opts.minimal);
-    const outcome = await waitResult(blocking, jobId, timeoutS);
-    process.stdout.write(JSON.stringify({ job_id: jobId, ...outcome }) + '\n');
-    process.exitCode = outcome.status === 'finished' ? 0 : outcome.status === 'failed' ? 1 : 3;
-  } finally {
-    await blocking.quit();
-    await client.quit();
+    await blocking.connect();
+    jobId = await enqueue(client, queue, kind, payload, opts.minimal);
+    outcome = await waitResult(blocking, jobId, timeoutS);
+  } catch (err) {
+    fail(`Redis unreachable or refused the command at ${target.where}: ${redact(err.message || err)}`, EXIT.redis);
   }
+  process.stdout.write(JSON.stringify({ job_id: jobId, ...outcome }) + '\n');
+  process.exitCode = outcome.status === 'finished' ? EXIT.ok : outcome.status === 'failed' ? EXIT.failed : EXIT.timeout;
+  await Promise.allSettled([blocking.quit(), client.quit()]);
 }
 
-main().catch((err) => {
-  process.stderr.write(`arcface-node-producer: ${err.message}\n`);
-  process.exit(1);
-});
+main().catch((err) => fail(err.stack || err.message, EXIT.failed));

@@ -20,7 +20,13 @@ import numpy as np
 from keras import layers
 
 from producer.contract.defaults import DEFAULT_INPUT_SCALE, DEFAULT_THRESHOLD
-from worker.inference.weights import WeightsError, assign_weights, read_keras_h5_weights, read_tfjs_weights
+from worker.inference.weights import (
+    WeightsError,
+    assign_weights,
+    check_weight_values,
+    read_keras_h5_weights,
+    read_tfjs_weights,
+)
 
 INPUT_SIZE = 112
 EMBEDDING_DIM = 512
@@ -98,6 +104,7 @@ class FaceModel:
 
 
 def _arcface(weights: dict[str, np.ndarray], source: str, precision: str, name: str) -> FaceModel:
+    check_weight_values(weights, source)
     model = build_arcface(precision)
     assign_weights(model, weights, source)
     return FaceModel(name=name, fn=model, input_size=INPUT_SIZE, embedding_dim=EMBEDDING_DIM, keras_model=model)

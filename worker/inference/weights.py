@@ -1,5 +1,5 @@
 """Finding and reading weight files: deepface's Keras HDF5 weights, the seed's TF.js layers model,
-and the download + cache of deepface's published file.
+and the checks that tell usable weights from a file of zeros.
 
 Every reader returns ``{"layer/variable": ndarray}``; :func:`assign_weights` checks the whole set against
 the model (missing, unexpected, wrong shape: the first mismatch is named) before it touches a single
@@ -8,12 +8,8 @@ variable, so a half-filled model is never served.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -183,48 +179,39 @@ def assign_weights(model: Any, weights: dict[str, np.ndarray], source: str) -> N
         var.assign(weights[name].astype(np.float32, copy=False))
 
 
-# --- download + cache ------------------------------------------------------------------------------
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+# --- sanity ----------------------------------------------------------------------------------------
+def check_weight_values(weights: dict[str, np.ndarray], source: str) -> None:
+    """Refuse weights no trained or freshly initialised network has: none at all, a non-finite value, or a
+    kernel that is all zeros (what a file cut short while it was written reads back as).
 
-
-def download(url: str, dest: Path, sha256: str | None = None, retries: int = 3, timeout_s: float = 30.0) -> Path:
-    """Download ``url`` to ``dest`` once: resumes a partial ``dest.part`` with an HTTP Range request,
-    retries with backoff, checks ``sha256`` when given, and moves the file into place atomically.
-
-    Returns ``dest`` at once if it already exists (and matches ``sha256``).
+    Raises :class:`WeightsError` naming the first such tensor and how many there are.
     """
-    if dest.exists() and (sha256 is None or sha256_of(dest) == sha256.lower()):
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    last_error: Exception | None = None
-    for attempt in range(retries):
-        try:
-            have = part.stat().st_size if part.exists() else 0
-            request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-            with urllib.request.urlopen(request, timeout=timeout_s) as response:
-                mode = "ab" if have and response.status == 206 else "wb"
-                with part.open(mode) as out:
-                    while chunk := response.read(1 << 20):
-                        out.write(chunk)
-            if sha256 and (got := sha256_of(part)) != sha256.lower():
-                part.unlink()
-                raise WeightsError(f"{url}: downloaded file has sha256 {got}, expected {sha256}")
-            os.replace(part, dest)
-            return dest
-        except WeightsError:
-            raise
-        except (urllib.error.URLError, OSError, TimeoutError) as exc:
-            last_error = exc
-            if isinstance(exc, urllib.error.HTTPError) and exc.code == 416:  # Range past the end: start over
-                part.unlink(missing_ok=True)
-            time.sleep(min(2.0**attempt, 10.0))
-    raise WeightsError(
-        f"could not download ArcFace weights from {url} ({last_error}). Offline? Download the file elsewhere "
-        f"and set ARCFACE_MODEL_PATH to its local path (a deepface .h5, a TF.js model.json, or your own model)."
-    )
+    if not weights:
+        raise WeightsError(f"{source}: holds no weights")
+    bad = [name for name, w in weights.items() if not np.isfinite(w).all()]
+    if bad:
+        raise WeightsError(
+            f"{source}: tensor {bad[0]!r} holds NaN or infinite values ({len(bad)} such tensors): "
+            "the file is damaged; delete it (or download it again)"
+        )
+    zero = [name for name, w in weights.items() if name.endswith("/kernel") and not np.any(w)]
+    if zero:
+        raise WeightsError(
+            f"{source}: kernel {zero[0]!r} is all zeros ({len(zero)} of "
+            f"{sum(name.endswith('/kernel') for name in weights)} kernels): the file is damaged or was cut short "
+            "while it was written; delete it (or download it again)"
+        )
+
+
+def check_weights_file(path: str | os.PathLike[str]) -> None:
+    """Raise :class:`WeightsError` unless ``path`` is a deepface-layout HDF5 or TF.js weights file whose
+    tensors pass :func:`check_weight_values`."""
+    p = Path(path)
+    if p.suffix == ".json":
+        check_weight_values(read_tfjs_weights(p), str(p))
+        return
+    try:
+        weights = read_keras_h5_weights(p)
+    except (OSError, KeyError, ValueError) as exc:  # h5py's errors for a file cut short inside a dataset
+        raise WeightsError(f"{p}: unreadable HDF5 weights ({exc})") from None
+    check_weight_values(weights, str(p))
