@@ -133,6 +133,56 @@ def test_a_sequence_that_runs_backwards_also_reloads(stores, model_name, redis_s
     assert sorted(b.index_for("back", DIM).eids) == ["x1", "y1"]
 
 
+def test_sync_applies_every_change_written_before_it_without_the_follower(stores, model_name, redis_server):
+    """What an identify job does first: a change whose result is out is in the search, whichever worker made
+    it, even when this worker's events follower is behind (here stopped)."""
+    a, b, v = _second_worker_caught_up(stores, model_name, 7, "sync", 3)
+    b.stop()
+    a.enroll("sync", "y", "y1", v[1])
+    a.enroll("sync", "z", "z1", v[2])
+    a.forget("sync", "x")
+    assert sorted(b.index_for("sync", DIM).eids) == ["x1"]
+    b.sync()
+    written = int(redis_server.client().get(EVENTS_SEQ_KEY))
+    assert (sorted(b.index_for("sync", DIM).eids), b.seq, b.reloads) == (["y1", "z1"], written, 1)
+
+
+def test_gallery_keys_lost_in_redis_are_dropped_by_sync_and_by_the_follower(stores, model_name, redis_server):
+    """Redis lost the data (FLUSHALL, a restart without persistence, deleted keys): no worker keeps serving it."""
+    a, b, v = _second_worker_caught_up(stores, model_name, 8, "lost", 2)
+    conn = redis_server.client()
+    b.stop()
+    conn.delete(*conn.scan_iter(match="arcface:galler*", count=1000))
+    b.sync()
+    assert (b.stats(), b.seq, b.reloads) == ({}, 0, 2)
+    with pytest.raises(JobFailure) as exc:
+        b.identify("lost", v[0])
+    assert exc.value.code.value == "unknown_gallery"
+    wait_until(lambda: a.reloads == 2)  # a, following the events, notices by itself with no change made
+    assert (a.stats(), a.seq) == ({}, 0)
+
+
+def test_a_retried_enroll_whose_reply_was_lost_answers_as_the_first_try(stores, model_name):
+    """The same script call run twice (a reply lost to a dropped connection, then retried) says created both
+    times; the same enrollment sent again by another job (a re-run) says it existed."""
+    from worker.gallery.redis_io import enroll_keys, enroll_outcome
+
+    a = stores(model_name)
+    vec = unit(np.random.default_rng(9), 1)[0]
+    args = ["retry", "alice", "e1", model_name, DIM, vec.tobytes(), '{"subject":"alice","enrolled_at":1.5,"meta":null}']
+    args += [1000, "1.500000"]
+    first = a._enroll(keys=enroll_keys("retry", "alice"), args=args)
+    retried = a._enroll(keys=enroll_keys("retry", "alice"), args=args)
+    args[6] = '{"subject":"alice","enrolled_at":2.5,"meta":null}'
+    rerun = a._enroll(keys=enroll_keys("retry", "alice"), args=args)
+    assert [enroll_outcome("retry", model_name, "e1", DIM, r) for r in (first, retried, rerun)] == [
+        wg.EnrollOutcome("e1", True, 1),
+        wg.EnrollOutcome("e1", True, 1),
+        wg.EnrollOutcome("e1", False, 1),
+    ]
+    assert int(retried[2]) == 0  # no new event: the first try wrote it
+
+
 # --- the gallery's rules -----------------------------------------------------------------------------
 def test_enroll_is_idempotent_by_enrollment_id(stores, model_name, redis_server):
     rng = np.random.default_rng(6)

@@ -44,6 +44,7 @@ from producer.contract.codes import JobFailure
 from worker.batching.completion import CompletionMixin
 from worker.batching.executing import ExecutionMixin, Item
 from worker.batching.maintenance import MaintenanceMixin
+from worker.batching.retry import transient, until_redis_takes
 from worker.batching.rqfence import EXECUTION_FIELD, Fence, timestamp
 from worker.batching.taking import Taken, classify, decode_id, pop_first, pop_many, utcnow
 from worker.inference.prepool import ProcessPreprocessor, start_preprocessors
@@ -53,25 +54,6 @@ from worker.settings import WorkerSettings
 
 log = structlog.get_logger("arcface.batcher")
 _BUSY_POLL_S = 0.05  # BLMOVE timeout while the model is busy: wakes at once when a job arrives
-_TRANSIENT = (
-    redis.ConnectionError,
-    redis.TimeoutError,
-    redis.exceptions.BusyLoadingError,
-    redis.exceptions.OutOfMemoryError,
-    redis.exceptions.ReadOnlyError,
-)
-
-
-def _transient(exc: BaseException) -> bool:
-    """Redis errors that pass by themselves: unreachable, loading, read-only replica, or full (OOM). redis-py
-    raises OOM as ``OutOfMemoryError`` with the code stripped ("command not allowed when used memory >
-    'maxmemory'"), and prefixes an error inside a pipeline with "Command # n (...) of pipeline caused error: "."""
-    if isinstance(exc, _TRANSIENT):
-        return True
-    if not isinstance(exc, redis.ResponseError):
-        return False
-    text = str(exc).rsplit("of pipeline caused error: ", 1)[-1]
-    return text.startswith(("OOM", "LOADING", "READONLY", "MISCONF", "BUSY")) or "maxmemory" in text
 
 
 class BatchWorker(ExecutionMixin, CompletionMixin, MaintenanceMixin, SimpleWorker):
@@ -124,24 +106,16 @@ class BatchWorker(ExecutionMixin, CompletionMixin, MaintenanceMixin, SimpleWorke
 
     # --- Redis outages -----------------------------------------------------------------------------
     def _redis_retry(self, what: str, fn: Callable[[], Any]) -> Any:
-        """Run ``fn`` until Redis takes it: backoff from 0.5 s to 30 s, one log line per attempt. Results in
-        hand are never dropped because Redis restarted, stalled or filled up; the worker waits for it."""
-        backoff = 0.5
-        while True:
-            try:
-                out = fn()
-            except Exception as exc:
-                if not _transient(exc):
-                    raise
-                self._outage = True
-                log.error("redis_unreachable", during=what, error=str(exc)[:300], retry_in_s=backoff)
-                time.sleep(backoff)
-                backoff = min(backoff * 2, 30.0)
-                continue
-            if self._outage:
-                self._outage = False
-                log.info("redis_reachable_again", during=what)
-            return out
+        """Run ``fn`` until Redis takes it (:func:`~worker.batching.retry.until_redis_takes`). Results in hand
+        are never dropped because Redis restarted, stalled or filled up; the worker waits for it."""
+        out = until_redis_takes(what, fn, on_refused=self._refused, logger=log)
+        if self._outage:
+            self._outage = False
+            log.info("redis_reachable_again", during=what)
+        return out
+
+    def _refused(self) -> None:
+        self._outage = True
 
     # --- signals --------------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
@@ -302,7 +276,7 @@ class BatchWorker(ExecutionMixin, CompletionMixin, MaintenanceMixin, SimpleWorke
                     took = self._cycle(burst, pending)
                     backoff = 0.5
                 except Exception as exc:
-                    if not _transient(exc):
+                    if not transient(exc):
                         log.exception("loop_error")  # never let one iteration's surprise stop the worker
                     else:
                         self._outage = True

@@ -14,7 +14,16 @@ the hashes and sets, the event and its sequence number are written atomically, s
   is visible to searches that start within a second of it or one search duration, whichever is longer (a
   32-query search of 1M enrollments took ~4 s on the loaded 2-core development machine, milliseconds on a GPU);
 * a sequence number other than the next one means events were lost to this worker (trimmed while it was
-  disconnected, or a Redis that lost writes): it reloads everything.
+  disconnected, or a Redis that lost writes): it reloads everything;
+* a batch with identify or verify-against-a-subject jobs first syncs with Redis (one round trip: the sequence
+  number and the last applied entry; the missing events, if any): once a change's result is readable, every
+  such job taken afterwards, by any worker, searches with the change applied;
+* before each read of the stream (at most ``block_ms``, 0.5 s, apart) the follower checks that Redis still
+  holds what the worker applied (the sequence number did not go back, the last applied entry is still there
+  with its number, the galleries set exists): after ``FLUSHALL``, a restart without persistence or a deleted
+  key the worker reloads, so it drops what Redis lost within about a second, with no job sent;
+* every Redis call of the gallery path waits out a full, loading or unreachable Redis with the batching
+  worker's backoff (:mod:`worker.batching.retry`): such a Redis delays gallery jobs, never fails them.
 
 The rooms, each its own module (this one re-exports their public names):
 

@@ -106,7 +106,11 @@ def complete(
 
 def complete_batch(store: GalleryStore, items: Sequence[GalleryItem]) -> list[Result | JobFailure]:
     """Results (or failures) for a batch's gallery jobs, in order; all identify queries on one gallery are
-    searched with one matrix product."""
+    searched with one matrix product. A batch that searches (identify, verify against a subject) first brings
+    the store up to what Redis holds now (:meth:`GalleryStore.sync`): a change whose result was readable when
+    a job was taken is in its search, whichever worker made it, and subjects Redis lost are not."""
+    if any(_searches(item.request) for item in items):
+        store.sync()
     out: list[Result | JobFailure | None] = [None] * len(items)
     searches: dict[str, list[int]] = {}
     for i, item in enumerate(items):
@@ -123,6 +127,11 @@ def complete_batch(store: GalleryStore, items: Sequence[GalleryItem]) -> list[Re
         for i, result in zip(members, found, strict=True):
             out[i] = result
     return out  # type: ignore[return-value]
+
+
+def _searches(request: Any) -> bool:
+    """Whether the job reads enrolled subjects: identify, or verify against a subject."""
+    return isinstance(request, IdentifyRequest) or isinstance(getattr(request, "b", None), SubjectRef)
 
 
 def _identify(store: GalleryStore, gallery: str, items: list[GalleryItem]) -> list[Result | JobFailure]:

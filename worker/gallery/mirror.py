@@ -1,7 +1,8 @@
 """The galleries a worker holds in memory, kept current from Redis: loaded at start (one snapshot), then
-every event of the stream applied in order; a gap in the sequence numbers reloads everything. How changes
-reach every worker is described in :mod:`worker.gallery`; :class:`worker.gallery.store.GalleryStore` adds
-the changes, the lookups and the jobs."""
+every event of the stream applied in order; a gap in the sequence numbers reloads everything, and so does
+Redis losing the data the worker holds (checked before every read of the stream, and by :meth:`sync`). How
+changes reach every worker is described in :mod:`worker.gallery`; :class:`worker.gallery.store.GalleryStore`
+adds the changes, the lookups and the jobs."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import numpy as np
 import redis
@@ -17,11 +18,22 @@ import structlog
 from numpy.typing import DTypeLike
 
 from producer.contract.keys import EVENTS_KEY
+from worker.batching.retry import transient, until_redis_takes
 from worker.gallery.device import DeviceCopy
 from worker.gallery.index import GalleryIndex
-from worker.gallery.redis_io import events_position, gallery_names, load_gallery, read_binding, text
+from worker.gallery.redis_io import (
+    data_lost,
+    events_position,
+    gallery_names,
+    load_gallery,
+    queue_data_state,
+    read_binding,
+    stream_id,
+    text,
+)
 
 log = structlog.get_logger("arcface.gallery")
+T = TypeVar("T")
 
 
 class GalleryMirror:
@@ -46,6 +58,7 @@ class GalleryMirror:
         self.galleries = None if galleries is None else frozenset(galleries)
         self.block_ms = block_ms
         self._lock = threading.RLock()
+        self._load_lock = threading.Lock()  # one full load at a time (the follower's and a job's sync)
         self._indexes: dict[str, GalleryIndex] = {}
         self._devices: dict[str, DeviceCopy] = {}  # device copies of the indexes (dropped on a reload)
         self._bindings: dict[str, tuple[str, int]] = {}
@@ -79,6 +92,10 @@ class GalleryMirror:
 
     def load(self) -> None:
         """(Re)build every served gallery from Redis; events after the snapshot are then applied on top."""
+        with self._load_lock:
+            self._load()
+
+    def _load(self) -> None:
         start = time.perf_counter()
         conn = self.connection
         seq, last_id = events_position(conn)
@@ -99,19 +116,70 @@ class GalleryMirror:
         load_s = round(time.perf_counter() - start, 3)
         log.info("galleries_loaded", galleries=len(indexes), enrollments=enrollments, seq=seq, load_s=load_s)
 
+    def _redis(self, what: str, fn: Callable[[], T]) -> T:
+        """``fn()`` once Redis takes it: a full, restarting or unreachable Redis is waited out (with the batching
+        worker's backoff), never a job's failure."""
+        return until_redis_takes(what, fn, logger=log)
+
+    def _position(self) -> tuple[int, str, bool]:
+        """The last applied event's sequence number and stream id, and whether any gallery is held."""
+        with self._lock:
+            return self._seq, self._last_id, bool(self._bindings)
+
+    def _reload_lost(self, reason: str) -> None:
+        log.warning("gallery_data_lost", reason=reason, held_seq=self._seq, reloads=self.reloads)
+        self.load()
+
+    # --- catching up ------------------------------------------------------------------------------------
+    def sync(self) -> None:
+        """Bring this worker's galleries up to what Redis holds at this moment: every event written before
+        the call is applied, or everything is reloaded when Redis lost the data held. A job that searches
+        calls this first, so a change whose result is readable is in every search of a job taken after it."""
+        self._redis("gallery_sync", self._sync)
+
+    def _sync(self) -> None:
+        seq, last_id, held = self._position()
+        with self.connection.pipeline(transaction=False) as pipe:
+            queue_data_state(pipe, last_id)
+            state = pipe.execute()
+        lost = data_lost(seq, last_id, held, state)
+        if lost is not None:
+            self._reload_lost(lost)
+            return
+        target = int(state[0] or 0)
+        while True:
+            applied, last_id, _ = self._position()
+            if applied >= target:
+                return
+            entries: Any = self.connection.xrange(EVENTS_KEY, f"({last_id}", "+", count=1000)
+            if not entries:
+                self._reload_lost(f"the sequence number is {target} but the stream ends at seq {applied}")
+                return
+            self._apply_events(entries)
+
     # --- following the events -----------------------------------------------------------------------------
     def _follow(self) -> None:
         backoff = 0.0
         while not self._stop.is_set():
             try:
-                response: Any = self.connection.xread({EVENTS_KEY: self._last_id}, count=1000, block=self.block_ms)
+                seq, last_id, held = self._position()
+                with self.connection.pipeline(transaction=False) as pipe:
+                    queue_data_state(pipe, last_id)
+                    pipe.xread({EVENTS_KEY: last_id}, count=1000, block=self.block_ms)
+                    *state, response = pipe.execute()
                 backoff = 0.0
+                lost = data_lost(seq, last_id, held, state)
+                if lost is not None:
+                    self._reload_lost(lost)
+                    continue
                 self._apply_events(response[0][1] if response else [])
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                backoff = min(backoff * 2, 10.0) if backoff else 0.25
-                log.error("redis_unreachable", during="gallery_events", error=str(exc), retry_in_s=backoff)
-                self._stop.wait(backoff)
-            except Exception:  # an event we cannot apply must not stop the follower: start over from Redis
+            except Exception as exc:
+                if transient(exc):
+                    backoff = min(backoff * 2, 10.0) if backoff else 0.25
+                    log.error("redis_unreachable", during="gallery_events", error=str(exc)[:300], retry_in_s=backoff)
+                    self._stop.wait(backoff)
+                    continue
+                # an event we cannot apply must not stop the follower: start over from Redis
                 log.exception("gallery_event_failed")
                 self._stop.wait(0.5)
                 try:
@@ -127,9 +195,12 @@ class GalleryMirror:
                 break
 
     def apply_event(self, entry_id: str, fields: dict[bytes, bytes]) -> bool:
-        """Apply one stream entry; False (nothing applied) when its sequence number is not the next one."""
+        """Apply one stream entry; False (nothing applied) when its sequence number is not the next one. An entry
+        at or before the last one applied is passed over (read by the follower and by :meth:`sync` both)."""
         seq = int(fields[b"seq"])
         with self._lock:
+            if stream_id(entry_id) <= stream_id(self._last_id):
+                return True
             if seq != self._seq + 1:
                 return False
             op = text(fields[b"op"])

@@ -42,7 +42,11 @@ else
 end
 local existing = redis.call('HGET', KEYS[6], ARGV[3])
 if existing then
-  if redis.call('SISMEMBER', KEYS[4], ARGV[3]) == 1 then return {'exists', redis.call('SCARD', KEYS[4])} end
+  if redis.call('SISMEMBER', KEYS[4], ARGV[3]) == 1 then
+    -- the very record this call writes: a retry after its reply was lost, answered as the first try was
+    if existing == ARGV[7] then return {'created', redis.call('SCARD', KEYS[4]), 0} end
+    return {'exists', redis.call('SCARD', KEYS[4])}
+  end
   return {'conflict', cjson.decode(existing)['subject']}
 end
 redis.call('HSET', KEYS[5], ARGV[3], ARGV[6])
@@ -123,7 +127,8 @@ def forget_keys(gallery: str, subject: str) -> list[str]:
 
 
 def enroll_outcome(gallery: str, model: str, eid: str, dim: int, reply: Any) -> EnrollOutcome | GalleryFailure:
-    """What one :data:`ENROLL_LUA` reply means for the caller (a created one's sequence number is ``reply[2]``)."""
+    """What one :data:`ENROLL_LUA` reply means for the caller (a created one's sequence number is ``reply[2]``;
+    0 when a retry found the record its lost first try wrote)."""
     status = text(reply[0])
     if status == "mismatch":
         held, held_dim = text(reply[1]), text(reply[2])
@@ -148,6 +153,41 @@ def events_position(conn: redis.Redis) -> tuple[int, str]:
         pipe.xrevrange(EVENTS_KEY, count=1)
         seq_raw, last = pipe.execute()
     return int(seq_raw or 0), text(last[0][0]) if last else "0-0"
+
+
+def queue_data_state(pipe: Any, last_id: str) -> None:
+    """Queue the reads :func:`data_lost` judges on a pipeline: the events' sequence number, the stream entry at
+    ``last_id`` and how many galleries there are."""
+    pipe.get(EVENTS_SEQ_KEY)
+    pipe.xrange(EVENTS_KEY, last_id, last_id)
+    pipe.scard(GALLERIES_KEY)
+
+
+def data_lost(seq: int, last_id: str, holds_galleries: bool, replies: list[Any]) -> str | None:
+    """Why the gallery data in Redis is no longer the data a worker applied up to event ``seq`` (stream entry
+    ``last_id``), judged on the replies of :func:`queue_data_state`; None while it still is. Redis lost its
+    data (``FLUSHALL``, a restart without persistence, a deleted key) when the sequence number went back, the
+    last applied entry is gone or carries another number, or the galleries set is gone while the worker holds
+    galleries. (An entry also goes when the stream is trimmed past a worker far behind: it must reload too.)"""
+    seq_raw, at_last, galleries = replies
+    redis_seq = int(seq_raw or 0)
+    if redis_seq < seq:
+        return f"the events' sequence number is {redis_seq} in Redis; this worker applied up to {seq}"
+    if last_id != "0-0":
+        if not at_last:
+            return f"event {last_id} (seq {seq}), the last this worker applied, is no longer in the stream"
+        held = at_last[0][1].get(b"seq")
+        if held is None or int(held) != seq:
+            return f"event {last_id} is seq {text(held)} in Redis; this worker applied it as seq {seq}"
+    if holds_galleries and int(galleries) == 0:
+        return "no galleries are listed in Redis; this worker holds some"
+    return None
+
+
+def stream_id(entry_id: str) -> tuple[int, int]:
+    """A stream entry id (``ms-n``) as numbers, in the stream's order."""
+    ms, _, n = entry_id.partition("-")
+    return int(ms), int(n or 0)
 
 
 def gallery_names(conn: redis.Redis) -> list[str]:

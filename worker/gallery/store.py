@@ -20,6 +20,7 @@ from producer.contract.defaults import DEFAULT_THRESHOLD
 from producer.contract.gallery_results import GalleryErrorCode, GalleryFailure, Match
 from producer.contract.keys import EVENTS_MAXLEN
 from producer.contract.results import Timing
+from worker.batching.retry import transient
 from worker.gallery.device import DeviceCopy, tf_gpu_available
 from worker.gallery.index import GalleryIndex
 from worker.gallery.mirror import GalleryMirror
@@ -123,22 +124,33 @@ class GalleryStore(GalleryMirror):
             raise ValueError("enroll needs a model name (the store has none)")
         vecs = [np.ascontiguousarray(e[2], dtype="<f4").reshape(-1) for e in entries]
         now = time.time()
-        with self.connection.pipeline(transaction=False) as pipe:
-            for (subject, eid, _, meta), vec in zip(entries, vecs, strict=True):
-                record = json.dumps({"subject": subject, "enrolled_at": now, "meta": meta}, separators=(",", ":"))
-                args: list[Any] = [
-                    gallery,
-                    subject,
-                    eid,
-                    model,
-                    vec.size,
-                    vec.tobytes(),
-                    record,
-                    self.events_maxlen,
-                    f"{now:.6f}",
-                ]
-                self._enroll(keys=enroll_keys(gallery, subject), args=args, client=pipe)
-            replies = pipe.execute()
+        calls: list[tuple[list[str], list[Any]]] = []
+        for (subject, eid, _, meta), vec in zip(entries, vecs, strict=True):
+            record = json.dumps({"subject": subject, "enrolled_at": now, "meta": meta}, separators=(",", ":"))
+            args = [gallery, subject, eid, model, vec.size, vec.tobytes(), record, self.events_maxlen, f"{now:.6f}"]
+            calls.append((enroll_keys(gallery, subject), args))
+        replies: list[Any] = [None] * len(calls)
+
+        def write() -> None:
+            """Run the scripts not yet answered; a full Redis refuses some and takes others, so each entry is
+            retried until it has its own reply (a retry of a written one is answered as its first try)."""
+            todo = [i for i, r in enumerate(replies) if r is None]
+            with self.connection.pipeline(transaction=False) as pipe:
+                for i in todo:
+                    self._enroll(keys=calls[i][0], args=calls[i][1], client=pipe)
+                got = pipe.execute(raise_on_error=False)
+            refused: Exception | None = None
+            for i, reply in zip(todo, got, strict=True):
+                if not isinstance(reply, Exception):
+                    replies[i] = reply
+                elif transient(reply):
+                    refused = reply
+                else:
+                    raise reply
+            if refused is not None:
+                raise refused
+
+        self._redis("gallery_enroll", write)
         out: list[EnrollOutcome | GalleryFailure] = []
         for (subject, eid, _, _), vec, reply in zip(entries, vecs, replies, strict=True):
             outcome = enroll_outcome(gallery, model, eid, vec.size, reply)
@@ -151,10 +163,10 @@ class GalleryStore(GalleryMirror):
         """Delete a subject's enrollments (or one of them). Forgetting what is not there removes nothing;
         an unknown gallery fails with ``unknown_gallery``."""
         args: list[Any] = [gallery, subject, enrollment_id or "", self.events_maxlen]
-        res = self._forget(keys=forget_keys(gallery, subject), args=args)
+        res: Any = self._redis("gallery_forget", lambda: self._forget(keys=forget_keys(gallery, subject), args=args))
         status = text(res[0])
         if status == "no_gallery":
-            raise unknown_gallery(self.connection, gallery)
+            raise self._unknown_gallery(gallery)
         if status == "none":
             return ForgetOutcome(0, int(res[1]))
         self._apply_local(int(res[3]), self._apply_forget, gallery, json.loads(res[4]))
@@ -164,7 +176,11 @@ class GalleryStore(GalleryMirror):
     def _binding(self, gallery: str) -> tuple[str, int] | None:
         with self._lock:
             binding = self._bindings.get(gallery)
-        return binding or read_binding(self.connection, gallery)  # created a moment ago, its event not here yet
+        # created a moment ago, its event not here yet
+        return binding or self._redis("gallery_read", lambda: read_binding(self.connection, gallery))
+
+    def _unknown_gallery(self, gallery: str) -> GalleryFailure:
+        return self._redis("gallery_read", lambda: unknown_gallery(self.connection, gallery))
 
     def check_gallery(self, gallery: str, dim: int) -> None:
         """``gallery_model_mismatch`` when ``gallery`` exists bound to another model than this worker's or to
@@ -186,7 +202,7 @@ class GalleryStore(GalleryMirror):
         """The served gallery's index, checked against this worker's model and ``dim``."""
         binding = self._binding(gallery)
         if binding is None:
-            raise unknown_gallery(self.connection, gallery)
+            raise self._unknown_gallery(gallery)
         model, gdim = binding
         self._check_binding(gallery, binding, dim)
         if self.galleries is not None and gallery not in self.galleries:
@@ -226,7 +242,9 @@ class GalleryStore(GalleryMirror):
         index = self.index_for(gallery, q.size)
         held = self._subject_rows(index, subject) if index.dtype == np.float32 else None
         # float16, or not in memory (yet): Redis has the truth
-        eids, vectors = held or subject_vectors(self.connection, gallery, subject, q.size)
+        eids, vectors = held or self._redis(
+            "gallery_read", lambda: subject_vectors(self.connection, gallery, subject, q.size)
+        )
         d = 1.0 - vectors @ q
         j = int(np.argmin(d))
         return SubjectDistance(float(d[j]), eids[j], len(eids))
