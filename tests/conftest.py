@@ -12,6 +12,9 @@ import pytest
 
 from tests.patience import patience
 
+# Fixture modules that test modules import names from and also load with ``pytest_plugins``: rewritten from their
+# first import, as plugins are (otherwise pytest warns that it came too late to rewrite their asserts).
+pytest.register_assert_rewrite("tests.bulk_fixtures", "tests.container_images", "tests.container_support")
 REPO = Path(__file__).resolve().parents[1]
 FACES = REPO / "tests" / "data" / "faces"  # shipped with the repository (tests/data/README.md)
 # Optional, not shipped: the larger pretrained models and the seed's TF.js manifest, from ../shared when present.
