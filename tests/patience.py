@@ -1,8 +1,8 @@
 """How long the tests wait. Every wait in the suite (a deadline, a result's timeout, a process's exit, a
 subprocess's run) is an upper bound written as ``patience(seconds)``: ``seconds`` is what an idle 2-core machine
-needs with a margin, multiplied by one factor, ``ARCFACE_TEST_TIME_SCALE`` (default 3, enough for the whole suite
-beside two busy processes: ``./dev test-busy``). A bound costs time only when the test fails; raise the factor on
-a slower or busier machine, never a single wait.
+needs with a margin, multiplied by one factor, ``ARCFACE_TEST_TIME_SCALE`` (default 3: meant for the whole suite
+beside two busy processes, which ``./dev test-busy`` checks). A bound costs time only when the test fails; raise
+the factor on a slower or busier machine, never a single wait.
 
 Not scaled: time a test lets pass on purpose (a TTL to expire, an outage to last), a timeout that is the behaviour
 under test (it must fire), and poll intervals.

@@ -20,6 +20,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from producer.jobs import ErrorCode, JobFailure
 from tests.conftest import REPO
+from tests.patience import patience
 from worker.inference.decode import BYTES_PER_PIXEL, jpeg_header, jpeg_scans
 from worker.inference.preprocess import DecodeLimits, decode_image, preprocess
 
@@ -161,7 +162,7 @@ def peak_growth(path: Path, call: str) -> int:
         assert out.size > 0
         print((after - before) * 1024)
     """)
-    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=patience(300))
     assert run.returncode == 0, run.stderr[-2000:]
     return int(run.stdout.strip().splitlines()[-1])
 
