@@ -116,7 +116,8 @@ def test_class1_unparseable_hash_fields_fail_alone_and_become_readable_failed_jo
     assert "job data is not the JSON job array" in fleet.raw_outcome(no_data)[2][0]
     for jid in hostile:  # rewritten: origin is the queue (rq info lists it there), data no longer the bad job's
         job = SafeJob.fetch(jid, connection=fleet.conn, serializer=JSONSerializer)
-        assert job.origin == fleet.queue and job.exc_info and "[invalid_payload]" in job.exc_info
+        failed = job.latest_result()
+        assert job.origin == fleet.queue and failed is not None and "[invalid_payload]" in (failed.exc_string or "")
     fleet.check()
 
 
