@@ -10,6 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.patience import patience
+
+# Fixture modules that test modules import names from and also load with ``pytest_plugins``: rewritten from their
+# first import, as plugins are (otherwise pytest warns that it came too late to rewrite their asserts).
+pytest.register_assert_rewrite("tests.bulk_fixtures", "tests.container_images", "tests.container_support")
 REPO = Path(__file__).resolve().parents[1]
 FACES = REPO / "tests" / "data" / "faces"  # shipped with the repository (tests/data/README.md)
 # Optional, not shipped: the larger pretrained models and the seed's TF.js manifest, from ../shared when present.
@@ -109,21 +114,20 @@ def queue_name(request) -> str:
 
 @pytest.fixture()
 def worker_env(monkeypatch, arcface_h5, redis_server, queue_name, tmp_path):
-    """Environment for worker/producer settings in this process: the test Redis, queue and weights."""
-    monkeypatch.setenv("ARCFACE_REDIS_URL", redis_server.url)
-    monkeypatch.setenv("ARCFACE_QUEUE", queue_name)
-    monkeypatch.setenv("ARCFACE_MODEL_PATH", str(arcface_h5))
-    monkeypatch.setenv("ARCFACE_ALLOWED_BATCH_SIZES", "1,4,16")
-    monkeypatch.setenv("ARCFACE_MAX_BATCH_SIZE", "16")  # a fixed cap: workers start without timing the sizes (auto)
-    monkeypatch.setenv("ARCFACE_DATA_DIR", str(tmp_path / "data"))
-    return {
+    """Environment for worker/producer settings in this process: the test Redis, queue and weights. A client's
+    default wait (``ARCFACE_WAIT_TIMEOUT``) is scaled like every wait of the tests."""
+    env = {
         "ARCFACE_REDIS_URL": redis_server.url,
         "ARCFACE_QUEUE": queue_name,
         "ARCFACE_MODEL_PATH": str(arcface_h5),
         "ARCFACE_ALLOWED_BATCH_SIZES": "1,4,16",
-        "ARCFACE_MAX_BATCH_SIZE": "16",
+        "ARCFACE_MAX_BATCH_SIZE": "16",  # a fixed cap: workers start without timing the sizes (auto)
         "ARCFACE_DATA_DIR": str(tmp_path / "data"),
+        "ARCFACE_WAIT_TIMEOUT": f"{patience(60):g}",
     }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return env
 
 
 # The README's faceres settings: the shared face model (224x224, BGR, Caffe means) behind BlazeFace, square crops.
@@ -166,7 +170,7 @@ def pool_of(tmp_path: Path) -> Iterator:
 
     pools: list[ProcessPreprocessor] = []
 
-    def make(processes: int = 1, timeout_s: float = 30.0, **kw: float) -> ProcessPreprocessor:
+    def make(processes: int = 1, timeout_s: float = patience(30.0), **kw: float) -> ProcessPreprocessor:
         pool = ProcessPreprocessor(processes, 112, DecodeLimits(), str(tmp_path), 10 << 20, timeout_s, slots=64, **kw)
         pools.append(pool)
         return pool

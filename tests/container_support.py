@@ -17,6 +17,7 @@ import redis
 from tests.compose_env import service_environment
 from tests.conftest import FACES
 from tests.container_images import IMAGES, PODMAN, ULIMITS, free_loopback, run
+from tests.patience import patience
 
 
 def free_port() -> int:
@@ -59,7 +60,7 @@ class _Redis:
             stderr=subprocess.DEVNULL,
         )
         self.client = redis.Redis(host=self.host, port=6379)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + patience(10)
         while True:
             try:
                 self.client.ping()
@@ -71,7 +72,7 @@ class _Redis:
 
     def stop(self) -> None:
         self.proc.terminate()
-        self.proc.wait(10)
+        self.proc.wait(patience(10))
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +145,6 @@ def run_producer(redis_host: str, data: Path, *args: str, **env: str) -> dict:
             *args,
             "--json",
         ],
-        timeout=180,
+        timeout=patience(180),
     )
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from producer.contract.requests import ImageRef
+from tests.patience import patience
 from worker.gallery import GalleryStore
 
 DIM = 64
@@ -26,7 +27,7 @@ def near(rng: np.random.Generator, v: np.ndarray, noise: float) -> np.ndarray:
     return (w / np.linalg.norm(w, axis=1, keepdims=True)).astype(np.float32)
 
 
-def wait_until(predicate, timeout: float = 1.0) -> float:
+def wait_until(predicate, timeout: float = patience(1.0)) -> float:
     """Seconds until ``predicate()`` held; fails the test past ``timeout``."""
     start = time.monotonic()
     while not predicate():

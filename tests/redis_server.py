@@ -10,6 +10,7 @@ from pathlib import Path
 import redis
 
 from producer.redisconn import redis_server_binary
+from tests.patience import patience
 
 
 def free_port() -> int:
@@ -49,7 +50,7 @@ class RedisServer:
             *self.extra,
         ]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + patience(10)
         while time.monotonic() < deadline:
             try:
                 if self.client().ping():
@@ -64,4 +65,4 @@ class RedisServer:
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
-            self.proc.wait(10)
+            self.proc.wait(patience(10))

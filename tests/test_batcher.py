@@ -19,6 +19,7 @@ from producer.contract.codes import ErrorCode
 from producer.contract.errors import JobFailed
 from producer.contract.keys import EMBED_FUNC
 from tests.conftest import face_paths
+from tests.patience import patience
 from tests.workers import WorkerProcess
 
 FAST_RECOVERY = {
@@ -58,7 +59,7 @@ def enqueue(client: FaceClient, requests: list[tuple]) -> list[str]:
 
 
 def check_results(
-    client: FaceClient, requests: list[tuple], ids: list[str], direct: dict, timeout: float = 240
+    client: FaceClient, requests: list[tuple], ids: list[str], direct: dict, timeout: float = patience(240)
 ) -> list:
     results = []
     deadline = time.monotonic() + timeout
@@ -121,9 +122,9 @@ def test_bad_jobs_in_a_batch_fail_alone_with_their_codes(client, worker_env, wor
     good += [client.embed(p) for p in paths[6:10]]
 
     w = workers(worker_env, "w1", "--burst")
-    assert w.wait(180) == 0, w.log_path.read_text()[-2000:]
+    assert w.wait(patience(180)) == 0, w.log_path.read_text()[-2000:]
     for jid, p in zip(good, paths[:10], strict=True):
-        np.testing.assert_allclose(client.result(jid, timeout=5).embedding, direct[p], atol=1e-5)
+        np.testing.assert_allclose(client.result(jid, timeout=patience(5)).embedding, direct[p], atol=1e-5)
     expected = {
         bad_decode: ErrorCode.IMAGE_DECODE_ERROR,
         bad_function: ErrorCode.UNSUPPORTED_JOB,
@@ -132,7 +133,7 @@ def test_bad_jobs_in_a_batch_fail_alone_with_their_codes(client, worker_env, wor
     }
     for jid, code in expected.items():
         with pytest.raises(JobFailed) as info:
-            client.result(jid, timeout=5)
+            client.result(jid, timeout=patience(5))
         assert info.value.error.code is code, (jid, info.value)
     assert not marker.exists()  # nothing was ever unpickled or run
     assert max(b["jobs"] for b in w.batches()) >= 5  # the bad ones really shared batches with good ones
@@ -153,7 +154,7 @@ def test_three_workers_six_hundred_jobs_each_runs_exactly_once(client, worker_en
     ids = []
     for start in range(0, 600, 50):  # arrive in waves while the workers run
         ids += client.embed_many(paths[(start + i) % 40] for i in range(50))
-    results = [client.result(jid, timeout=240) for jid in ids]
+    results = [client.result(jid, timeout=patience(240)) for jid in ids]
     assert all(r.dim == 32 and r.model == "small" for r in results)
     counts = executions_per_job(pool)
     assert counts == collections.Counter(ids), "a job ran twice or not at all"
@@ -169,14 +170,14 @@ def test_sigkill_of_one_worker_mid_run_loses_no_job(client, worker_env, workers,
     a.wait_ready()
     b.wait_ready()
     ids = enqueue(client, requests)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + patience(120)
     while not a.batches() and time.monotonic() < deadline:  # let it finish one batch and start another
         time.sleep(0.05)
     a.kill()
     killed_at = time.monotonic()
     started = StartedJobRegistry(queue=client.queue).get_job_ids()
     try:
-        check_results(client, requests, ids, direct, timeout=180)
+        check_results(client, requests, ids, direct, timeout=patience(180))
     except Exception:
         stuck = [j for j in ids if client.status(j) != "finished"]
         print("not finished:", {j: client.status(j) for j in stuck}, "in flight at kill:", started)
@@ -186,14 +187,14 @@ def test_sigkill_of_one_worker_mid_run_loses_no_job(client, worker_env, workers,
     print(f"\nkilled with {len(started)} jobs in flight; all 96 finished {recovery_s:.1f}s after the kill")
     assert FailedJobRegistry(queue=client.queue).count == 0
     assert StartedJobRegistry(queue=client.queue).count == 0
-    assert recovery_s < 120
+    assert recovery_s < patience(120)
 
 
 def test_sigterm_during_a_batch_writes_it_and_exits_zero(client, worker_env, workers):
     ids = client.embed_many(face_paths() * 2)  # 80 jobs: several batches of 16
     w = workers(worker_env, "w", ARCFACE_BATCH_TIMEOUT_MS="50")
     w.wait_ready()
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + patience(60)
     while time.monotonic() < deadline:
         workers_now = Worker.all(queue=client.queue)
         if workers_now and workers_now[0].get_state() == "busy" and StartedJobRegistry(queue=client.queue).count:
@@ -201,7 +202,7 @@ def test_sigterm_during_a_batch_writes_it_and_exits_zero(client, worker_env, wor
         time.sleep(0.01)
     in_hand = set(StartedJobRegistry(queue=client.queue).get_job_ids())
     w.signal(signal.SIGTERM)
-    assert w.wait(60) == 0, w.log_path.read_text()[-2000:]
+    assert w.wait(patience(60)) == 0, w.log_path.read_text()[-2000:]
     assert in_hand, "the worker never got busy"
     statuses = collections.Counter(client.status(j) for j in ids)
     assert all(client.status(j) == "finished" for j in in_hand), statuses

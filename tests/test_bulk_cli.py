@@ -13,6 +13,7 @@ from pathlib import Path
 
 from tests.bulk_fixtures import write_face_pairs
 from tests.conftest import FACES, REPO, face_paths
+from tests.patience import patience
 
 pytest_plugins = ["tests.bulk_fixtures"]  # fixtures: bulk_env (a real worker for this module), bulk_client
 
@@ -52,7 +53,9 @@ def test_cli_bulk_with_shared_root_paths_failed_image_and_plot(bulk_env, tmp_pat
     assert bad.exists()
     out = tmp_path / "r.csv"
     plot = ["--plot", str(tmp_path / "roc.png")]
-    proc = run_bulk_cli(bulk_env, str(pairs), "--out", str(out), "--shared-root", "--json", *plot, timeout=300)
+    proc = run_bulk_cli(
+        bulk_env, str(pairs), "--out", str(out), "--shared-root", "--json", *plot, timeout=patience(300)
+    )
     assert proc.returncode == 1, proc.stderr  # one pair failed
     body = json.loads(proc.stdout)
     assert body["summary"]["pairs"] == 4 and body["summary"]["failed"] == 1
@@ -67,12 +70,12 @@ def test_cli_bulk_with_shared_root_paths_failed_image_and_plot(bulk_env, tmp_pat
     assert (tmp_path / "roc.png").read_bytes()[:4] == b"\x89PNG"
     broken = tmp_path / "broken.csv"
     broken.write_text("a,b,label\nx,y,perhaps\n")
-    bad_run = run_bulk_cli(bulk_env, str(broken), "--out", str(tmp_path / "o.csv"), timeout=120)
+    bad_run = run_bulk_cli(bulk_env, str(broken), "--out", str(tmp_path / "o.csv"), timeout=patience(120))
     assert bad_run.returncode == 2 and "broken.csv:2" in bad_run.stderr
     assert not (tmp_path / "o.csv").exists()
 
 
-def wait_until_enqueued(side: Path, count: int, timeout: float = 60) -> None:
+def wait_until_enqueued(side: Path, count: int, timeout: float = patience(60)) -> None:
     """Until the sidecar ``side`` records ``count`` job ids (or ``timeout`` s pass)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and (not side.exists() or side.read_text().count('"job_id"') < count):
@@ -104,7 +107,7 @@ def test_interrupted_bulk_run_is_resumed_reusing_its_queued_jobs(bulk_env, bulk_
     )
     wait_until_enqueued(side, len(unique))
     proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=30)
+    stdout, stderr = proc.communicate(timeout=patience(30))
     assert proc.returncode == 130, (stdout, stderr)
     assert "rerun the same command" in stderr and "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1
     body = json.loads(stdout)
@@ -116,16 +119,17 @@ def test_interrupted_bulk_run_is_resumed_reusing_its_queued_jobs(bulk_env, bulk_
     assert sorted(enqueued) == sorted(unique)  # every image enqueued exactly once over both runs
     assert summary.pairs == 30 and summary.failed == 0 and len(list(read_results(out))) == 30
     for jid in filler:
-        bulk_client.result(jid, timeout=120)
+        bulk_client.result(jid, timeout=patience(120))
 
 
 def read_terminal(master: int) -> bytes:
-    """Everything written to a pseudo-terminal until its child closes it (or 120 s pass without output)."""
+    """Everything written to a pseudo-terminal until its child closes it (or ``patience(120)`` s pass without
+    output)."""
     import select
 
     seen = b""
     while True:
-        ready, _, _ = select.select([master], [], [], 120)
+        ready, _, _ = select.select([master], [], [], patience(120))
         if not ready:
             break
         try:
@@ -157,7 +161,7 @@ def test_progress_on_a_terminal_counts_rows_as_they_are_written(bulk_env, tmp_pa
     )
     os.close(slave)
     seen = read_terminal(master)
-    proc.wait(60)
+    proc.wait(patience(60))
     os.close(master)
     text = seen.decode(errors="replace")
     counts = [int(m) for m in re.findall(r"(\d+)/60 rows", text)]

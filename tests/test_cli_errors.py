@@ -16,6 +16,7 @@ from typing import Any, Callable
 import pytest
 
 from tests.conftest import REPO, face_paths
+from tests.patience import patience
 
 # Runs a console script with some modules made unimportable (a producer-only install, no matplotlib).
 RUNNER = """
@@ -39,7 +40,7 @@ NO_MATPLOTLIB = PRODUCER_ONLY + ",matplotlib"
 
 
 def run(
-    prog: str, *args: str, env: dict[str, str], cwd: Path = REPO, block: str = "", timeout: float = 60
+    prog: str, *args: str, env: dict[str, str], cwd: Path = REPO, block: str = "", timeout: float = patience(60)
 ) -> subprocess.CompletedProcess:
     full = {k: v for k, v in os.environ.items() if not k.startswith("ARCFACE_")}
     full.update({"PYTHONPATH": str(REPO), "TEST_BLOCK_MODULES": block, **env})

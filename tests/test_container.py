@@ -1,6 +1,7 @@
 """The container images, built and run with podman (Docker does not run on these machines; podman runs the same
-Dockerfile). Base images cannot be pulled here, so the test builds its own python:3.11-slim stand-in with
-debootstrap (Debian bookworm, Python 3.11) once per machine and passes it as ``PYTHON_IMAGE``.
+Dockerfile). Base images cannot be pulled here, so a python:3.11-slim stand-in is made with debootstrap (Debian
+bookworm, Python 3.11) once per machine and passed as ``PYTHON_IMAGE``: docker/images.py, the recipe ``./dev image``
+uses too.
 
 Built: the CPU worker (with stand-in weights baked in through ``WEIGHTS_URL``, served by the test), the producer
 and the dashboard images. Run: the worker container with exactly the environment compose gives the ``worker``
@@ -36,6 +37,7 @@ from tests.container_support import (
     shared_dirs,
     wait_for_event,
 )
+from tests.patience import patience
 
 pytestmark = pytest.mark.slow
 pytest_plugins = ["tests.container_images", "tests.container_support"]  # fixtures: images, redis_6379, reference_engine
@@ -58,9 +60,9 @@ def test_worker_container_with_the_compose_environment_serves_the_producer_conta
         + [*ULIMITS, *env_args(env), *extra, *mounts, IMAGES["worker"]]
     )
     try:
-        loaded = wait_for_event(name, "model_loaded", 240)
+        loaded = wait_for_event(name, "model_loaded", patience(240))
         assert loaded["source"] == "/opt/arcface/cache/arcface_weights.h5"  # the baked weights, no mount, no download
-        wait_for_event(name, "worker_started", 240)
+        wait_for_event(name, "worker_started", patience(240))
         TIMINGS["worker container start to worker_started, s"] = round(time.monotonic() - started, 1)
         check_embed_and_verify(redis_6379.host, data, reference_engine)
         check_health_and_metrics(name, metrics_port)
@@ -91,7 +93,7 @@ def check_health_and_metrics(name: str, metrics_port: int) -> None:
         run([*PODMAN, "image", "inspect", "--format", "{{json .Config.Healthcheck}}", IMAGES["worker"]]).stdout
     )
     assert config["Test"][-1] == "arcface-worker-health"  # the image's HEALTHCHECK survived the build
-    metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=patience(10)).read().decode()
     assert "arcface_jobs_total{" in metrics
 
 
@@ -103,7 +105,7 @@ def check_clean_stop(name: str, redis_host: str) -> None:
     from producer.contract.rqjob import JSONSerializer
 
     run([*PODMAN, "kill", "--signal", "TERM", name])
-    assert run([*PODMAN, "wait", name], timeout=90).stdout.strip() == "0"
+    assert run([*PODMAN, "wait", name], timeout=patience(90)).stdout.strip() == "0"
     connection = redis.Redis(host=redis_host, port=6379)
     assert StartedJobRegistry("arcface", connection=connection, serializer=JSONSerializer).get_job_ids() == []
     assert Worker.all(connection=connection) == []
@@ -159,10 +161,10 @@ def test_dashboard_image_shows_a_job_with_the_json_serializer(images, redis_6379
         ]
     )
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + patience(60)
         while True:
             try:
-                page = urllib.request.urlopen(f"http://127.0.0.1:{port}/0/view/job/{job_id}", timeout=10)
+                page = urllib.request.urlopen(f"http://127.0.0.1:{port}/0/view/job/{job_id}", timeout=patience(10))
                 break
             except OSError:
                 if time.monotonic() > deadline:
@@ -170,7 +172,7 @@ def test_dashboard_image_shows_a_job_with_the_json_serializer(images, redis_6379
                 time.sleep(0.5)
         assert page.status == 200
         data = json.loads(
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/0/data/job/{job_id}.json", timeout=10).read()
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/0/data/job/{job_id}.json", timeout=patience(10)).read()
         )
         assert data["id"] == job_id and data["status"] == "queued"
     finally:

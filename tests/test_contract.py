@@ -20,6 +20,7 @@ from producer.contract.keys import EMBED_FUNC, VERIFY_FUNC
 from producer.contract.rqjob import JSONSerializer, SafeJob
 from producer.settings import ProducerSettings
 from tests.conftest import FACES, face_paths
+from tests.patience import patience
 
 
 @pytest.fixture()
@@ -74,11 +75,11 @@ def test_plain_rq_worker_runs_embed_and_verify_with_engine_equal_results(client,
     array_id = client.embed(np.asarray(Image.open(paths[2])))
     run_plain_rq_worker(client)
     direct = engine.embed_images([p.read_bytes() for p in paths[:3]])
-    embedded = client.result(embed_id, timeout=5)
+    embedded = client.result(embed_id, timeout=patience(5))
     assert (embedded.dim, embedded.model, embedded.ref, embedded.timing.batch_size) == (512, "arcface", "r1", 1)
     np.testing.assert_allclose(embedded.embedding, direct[0], atol=1e-5)
-    np.testing.assert_allclose(client.result(array_id, timeout=5).embedding, direct[2], atol=1e-5)
-    verified = client.result(verify_id, timeout=5)
+    np.testing.assert_allclose(client.result(array_id, timeout=patience(5)).embedding, direct[2], atol=1e-5)
+    verified = client.result(verify_id, timeout=patience(5))
     expected = 1.0 - float(direct[0] @ direct[1])
     assert verified.distance == pytest.approx(expected, abs=1e-5)
     assert (verified.threshold, verified.similar) == (0.5, expected <= 0.5)
@@ -92,7 +93,7 @@ def test_result_waits_without_polling_and_times_out(client):
     start = time.monotonic()
     with pytest.raises(ResultTimeout, match="status queued"):
         client.result(job_id, timeout=0.5)
-    assert 0.45 <= time.monotonic() - start < 3
+    assert 0.45 <= time.monotonic() - start < patience(3)
     with pytest.raises(JobNotFound):
         client.result("no-such-job", timeout=0.1)
 
@@ -122,9 +123,9 @@ def test_rq_cli_worker_serves_the_queue_and_result_blocks_until_it_finishes(clie
     ]
     proc = subprocess.Popen(cmd, env={**os.environ, **worker_env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        result = client.result(job_id, timeout=120)  # model load included
+        result = client.result(job_id, timeout=patience(120))  # model load included
     finally:
-        out = proc.communicate(timeout=60)[0].decode()
+        out = proc.communicate(timeout=patience(60))[0].decode()
     assert result.dim == 512 and result.timing.batch_size == 1, out
     assert proc.returncode == 0, out
 
@@ -168,7 +169,7 @@ def test_refused_jobs_fail_with_their_code_through_rq(client, func, payload, cod
     job_id = _hand_written_job(client, func, payload)
     run_plain_rq_worker(client)
     with pytest.raises(JobFailed) as info:
-        client.result(job_id, timeout=5)
+        client.result(job_id, timeout=patience(5))
     assert info.value.error.code is code, info.value
     assert client.status(job_id) == "failed"
 
@@ -211,7 +212,7 @@ def test_path_images_run_from_the_shared_root(client, engine, monkeypatch):
     run_plain_rq_worker(rooted)
     expected = engine.embed_images([(FACES / "amy" / "amy1.png").read_bytes()])[0]
     for jid in (job_id, by_absolute):
-        np.testing.assert_allclose(rooted.result(jid, timeout=5).embedding, expected, atol=1e-5)
+        np.testing.assert_allclose(rooted.result(jid, timeout=patience(5)).embedding, expected, atol=1e-5)
 
 
 def test_many_helpers_enqueue_in_one_round_trip(client):

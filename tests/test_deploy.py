@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from tests.conftest import REPO
+from tests.patience import patience
 
 
 def test_compose_file_validates_against_the_compose_spec_schema():
@@ -52,11 +53,11 @@ def test_healthcheck_passes_while_the_worker_heartbeats_and_fails_after_it_dies(
     health = [sys.executable, "-c", "from worker.cli import health; health()", "--max-age", "5"]
     try:
         worker.wait_ready()
-        ok = subprocess.run(health, env=env, capture_output=True, text=True, cwd=REPO, timeout=60)
+        ok = subprocess.run(health, env=env, capture_output=True, text=True, cwd=REPO, timeout=patience(60))
         assert ok.returncode == 0, ok.stdout + ok.stderr
         worker.kill()  # SIGKILL: no deregistration, the heartbeat just stops
         time.sleep(6)
-        dead = subprocess.run(health, env=env, capture_output=True, text=True, cwd=REPO, timeout=60)
+        dead = subprocess.run(health, env=env, capture_output=True, text=True, cwd=REPO, timeout=patience(60))
         assert dead.returncode == 1 and "unhealthy" in dead.stdout
     finally:
         worker.stop()
@@ -241,7 +242,7 @@ class _Proc:
     def close(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
-            self.proc.wait(10)
+            self.proc.wait(patience(10))
         for f in self._files:
             f.close()
 
@@ -278,16 +279,16 @@ def test_worker_with_empty_model_path_serves_with_the_default_weights_from_the_d
     )
     worker = _worker(env, tmp_path)
     try:
-        loaded = worker.wait_for("model_loaded", 180)
+        loaded = worker.wait_for("model_loaded", patience(180))
         assert loaded["source"] == str(cached)
-        worker.wait_for("worker_started", 120)
+        worker.wait_for("worker_started", patience(120))
         client = FaceClient(ProducerSettings(redis_url=redis_server.url, queue=queue_name))
         image = FACES / "amy" / "amy1.png"
-        got = client.result_embed(client.embed(image), timeout=60).embedding
+        got = client.result_embed(client.embed(image), timeout=patience(60)).embedding
         expected = engine.embed_images([image.read_bytes()])[0]
         assert float(np.max(np.abs(got - expected))) < 1e-4
         worker.proc.send_signal(signal.SIGTERM)
-        assert worker.proc.wait(60) == 0
+        assert worker.proc.wait(patience(60)) == 0
     finally:
         worker.close()
 
@@ -311,7 +312,7 @@ raise RuntimeError("boom")
 """
     proc = _Proc([sys.executable, "-c", script], _env_without_arcface(), tmp_path, "capture")
     try:
-        assert proc.proc.wait(60) == 1
+        assert proc.proc.wait(patience(60)) == 1
     finally:
         proc.close()
     lines = proc.lines()
@@ -373,24 +374,24 @@ def _serve_through_a_redis_outage(servers: list, worker, tmp_path) -> None:
     from tests.redis_server import RedisServer
 
     server = servers[-1]
-    worker.wait_for("worker_started", 180)
+    worker.wait_for("worker_started", patience(180))
     client = FaceClient(ProducerSettings(redis_url=server.url))
     ids = [client.embed(p) for p in face_paths()[:6]]
     for job_id in ids:
-        client.result_embed(job_id, timeout=60)
-    worker.wait_for("batch", 30)
+        client.result_embed(job_id, timeout=patience(60))
+    worker.wait_for("batch", patience(30))
     client.connection.close()
     server.stop()  # a Redis outage of a few seconds
-    worker.wait_for("redis_unreachable", 30)
+    worker.wait_for("redis_unreachable", patience(30))
     time.sleep(3)
     server = RedisServer(tmp_path / "redis", port=server.port)
     servers.append(server)
     server.start()
-    worker.wait_for("redis_reachable_again", 60)
+    worker.wait_for("redis_reachable_again", patience(60))
     client = FaceClient(ProducerSettings(redis_url=server.url))
-    client.result_embed(client.embed(face_paths()[7]), timeout=60)  # serving again
+    client.result_embed(client.embed(face_paths()[7]), timeout=patience(60))  # serving again
     worker.proc.send_signal(signal.SIGTERM)
-    assert worker.proc.wait(60) == 0
+    assert worker.proc.wait(patience(60)) == 0
 
 
 def _json_events(lines: list[str]) -> list[dict]:

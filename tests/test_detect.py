@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import FACERES_ENV, FACERES_SAVEDMODEL, FACES, TFJS_MODELS, face_paths, needs_shared, shared_file
+from tests.patience import patience
 from worker.inference.detect import ARCFACE_TEMPLATE, BlazeFace, Face, align, pick, pick_all, square_crop, umeyama
 from worker.inference.preprocess import decode_image
 
@@ -129,13 +130,13 @@ def _check_single_jobs_with_detection(client) -> None:
     from producer.contract.errors import JobFailed
 
     with pytest.raises(JobFailed) as info:
-        client.result(client.embed(FACES / "white.png"), timeout=60)
+        client.result(client.embed(FACES / "white.png"), timeout=patience(60))
     assert info.value.error.code is ErrorCode.NO_FACE_DETECTED
-    group = client.result(client.embed(FACES / "group" / "bbt4.jpg"), timeout=60)
+    group = client.result(client.embed(FACES / "group" / "bbt4.jpg"), timeout=patience(60))
     assert group.face is not None and group.face["score"] > 0.9 and len(group.face["keypoints"]) == 6
-    pair = client.result(client.verify(face_paths()[0], face_paths()[1]), timeout=60)
+    pair = client.result(client.verify(face_paths()[0], face_paths()[1]), timeout=patience(60))
     assert pair.face_a and pair.face_b and pair.similar == (pair.distance <= 0.45)
-    plain = client.result(client.embed(face_paths()[0], detect="none"), timeout=60)
+    plain = client.result(client.embed(face_paths()[0], detect="none"), timeout=patience(60))
     assert plain.face is None  # a job can switch detection off
 
 

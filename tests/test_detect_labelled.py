@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import FACERES_ENV, FACERES_SAVEDMODEL, FACES, TFJS_MODELS, needs_shared, shared_file
+from tests.patience import patience
 from worker.inference.detect import BlazeFace, Face, pick, pick_all
 from worker.inference.preprocess import decode_image
 from worker.settings import WorkerSettings
@@ -191,5 +192,5 @@ def test_real_photo_pairs_through_a_worker_at_default_settings(detector, redis_s
         assert summary.roc_auc >= 0.95
         # the worker embedded the person of each crop, not a neighbour
         for c in crops:
-            face = client.result(client.embed(tmp_path / c.name), timeout=60).face
+            face = client.result(client.embed(tmp_path / c.name), timeout=patience(60)).face
             assert face is not None and box_iou(face["box"], c.box) >= 0.5, c.name

@@ -22,6 +22,7 @@ from producer.contract.rqjob import JSONSerializer, SafeJob
 from producer.contract.wire import parse_request
 from tests.conftest import FACERES_ENV as CONFTEST_FACERES_ENV
 from tests.conftest import FACERES_SAVEDMODEL, TFJS_MODELS, face_paths, needs_shared
+from tests.patience import patience
 from worker.gallery import run_one
 
 BLAZEFACE = TFJS_MODELS / "blazeface-front.json"
@@ -255,12 +256,12 @@ def _enroll_first_identify_the_rest(client: Any, paths: list[Path]) -> tuple[Any
     from tests.conftest import PEOPLE
 
     firsts = [(person, paths[5 * i]) for i, person in enumerate(PEOPLE)]
-    enrolled = gc.result(client, gc.enroll_many(client, firsts, "cast"), 300)
+    enrolled = gc.result(client, gc.enroll_many(client, firsts, "cast"), patience(300))
     ids = [gc.identify(client, paths[5 * i + j], "cast", top_k=8, threshold=2.0) for i in range(8) for j in range(1, 5)]
-    found = [gc.result(client, jid, 300) for jid in ids]
+    found = [gc.result(client, jid, patience(300)) for jid in ids]
     subjects = [gc.verify_subject(client, paths[5 * i + 1], PEOPLE[i], "cast") for i in range(3)]
-    by_subject = [gc.result(client, jid, 300) for jid in subjects]
-    pairwise = [client.result(client.verify(paths[5 * i + 1], paths[5 * i]), 300) for i in range(3)]
+    by_subject = [gc.result(client, jid, patience(300)) for jid in subjects]
+    pairwise = [client.result(client.verify(paths[5 * i + 1], paths[5 * i]), patience(300)) for i in range(3)]
     return enrolled, found, by_subject, pairwise
 
 

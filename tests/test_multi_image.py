@@ -13,6 +13,7 @@ from producer.contract.codes import ErrorCode
 from producer.contract.requests import ImageRef
 from producer.contract.results import EmbedBatchResult, VerifyBatchResult
 from tests.conftest import FACES, SHARED, face_paths, needs_shared
+from tests.patience import patience
 from tests.workers import WorkerProcess
 
 BLAZEFACE = SHARED / "models" / "tfjs" / "blazeface-front.json"
@@ -31,7 +32,7 @@ def test_a_corrupt_item_fails_alone_and_every_other_row_equals_the_single_image_
     images: list = list(paths)
     images.insert(5, b"this is not an image")
     job_id = client.embed_batch(images, ref="batch-1")
-    result = client.result(job_id, timeout=120)
+    result = client.result(job_id, timeout=patience(120))
     assert isinstance(result, EmbedBatchResult)
     assert (result.count, result.dim, result.ref) == (13, 512, "batch-1")
     assert [(e.index, e.code) for e in result.errors] == [(5, ErrorCode.IMAGE_DECODE_ERROR)]
@@ -41,7 +42,7 @@ def test_a_corrupt_item_fails_alone_and_every_other_row_equals_the_single_image_
     rows = [i for i in range(13) if i != 5]
     for i, path in zip(rows, paths, strict=True):
         np.testing.assert_allclose(emb[i], direct[path], atol=1e-5)
-    single = client.result(client.embed(paths[0]), timeout=60)
+    single = client.result(client.embed(paths[0]), timeout=patience(60))
     np.testing.assert_allclose(emb[0], single.embedding, atol=1e-5)
 
 
@@ -49,7 +50,7 @@ def test_a_two_hundred_fifty_six_image_job_spans_engine_batches_in_order(client,
     paths = face_paths()
     order = [paths[(7 * i) % len(paths)] for i in range(256)]  # each row's image is known; a misplaced row shows
     job_id = client.embed_batch(order)
-    result = client.result(job_id, timeout=600)
+    result = client.result(job_id, timeout=patience(600))
     assert result.count == 256 and result.errors == []
     expected = np.stack([direct[p] for p in order])
     np.testing.assert_allclose(result.embeddings, expected, atol=1e-5)
@@ -63,9 +64,9 @@ def test_small_jobs_share_engine_batches_and_pairs_fail_alone(client, worker, di
     pairs = [(paths[0], paths[1]), (paths[2], b"garbage"), (paths[5], paths[30])]
     pair_id = client.verify_batch(pairs, threshold=0.5)
     for k, jid in enumerate(ids):
-        r = client.result(jid, timeout=120)
+        r = client.result(jid, timeout=patience(120))
         np.testing.assert_allclose(r.embeddings, np.stack([direct[p] for p in paths[3 * k : 3 * k + 3]]), atol=1e-5)
-    v = client.result(pair_id, timeout=120)
+    v = client.result(pair_id, timeout=patience(120))
     assert isinstance(v, VerifyBatchResult) and v.count == 3 and v.threshold == 0.5
     assert [(e.index, e.code) for e in v.errors] == [(1, ErrorCode.IMAGE_DECODE_ERROR)]
     assert "image b" in v.errors[0].message and v.results[1] is None
@@ -84,7 +85,7 @@ def test_a_job_over_the_image_limit_fails_with_a_clear_code(client, worker_env, 
         from producer.contract.errors import JobFailed
 
         with pytest.raises(JobFailed) as info:
-            client.result(jid, timeout=60)
+            client.result(jid, timeout=patience(60))
         assert (
             info.value.error.code is ErrorCode.INVALID_PAYLOAD
             and "ARCFACE_MAX_IMAGES_PER_JOB" in info.value.error.message
@@ -101,7 +102,7 @@ def test_faces_all_embeds_every_labelled_face_of_a_group_photo_largest_first(cli
         w.wait_ready()
         target = FACES / "group" / "bbt1.jpg"
         jid = client.embed(target, detect="blazeface", faces="all")
-        r = client.result(jid, timeout=180)
+        r = client.result(jid, timeout=patience(180))
         assert r.faces is not None and len(r.faces) == len(
             labels
         )  # bbt1: four people, no false positive at the default score
@@ -109,7 +110,7 @@ def test_faces_all_embeds_every_labelled_face_of_a_group_photo_largest_first(cli
         assert sizes == sorted(sizes, reverse=True)
         np.testing.assert_allclose(r.faces[0].embedding, r.embedding, atol=1e-6)
         assert all(abs(np.linalg.norm(f.embedding) - 1.0) < 1e-4 for f in r.faces)
-        single = client.result(client.embed(target, detect="blazeface"), timeout=120)
+        single = client.result(client.embed(target, detect="blazeface"), timeout=patience(120))
         assert single.faces is None
     finally:
         w.stop()
@@ -117,5 +118,5 @@ def test_faces_all_embeds_every_labelled_face_of_a_group_photo_largest_first(cli
 
 def test_inline_ref_objects_are_accepted_in_a_batch(client, worker):
     ref = ImageRef.inline(face_paths()[0].read_bytes())
-    r = client.result(client.embed_batch([ref, ref]), timeout=120)
+    r = client.result(client.embed_batch([ref, ref]), timeout=patience(120))
     np.testing.assert_allclose(r.embeddings[0], r.embeddings[1], atol=1e-6)

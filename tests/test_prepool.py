@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from producer.contract.codes import ErrorCode, JobFailure
+from tests.patience import patience
 from worker.inference.prepool import ProcessPreprocessor
 from worker.inference.preprocess import preprocess
 
@@ -41,13 +42,13 @@ def slow_png() -> bytes:
 def same_inputs(futures: list, blobs: list[bytes]) -> None:
     """Each future's input equals the thread path's for its image, in order; slots are freed as they are read."""
     for future, data in zip(futures, blobs, strict=True):
-        prepared = future.result(timeout=60)
+        prepared = future.result(timeout=patience(60))
         np.testing.assert_array_equal(prepared.input, preprocess(data, 112))
         prepared.release()
 
 
 def wait_busy(pool: ProcessPreprocessor) -> None:
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + patience(30)
     while pool.busy() == 0:
         assert time.monotonic() < deadline, "the child never started the image"
         time.sleep(0.005)
@@ -65,7 +66,7 @@ def test_inputs_equal_the_thread_path_in_order_across_processes_and_chunks(pool_
     futures = pool.submit([(b64(b), None) for b in blobs] + [(None, "face.png")])
     assert len(futures) == len(blobs) + 1
     for future, data in zip(futures, blobs + [blobs[0]], strict=True):
-        prepared = future.result(timeout=60)
+        prepared = future.result(timeout=patience(60))
         assert prepared.input.dtype == np.float32 and prepared.input.shape == (112, 112, 3)
         np.testing.assert_array_equal(prepared.input, preprocess(data, 112))
         assert prepared.ms > 0
@@ -83,7 +84,7 @@ def test_bad_images_fail_alone_with_the_thread_paths_codes(pool_of):
         (b64(good[: len(good) // 2]), None),
         (b64(good), None),
     ]
-    outcomes = [f.exception(timeout=60) for f in pool_of(2).submit(refs)]
+    outcomes = [f.exception(timeout=patience(60)) for f in pool_of(2).submit(refs)]
     codes = [o.code if isinstance(o, JobFailure) else None for o in outcomes]
     assert codes == [
         ErrorCode.INVALID_PAYLOAD,
@@ -99,13 +100,13 @@ def test_bad_images_fail_alone_with_the_thread_paths_codes(pool_of):
 def test_a_child_killed_mid_image_fails_that_image_only_and_is_replaced(pool_of, slow_png):
     pool = pool_of(1)
     faces = [p.read_bytes() for p in FACES]
-    pool.submit([(b64(faces[0]), None)])[0].result(timeout=60).release()  # the child is up
+    pool.submit([(b64(faces[0]), None)])[0].result(timeout=patience(60)).release()  # the child is up
     before = pool.child_pids()
     slow = pool.submit([(b64(slow_png), None)])[0]
     rest = pool.submit([(b64(f), None) for f in faces])
     wait_busy(pool)
     os.kill(before[0], signal.SIGKILL)
-    failure = slow.exception(timeout=60)
+    failure = slow.exception(timeout=patience(60))
     assert isinstance(failure, JobFailure) and failure.code == ErrorCode.IMAGE_DECODE_ERROR
     assert "process died (exit code -9)" in failure.message
     same_inputs(rest, faces)
@@ -123,7 +124,7 @@ def test_a_child_stuck_past_the_decode_timeout_is_replaced_and_only_its_image_fa
         os.kill(pid, signal.SIGSTOP)  # both: whichever holds the slow image is stuck on it
     rest = pool.submit([(b64(f), None) for f in faces])
     try:
-        failure = slow.exception(timeout=60)
+        failure = slow.exception(timeout=patience(60))
     finally:
         for pid in stuck + pool.child_pids():
             try:
@@ -143,7 +144,7 @@ def _on_cpu(pid: int) -> bool:
 def test_slots_are_reused_only_after_release_and_a_cancelled_image_frees_its_own(pool_of):
     pool = pool_of(1)  # 64 slots
     faces = [p.read_bytes() for p in FACES]
-    held = [f.result(timeout=60) for f in pool.submit([(b64(faces[i % 40]), None) for i in range(64)])]
+    held = [f.result(timeout=patience(60)) for f in pool.submit([(b64(faces[i % 40]), None) for i in range(64)])]
     blocked = pool.submit([(b64(faces[0]), None), (b64(faces[1]), None)])
     time.sleep(1.0)
     assert not any(f.done() for f in blocked)  # no free slot: nothing overwrites an input still in use
@@ -162,7 +163,7 @@ def test_closing_fails_what_is_still_pending_and_stops_the_children(pool_of, slo
     pids = pool.child_pids()
     futures = pool.submit([(b64(slow_png), None)] * 3)
     pool.close()
-    outcomes = [f.exception(timeout=60) for f in futures]
+    outcomes = [f.exception(timeout=patience(60)) for f in futures]
     assert all(o is None or (isinstance(o, JobFailure) and o.code == ErrorCode.INTERNAL_ERROR) for o in outcomes)
     for pid in pids:
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]

@@ -24,6 +24,7 @@ from structlog.testing import capture_logs
 import worker.inference.prepool_ipc as prepool_ipc
 from producer.contract.codes import JobFailure
 from tests.conftest import REPO, face_paths
+from tests.patience import patience
 from worker.inference.prepool import ProcessPreprocessor, start_preprocessors
 from worker.inference.preprocess import preprocess
 from worker.settings import WorkerSettings
@@ -36,8 +37,10 @@ FACES = [p.read_bytes() for p in face_paths()]
 _CHILD_PRELUDE = """
 import base64, io, json, signal, sys, time
 from PIL import Image
+from tests.patience import patience
 from worker.inference.decode_checks import DecodeLimits
 from worker.inference.prepool import ProcessPreprocessor
+from tests.patience import patience
 
 signal.signal(signal.SIGINT, lambda *_: None)
 signal.signal(signal.SIGTERM, lambda *_: None)
@@ -45,7 +48,7 @@ out = io.BytesIO()
 Image.new("RGB", (6000, 6000), (90, 120, 200)).save(out, "PNG")
 SLOW = base64.b64encode(out.getvalue()).decode("ascii")
 pool = ProcessPreprocessor(1, 112, DecodeLimits(), None, 10 << 20, 30.0, slots=64)
-pool.submit([(sys.argv[1], None)])[0].exception(timeout=60)  # the child is up
+pool.submit([(sys.argv[1], None)])[0].exception(timeout=patience(60))  # the child is up
 """
 
 
@@ -122,7 +125,7 @@ def test_a_warm_shutdown_signalled_to_the_process_group_lets_the_images_in_hand_
         while pool.busy() == 0:
             time.sleep(0.005)
         print("busy", flush=True)
-        error = slow.exception(timeout=60)
+        error = slow.exception(timeout=patience(60))
         print("outcome", json.dumps(None if error is None else str(error)), flush=True)
         pool.close()
         """,
@@ -132,7 +135,7 @@ def test_a_warm_shutdown_signalled_to_the_process_group_lets_the_images_in_hand_
         assert line_from(proc, "busy") == ""
         os.killpg(proc.pid, signal.SIGINT)
         result = line_from(proc, "outcome")
-        assert proc.wait(timeout=60) == 0
+        assert proc.wait(timeout=patience(60)) == 0
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -148,18 +151,18 @@ def test_children_that_cannot_start_put_the_pool_on_threads_instead_of_being_res
     # to preprocessing in the worker (slower, never stuck), says why, and the image comes out the same.
     monkeypatch.setattr(sys, "executable", str(fake_python(tmp_path / "python", "raise SystemExit(3)\n")))
     pool = pool_of(1)
-    error = outcome(pool, timeout=15)
+    error = outcome(pool, timeout=patience(15))
     assert error is None, error
     assert pool.broken is not None and "3 starts in a row failed" in pool.broken
     assert pool.child_pids() == []
-    assert outcome(pool, timeout=15) is None  # and later images too
+    assert outcome(pool, timeout=patience(15)) is None  # and later images too
 
 
 def test_a_respawn_that_fails_once_does_not_stop_the_pool(pool_of, monkeypatch):
     # fork() fails with EAGAIN (a pids cgroup limit, RLIMIT_NPROC) or ENOMEM, typically under the very memory
     # pressure that had the OOM killer take the child: the collector thread must survive it.
     pool = pool_of(1)
-    assert outcome(pool, timeout=60) is None
+    assert outcome(pool, timeout=patience(60)) is None
     real, calls = subprocess.Popen, []
 
     def flaky_popen(*args, **kw):
@@ -170,18 +173,18 @@ def test_a_respawn_that_fails_once_does_not_stop_the_pool(pool_of, monkeypatch):
 
     monkeypatch.setattr(prepool_ipc.subprocess, "Popen", flaky_popen)
     os.kill(pool.child_pids()[0], signal.SIGKILL)
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + patience(15)
     while not calls and time.monotonic() < deadline:
         time.sleep(0.01)
     assert calls, "the dead child was never replaced"
-    error = outcome(pool, timeout=15)
+    error = outcome(pool, timeout=patience(15))
     assert error is None or isinstance(error, JobFailure), error
 
 
 def test_a_child_slower_to_start_than_the_decode_timeout_is_not_killed_before_its_first_image(pool_of):
     # The watchdog counts a new child's start (Python, numpy, Pillow: 0.5 s idle, seconds on loaded cores) as a
     # stall "between images" and replaces it, with nothing failed, again and again: the image waits forever.
-    error = outcome(pool_of(1, timeout_s=0.1), timeout=10)
+    error = outcome(pool_of(1, timeout_s=0.1), timeout=patience(10))
     assert error is None, error
 
 
@@ -190,7 +193,7 @@ def test_the_children_do_not_import_modules_from_the_workers_working_directory(p
     # PIL/ or worker/ where the worker was started from would replace the children's code.
     (tmp_path / "numpy.py").write_text("raise SystemExit('numpy imported from the working directory')\n")
     monkeypatch.chdir(tmp_path)
-    error = outcome(pool_of(1), timeout=10)
+    error = outcome(pool_of(1), timeout=patience(10))
     assert error is None, error
 
 
@@ -210,10 +213,10 @@ def test_a_childs_answers_are_not_unpickled(pool_of, tmp_path, monkeypatch):
         """
     monkeypatch.setattr(sys, "executable", str(fake_python(tmp_path / "python", evil)))
     pool = pool_of(1)
-    pool.submit([(FACE, None)])
-    deadline = time.monotonic() + 3
-    while not marker.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    future = pool.submit([(FACE, None)])[0]
+    deadline = time.monotonic() + patience(3)
+    while not marker.exists() and not future.done() and time.monotonic() < deadline:
+        time.sleep(0.05)  # the image comes out once the pool has given up on such children
     assert not marker.exists(), "a child's answer ran code in the worker"
 
 
@@ -244,7 +247,7 @@ def test_children_stop_soon_after_the_worker_is_killed():
     proc.wait()
     killed = time.monotonic()
     try:
-        while any(map(running, children)) and time.monotonic() - killed < 2.5:
+        while any(map(running, children)) and time.monotonic() - killed < patience(2.5):
             time.sleep(0.05)
         alive = [pid for pid in children if running(pid)]
     finally:

@@ -16,6 +16,7 @@ from PIL import Image, ImageOps
 
 from producer.contract.codes import ErrorCode, JobFailure
 from tests.conftest import FACES, REPO, face_paths
+from tests.patience import patience
 from tests.preprocess_reference import (
     assert_same,
     encode,
@@ -292,7 +293,7 @@ def test_importing_preprocessing_loads_neither_tensorflow_nor_rq_nor_redis():
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'tensorflow', 'keras', 'rq', 'redis'}))"
     )
     out = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120, check=True
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=patience(120), check=True
     )
     assert out.stdout.strip() == "[]"
 

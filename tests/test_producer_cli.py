@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from tests.conftest import REPO, face_paths
+from tests.patience import patience
 from tests.redis_server import free_port
 
 # Runs the CLI with TensorFlow made unimportable, as in a producer-only install.
@@ -27,7 +28,7 @@ sys.exit(run(sys.argv[1:]))
 """
 
 
-def cli(env: dict, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+def cli(env: dict, *args: str, timeout: float = patience(60)) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", NO_TF, *args],
         env={**os.environ, **env},
@@ -131,12 +132,13 @@ def test_ctrl_c_while_waiting_prints_the_job_id_and_exits_130(worker_env):
         text=True,
     )
     r = redis.Redis.from_url(worker_env["ARCFACE_REDIS_URL"])
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + patience(30)
     while time.monotonic() < deadline and r.llen(f"rq:queue:{worker_env['ARCFACE_QUEUE']}") == 0:
         time.sleep(0.05)
-    time.sleep(0.5)  # now inside the blocking read
+    while time.monotonic() < deadline and not any("b" in c["flags"] for c in r.client_list()):
+        time.sleep(0.05)  # until the CLI is inside its blocking read
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=30)
+    out, err = proc.communicate(timeout=patience(30))
     assert proc.returncode == 130, (out, err)
     body = json.loads(out)
     job_id = body["job_id"]

@@ -24,6 +24,7 @@ from producer.contract.errors import JobFailed
 from producer.contract.keys import EMBED_FUNC, ERROR_ENTRY_FIELD
 from producer.contract.rqjob import JSONSerializer, SafeJob
 from producer.settings import ProducerSettings
+from tests.patience import patience
 from worker.batching.rqfence import (
     EXECUTION_FIELD,
     REDIS_WORKER_KEYS,
@@ -184,7 +185,7 @@ def test_a_failure_carries_its_code_as_data_in_the_result_entry_too(redis_server
     conn.hdel(f"rq:job:{bad.id}", "meta")  # no meta to read it from: the entry alone says it, as data
     client = FaceClient(ProducerSettings(redis_url=redis_server.url, queue=q.name))
     with pytest.raises(JobFailed) as failed:
-        client.result(bad.id, timeout=5)
+        client.result(bad.id, timeout=patience(5))
     assert failed.value.code == ErrorCode.IMAGE_DECODE_ERROR and failed.value.error.message == "cannot decode"
 
 

@@ -20,6 +20,7 @@ import redis
 
 from producer.contract.keys import EMBED_FUNC, VERIFY_FUNC, model_info_key
 from tests.conftest import REPO, face_paths
+from tests.patience import patience
 from tests.workers import queue_env, ready_worker
 
 RESULT_TTL, FAILURE_TTL = 777, 888
@@ -77,7 +78,7 @@ def write_job(
     return job_id
 
 
-def read_outcome(r: redis.Redis, job_id: str, timeout: float = 120) -> tuple[str, dict]:
+def read_outcome(r: redis.Redis, job_id: str, timeout: float = patience(120)) -> tuple[str, dict]:
     """XREAD BLOCK on rq:results:<id> until a final entry; returns (type name, decoded entry)."""
     deadline, last = time.monotonic() + timeout, "0-0"
     while time.monotonic() < deadline:
@@ -195,7 +196,7 @@ def node_producer(tmp_path_factory) -> Path:
             cwd=where,
             capture_output=True,
             text=True,
-            timeout=300,
+            timeout=patience(300),
         )
     except subprocess.TimeoutExpired:
         pytest.skip("npm install of the redis client timed out (no package registry reachable?)")
@@ -215,7 +216,7 @@ def run_node(where: Path, env: dict, *args: str) -> dict:
         env={**os.environ, **env, "ARCFACE_WAIT_TIMEOUT": "120"},
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=patience(180),
     )
     assert proc.returncode in (0, 1), (proc.returncode, proc.stdout, proc.stderr)
     return json.loads(proc.stdout)
@@ -234,7 +235,7 @@ def test_node_producer_follows_the_spec(wire, node_producer):
     assert full["status"] == minimal["status"] == pair["status"] == "finished", (full, minimal, pair)
     # the same numbers as the Python client gets from the same worker
     client = FaceClient(ProducerSettings(redis_url=env["ARCFACE_REDIS_URL"], queue=queue))
-    expected = client.result_embed(client.embed(a), timeout=120).embedding
+    expected = client.result_embed(client.embed(a), timeout=patience(120)).embedding
     for body in (full, minimal):
         got = np.frombuffer(base64.b64decode(body["result"]["embedding_b64"]), dtype="<f4")
         np.testing.assert_allclose(got, expected, atol=1e-6)

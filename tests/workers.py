@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tests.conftest import REPO
+from tests.patience import patience
 
 if TYPE_CHECKING:
     from producer.client.face_client import FaceClient
@@ -59,7 +60,7 @@ class WorkerProcess:
                     pass
         return out
 
-    def wait_ready(self, timeout: float = 120) -> None:
+    def wait_ready(self, timeout: float = patience(120)) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if any(e.get("event") == "worker_started" for e in self.events()):
@@ -77,15 +78,15 @@ class WorkerProcess:
 
     def kill(self) -> None:
         self.signal(signal.SIGKILL)
-        self.proc.wait(10)
+        self.proc.wait(patience(10))
 
-    def wait(self, timeout: float = 60) -> int:
+    def wait(self, timeout: float = patience(60)) -> int:
         return self.proc.wait(timeout)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
-            self.proc.wait(10)
+            self.proc.wait(patience(10))
         self.log_file.close()
 
     def client(self) -> FaceClient:
@@ -97,7 +98,7 @@ class WorkerProcess:
 
 
 @contextmanager
-def ready_worker(env: dict[str, str], log_path: Path, timeout: float = 120) -> Iterator[WorkerProcess]:
+def ready_worker(env: dict[str, str], log_path: Path, timeout: float = patience(120)) -> Iterator[WorkerProcess]:
     """A worker started with ``env`` and ready to serve; stopped when the block ends."""
     worker = WorkerProcess(env, log_path)
     try:

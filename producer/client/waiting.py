@@ -124,7 +124,10 @@ def job_error(job: Job, result: Result | None = None) -> JobError:
             return JobError.model_validate(stored)
         except ValidationError:
             pass
-    text = (result.exc_string if result is not None else None) or job.exc_info or ""
+    latest = result if result is not None else job.latest_result()
+    # what rq's deprecated Job.exc_info gives, without its warning: the failed result's text, else the job hash's
+    # exc_info field (rq reads it into _exc_info)
+    text = (latest.exc_string if latest is not None else None) or job._exc_info or ""
     if AbandonedJobError.__name__ in text:
         return JobError(code=ErrorCode.WORKER_DIED, message="the worker running this job died and no retries were left")
     if JobTimeoutException.__name__ in text:

@@ -24,6 +24,7 @@ from producer.contract.errors import JobFailed
 from producer.contract.keys import EMBED_FUNC
 from producer.contract.rqjob import JSONSerializer, SafeJob
 from tests.conftest import REPO, face_paths
+from tests.patience import patience
 from tests.workers import WorkerProcess
 
 MAX_BATCH = 16
@@ -134,7 +135,7 @@ class Fleet:
                 entries.append("ok")
         return status, code, entries
 
-    def wait_failed(self, ids: list[str | bytes], timeout: float = 180) -> None:
+    def wait_failed(self, ids: list[str | bytes], timeout: float = patience(180)) -> None:
         deadline = time.monotonic() + timeout
         pending = list(ids)
         while pending and time.monotonic() < deadline:
@@ -144,7 +145,7 @@ class Fleet:
                 time.sleep(0.2)
         assert not pending, f"not failed after {timeout}s: {pending}\n{self.log_tail()}"
 
-    def wait_results(self, ids: list[str], timeout: float = 240) -> None:
+    def wait_results(self, ids: list[str], timeout: float = patience(240)) -> None:
         """Every good job's result, compared with the in-process engine's embedding of the same face."""
         for jid in ids:
             try:
@@ -206,7 +207,7 @@ class Fleet:
             if jid in self.checked:
                 continue
             with pytest.raises(JobFailed) as info:
-                self.client.result(jid, timeout=5)
+                self.client.result(jid, timeout=patience(5))
             assert info.value.error.code.value == code
             job = SafeJob.fetch(jid, connection=self.conn, serializer=JSONSerializer)  # rq reads what the worker left
             assert job.get_status() == "failed" and job.meta["error"]["code"] == code
@@ -215,9 +216,9 @@ class Fleet:
         registries = dict(connection=self.conn, serializer=JSONSerializer, job_class=SafeJob)
         StartedJobRegistry(self.queue, **registries).cleanup()
         rq_info = [sys.executable, "-m", "rq.cli", "info", "--url", self.url]
-        info = subprocess.run(rq_info, cwd=REPO, capture_output=True, text=True, timeout=60)
+        info = subprocess.run(rq_info, cwd=REPO, capture_output=True, text=True, timeout=patience(60))
         assert info.returncode == 0, info.stderr[-2000:]
         workers = subprocess.run(
-            [*rq_info, "--only-workers", "-R"], cwd=REPO, capture_output=True, text=True, timeout=60
+            [*rq_info, "--only-workers", "-R"], cwd=REPO, capture_output=True, text=True, timeout=patience(60)
         )
         assert workers.returncode == 0 and "1 worker" in workers.stdout, workers.stdout + workers.stderr

@@ -26,6 +26,7 @@ from producer.contract.errors import JobFailed
 from producer.contract.keys import EMBED_FUNC, VERIFY_FUNC
 from producer.settings import ProducerSettings
 from tests.conftest import FACES, face_paths
+from tests.patience import patience
 from tests.workers import WorkerProcess
 
 
@@ -220,23 +221,23 @@ def test_every_kind_of_bad_input_fails_alone_and_odd_but_valid_images_work(env, 
     ids, good, pickled_meta, path_ok = enqueue_inputs(conn, q, bad, odd_but_valid, good_faces, jpeg, marker)
 
     worker = WorkerProcess(env, tmp_path / "worker.log", "--burst", ARCFACE_MAX_BATCH_SIZE="16")
-    assert worker.wait(300) == 0, worker.log_path.read_text()[-3000:]
+    assert worker.wait(patience(300)) == 0, worker.log_path.read_text()[-3000:]
 
     for name, (_, code) in bad.items():
         with pytest.raises(JobFailed) as info:
-            client.result(ids[name], timeout=5)
+            client.result(ids[name], timeout=patience(5))
         assert info.value.error.code is code, f"{name}: {info.value}"
         assert client.status(ids[name]) == "failed"
     # A pickle smuggled into the job's meta is kept as opaque bytes by the JSON serializer (rq stores it
     # as {"unserialized": ...}); the job's own data is valid, so it runs, and the pickle is never loaded.
-    assert client.result(pickled_meta, timeout=5).dim == 512
+    assert client.result(pickled_meta, timeout=patience(5)).dim == 512
     direct = dict(zip(good_faces, engine.embed_images([p.read_bytes() for p in good_faces]), strict=True))
     for jid, p in good:
-        np.testing.assert_allclose(client.result(jid, timeout=5).embedding, direct[p], atol=1e-5)
+        np.testing.assert_allclose(client.result(jid, timeout=patience(5)).embedding, direct[p], atol=1e-5)
     for name in odd_but_valid:
-        assert client.result(ids[name], timeout=5).dim == 512, name
+        assert client.result(ids[name], timeout=patience(5)).dim == 512, name
     np.testing.assert_allclose(
-        client.result(path_ok, timeout=5).embedding,
+        client.result(path_ok, timeout=patience(5)).embedding,
         engine.embed_images([(FACES / "amy" / "amy1.png").read_bytes()])[0],
         atol=1e-5,
     )

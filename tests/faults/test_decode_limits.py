@@ -20,6 +20,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from producer.contract.codes import ErrorCode, JobFailure
 from tests.conftest import REPO
+from tests.patience import patience
 from worker.inference.decode import jpeg_header
 from worker.inference.decode_checks import BYTES_PER_PIXEL
 from worker.inference.jpeg import jpeg_scans
@@ -163,7 +164,7 @@ def peak_growth(path: Path, call: str) -> int:
         assert out.size > 0
         print((after - before) * 1024)
     """)
-    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=patience(300))
     assert run.returncode == 0, run.stderr[-2000:]
     return int(run.stdout.strip().splitlines()[-1])
 

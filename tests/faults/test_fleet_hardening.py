@@ -42,6 +42,7 @@ from tests.faults.fleet_support import (
     b64,
     embed_data,
 )
+from tests.patience import patience
 from tests.redis_server import RedisServer
 from tests.workers import WorkerProcess, queue_env
 
@@ -116,7 +117,8 @@ def test_class1_unparseable_hash_fields_fail_alone_and_become_readable_failed_jo
     assert "job data is not the JSON job array" in fleet.raw_outcome(no_data)[2][0]
     for jid in hostile:  # rewritten: origin is the queue (rq info lists it there), data no longer the bad job's
         job = SafeJob.fetch(jid, connection=fleet.conn, serializer=JSONSerializer)
-        assert job.origin == fleet.queue and job.exc_info and "[invalid_payload]" in job.exc_info
+        failed = job.latest_result()
+        assert job.origin == fleet.queue and failed is not None and "[invalid_payload]" in (failed.exc_string or "")
     fleet.check()
 
 
@@ -206,7 +208,7 @@ def test_class3_hand_written_dependents_never_stop_the_worker_nor_rerun_a_finish
     other = fleet.good_job(3)
     fleet.conn.sadd(f"rq:job:{other}:dependents", f"missing-{uuid.uuid4().hex}")
     goods = fleet.interleave([parent_a, parent_b, f"{other}:dependents", other])
-    fleet.wait_results([*goods, parent_a, parent_b, other, deferred], timeout=60)
+    fleet.wait_results([*goods, parent_a, parent_b, other, deferred], timeout=patience(60))
     time.sleep(2)  # a wrongly re-queued job would be taken and run by now
     assert fleet.conn.hget(f"rq:job:{finished}", "status") == b"finished"
     for parent in (parent_a, parent_b):
@@ -314,7 +316,7 @@ def peak_growth(pid: int, run) -> tuple[int, int, bool]:
     return sum(vm_kib(p, "VmHWM") - base[p] for p in tree) * 1024, base[pid] * 1024, reset
 
 
-def wait_ended(fleet: Fleet, ids: list[str], timeout: float = 180) -> None:
+def wait_ended(fleet: Fleet, ids: list[str], timeout: float = patience(180)) -> None:
     """Each job ended once, finished (recorded as good, no reference embedding) or failed (hostile, its code)."""
     for jid in ids:
         deadline = time.monotonic() + timeout

@@ -38,6 +38,7 @@ from producer.contract.keys import EMBED_FUNC
 from producer.contract.rqjob import JSONSerializer, SafeJob
 from producer.settings import ProducerSettings
 from tests.conftest import REPO, face_paths
+from tests.patience import patience
 from tests.redis_server import RedisServer
 from tests.workers import WorkerProcess
 
@@ -86,7 +87,7 @@ class Ops:
     def logs(self) -> str:
         return "\n".join(f"--- {n}\n{w.log_path.read_text()[-2500:]}" for n, w in self.workers.items())
 
-    def results(self, client: FaceClient, jobs: dict[str, Path], timeout: float = 240) -> None:
+    def results(self, client: FaceClient, jobs: dict[str, Path], timeout: float = patience(240)) -> None:
         for jid, path in jobs.items():
             try:
                 result = client.result(jid, timeout=timeout)
@@ -119,7 +120,7 @@ class Ops:
         live = {f"rq:worker:{n}".encode() for n in self.alive()}
         # a killed worker's entry goes when its key expires (rq: worker TTL + 60 s) and a maintenance pass runs
         start = time.monotonic()
-        while conn.smembers("rq:workers") != live and time.monotonic() - start < 10 + 60 + 15:
+        while conn.smembers("rq:workers") != live and time.monotonic() - start < 10 + 60 + patience(15):
             time.sleep(0.5)
         assert conn.smembers("rq:workers") == live
         if dead:
@@ -130,7 +131,7 @@ class Ops:
             cwd=REPO,
             capture_output=True,
             text=True,
-            timeout=60,
+            timeout=patience(60),
         )
         assert info.returncode == 0, info.stderr[-2000:]
         self.seen |= set(jobs)
@@ -146,7 +147,7 @@ class Ops:
             cwd=REPO,
             capture_output=True,
             text=True,
-            timeout=60,
+            timeout=patience(60),
         ).returncode
 
 
@@ -180,7 +181,7 @@ def enqueue(client: FaceClient, n: int) -> dict[str, Path]:
     return dict(zip(client.embed_many(paths), paths, strict=True))
 
 
-def wait_started(ops: Ops, timeout: float = 120) -> None:
+def wait_started(ops: Ops, timeout: float = patience(120)) -> None:
     deadline = time.monotonic() + timeout
     while ops.conn.zcard(f"rq:wip:{ops.queue}") == 0:
         assert time.monotonic() < deadline, f"no job started\n{ops.logs()}"
@@ -199,8 +200,8 @@ def test_class11_flushall_while_idle_workers_reregister_and_serve(ops):
         ops.conn.flushall()
         flushed = time.monotonic()
         while ops.conn.smembers("rq:workers") != expected:
-            assert time.monotonic() - flushed < 15, (
-                f"not re-registered 15 s after FLUSHALL: {ops.conn.smembers('rq:workers')}"
+            assert time.monotonic() - flushed < patience(15), (
+                f"not re-registered {patience(15):g} s after FLUSHALL: {ops.conn.smembers('rq:workers')}"
             )
             time.sleep(0.05)
         took.append(time.monotonic() - flushed)
@@ -222,7 +223,7 @@ def test_class7_a_stall_longer_than_the_execution_ttl_runs_no_job_twice(ops):
         jobs |= enqueue(once, 16)
     wait_started(ops)
     stalled = time.monotonic()
-    ops.server.client(socket_timeout=60).execute_command(
+    ops.server.client(socket_timeout=patience(60)).execute_command(
         "DEBUG", "SLEEP", "20"
     )  # Redis answers nobody for 20 s (TTL is 4 s)
     stall_s = time.monotonic() - stalled
@@ -279,7 +280,7 @@ def kill_a_worker_holding_retried_jobs(ops, client) -> tuple[dict[str, Path], li
             retried[client.queue.enqueue(EMBED_FUNC, payload, retry=Retry(max=2, interval=1), result_ttl=3600).id] = (
                 path
             )
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + patience(120)
 
         def holding() -> list[str]:
             return [
@@ -308,7 +309,7 @@ def test_class10_scheduler_enqueue_in_and_retry_interval_after_a_killed_worker(o
     enqueued = time.monotonic()
     later = client.queue.enqueue_in(timedelta(seconds=2), EMBED_FUNC, payload, result_ttl=3600)
     assert client.status(later.id) == "scheduled"
-    ops.results(client, {later.id: FACES[3]}, timeout=60)
+    ops.results(client, {later.id: FACES[3]}, timeout=patience(60))
     delay = time.monotonic() - enqueued
     assert 1 <= delay < 10, delay  # rq keeps scheduled times in whole seconds: +2 s is due 1 to 3 s later
     assert client.queue.fetch_job(later.id).worker_name in ops.workers
@@ -316,7 +317,7 @@ def test_class10_scheduler_enqueue_in_and_retry_interval_after_a_killed_worker(o
     # the resumed worker recovers the killed one's jobs (execution TTL + two sightings), schedules them 1 s out
     victim = list(ops.workers)[0]
     retried, held, killed = kill_a_worker_holding_retried_jobs(ops, client)
-    ops.results(client, retried, timeout=120)
+    ops.results(client, retried, timeout=patience(120))
     recovery = time.monotonic() - killed
     print(
         f"\nRetry(max=2, interval=1): {len(held)} jobs held by the killed worker, "

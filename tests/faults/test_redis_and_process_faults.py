@@ -19,6 +19,7 @@ from producer.client.face_client import FaceClient
 from producer.contract.errors import ModelLoadError
 from producer.settings import ProducerSettings
 from tests.conftest import REPO, face_paths
+from tests.patience import patience
 from tests.redis_server import RedisServer, free_port
 from tests.workers import WorkerProcess
 
@@ -71,7 +72,7 @@ def test_kill_storm_every_job_finishes_exactly_once_from_the_producers_view(tmp_
         for start in range(0, n, 100):
             ids += client.embed_many(paths[(start + i) % 40] for i in range(min(100, n - start)))
         kills = 0
-        deadline = time.monotonic() + 600
+        deadline = time.monotonic() + patience(600)
         while time.monotonic() < deadline and client.queue.count + StartedJobRegistry(queue=client.queue).count > 0:
             victim = WorkerProcess(env, tmp_path / f"victim{kills}.log")
             victims.append(victim)
@@ -79,7 +80,7 @@ def test_kill_storm_every_job_finishes_exactly_once_from_the_producers_view(tmp_
             time.sleep(1.5)
             victim.kill()
             kills += 1
-        results = [client.result(j, timeout=300) for j in ids]
+        results = [client.result(j, timeout=patience(300)) for j in ids]
         assert len(results) == n and all(r.dim == 512 for r in results)
         by_image = collections.defaultdict(list)
         for i, r in enumerate(results):
@@ -109,12 +110,12 @@ def test_redis_restart_mid_run_workers_and_waiting_producers_reconnect(tmp_path,
     try:
         worker.wait_ready()
         ids = client.embed_many(face_paths() * 5)
-        client.result(ids[0], timeout=60)
+        client.result(ids[0], timeout=patience(60))
         time.sleep(1.2)  # let everysec flush the queue to the AOF
         server.stop()
         time.sleep(3)
         server = RedisServer(tmp_path / "redis", *aof, port=port).start()
-        results = [client.result(j, timeout=180) for j in ids]  # the same client object: it reconnects
+        results = [client.result(j, timeout=patience(180)) for j in ids]  # the same client object: it reconnects
         assert len(results) == 200
         assert worker.proc.poll() is None, "the worker must survive a Redis restart"
         outages = [e for e in worker.events() if e.get("event") == "redis_unreachable"]
@@ -142,7 +143,7 @@ def test_redis_gone_worker_keeps_retrying_and_cli_exits_4(tmp_path, small_model)
             cwd=REPO,
             capture_output=True,
             text=True,
-            timeout=60,
+            timeout=patience(60),
         )
         assert cli.returncode == 4
         assert cli.stderr.count("\n") == 1 and "cannot reach Redis" in cli.stderr
@@ -165,7 +166,7 @@ def test_worker_exits_non_zero_before_taking_jobs_when_the_model_cannot_load(tmp
     job_id = client.embed(face_paths()[0])
     worker = WorkerProcess(env, tmp_path / "worker.log")
     try:
-        assert worker.wait(120) == ModelLoadError.exit_code == 5
+        assert worker.wait(patience(120)) == ModelLoadError.exit_code == 5
     finally:
         worker.stop()
     failed = [e for e in worker.events() if e.get("event") == "model_load_failed"]

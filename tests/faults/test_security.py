@@ -16,6 +16,7 @@ from producer.client.face_client import FaceClient
 from producer.contract.rqjob import JSONSerializer, SafeJob
 from producer.settings import ProducerSettings, redact
 from tests.conftest import REPO, face_paths
+from tests.patience import patience
 from tests.redis_server import RedisServer, free_port
 from tests.workers import WorkerProcess
 
@@ -62,8 +63,8 @@ def run_one_job(url: str, small_model: Path, log: Path, **extra: str) -> tuple[W
     worker = WorkerProcess(env, log, "--burst")
     client = FaceClient(ProducerSettings(redis_url=url, queue=queue, **{k[8:].lower(): v for k, v in extra.items()}))
     job = client.embed(face_paths()[0])
-    assert worker.wait(180) == 0, log.read_text()[-2000:]
-    return worker, client.result(job, timeout=10).dim
+    assert worker.wait(patience(180)) == 0, log.read_text()[-2000:]
+    return worker, client.result(job, timeout=patience(10)).dim
 
 
 def test_password_and_acl_user_auth_work_and_never_reach_the_logs(tmp_path, small_model):
@@ -100,7 +101,7 @@ def test_password_and_acl_user_auth_work_and_never_reach_the_logs(tmp_path, smal
         server.stop()
 
 
-def _wait(ping, timeout: float = 10) -> None:
+def _wait(ping, timeout: float = patience(10)) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -156,7 +157,7 @@ def test_tls_rediss_url_with_a_ca_file(tmp_path, small_model):
         assert dim == 16
     finally:
         proc.terminate()
-        proc.wait(10)
+        proc.wait(patience(10))
 
 
 def test_container_runs_as_a_non_root_user():

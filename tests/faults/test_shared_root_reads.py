@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from producer.contract.codes import ErrorCode, JobFailure
+from tests.patience import patience
 from worker.inference import files
 from worker.inference.files import read_shared_file
 
@@ -43,7 +44,7 @@ def root(tmp_path):
     return r
 
 
-def call_in_thread(fn, timeout: float = 5.0):
+def call_in_thread(fn, timeout: float = patience(5.0)):
     """Run ``fn`` in a daemon thread; (result or exception, seconds). A hang fails the test instead of hanging it."""
     box: dict = {}
 
@@ -203,7 +204,7 @@ class Loop(threading.Thread):
 
     def __exit__(self, *exc) -> None:
         self._stop_event.set()
-        self.join(10)
+        self.join(patience(10))
         sys.setswitchinterval(self._interval)
         assert not self.is_alive() and self.error is None, self.error
 
