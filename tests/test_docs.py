@@ -14,7 +14,13 @@ CONFIG_PAGE = DOCS / "configuration.md"
 README_MAX_LINES = 250
 NAME = re.compile(r"\bARCFACE_[A-Z0-9_]*[A-Z0-9]\b")  # ARCFACE_QUEUE; not the bare prefix ARCFACE_ or ARCFACE_*
 # Variables read outside the settings classes: by the tests and the demo, never by the service itself.
-NOT_SETTINGS = ("ARCFACE_SHARED_DIR", "ARCFACE_FAULTS_SCALE", "ARCFACE_DEMO_FACES")
+NOT_SETTINGS = (
+    "ARCFACE_SHARED_DIR",
+    "ARCFACE_FAULTS_SCALE",
+    "ARCFACE_DEMO_FACES",
+    "ARCFACE_TEST_TIME_SCALE",
+    "ARCFACE_WIRE_GOLDEN_WRITE",
+)
 SETTINGS_ROW = re.compile(r"^\s*\|\s*`?ARCFACE_", re.MULTILINE)
 
 
