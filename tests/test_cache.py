@@ -18,6 +18,7 @@ import pytest
 import structlog
 
 from tests.conftest import REPO, face_paths
+from tests.patience import patience
 from worker.demo import RANDOM_WEIGHTS, output_problems
 from worker.inference.cache import cached_file, sha256_of
 from worker.inference.weights import WeightsError, check_weights_file
@@ -164,7 +165,7 @@ def test_two_first_runs_at_once_share_one_cache_file_and_both_get_sane_numbers(t
         )
         for _ in range(2)
     ]
-    outputs = [run.communicate(timeout=240) for run in runs]
+    outputs = [run.communicate(timeout=patience(240)) for run in runs]
     print(f"two first runs: {time.monotonic() - start:.1f}s")
     results = []
     for run, (out, err) in zip(runs, outputs, strict=True):

@@ -84,10 +84,10 @@ def test_healthcheck_fails_while_preprocessing_is_stuck_and_passes_once_it_moves
     health = [sys.executable, "-c", "from worker.cli import health; health()"]
 
     def check() -> subprocess.CompletedProcess:
-        return subprocess.run(health, env=env, capture_output=True, text=True, cwd=REPO, timeout=60)
+        return subprocess.run(health, env=env, capture_output=True, text=True, cwd=REPO, timeout=patience(60))
 
     def until(wanted: int, what: str) -> subprocess.CompletedProcess:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + patience(30)
         while (out := check()).returncode != wanted:
             assert time.monotonic() < deadline, f"the health check was not {what} within 30s: {out.stdout}"
             time.sleep(0.2)
@@ -112,7 +112,7 @@ def test_healthcheck_fails_while_preprocessing_is_stuck_and_passes_once_it_moves
             r"unhealthy: worker \S+: no preprocessing progress for \d+s with 1 images waiting\n", stuck.stdout
         )
         assert until(0, "healthy again").stdout.startswith("healthy: heartbeat")
-        assert worker.client().result(job, timeout=60).embedding.shape == (512,)
+        assert worker.client().result(job, timeout=patience(60)).embedding.shape == (512,)
     finally:
         worker.stop()
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.patience import patience
 from worker.inference.cache import download
 from worker.inference.weights import WeightsError
 
@@ -100,7 +101,7 @@ def test_concurrent_first_downloads_fetch_the_file_once(tmp_path: Path, server):
     for t in threads:
         t.start()
     for t in threads:
-        t.join(timeout=30)
+        t.join(timeout=patience(30))
     assert errors == [] and got == [PAYLOAD, PAYLOAD]
     assert _RangeHandler.requests == [None]
 

@@ -201,7 +201,7 @@ def test_stalled_says_so_while_images_wait_with_nothing_moving_and_clears_once_t
     os.kill(pid, signal.SIGSTOP)
     try:
         futures = pool.submit([(b64(f), None) for f in faces])
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + patience(10)
         while (why := pool.stalled()) is None:
             assert time.monotonic() < deadline, "stalled() never said so"
             time.sleep(0.05)
@@ -218,12 +218,12 @@ def test_stalled_says_so_when_the_collector_stops_running(pool_of):
     pool = pool_of(1, stall_s=1.0)
     same_inputs(pool.submit([(b64(FACES[0].read_bytes()), None)]), [FACES[0].read_bytes()])
     with pool._lock:  # the collector takes it on every pass
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + patience(10)
         while (why := pool.stalled()) is None:
             assert time.monotonic() < deadline, "stalled() never said so"
             time.sleep(0.05)
     assert re.fullmatch(r"the preprocessing collector has not run for \d+s", why), why
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + patience(10)
     while pool.stalled() is not None:
         assert time.monotonic() < deadline, "stalled() still says so once the collector runs"
         time.sleep(0.05)

@@ -281,11 +281,16 @@ def test_a_child_announcing_a_huge_answer_is_replaced_and_its_images_go_to_the_o
         futures = pool.submit([(base64.b64encode(f).decode("ascii"), None) for f in FACES[:16]])
         for future, data in zip(futures, FACES[:16], strict=True):
             try:
-                prepared = future.result(timeout=30)
+                prepared = future.result(timeout=patience(30))
             except FutureTimeout:
-                pytest.fail(f"an image was neither prepared nor failed within 30s ({pool.replaced} respawns)")
+                pytest.fail(
+                    f"an image was neither prepared nor failed within {patience(30)}s ({pool.replaced} respawns)"
+                )
             np.testing.assert_array_equal(prepared.input, preprocess(data, 112))
             prepared.release()
+    deadline = time.monotonic() + patience(10)  # the replacement starts beside the work, not before it
+    while len(pool.child_pids()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
     announced = struct.unpack("!i", header[:4])[0]
     assert [(e["event"], e["reason"]) for e in logs if e["event"] == "preprocess_process_replaced"] == [
         (
@@ -327,7 +332,7 @@ def test_a_child_cannot_write_into_the_images_of_other_children(pool_of, tmp_pat
     futures = pool.submit([(base64.b64encode(b).decode("ascii"), None) for b in blobs])
     prepared = refused = 0
     for future, data in zip(futures, blobs, strict=True):
-        error = future.exception(timeout=60)
+        error = future.exception(timeout=patience(60))
         if error is not None:
             assert isinstance(error, JobFailure) and error.message == "refused by a hostile child", error
             refused += 1
@@ -356,12 +361,12 @@ def test_a_pool_on_threads_goes_back_to_processes_once_a_child_starts_again(pool
     monkeypatch.setattr(sys, "executable", str(fake_python(tmp_path / "python", body)))
     with capture_logs() as logs:
         pool = pool_of(1, retry_s=0.5)
-        assert outcome(pool, timeout=15) is None  # on the threads meanwhile
-        deadline = time.monotonic() + 30
+        assert outcome(pool, timeout=patience(15)) is None  # on the threads meanwhile
+        deadline = time.monotonic() + patience(30)
         while pool.broken is not None:
             assert time.monotonic() < deadline, f"still on threads 30s later: {pool.broken}"
             time.sleep(0.02)
-    prepared = pool.submit([(FACE, None)])[0].result(timeout=30)
+    prepared = pool.submit([(FACE, None)])[0].result(timeout=patience(30))
     assert prepared.release is not None  # a child's input (the threads' have no slot to release)
     prepared.release()
     assert len(pool.child_pids()) == 1 and len(os.listdir(starts)) == 4

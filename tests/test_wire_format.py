@@ -257,7 +257,7 @@ def tempfile_bytes(data: bytes) -> Path:
 
 
 # --- the Node.js example's exit codes and default Redis: arcface-producer's ----------------------------------
-def node_exit(where: Path, env: dict[str, str], *args: str, timeout: float = 30) -> tuple[int, str, float]:
+def node_exit(where: Path, env: dict[str, str], *args: str, timeout: float = patience(30)) -> tuple[int, str, float]:
     """Run the Node producer with only ``env``'s ARCFACE_* settings: (exit code, stderr, seconds taken)."""
     import os
 

@@ -24,6 +24,7 @@ import pytest
 
 from producer.client import FaceClient
 from tests.conftest import REPO, face_paths
+from tests.patience import patience
 from tests.workers import queue_env, ready_worker
 
 GOLDEN = REPO / "tests" / "data" / "wire-golden.json"
@@ -119,18 +120,18 @@ def _jobs(client: FaceClient) -> dict[str, str]:
         "verify_batch": client.verify_batch([(amy, amy2), (amy, bob)]),
     }
     ids["enroll"] = client.enroll("amy", amy, gallery="golden")
-    client.result(ids["enroll"], timeout=120)
+    client.result(ids["enroll"], timeout=patience(120))
     vector = np.ones(512, np.float32) / np.sqrt(512)
     ids["identify"] = client.identify(amy2, gallery="golden", top_k=2)
     ids["verify_subject"] = client.verify_subject(amy2, "amy", gallery="golden")
     ids["verify_embedding"] = _gallery_module().verify(client, amy2, _gallery_module().Embedding(vector))
     for job_id in list(ids.values()):
         try:
-            client.result(job_id, timeout=120)
+            client.result(job_id, timeout=patience(120))
         except Exception:  # noqa: BLE001 - a failed job is part of what is recorded
             pass
     ids["forget"] = client.forget("amy", gallery="golden")
-    client.result(ids["forget"], timeout=120)
+    client.result(ids["forget"], timeout=patience(120))
     return ids
 
 

@@ -30,6 +30,7 @@ from producer.contract.gallery_results import EnrollResult
 from producer.contract.keys import enrollments_key, subject_key
 from producer.settings import ProducerSettings
 from tests.conftest import face_paths
+from tests.patience import patience
 from tests.redis_server import RedisServer
 from tests.workers import WorkerProcess
 
@@ -120,7 +121,7 @@ def test_enrolls_while_redis_is_full_all_succeed_and_are_stored(fleet):
     a, wa = fleet.clients["a"], fleet.workers["a"]
     paths = face_paths()
     gallery = f"full-{uuid.uuid4().hex[:6]}"
-    assert a.result(a.enroll("warm", paths[0], gallery), timeout=120).created
+    assert a.result(a.enroll("warm", paths[0], gallery), timeout=patience(120)).created
     ids = [a.enroll(f"s{i}", paths[1 + i], gallery) for i in range(16)]
     started = StartedJobRegistry(queue=a.queue)
     poll(lambda: started.count == 16, 60, "worker a registered the enrolls", fleet, step=0.002)
@@ -139,7 +140,7 @@ def test_enrolls_while_redis_is_full_all_succeed_and_are_stored(fleet):
     finally:
         wa.signal(signal.SIGCONT)
         admin.config_set("maxmemory", "0")
-    results = [a.result(j, timeout=120) for j in ids]
+    results = [a.result(j, timeout=patience(120)) for j in ids]
     assert [(type(r), r.subject, r.created, r.subject_enrollments) for r in results] == [
         (EnrollResult, f"s{i}", True, 1) for i in range(16)
     ]
@@ -157,8 +158,8 @@ def test_flushall_each_worker_drops_the_lost_galleries_within_a_heartbeat(fleet)
     paths = face_paths()
     gallery = f"lost-{uuid.uuid4().hex[:6]}"
     for i in range(3):
-        assert a.result(a.enroll(f"p{i}", paths[5 * i], gallery), timeout=60).created
-    held = b.result(b.identify(paths[0], gallery, top_k=5, threshold=2.0), timeout=60)
+        assert a.result(a.enroll(f"p{i}", paths[5 * i], gallery), timeout=patience(60)).created
+    held = b.result(b.identify(paths[0], gallery, top_k=5, threshold=2.0), timeout=patience(60))
     assert sorted(m.subject for m in held.matches) == ["p0", "p1", "p2"]
     lost_before = {w: len(fleet.events(w, "gallery_data_lost")) for w in fleet.workers}
 
@@ -174,13 +175,15 @@ def test_flushall_each_worker_drops_the_lost_galleries_within_a_heartbeat(fleet)
         assert (loaded["galleries"], loaded["enrollments"], loaded["seq"]) == (0, 0, 0)
 
     for client in (a, b):  # what a worker answers agrees with Redis: there is no such gallery any more
-        found = failure_code(lambda c=client: c.result(c.identify(paths[0], gallery, threshold=2.0), timeout=60))
+        found = failure_code(
+            lambda c=client: c.result(c.identify(paths[0], gallery, threshold=2.0), timeout=patience(60))
+        )
         assert found == "unknown_gallery"
-        forgot = failure_code(lambda c=client: c.result(c.forget("p0", gallery), timeout=60))
+        forgot = failure_code(lambda c=client: c.result(c.forget("p0", gallery), timeout=patience(60)))
         assert forgot == "unknown_gallery"
 
-    assert a.result(a.enroll("fresh", paths[20], gallery), timeout=60).created
-    after = b.result(b.identify(paths[0], gallery, top_k=5, threshold=2.0), timeout=60)
+    assert a.result(a.enroll("fresh", paths[20], gallery), timeout=patience(60)).created
+    after = b.result(b.identify(paths[0], gallery, top_k=5, threshold=2.0), timeout=patience(60))
     assert [m.subject for m in after.matches] == ["fresh"] and after.searched == 1
     print(f"\nFLUSHALL: both workers dropped the lost galleries after {took:.2f}s")
     fleet.check_logs()
@@ -209,25 +212,28 @@ class FollowerCutter:
 
     def __exit__(self, *_: object) -> None:
         self._stop.set()
-        self._thread.join(5)
+        self._thread.join(patience(5))
 
 
 def test_a_readable_forget_or_enroll_holds_for_identify_jobs_taken_later_on_the_other_worker(fleet):
     a, b = fleet.clients["a"], fleet.clients["b"]
     paths = face_paths()
     gallery = f"rule-{uuid.uuid4().hex[:6]}"
-    assert a.result(a.enroll("anchor", paths[39], gallery), timeout=60).created
-    assert b.result(b.identify(paths[39], gallery, top_k=1, threshold=2.0), timeout=60).matches[0].subject == "anchor"
+    assert a.result(a.enroll("anchor", paths[39], gallery), timeout=patience(60)).created
+    assert (
+        b.result(b.identify(paths[39], gallery, top_k=1, threshold=2.0), timeout=patience(60)).matches[0].subject
+        == "anchor"
+    )
     cut_before = len([e for e in fleet.events("b", "redis_unreachable") if e["during"] == "gallery_events"])
     seen: list[tuple[str, list[str]]] = []
     with FollowerCutter(fleet.server) as cutter:
         poll(lambda: cutter.cuts >= 4, 30, "the followers were cut", fleet)
         for r in range(6):
             subject, image = f"r{r}", paths[5 * r]
-            assert a.result(a.enroll(subject, image, gallery), timeout=60).created
-            enrolled = b.result(b.identify(image, gallery, top_k=1, threshold=2.0), timeout=60)
-            assert a.result(a.forget(subject, gallery), timeout=60).removed == 1
-            forgotten = b.result(b.identify(image, gallery, top_k=8, threshold=2.0), timeout=60)
+            assert a.result(a.enroll(subject, image, gallery), timeout=patience(60)).created
+            enrolled = b.result(b.identify(image, gallery, top_k=1, threshold=2.0), timeout=patience(60))
+            assert a.result(a.forget(subject, gallery), timeout=patience(60)).removed == 1
+            forgotten = b.result(b.identify(image, gallery, top_k=8, threshold=2.0), timeout=patience(60))
             seen.append((enrolled.matches[0].subject, [m.subject for m in forgotten.matches]))
     assert seen == [(f"r{r}", ["anchor"]) for r in range(6)]
     cut = [e for e in fleet.events("b", "redis_unreachable") if e["during"] == "gallery_events"]

@@ -20,6 +20,7 @@ from producer.client.face_client import FaceClient
 from producer.contract.rqjob import JSONSerializer, SafeJob
 from producer.settings import ProducerSettings
 from tests.conftest import REPO, face_paths
+from tests.patience import patience
 from tests.redis_server import RedisServer
 from tests.workers import WorkerProcess
 
@@ -48,7 +49,7 @@ class Poller:
     error: BaseException | None = None
 
     def run(self) -> None:
-        conn = redis.Redis.from_url(self.url, socket_timeout=60)
+        conn = redis.Redis.from_url(self.url, socket_timeout=patience(60))
         registry = StartedJobRegistry(self.queue, connection=conn, serializer=JSONSerializer, job_class=SafeJob)
         try:
             while not self.stop.is_set():
@@ -91,7 +92,7 @@ def test_rq_info_polling_through_a_stall_longer_than_the_ttl_runs_every_job_exac
     for retries in (3, 0):  # re-queued by rq's cleanup, or failed by it: neither may happen
         client = FaceClient(ProducerSettings(redis_url=server.url, queue=queue, retries=retries))
         jobs += client.embed_many([faces[i % len(faces)] for i in range(32)])
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + patience(120)
     while conn.zcard(f"rq:wip:{queue}") == 0:
         assert time.monotonic() < deadline, "no job started"
         time.sleep(0.02)
@@ -100,11 +101,11 @@ def test_rq_info_polling_through_a_stall_longer_than_the_ttl_runs_every_job_exac
     for t in threads:
         t.start()
     stalled = time.monotonic()
-    server.client(socket_timeout=60).execute_command("DEBUG", "SLEEP", str(STALL_S))
+    server.client(socket_timeout=patience(60)).execute_command("DEBUG", "SLEEP", str(STALL_S))
     woke = time.monotonic()
     assert woke - stalled >= STALL_S - 0.5
 
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + patience(180)
     pending = list(jobs)
     while pending:
         assert time.monotonic() < deadline, f"not finished: {len(pending)}\n{workers[0].log_path.read_text()[-3000:]}"
@@ -115,7 +116,7 @@ def test_rq_info_polling_through_a_stall_longer_than_the_ttl_runs_every_job_exac
     for p in pollers:
         p.stop.set()
     for t in threads:
-        t.join(30)
+        t.join(patience(30))
     assert [p.error for p in pollers] == [None, None]
     # rq's cleanup ran the moment Redis answered, while the stalled jobs were still in hand, and still listed them
     straddling = [count for p in pollers for sent, answered, count in p.polls if sent < woke <= answered]
@@ -141,7 +142,7 @@ def test_rq_info_polling_through_a_stall_longer_than_the_ttl_runs_every_job_exac
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=patience(60),
     )
     assert info.returncode == 0, info.stderr[-2000:]
     print(
