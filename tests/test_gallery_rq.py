@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-import threading
 import uuid
 from pathlib import Path
 from typing import Any
@@ -14,92 +13,25 @@ from typing import Any
 import numpy as np
 import pytest
 
-from producer.contract.codes import ErrorCode, JobFailure
-from producer.contract.gallery import parse_gallery_request
 from producer.contract.gallery_results import EnrollResult, VerifySubjectResult
-from producer.contract.keys import EMBED_FUNC, GALLERY_FUNCTIONS, VERIFY_FUNC
-from producer.contract.rqjob import JSONSerializer, SafeJob
-from producer.contract.wire import parse_request
 from tests.conftest import FACERES_ENV as CONFTEST_FACERES_ENV
 from tests.conftest import FACERES_SAVEDMODEL, TFJS_MODELS, face_paths, needs_shared
 from tests.patience import patience
-from worker.gallery import run_one
+from tests.workers import ready_worker
 
 BLAZEFACE = TFJS_MODELS / "blazeface-front.json"
 
 pytest_plugins = ["tests.gallery_fixtures"]  # fixtures: model_name, stores (each test starts with no galleries)
 
 
-_SERVING: dict[str, Any] = {}
-
-
-def _serve_job(*args: Any, **kwargs: Any) -> dict:
-    """The plain-rq path for the gallery kinds (what worker/jobs.py's functions do for embed/verify)."""
-    from rq import get_current_job
-
-    from producer.contract.rqjob import record_failure
-
-    job = get_current_job()
-    b = args[0].get("b") if args and isinstance(args[0], dict) else None
-    try:
-        if job.func_name == EMBED_FUNC or (
-            job.func_name == VERIFY_FUNC and not (isinstance(b, dict) and ({"subject", "embedding_b64"} & set(b)))
-        ):
-            # embed and pairwise verify as they are
-            return _SERVING["runtime"].run_one(parse_request(job.func_name, list(args), kwargs))
-        return run_one(_SERVING["runtime"], _SERVING["store"], parse_gallery_request(job.func_name, list(args), kwargs))
-    except JobFailure as failure:
-        record_failure(job, failure)
-        raise
-
-
-class _GalleryJob(SafeJob):
-    """SafeJob resolving the gallery functions (and embed/verify) to :func:`_serve_job`."""
-
-    @property
-    def func(self) -> Any:
-        if self.func_name not in GALLERY_FUNCTIONS | {EMBED_FUNC, VERIFY_FUNC}:
-            raise JobFailure(ErrorCode.UNSUPPORTED_JOB, f"function {self.func_name!r} is not an ArcFace job")
-        return _serve_job
-
-
-def drive(connection: Any, queue: str, fn: Any) -> Any:
-    """Run ``fn`` (the producer side) in a thread while a real rq SimpleWorker serves ``queue`` in this one."""
-    from rq import Queue, SimpleWorker
-
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["value"] = fn()
-        except BaseException as exc:  # re-raised in the test's thread
-            box["error"] = exc
-
-    thread = threading.Thread(target=target)
-    thread.start()
-    q = Queue(queue, connection=connection, serializer=JSONSerializer, job_class=_GalleryJob)
-    while thread.is_alive():
-        SimpleWorker([q], connection=connection, serializer=JSONSerializer, job_class=_GalleryJob).work(
-            burst=True, logging_level="WARNING"
-        )
-        thread.join(0.02)
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
-
-
 @pytest.fixture()
-def serving(worker_env, engine, redis_server, stores):
-    """A FaceClient on this test's queue, served through rq by a runtime on the session's ArcFace engine and a
-    gallery store (random weights: the same image gives the same embedding, which is all these tests need)."""
+def serving(worker_env, redis_server, no_galleries, tmp_path):
+    """A FaceClient on this test's queue, served by a real arcface-worker on the session's random-weight ArcFace
+    (the same image gives the same embedding, which is all these tests need); starts with no galleries."""
     from producer.client.face_client import FaceClient
-    from worker.runtime import Runtime
-    from worker.settings import WorkerSettings
 
-    _SERVING["runtime"] = Runtime(WorkerSettings(), engine)
-    _SERVING["store"] = stores(engine.model.name, threshold=engine.model.threshold)
-    yield FaceClient(), redis_server.client(), worker_env["ARCFACE_QUEUE"]
-    _SERVING.clear()
+    with ready_worker(worker_env, tmp_path / "worker.log"):
+        yield FaceClient(), redis_server.client(), worker_env["ARCFACE_QUEUE"]
 
 
 def _client_calls(client: Any, faces: list[Path]) -> dict[str, Any]:
@@ -134,7 +66,7 @@ def _client_calls(client: Any, faces: list[Path]) -> dict[str, Any]:
 def test_client_functions_through_rq(serving):
     client, conn, queue = serving
     faces = face_paths()  # amy1..5, bernadette1..5, ...
-    out = drive(conn, queue, lambda: _client_calls(client, faces))
+    out = _client_calls(client, faces)
     assert isinstance(out["enroll"], EnrollResult) and out["enroll"].created and not out["again"].created
     # derived from subject + image: the same image is one enrollment
     assert out["enroll"].enrollment_id == out["again"].enrollment_id
@@ -155,7 +87,7 @@ def test_client_functions_through_rq(serving):
 
 
 class _Cli:
-    """``arcface-producer`` gallery commands run against the test's rq worker: ``(exit code, stdout)`` per call,
+    """``arcface-producer`` gallery commands run against the test's worker: ``(exit code, stdout)`` per call,
     stderr kept in :attr:`err`."""
 
     def __init__(self, conn: Any, queue: str, capsys: Any) -> None:
@@ -165,7 +97,7 @@ class _Cli:
     def __call__(self, *argv: str) -> tuple[int, str]:
         from producer.cli.gallery import run
 
-        code = drive(self.conn, self.queue, lambda: run(list(argv)))
+        code = run(list(argv))
         captured = self.capsys.readouterr()
         self.err.append(captured.err)
         return code, captured.out
@@ -231,22 +163,17 @@ FACERES_ENV = {**CONFTEST_FACERES_ENV, "ARCFACE_ALLOWED_BATCH_SIZES": "1,8"}  # 
 
 
 @pytest.fixture()
-def faceres(redis_server, stores, monkeypatch):
-    """A FaceClient on a queue of its own, served through rq by a runtime with the shared face model and BlazeFace
-    and a gallery store; yields the client, the queue and the engine."""
+def faceres(redis_server, no_galleries, monkeypatch, tmp_path):
+    """A FaceClient on a queue of its own, served by a real arcface-worker with the shared face model and
+    BlazeFace; yields the client and the queue."""
     from producer.client.face_client import FaceClient
-    from worker.runtime import Runtime, load_detector, load_engine
-    from worker.settings import WorkerSettings
 
     queue = f"faceres-{uuid.uuid4().hex[:6]}"
-    for k, v in {"ARCFACE_REDIS_URL": redis_server.url, "ARCFACE_QUEUE": queue, **FACERES_ENV}.items():
+    env = {"ARCFACE_REDIS_URL": redis_server.url, "ARCFACE_QUEUE": queue, **FACERES_ENV}
+    for k, v in env.items():
         monkeypatch.setenv(k, v)
-    settings = WorkerSettings()
-    engine = load_engine(settings)
-    _SERVING["runtime"] = Runtime(settings, engine, load_detector(settings))
-    _SERVING["store"] = stores("faceres", threshold=0.45)
-    yield FaceClient(), queue, engine
-    _SERVING.clear()
+    with ready_worker(env, tmp_path / "worker.log", timeout=patience(300)):
+        yield FaceClient(), queue
 
 
 def _enroll_first_identify_the_rest(client: Any, paths: list[Path]) -> tuple[Any, list[Any], list[Any], list[Any]]:
@@ -291,9 +218,9 @@ def test_real_faces_enroll_one_image_each_and_identify_the_others(faceres, redis
     a worker started afterwards finds the same people."""
     from tests.conftest import PEOPLE
 
-    client, queue, engine = faceres
+    client, queue = faceres
     paths = face_paths()
-    results = drive(redis_server.client(), queue, lambda: _enroll_first_identify_the_rest(client, paths))
+    results = _enroll_first_identify_the_rest(client, paths)
     enrolled, found, by_subject, pairwise = results
     assert enrolled.errors == [] and all(r.created for r in enrolled.results)
     assert enrolled.faces and all(enrolled.faces)
@@ -303,6 +230,6 @@ def test_real_faces_enroll_one_image_each_and_identify_the_others(faceres, redis
     for s_res, p_res in zip(by_subject, pairwise, strict=True):
         assert abs(s_res.distance - p_res.distance) < 1e-6 and s_res.similar == p_res.similar
     later = stores("faceres", threshold=0.45)  # a worker started after the enrollments
-    index = later.index_for("cast", engine.model.embedding_dim)
+    index = later.index_for("cast", client.model_info()["dim"])
     queries = np.stack([index.vector(index.row_of[r.enrollment_id]) for r in enrolled.results])
     assert [m[0].subject for m in later.identify("cast", queries, 1)] == PEOPLE

@@ -5,6 +5,7 @@ several engine calls, and many small jobs share one."""
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -54,6 +55,9 @@ def test_a_two_hundred_fifty_six_image_job_spans_engine_batches_in_order(client,
     assert result.count == 256 and result.errors == []
     expected = np.stack([direct[p] for p in order])
     np.testing.assert_allclose(result.embeddings, expected, atol=1e-5)
+    deadline = time.monotonic() + patience(10)  # a batch's log line comes right after its outcomes are written
+    while sum(b["images"] for b in worker.batches()) < 256 and time.monotonic() < deadline:
+        time.sleep(0.05)
     batches = worker.batches()
     assert all(b["images"] <= 16 for b in batches) and sum(b["images"] for b in batches) >= 256
 

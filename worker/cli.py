@@ -210,7 +210,7 @@ def _start_metrics(settings: Any, engine: Any, queue: Any, started: float, log: 
 
 def _serve(settings: Any, connection: Any, queue: Any, engine: Any, detector: Any, metrics: Any, burst: bool) -> Any:
     """Publish the model, load the galleries and work the queue until stopped; returns the finished worker."""
-    from worker.batching.batcher import BatchWorker
+    from worker.batching.worker import BatchWorker
     from worker.runtime import Runtime, load_gallery
 
     log = structlog.get_logger("arcface.worker")

@@ -35,7 +35,7 @@ def test_no_pickle_in_any_code_path_and_everything_uses_the_json_serializer(work
     assert client.queue.serializer is JSONSerializer and client.queue.job_class is SafeJob
     import inspect
 
-    from worker.batching.batcher import BatchWorker  # the worker inherits the queue's serializer and job class
+    from worker.batching.worker import BatchWorker  # the worker inherits the queue's serializer and job class
 
     assert "serializer=queue.serializer" in inspect.getsource(BatchWorker.__init__)
     assert "job_class=queue.job_class" in inspect.getsource(BatchWorker.__init__)

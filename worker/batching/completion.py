@@ -1,23 +1,26 @@
 """Completing jobs: a finished job's result or failure becomes an :class:`~worker.batching.rqfence.Outcome`, and the
 outcomes of an engine batch are written in one atomic script (per job when one of them cannot be written), with rq's
-worker counters, metrics and dependents.
-
-A mixin of :class:`~worker.batching.batcher.BatchWorker`: it uses the worker's ``connection``, ``fence``, ``runtime``,
-``settings``, ``metrics``, ``queue``, ``name``/``key`` and its in-hand bookkeeping (``_jobs``, ``_bytes_in_hand``).
+worker counters, metrics and dependents; completed jobs leave the worker's hand.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import redis
 import structlog
+from rq import Queue
 
 from producer.contract.codes import ErrorCode, JobFailure
 from producer.contract.results import Timing
+from worker.batching.inhand import InHand
+from worker.batching.reading import Taken, decode_id, utcnow
+from worker.batching.retry import RedisRetry
 from worker.batching.rqfence import (
+    Fence,
     Outcome,
     exc_string,
     failure_entry,
@@ -27,29 +30,47 @@ from worker.batching.rqfence import (
     timestamp,
     valid_job_id,
 )
-from worker.batching.taking import Taken, decode_id, utcnow
+from worker.metrics import WorkerMetrics
+from worker.runtime import Runtime
+from worker.settings import WorkerSettings
 
 log = structlog.get_logger("arcface.batcher")
 _UNREADABLE_DATA = b'["<unreadable job>",null,[],{}]'
 
 
-class CompletionMixin:
-    """Outcomes of jobs and writing them."""
+@dataclass(frozen=True)
+class WorkerIdentity:
+    """Who writes the outcomes: the rq worker's name and its hash key (rq's worker counters live there)."""
 
-    connection: Any
-    fence: Any
-    runtime: Any
-    settings: Any
-    metrics: Any
-    queue: Any
     name: str
     key: str
-    _lock: Any
-    _jobs: dict[str, Taken]
-    _bytes_in_hand: int
-    _redis_retry: Any  # BatchWorker's
 
-    def _finish(self, t: Taken) -> Outcome:
+
+class Completer:
+    """Outcomes of jobs and writing them."""
+
+    def __init__(
+        self,
+        fence: Fence,
+        queue: Queue,
+        runtime: Runtime,
+        settings: WorkerSettings,
+        metrics: WorkerMetrics | None,
+        identity: WorkerIdentity,
+        in_hand: InHand,
+        retry: RedisRetry,
+    ) -> None:
+        self.fence = fence
+        self.connection = fence.connection
+        self.queue = queue
+        self.runtime = runtime
+        self.settings = settings
+        self.metrics = metrics
+        self.identity = identity
+        self.in_hand = in_hand
+        self.retry = retry
+
+    def finish(self, t: Taken) -> Outcome:
         """The job's outcome once all its images went through: its result, or its failure."""
         assert t.request is not None
         timing = Timing(
@@ -64,10 +85,10 @@ class CompletionMixin:
         try:
             result = self.runtime.finish(t.request, embeddings, t.item_failures, t.faces, timing, t.extra_faces)
         except JobFailure as failure:
-            return self._failure_outcome(t, failure)
+            return self.failure_outcome(t, failure)
         except Exception as exc:
             log.exception("finish_crashed", job_id=t.id)
-            return self._failure_outcome(
+            return self.failure_outcome(
                 t, JobFailure(ErrorCode.INTERNAL_ERROR, f"building the result failed: {type(exc).__name__}: {exc}")
             )
         ended = utcnow()
@@ -80,10 +101,12 @@ class CompletionMixin:
             t.member,
             ttl if ttl is not None else -1,
             fields,
-            success_entry(result, self.name, t.execution_id, t.started_at or ended, ended),
+            success_entry(result, self.identity.name, t.execution_id, t.started_at or ended, ended),
         )
 
-    def _failure_outcome(self, t: Taken, failure: JobFailure, guard: str = "own") -> Outcome:
+    def failure_outcome(self, t: Taken, failure: JobFailure, guard: str = "own") -> Outcome:
+        """The outcome that fails ``t`` with ``failure``; ``guard`` says when the fence may write it (``own``: the
+        job runs under this worker's entry; ``popped``: it is in the intermediate list; ``expired``: recovery)."""
         ended = utcnow()
         fields = {
             "status": "failed",
@@ -92,7 +115,7 @@ class CompletionMixin:
             "exc_info": exc_string(failure),
         }
         if guard == "popped":
-            fields["worker_name"] = self.name
+            fields["worker_name"] = self.identity.name
         ttl = self.settings.failure_ttl
         if t.job is not None:
             ttl = t.job.failure_ttl if t.job.failure_ttl is not None else ttl
@@ -114,7 +137,7 @@ class CompletionMixin:
                 }
             )
         lrem = self.fence.keys.intermediate if guard == "popped" else ""
-        entry = failure_entry(failure, self.name, t.execution_id or None, t.started_at, ended)
+        entry = failure_entry(failure, self.identity.name, t.execution_id or None, t.started_at, ended)
         if guard != "expired":  # recovery logs it once the fence applied it (a stale entry is only dropped)
             log.info("job_failed", job_id=t.id[:200], code=failure.code.value, error=failure.message[:500])
         if not t.valid_id:
@@ -122,7 +145,7 @@ class CompletionMixin:
             return Outcome(guard, "invalid", t.id, "", ttl, fields, entry, "", lrem)
         return Outcome(guard, "failed", t.id, t.member, ttl, fields, entry, "", lrem)
 
-    def _complete(self, outcomes: list[Outcome], jobs: list[Taken], working_s: float = 0.0) -> None:
+    def complete(self, outcomes: list[Outcome], jobs: list[Taken], working_s: float = 0.0) -> None:
         """Write outcomes in one script call (per job on a non-transient error, so one bad outcome cannot
         block the others); enqueue rq dependents of jobs that have them."""
         if not outcomes:
@@ -130,19 +153,19 @@ class CompletionMixin:
         if self.metrics is not None:
             self._count(outcomes, jobs)
         try:
-            replies = self._redis_retry("complete", lambda: self._apply(outcomes, working_s))
+            replies = self.retry("complete", lambda: self._apply(outcomes, working_s))
         except Exception:
             log.exception("complete_failed", jobs=len(outcomes))
             replies = []
             for o in outcomes:
                 try:
-                    replies.extend(self._redis_retry("complete", lambda o=o: self._apply([o])))
+                    replies.extend(self.retry("complete", partial(self._apply, [o])))
                 except Exception as exc:
                     log.error(
                         "outcome_not_written", job_id=o.job_id[:200], error=f"{type(exc).__name__}: {str(exc)[:300]}"
                     )
                     replies.append(0)
-        self._release(jobs)
+        self.in_hand.release(jobs)
         for t, o, reply in zip(jobs, outcomes, replies, strict=True):
             if reply == 0 and o.guard == "own":
                 log.warning(
@@ -155,13 +178,6 @@ class CompletionMixin:
                     self._enqueue_dependents(t)
                 except Exception as exc:  # a hand-written dependents entry must not stop the worker
                     log.error("dependents_failed", job_id=t.id, error=f"{type(exc).__name__}: {str(exc)[:300]}")
-
-    def _release(self, jobs: list[Taken]) -> None:
-        """The jobs are no longer in hand (completed, or registered by another worker)."""
-        with self._lock:
-            for t in jobs:
-                if self._jobs.pop(t.id, None) is not None:
-                    self._bytes_in_hand -= t.nbytes
 
     def _enqueue_dependents(self, t: Taken) -> None:
         """rq's ``enqueue_dependents``, for deferred jobs only: a hand-written dependents set may name a finished
@@ -187,7 +203,7 @@ class CompletionMixin:
             self.queue.enqueue_dependents(t.job)
 
     def _apply(self, outcomes: list[Outcome], working_s: float = 0.0) -> list[int]:
-        replies = self.fence.apply(outcomes, time.time(), self.key, self.name)
+        replies = self.fence.apply(outcomes, time.time(), self.identity.key, self.identity.name)
         try:  # rq's worker counters: best effort, never a reason to retry outcomes already written
             self._count_in_rq(outcomes, working_s)
         except redis.RedisError as exc:
@@ -198,11 +214,11 @@ class CompletionMixin:
         finished = sum(1 for o in outcomes if o.kind == "finished")
         with self.connection.pipeline(transaction=False) as pipe:
             if finished:
-                pipe.hincrby(self.key, "successful_job_count", finished)
+                pipe.hincrby(self.identity.key, "successful_job_count", finished)
             if len(outcomes) > finished:
-                pipe.hincrby(self.key, "failed_job_count", len(outcomes) - finished)
+                pipe.hincrby(self.identity.key, "failed_job_count", len(outcomes) - finished)
             if working_s:  # wall time of the batch, once (not the sum over its jobs)
-                pipe.hincrbyfloat(self.key, "total_working_time", round(working_s, 6))
+                pipe.hincrbyfloat(self.identity.key, "total_working_time", round(working_s, 6))
             pipe.execute()
 
     def _count(self, outcomes: list[Outcome], jobs: list[Taken]) -> None:

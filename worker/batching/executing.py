@@ -1,14 +1,12 @@
-"""Executing: the images of registered jobs, packed into engine batches (from any jobs, oldest first), through
-preprocessing, the detector and the engine; a job whose last image is embedded is completed. A mixin of
-:class:`~worker.batching.batcher.BatchWorker` (uses its ``runtime``, ``settings``, ``metrics``, ``_waiting`` queue and
-:class:`~worker.batching.completion.CompletionMixin`).
+"""Executing: the images of registered jobs go to preprocessing (processes or threads) and into the scheduler; an
+engine batch the scheduler packs goes through the detector and the engine once; a job whose last image is embedded
+is completed.
 """
 
 from __future__ import annotations
 
 import time
-from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
@@ -18,8 +16,14 @@ import structlog
 from producer.contract.codes import ErrorCode, JobFailure
 from producer.contract.requests import ImageRef
 from producer.contract.wire import request_images
-from worker.batching.taking import Taken
+from worker.batching.completion import Completer
+from worker.batching.reading import Taken
+from worker.batching.scheduler import Scheduler
+from worker.inference.prepool import ProcessPreprocessor
 from worker.inference.preprocess import PreparedImage
+from worker.metrics import WorkerMetrics
+from worker.runtime import Runtime
+from worker.settings import WorkerSettings
 
 log = structlog.get_logger("arcface.batcher")
 
@@ -29,26 +33,38 @@ class Item:
 
     __slots__ = ("taken", "index", "future")
 
-    def __init__(self, taken: Taken, index: int, future: Future) -> None:
+    def __init__(self, taken: Taken, index: int, future: Future[PreparedImage]) -> None:
         self.taken, self.index, self.future = taken, index, future
 
 
-class ExecutionMixin:
-    """Engine batches of waiting images."""
+class Executor:
+    """Preprocessing submissions and engine batches; owns the preprocessing threads (and, once started, the
+    preprocessing processes)."""
 
-    runtime: Any
-    settings: Any
-    metrics: Any
-    max_batch_size: int
-    batches_done: int
-    _waiting: deque[Item]
-    _pool: Any  # ThreadPoolExecutor
-    _procs: Any  # ProcessPreprocessor | None
-    _finish: Any  # CompletionMixin's
-    _complete: Any
-    _failure_outcome: Any
+    def __init__(
+        self,
+        runtime: Runtime,
+        settings: WorkerSettings,
+        metrics: WorkerMetrics | None,
+        scheduler: Scheduler[Item],
+        completer: Completer,
+    ) -> None:
+        self.runtime = runtime
+        self.settings = settings
+        self.metrics = metrics
+        self.scheduler = scheduler
+        self.completer = completer
+        self.threads = ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="preprocess")
+        self.procs: ProcessPreprocessor | None = None  # started by the worker's loop
+        self.batches_done = 0
 
-    def _preprocess(self, jobs: list[Taken]) -> None:
+    def close(self) -> None:
+        """Stop the preprocessing threads and processes (after the last batch)."""
+        self.threads.shutdown(wait=True)
+        if self.procs is not None:
+            self.procs.close()
+
+    def preprocess(self, jobs: list[Taken]) -> None:
         """Start the preprocessing of registered jobs' images: in the preprocessing processes where there are, in
         one submit so that chunks span jobs; images for the detector (and every image without processes) on
         threads. A job whose images cannot even be submitted (a bug, never bad input: that fails in preprocessing)
@@ -63,17 +79,18 @@ class ExecutionMixin:
             except Exception as err:
                 broken.append((t, err))
         if to_processes:
+            assert self.procs is not None  # images go to processes only when there are
             try:
-                futures = self._procs.submit([(ref.data_b64, ref.path) for _, _, ref in to_processes])
+                futures = self.procs.submit([(ref.data_b64, ref.path) for _, _, ref in to_processes])
             except Exception as err:
                 broken.extend((t, err) for t in {id(t): t for t, _, _ in to_processes}.values())
             else:
-                self._waiting.extend(Item(t, i, f) for (t, i, _), f in zip(to_processes, futures, strict=True))
+                self.scheduler.add(Item(t, i, f) for (t, i, _), f in zip(to_processes, futures, strict=True))
         for t, cause in broken:
             log.error("submit_crashed", job_id=t.id, error=f"{type(cause).__name__}: {str(cause)[:300]}")
             t.remaining = 0
             failure = JobFailure(ErrorCode.INTERNAL_ERROR, f"preprocessing could not start: {type(cause).__name__}")
-            self._complete([self._failure_outcome(t, failure)], [t])
+            self.completer.complete([self.completer.failure_outcome(t, failure)], [t])
 
     def _submit_job(self, t: Taken) -> list[tuple[Taken, int, ImageRef]]:
         """Queue one job's images on the threads; returns those bound for the processes instead."""
@@ -83,21 +100,14 @@ class ExecutionMixin:
             raise TypeError(f"{type(t.request).__name__} lists a non-image among its images")
         t.embeddings = None
         t.faces = [None] * t.n_images
-        if self._procs is not None and not t.detect:
+        if self.procs is not None and not t.detect:
             return [(t, i, ref) for i, ref in enumerate(refs)]
         all_faces = getattr(t.request, "faces", "one") == "all"
-        self._waiting.extend(
-            Item(t, i, self._pool.submit(self.runtime.prepare_image, ref, t.detect, all_faces))
+        self.scheduler.add(
+            Item(t, i, self.threads.submit(self.runtime.prepare_image, ref, t.detect, all_faces))
             for i, ref in enumerate(refs)
         )
         return []
-
-    def next_engine_batch(self) -> list[Item]:
-        """Up to ``max_batch_size`` waiting images, oldest first."""
-        out: list[Item] = []
-        while self._waiting and len(out) < self.max_batch_size:
-            out.append(self._waiting.popleft())
-        return out
 
     def run_batch(self, items: list[Item]) -> None:
         """Run one engine batch; a bug anywhere in it fails the batch's unfinished jobs (``internal_error``) rather
@@ -110,7 +120,7 @@ class ExecutionMixin:
             failure = JobFailure(ErrorCode.INTERNAL_ERROR, f"the batch failed: {type(exc).__name__}: {exc}")
             for t in jobs:
                 t.remaining = 0
-            self._complete([self._failure_outcome(t, failure) for t in jobs], jobs)
+            self.completer.complete([self.completer.failure_outcome(t, failure) for t in jobs], jobs)
 
     def _run_batch(self, items: list[Item]) -> None:
         """Wait for the images' preprocessing, run detection and the engine once, complete finished jobs."""
@@ -135,8 +145,8 @@ class ExecutionMixin:
             if t.remaining == 0:
                 done.append(t)
         t2 = time.perf_counter()
-        outcomes = [self._finish(t) for t in done]
-        self._complete(outcomes, done, working_s=t2 - t0)
+        outcomes = [self.completer.finish(t) for t in done]
+        self.completer.complete(outcomes, done, working_s=t2 - t0)
         t3 = time.perf_counter()
         self.batches_done += 1
         failed = sum(1 for o in outcomes if o.kind == "failed")

@@ -61,3 +61,29 @@ def until_redis_takes(
             log.error("redis_unreachable", during=what, error=str(exc)[:300], retry_in_s=backoff)
             time.sleep(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF_S)
+
+
+class RedisRetry:
+    """:func:`until_redis_takes` for one worker: it remembers that Redis refused a call, and says once when Redis
+    answers again (``redis_reachable_again``)."""
+
+    def __init__(self, logger: Any = None) -> None:
+        self._log = logger or _log
+        self.outage = False
+
+    def __call__(self, what: str, fn: Callable[[], T]) -> T:
+        """Run ``fn`` until Redis takes it; results in hand are never dropped because Redis restarted, stalled
+        or filled up: the worker waits for it."""
+        out = until_redis_takes(what, fn, on_refused=self.refused, logger=self._log)
+        self.answered(what)
+        return out
+
+    def refused(self) -> None:
+        """Redis refused a call (logged by the caller)."""
+        self.outage = True
+
+    def answered(self, during: str) -> None:
+        """Redis answered a call: log the end of an outage once."""
+        if self.outage:
+            self.outage = False
+            self._log.info("redis_reachable_again", during=during)

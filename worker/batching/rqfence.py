@@ -163,7 +163,7 @@ def decode_data(job: SafeJob) -> tuple[str, Any, Any, Any]:
 
 
 def success_entry(
-    return_value: dict, worker_name: str, execution_id: str, started: datetime, ended: datetime
+    return_value: dict[str, Any], worker_name: str, execution_id: str, started: datetime, ended: datetime
 ) -> dict[str, Any]:
     """The result-stream entry rq writes for a finished job (``Result.Type.SUCCESSFUL``)."""
     encoded = base64.b64encode(JSONSerializer.dumps(return_value)).decode("ascii")
@@ -200,7 +200,7 @@ def exc_string(failure: JobFailure) -> str:
     return f"producer.jobs.JobFailure: [{failure.code.value}] {failure.message}"
 
 
-def failure_meta(meta: dict | None, failure: JobFailure) -> bytes:
+def failure_meta(meta: dict[str, Any] | None, failure: JobFailure) -> bytes:
     """The job's meta with the typed error under ``error`` (JSON; other keys kept when they were JSON)."""
     merged = dict(meta) if isinstance(meta, dict) and "unserialized" not in meta else {}
     merged[ERROR_META_KEY] = failure.to_error().model_dump(mode="json")
@@ -254,6 +254,21 @@ class Outcome:
         ]
 
 
+def started_fields(
+    stamp: str, worker_name: str, member: str, origin: str | None, enqueued_missing: bool
+) -> dict[str, str]:
+    """The job hash fields a registration writes: rq's ``started`` status, times and worker, and our execution
+    member (recovery acts on the job only while it runs under this entry). ``origin``: the queue, for a producer
+    that wrote none (the wire format's default); ``enqueued_missing``: stamp ``enqueued_at`` too."""
+    fields = {"status": "started", "started_at": stamp, "last_heartbeat": stamp, "worker_name": worker_name}
+    fields[EXECUTION_FIELD] = member
+    if origin is not None:
+        fields["origin"] = origin
+    if enqueued_missing:
+        fields["enqueued_at"] = stamp
+    return fields
+
+
 class Fence:
     """rq's bookkeeping for one queue, written in bulk."""
 
@@ -291,6 +306,46 @@ class Fence:
         for job_id, member, fields in jobs:
             argv += [job_id, member, json.dumps(fields, separators=(",", ":"))]
         self._register(keys=[self.keys.intermediate, self.keys.started, self.keys.alive], args=argv, client=pipe)
+
+    def drop_popped(self, raw_ids: list[bytes]) -> None:
+        """Take popped ids that will not run (stale entries, unreadable ids) out of the intermediate list."""
+        with self.connection.pipeline(transaction=False) as pipe:
+            for raw in raw_ids:
+                pipe.lrem(self.keys.intermediate, 1, raw)  # type: ignore[arg-type]  # bytes go to Redis as they are
+            pipe.execute()
+
+    def drop_started(self, member: str) -> None:
+        """Forget a started member whose job is gone or unreadable (its registry entry and its liveness)."""
+        with self.connection.pipeline(transaction=False) as pipe:
+            pipe.zrem(self.keys.started, member)
+            pipe.zrem(self.keys.alive, member)
+            pipe.execute()
+
+    def requeue_orphan(self, raw_id: bytes) -> None:
+        """An id left in the intermediate list by a worker that died before registering it goes back to the
+        queue (atomically: out of the list and onto the queue)."""
+        with self.connection.pipeline() as pipe:
+            pipe.lrem(self.keys.intermediate, 1, raw_id)  # type: ignore[arg-type]  # bytes go to Redis as they are
+            pipe.rpush(self.keys.queue, raw_id)
+            pipe.execute()
+
+    def purge_expired(self, now: float) -> None:
+        """rq's finished and failed registries without their expired entries (rq's own cleanup, for this queue)."""
+        with self.connection.pipeline(transaction=False) as pipe:
+            pipe.zremrangebyscore(self.keys.finished, 0, now)
+            pipe.zremrangebyscore(self.keys.failed, 0, now)
+            pipe.execute()
+
+    def take_due_scheduled(self, now: float, limit: int = 1000) -> list[str]:
+        """Due ids of rq's scheduled registry, each removed by this call (a second caller gets none of them)."""
+        due: list[bytes] = self.connection.zrangebyscore(self.keys.scheduled, "-inf", int(now), start=0, num=limit)  # type: ignore[assignment]
+        if not due:
+            return []
+        with self.connection.pipeline() as pipe:
+            for jid in due:
+                pipe.zrem(self.keys.scheduled, jid)
+            removed = pipe.execute()
+        return [jid.decode("latin-1") for jid, r in zip(due, removed, strict=True) if r]
 
     def refresh_started(self, pipe: Any, members: dict[str, float]) -> None:
         """Queue on ``pipe`` new liveness expiries for started members that still have one (ZADD XX: a heartbeat

@@ -1,157 +1,176 @@
-"""Taking jobs: pop ids crash-safely, read every job hash defensively, sort what can run from what cannot.
-
-Nothing a producer writes can make this raise: an id rq refuses, a hash field rq cannot parse, data that is
-not our JSON (or a zlib bomb), a function outside the allow-list, a payload that does not validate, all
-become a :class:`Taken` with a ``failure`` that the worker records on that job alone.
+"""Taking: pop job ids with rq's crash-safe pop (BLMOVE into the intermediate list, then pipelined LMOVEs), read
+and sort them (:mod:`worker.batching.reading`), fail at once what cannot run, register the rest through the fence
+and hand their images to preprocessing. How many to take and how long to wait is the scheduler's to say.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
-import numpy as np
-import redis
+import structlog
+from rq import Queue
 
-from producer.contract.codes import ErrorCode, JobFailure
-from producer.contract.keys import ALLOWED_FUNCTIONS
-from producer.contract.requests import AnyRequest
-from producer.contract.wire import parse_request, request_images
-from worker.batching.rqfence import (
-    TAKEN_STATUSES,
-    TOO_LARGE,
-    QueueKeys,
-    decode_data,
-    parse_timestamp,
-    restore,
-    valid_job_id,
-)
+from producer.contract.codes import JobFailure
+from worker.batching.completion import Completer, WorkerIdentity
+from worker.batching.executing import Executor, Item
+from worker.batching.inhand import InHand
+from worker.batching.reading import Taken, classify, decode_id, pop_first, pop_many, utcnow
+from worker.batching.retry import RedisRetry
+from worker.batching.rqfence import Fence, started_fields, timestamp
+from worker.batching.scheduler import Scheduler
+from worker.runtime import Runtime
+from worker.settings import WorkerSettings
 
-# Statuses in which a queue entry is stale (the job already ran, or another worker holds it): dropped, not run.
+log = structlog.get_logger("arcface.batcher")
 
-
-@dataclass
-class Taken:
-    """A job taken from the queue, from reading to completion."""
-
-    id: str
-    job: Any = None  # rq Job (SafeJob) when the hash could be read
-    request: AnyRequest | None = None
-    failure: JobFailure | None = None  # fails the whole job before it runs
-    valid_id: bool = True
-    rewrite: bool = False  # the hash cannot be read by rq: replace it with a readable failed job
-    enqueued_at: datetime | None = None
-    status: str = ""
-    member: str = ""  # started-registry member <id>:<execution id>
-    execution_id: str = ""
-    started_at: datetime | None = None
-    queued_ms: float = 0.0
-    detect: bool = False
-    nbytes: int = 0  # inflated payload size: bounds what the worker holds (ARCFACE_MAX_JOB_BYTES)
-    # filled as the job's images pass through the engine
-    n_images: int = 0
-    remaining: int = 0
-    embeddings: np.ndarray | None = None
-    item_failures: dict[int, JobFailure] = field(default_factory=dict)
-    faces: list[Any] = field(default_factory=list)
-    extra_faces: list[tuple[Any, np.ndarray]] = field(
-        default_factory=list
-    )  # faces="all": the other faces and their rows
-    preprocess_ms: float = 0.0
-    detect_ms: float = 0.0
-    inference_ms: float = 0.0
-    batch_size: int = 0
+# Marks the worker busy in rq's worker hash, on the registration's pipeline (rq's ``set_state``).
+MarkBusy = Callable[[Any], None]
 
 
-def pop_first(connection: redis.Redis, keys: QueueKeys, timeout_s: float) -> bytes | None:
-    """Block up to ``timeout_s`` for one id, moved atomically into the intermediate list (rq's BLMOVE pop)."""
-    return connection.blmove(keys.queue, keys.intermediate, timeout_s, "LEFT", "RIGHT")  # type: ignore[arg-type, return-value]
+class Taker:
+    """Takes jobs from one queue into the worker's hand."""
 
+    def __init__(
+        self,
+        fence: Fence,
+        queue: Queue,
+        runtime: Runtime,
+        settings: WorkerSettings,
+        scheduler: Scheduler[Item],
+        in_hand: InHand,
+        completer: Completer,
+        executor: Executor,
+        retry: RedisRetry,
+        identity: WorkerIdentity,
+        mark_busy: MarkBusy,
+        stop: threading.Event,
+    ) -> None:
+        self.fence = fence
+        self.connection = fence.connection
+        self.queue = queue
+        self.runtime = runtime
+        self.settings = settings
+        self.scheduler = scheduler
+        self.in_hand = in_hand
+        self.completer = completer
+        self.executor = executor
+        self.retry = retry
+        self.identity = identity
+        self.mark_busy = mark_busy
+        self.stop = stop
 
-def pop_many(connection: redis.Redis, keys: QueueKeys, n: int) -> list[bytes]:
-    """Up to ``n`` ids without blocking, each moved into the intermediate list (pipelined LMOVEs)."""
-    if n <= 0:
-        return []
-    with connection.pipeline(transaction=False) as pipe:
-        for _ in range(n):
-            pipe.lmove(keys.queue, keys.intermediate, "LEFT", "RIGHT")
-        return [jid for jid in pipe.execute() if jid is not None]
-
-
-def decode_id(raw: bytes | str) -> str | None:
-    if isinstance(raw, str):
-        return raw
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-
-
-def classify(
-    job_id: str,
-    fields: dict[bytes, bytes],
-    connection: redis.Redis,
-    max_job_bytes: int,
-    now: datetime,
-    recovering: bool = False,
-) -> Taken | None:
-    """What to do with one popped job: run it, fail it, or (``None``) drop a stale entry. ``recovering``: the
-    job of a dead worker (status started), read to decide between retry and failure."""
-    if not fields:
-        return None  # deleted or expired while queued
-    if TOO_LARGE in fields:
-        taken = Taken(id=job_id, rewrite=True, valid_id=valid_job_id(job_id))
-        size = fields[TOO_LARGE].decode()
-        taken.failure = JobFailure(
-            ErrorCode.INVALID_PAYLOAD, f"job hash holds {size} bytes, over the worker's bound (ARCFACE_MAX_JOB_BYTES)"
-        )
+    def take(self, block_s: float, model_busy: Callable[[], bool] = lambda: False) -> int:
+        """Take jobs until the scheduler has room for no more: block up to ``block_s`` for a first one when none
+        wait, then fill until the scheduler's fill deadline, and for as long as the model is busy. Returns the jobs
+        registered."""
+        keys = self.fence.keys
+        poll_s = self.scheduler.policy.busy_poll_s
+        taken = 0
+        if not len(self.scheduler):
+            first = None
+            while first is None and model_busy() and not self.stop.is_set():
+                first = pop_first(self.connection, keys, poll_s)
+            if first is None and not model_busy():
+                first = (
+                    pop_first(self.connection, keys, block_s)
+                    if block_s > 0
+                    else next(iter(pop_many(self.connection, keys, 1)), None)
+                )
+            if first is None:
+                return 0
+            taken += self._admit([first])
+        deadline = self.scheduler.fill_deadline()
+        while (
+            self.scheduler.room(model_busy())
+            and not self.stop.is_set()
+            and self.in_hand.nbytes < 2 * self.settings.max_job_bytes
+        ):
+            ids = pop_many(self.connection, keys, self.scheduler.pop_size())
+            if not ids and model_busy():
+                one = pop_first(self.connection, keys, poll_s)
+                ids = [one] if one else []
+            if ids:
+                taken += self._admit(ids)
+                continue
+            remaining = self.scheduler.fill_wait_s(deadline)
+            if remaining <= 0:
+                break
+            # Redis checks blocking timeouts at its own tick (BLMOVE with 5 ms waits ~15 ms), so the few-ms
+            # wait for a batch to fill is short sleeps between non-blocking pops instead.
+            time.sleep(min(remaining, 0.001))
         return taken
-    status = fields.get(b"status", b"").decode("ascii", "replace")
-    if status in TAKEN_STATUSES and not recovering:
-        return None
-    taken = Taken(id=job_id, status=status)
-    taken.enqueued_at = parse_timestamp(fields.get(b"enqueued_at")) or parse_timestamp(fields.get(b"created_at"))
-    if taken.enqueued_at is not None:
-        taken.queued_ms = max(0.0, (now - taken.enqueued_at).total_seconds() * 1000.0)
-    if not valid_job_id(job_id):
-        taken.valid_id = False
-        taken.failure = JobFailure(
-            ErrorCode.INVALID_PAYLOAD,
-            f"job id {job_id[:80]!r} is not a valid rq id (letters, digits, '_' and '-' only)",
-        )
-        return taken
-    try:
-        taken.job = restore(job_id, fields, connection, max_job_bytes)
-    except Exception as exc:  # any field rq cannot read, or data over the bound
-        taken.rewrite = True
-        taken.failure = JobFailure(ErrorCode.INVALID_PAYLOAD, f"job hash cannot be read by rq: {str(exc)[:300]}")
-        return taken
-    taken.nbytes = len(taken.job.data or b"")
-    taken.failure = _request(taken)
-    if taken.failure is not None and b"data" not in fields:
-        taken.rewrite = True  # rq's Job.fetch refuses a hash without data: leave a failed job rq can read
-    return taken
 
+    def _admit(self, raw_ids: list[bytes]) -> int:
+        """Read, sort and register popped ids; fail at once what cannot run; queue the images of the rest."""
+        now = utcnow()
+        decoded = [(raw, decode_id(raw)) for raw in raw_ids]
+        ids = [jid for _, jid in decoded if jid is not None]
+        # the bound: the payload plus room for rq's own fields (a hash rq wrote is a few KB besides ``data``)
+        hashes = dict(zip(ids, self.fence.read_jobs(ids, self.settings.max_job_bytes + (1 << 20)), strict=True))
+        drop: list[bytes] = [raw for raw, jid in decoded if jid is None]
+        failed: list[Taken] = []
+        runnable: list[Taken] = []
+        seen: set[str] = set()
+        for raw, jid in decoded:
+            if jid is None:
+                continue
+            if jid in seen:  # the same id queued twice and taken together: run it once
+                drop.append(raw)
+                continue
+            seen.add(jid)
+            t = classify(jid, hashes.get(jid, {}), self.connection, self.settings.max_job_bytes, now)
+            if t is None:
+                drop.append(raw)
+                continue
+            if t.failure is None:
+                try:
+                    assert t.request is not None
+                    t.detect = self.runtime.check(t.request)
+                except JobFailure as failure:
+                    t.failure = failure
+            (failed if t.failure is not None else runnable).append(t)
+        if drop:
+            self.fence.drop_popped(drop)
+            log.debug("stale_entries_dropped", count=len(drop))
+        if failed:
+            outcomes = [self.completer.failure_outcome(t, t.failure, guard="popped") for t in failed if t.failure]
+            self.completer.complete(outcomes, failed)
+        if runnable:
+            self._register(runnable, now)
+        return len(runnable)
 
-def _request(taken: Taken) -> JobFailure | None:
-    try:
-        func_name, instance, args, kwargs = decode_data(taken.job)
-    except Exception as exc:  # a pickle, garbage, wrong shape: never executed
-        taken.rewrite = True  # no JSON reader (rq's tools, our client) could read it: leave a failed job they can
-        return JobFailure(ErrorCode.INVALID_PAYLOAD, f"job data is not the JSON job array ({type(exc).__name__})")
-    if func_name not in ALLOWED_FUNCTIONS or instance is not None:
-        return JobFailure(
-            ErrorCode.UNSUPPORTED_JOB,
-            f"function {func_name[:200]!r} is not an ArcFace job; allowed: {sorted(ALLOWED_FUNCTIONS)}",
-        )
-    try:
-        taken.request = parse_request(func_name, args, kwargs or {})
-    except JobFailure as failure:
-        return failure
-    taken.n_images = taken.remaining = len(request_images(taken.request))
-    return None
+    def _register(self, jobs: list[Taken], now: datetime) -> None:
+        stamp = timestamp(now)
+        expiry = time.time() + self.settings.execution_ttl_s
+        rows: list[tuple[str, str, dict[str, str]]] = []
+        for t in jobs:
+            t.execution_id = uuid.uuid4().hex
+            t.member = f"{t.id}:{t.execution_id}"
+            t.started_at = now
+            origin = self.queue.name if t.job.origin != self.queue.name else None
+            fields = started_fields(stamp, self.identity.name, t.member, origin, t.job.enqueued_at is None)
+            rows.append((t.id, t.member, fields))
+        self.in_hand.add(jobs)
 
+        def write() -> list[int]:
+            with self.connection.pipeline() as pipe:
+                self.fence.register(pipe, rows, expiry)
+                self.mark_busy(pipe)
+                flags: list[int] = pipe.execute()[0]
+                return flags
 
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+        flags = self.retry("register", write)
+        elsewhere = [t for t, ok in zip(jobs, flags, strict=True) if not ok]
+        if elsewhere:
+            self.in_hand.release(elsewhere)
+            log.warning("registration_lost", job_ids=[t.id for t in elsewhere], reason="another worker has it")
+            jobs = [t for t, ok in zip(jobs, flags, strict=True) if ok]
+        instant = [t for t in jobs if t.n_images == 0]  # nothing to embed (forget): complete now
+        if instant:
+            self.completer.complete([self.completer.finish(t) for t in instant], instant)
+        self.executor.preprocess(jobs)

@@ -33,7 +33,7 @@ The rooms, each its own module (this one re-exports their public names):
 * :mod:`worker.gallery.redis_io`: the Lua scripts and the reads from Redis;
 * :mod:`worker.gallery.mirror`: the galleries a worker holds in memory, loaded and kept current from the events;
 * :mod:`worker.gallery.store`: :class:`GalleryStore`, that mirror plus the changes, lookups and jobs;
-* :mod:`worker.gallery.jobs`: :func:`complete` and :func:`run_one`, a gallery job's result.
+* :mod:`worker.gallery.jobs`: :func:`complete`, a gallery job's result.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from __future__ import annotations
 from producer.contract.gallery import images_for
 from worker.gallery.device import DeviceCopy, tf_gpu_available
 from worker.gallery.index import F16_BLOCK_ROWS, PAGE_ROWS, GalleryIndex
-from worker.gallery.jobs import GalleryItem, complete, run_one
+from worker.gallery.jobs import GalleryItem, complete
 from worker.gallery.redis_io import EnrollOutcome, ForgetOutcome
 from worker.gallery.store import GalleryStore, SubjectDistance
 
@@ -57,6 +57,5 @@ __all__ = [
     "SubjectDistance",
     "complete",
     "images_for",
-    "run_one",
     "tf_gpu_available",
 ]

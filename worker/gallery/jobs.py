@@ -1,6 +1,6 @@
 """Gallery jobs: turning a job's embeddings into its result with a :class:`worker.gallery.store.GalleryStore`
-(:func:`complete`, :func:`complete_batch`, called by the batcher after the engine), and :func:`run_one`, which
-reads, embeds and completes one gallery job in this thread (the plain-rq path)."""
+(:func:`complete`, :func:`complete_batch`, called after the engine by the batching worker and, one job at a time,
+by :meth:`worker.runtime.Runtime.run_one`, the plain-rq path)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ from producer.contract.gallery import (
     IdentifyRequest,
     SubjectRef,
     enrollment_id_for,
-    images_for,
 )
 from producer.contract.gallery_results import (
     EnrollBatchResult,
@@ -252,59 +251,3 @@ def _enroll_batch(store: GalleryStore, item: GalleryItem) -> Result:
         faces=faces if any(faces) else None,
         timing=item.timing,
     ).model_dump(mode="json")
-
-
-def run_one(runtime: Any, store: GalleryStore, request: Any, queued_ms: float = 0.0) -> Result:
-    """Read, embed and complete one gallery job with a :class:`worker.runtime.Runtime` in this thread (the
-    plain-rq path)."""
-    refs = images_for(request)
-    detect = _detect_for(runtime, request, refs)
-    images, failures = _prepare(runtime, refs, detect)
-    waiting = [im for im in images if im is not None]
-    found, detect_ms = runtime.detect_images(waiting)
-    index_of = [i for i, im in enumerate(images) if im is not None]
-    failures.update({index_of[k]: f for k, f in found.items()})
-    ok = [i for i in range(len(images)) if i not in failures]
-    emb, inference_ms = runtime.embed_inputs([images[i].input for i in ok])
-    rows = np.zeros((len(images), runtime.engine.model.embedding_dim), np.float32)
-    rows[ok] = emb
-    preprocess_ms = sum(im.ms for im in waiting)
-    timing = Timing(
-        queued_ms=queued_ms,
-        batch_size=len(ok),
-        preprocess_ms=preprocess_ms,
-        detect_ms=detect_ms,
-        inference_ms=inference_ms,
-    )
-    faces = [im.face.as_dict() if im is not None and im.face is not None else None for im in images]
-    return store.complete(request.kind, request, rows, timing=timing, faces=faces, failures=failures)
-
-
-def _detect_for(runtime: Any, request: Any, refs: Sequence[Any]) -> bool:
-    """Whether the job's images go through the face detector; fails jobs this worker cannot serve."""
-    name = runtime.engine.model.name
-    if getattr(request, "model", None) is not None and request.model != name:
-        raise JobFailure(
-            ErrorCode.UNKNOWN_MODEL,
-            f"this worker serves model {name!r}, not {request.model!r}; send it to that model's queue",
-        )
-    detect: bool = (getattr(request, "detect", None) or runtime.settings.detect) == "blazeface"
-    if refs and detect and runtime.detector is None:
-        raise JobFailure(
-            ErrorCode.UNSUPPORTED_JOB,
-            "this worker has no face detector (set ARCFACE_DETECTOR_PATH); send detect=none or another queue",
-        )
-    return detect
-
-
-def _prepare(runtime: Any, refs: Sequence[Any], detect: bool) -> tuple[list[Any], dict[int, JobFailure]]:
-    """Each image read and preprocessed (None where it failed), and the failures by index."""
-    images: list[Any] = []
-    failures: dict[int, JobFailure] = {}
-    for i, ref in enumerate(refs):
-        try:
-            images.append(runtime.prepare_image(ref, detect))
-        except JobFailure as failure:
-            failures[i] = failure
-            images.append(None)
-    return images, failures
