@@ -70,9 +70,7 @@ def _checked_settings() -> Any:
             f"{', '.join(missing)} not installed (a producer-only install): pip install 'arcface-service[worker]'"
         )
     port = settings.metrics_port
-    if port is not None:
-        if not 1 <= port <= 65535:
-            _config_exit(f"ARCFACE_METRICS_PORT={port}: not a TCP port (1-65535)")
+    if port is not None:  # within 1..65535 (the setting's bounds)
         try:
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
