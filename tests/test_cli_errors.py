@@ -301,3 +301,74 @@ def test_version_and_worker_help_list_settings():
 
     for name in WorkerSettings.model_fields:
         assert f"ARCFACE_{name.upper()}" in help_.stdout
+
+
+@pytest.fixture(scope="module")
+def password_redis(tmp_path_factory):
+    """A redis-server that wants the password ``s3cret-pw`` (and knows an ACL user ``reader`` allowed only PING)."""
+    from tests.redis_server import RedisServer
+
+    server = RedisServer(
+        tmp_path_factory.mktemp("auth-redis"),
+        "--requirepass",
+        "s3cret-pw",
+        "--user",
+        "reader",
+        "on",
+        ">r3ader-pw",
+        "+ping",
+        password="s3cret-pw",
+    ).start()
+    yield server
+    server.stop()
+
+
+def _auth_urls(server) -> list[tuple[str, str]]:
+    return [
+        # Redis's reply (redis-py drops the WRONGPASS / NOAUTH prefix, turned into AuthenticationError)
+        (f"redis://:s3cret-wrong@127.0.0.1:{server.port}/0", "invalid username-password pair"),  # a wrong password
+        (f"redis://127.0.0.1:{server.port}/0", "Authentication required"),  # none given
+        (f"redis://nobody:s3cret-x@127.0.0.1:{server.port}/0", "invalid username-password pair"),  # no such user
+    ]
+
+
+@pytest.mark.parametrize("prog", ["arcface-producer", "arcface-worker"])
+def test_refused_password_is_reported_as_authentication_not_unreachable(prog, password_redis, tmp_path):
+    """A wrong or missing password exits 4 like an unreachable Redis, but the line says the credentials were
+    refused (never 'cannot reach'), names the reply, and never prints the password."""
+    for url, reply in _auth_urls(password_redis):
+        env = {
+            "ARCFACE_REDIS_URL": url,
+            "ARCFACE_QUEUE": "auth",
+            "ARCFACE_DATA_DIR": str(tmp_path / "data"),
+            "ARCFACE_MODEL_PATH": str(tmp_path / "never-loaded.h5"),
+        }
+        args = ["status", "some-job"] if prog == "arcface-producer" else []
+        proc = run(prog, *args, env=env, block=PRODUCER_ONLY if prog == "arcface-producer" else "")
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 4, (url, proc.stderr)
+        assert len(lines) == 1, proc.stderr
+        assert "refused the password or ACL user" in lines[0] and reply in lines[0], lines[0]
+        assert "ARCFACE_REDIS_URL" in lines[0] and "cannot reach" not in lines[0]
+        assert "s3cret" not in proc.stderr + proc.stdout
+        if prog == "arcface-worker":
+            assert '"event": "redis_auth_failed"' in lines[0]
+
+
+def test_library_raises_redis_auth_failed_for_refused_credentials_and_denied_commands(password_redis):
+    """``connect`` raises RedisAuthFailed (a RedisUnavailable) for refused credentials; a later command an ACL user
+    may not run is reported as denied to that user, through the same ``redis_errors`` helper the client uses."""
+    from producer.contract.errors import RedisAuthFailed, RedisUnavailable
+    from producer.redisconn import connect, redis_errors
+    from producer.settings import ProducerSettings
+
+    for url, reply in _auth_urls(password_redis):
+        with pytest.raises(RedisAuthFailed) as caught:
+            connect(ProducerSettings(redis_url=url))
+        assert isinstance(caught.value, RedisUnavailable) and caught.value.exit_code == 4
+        assert "Redis at redis://" in caught.value.message and reply in caught.value.message
+        assert "refused the password or ACL user" in caught.value.message and "s3cret" not in caught.value.message
+    reader = connect(ProducerSettings(redis_url=f"redis://reader:r3ader-pw@127.0.0.1:{password_redis.port}/0"))
+    with pytest.raises(RedisAuthFailed, match="denied the command to this ACL user while enqueueing: .*'set' command"):
+        with redis_errors("enqueueing"):
+            reader.set("x", 1)

@@ -121,14 +121,15 @@ def _parse_args(argv: Sequence[str] | None) -> Any:
 
 
 def _connect(settings: Any, log: Any) -> Any:
-    """The Redis connection, or exit 4 with a ``redis_unreachable`` event."""
-    from producer.contract.errors import RedisUnavailable
+    """The Redis connection, or exit 4 with a ``redis_unreachable`` event (``redis_auth_failed`` when Redis
+    refused the password or ACL user)."""
+    from producer.contract.errors import RedisAuthFailed, RedisUnavailable
     from producer.redisconn import connect
 
     try:
         return connect(settings)
     except RedisUnavailable as exc:
-        log.error("redis_unreachable", error=str(exc))
+        log.error("redis_auth_failed" if isinstance(exc, RedisAuthFailed) else "redis_unreachable", error=str(exc))
         sys.exit(EXIT_REDIS)
 
 
