@@ -17,15 +17,31 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import redis
+from redis.exceptions import NoPermissionError
 
-from producer.contract.errors import RedisUnavailable
+from producer.contract.errors import RedisAuthFailed, RedisUnavailable
 from producer.settings import CommonSettings, redact
+
+# What Redis answers to a wrong or missing password or ACL user (WRONGPASS, NOAUTH, AUTH to a server without one,
+# a user name to a Redis older than 6), and to an ACL user denied the command (NOPERM).
+AUTH_ERRORS = (redis.AuthenticationError, redis.AuthenticationWrongNumberOfArgsError, NoPermissionError)
+FIX_CREDENTIALS = "check the user and password in ARCFACE_REDIS_URL (redis://[user]:password@host:port/db)"
+
+
+def _auth_reason(exc: redis.RedisError) -> str:
+    if isinstance(exc, NoPermissionError):
+        return "denied the command to this ACL user"
+    return "refused the password or ACL user (authentication failed)"
 
 
 def unavailable(what: str, exc: redis.RedisError) -> RedisUnavailable:
-    """:class:`RedisUnavailable` for a failed Redis call, with a one-line, password-free reason."""
+    """:class:`RedisUnavailable` for a failed Redis call, with a one-line, password-free reason
+    (:class:`RedisAuthFailed` when Redis refused the credentials)."""
+    reason = redact(str(exc)).rstrip(".") or type(exc).__name__
+    if isinstance(exc, AUTH_ERRORS):
+        return RedisAuthFailed(f"Redis {_auth_reason(exc)} while {what}: {reason}; {FIX_CREDENTIALS}")
     kind = "unreachable" if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)) else "refused the command"
-    return RedisUnavailable(f"Redis {kind} while {what}: {redact(str(exc)) or type(exc).__name__}")
+    return RedisUnavailable(f"Redis {kind} while {what}: {reason}")
 
 
 @contextlib.contextmanager
@@ -139,7 +155,7 @@ def announce_embedded(settings: CommonSettings, who: str = "arcface-producer") -
 def connect(settings: CommonSettings, pooled: bool = False) -> redis.Redis:
     """A Redis client for ``settings``: the URL (redis://, rediss://, unix://, with user/password), or the
     embedded server (refused when ``ARCFACE_EMBEDDED_REDIS=false``). Raises :class:`RedisUnavailable` with a
-    one-line reason when it cannot be reached.
+    one-line reason when it cannot be reached, :class:`RedisAuthFailed` when it refuses the password or ACL user.
 
     ``pooled=True`` (what :class:`~producer.client.FaceClient` uses) gives a blocking connection pool of
     ``ARCFACE_REDIS_MAX_CONNECTIONS``: threads that find every connection busy wait for one instead of failing.
@@ -166,6 +182,11 @@ def connect(settings: CommonSettings, pooled: bool = False) -> redis.Redis:
         return conn
     except RedisUnavailable:
         raise
+    except AUTH_ERRORS as exc:
+        where = redact(url) if url else f"embedded Redis under {settings.data_dir}"
+        raise RedisAuthFailed(
+            f"Redis at {where} {_auth_reason(exc)}: {redact(str(exc)).rstrip('.')}; {FIX_CREDENTIALS}"
+        ) from None
     except (redis.RedisError, OSError, ValueError, subprocess.CalledProcessError) as exc:
         where = redact(url) if url else f"embedded Redis under {settings.data_dir}"
         raise RedisUnavailable(f"cannot reach Redis at {where}: {redact(str(exc))}") from None

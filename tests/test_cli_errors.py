@@ -95,6 +95,7 @@ def _busy_port(tmp: Path, r, queue: str) -> dict[str, str]:
 
 
 _HELD: list[socket.socket] = []
+STEAL = {"ARCFACE_QUEUE": "victim:intermediate"}  # rq:queue:victim:intermediate is queue victim's in-flight list
 NOT_OURS = "not an ArcFace job"
 
 
@@ -147,6 +148,24 @@ CASES = [
         env={"ARCFACE_EMBEDDED_REDIS": "false", "ARCFACE_REDIS_URL": ""},
     ),
     _embed("wait-with-result-ttl-0", ["ARCFACE_RESULT_TTL"], "--wait", env={"ARCFACE_RESULT_TTL": "0"}),
+    _embed("queue-aliasing-intermediate", ["ARCFACE_QUEUE", "victim:intermediate", "':'"], env=STEAL),
+    _embed("queue-with-space", ["ARCFACE_QUEUE", "1 to 128"], env={"ARCFACE_QUEUE": "my queue"}),
+    _embed("queue-too-long", ["ARCFACE_QUEUE", "1 to 128"], env={"ARCFACE_QUEUE": "q" * 129}),
+    _embed("wait-timeout-inf", ["ARCFACE_WAIT_TIMEOUT", "finite", "<= 86400"], env={"ARCFACE_WAIT_TIMEOUT": "inf"}),
+    _embed("result-ttl-huge", ["ARCFACE_RESULT_TTL", "<= 31622400"], env={"ARCFACE_RESULT_TTL": "99999999999"}),
+    _embed(
+        "unknown-variable-suggests",
+        ["ARCFACE_WAIT_TIMOUT", "not a setting", "did you mean ARCFACE_WAIT_TIMEOUT?"],
+        env={"ARCFACE_WAIT_TIMOUT": "5"},
+    ),
+    _embed(
+        "unknown-variable-in-dotenv",
+        ["ARCFACE_TRESHOLD", ".env", "did you mean ARCFACE_THRESHOLD?"],
+        dotenv="ARCFACE_TRESHOLD=0.5\n",
+    ),
+    _embed(
+        "unknown-variable-no-match", ["ARCFACE_ZZZZZZ", "no setting has a similar name"], env={"ARCFACE_ZZZZZZ": "1"}
+    ),
     # jobs that are not ours
     Case("corrupt-job-hash", lambda t: ["status", "corrupt-job"], 2, ["corrupt-job", NOT_OURS], setup=_corrupt_hash),
     Case("pickled-job-status", lambda t: ["status", "pickled-job"], 2, ["pickled-job", NOT_OURS], setup=_pickled_job),
@@ -178,6 +197,53 @@ CASES = [
     _worker("worker-metrics-port-in-use", ["ARCFACE_METRICS_PORT"], setup=_busy_port),
     _worker("worker-producer-only-install", ["arcface-service[worker]"], block=PRODUCER_ONLY.replace(",worker", "")),
     _worker("worker-bad-flag", ["--bogus"], "--bogus"),
+    _worker("worker-queue-aliasing-intermediate", ["ARCFACE_QUEUE", "victim:intermediate", "':'"], env=STEAL),
+    _worker(
+        "worker-decode-timeout-inf",
+        ["ARCFACE_DECODE_TIMEOUT_S", "finite", "> 0 and <= 600", "default 30"],
+        env={"ARCFACE_DECODE_TIMEOUT_S": "inf"},
+    ),
+    _worker(
+        "worker-batch-timeout-inf",
+        ["ARCFACE_BATCH_TIMEOUT_MS", "finite", ">= 0 and <= 10000"],
+        env={"ARCFACE_BATCH_TIMEOUT_MS": "inf"},
+    ),
+    _worker(
+        "worker-heartbeat-microsecond",
+        ["ARCFACE_HEARTBEAT_INTERVAL_S", ">= 0.1 and <= 60"],
+        env={"ARCFACE_HEARTBEAT_INTERVAL_S": "1e-6"},
+    ),
+    _worker(
+        "worker-heartbeat-not-below-ttl",
+        ["ARCFACE_HEARTBEAT_INTERVAL_S=20", "ARCFACE_EXECUTION_TTL_S=15"],
+        env={"ARCFACE_HEARTBEAT_INTERVAL_S": "20"},
+    ),
+    _worker(
+        "worker-preprocess-processes-100000",
+        ["ARCFACE_PREPROCESS_PROCESSES", "usable cores", "set auto"],
+        env={"ARCFACE_PREPROCESS_PROCESSES": "100000"},
+    ),
+    _worker(
+        "worker-batch-size-4096",
+        ["ARCFACE_ALLOWED_BATCH_SIZES", "from 1 to 1024"],
+        env={"ARCFACE_ALLOWED_BATCH_SIZES": "1,4096", "ARCFACE_MAX_BATCH_SIZE": "4096"},
+    ),
+    _worker("worker-metrics-port-70000", ["ARCFACE_METRICS_PORT", "<= 65535"], env={"ARCFACE_METRICS_PORT": "70000"}),
+    _worker(
+        "worker-blazeface-without-detector",
+        ["ARCFACE_DETECT=blazeface", "ARCFACE_DETECTOR_PATH", "ARCFACE_DETECTOR_URL"],
+        env={"ARCFACE_DETECT": "blazeface"},
+    ),
+    _worker(
+        "worker-unknown-variable",
+        ["ARCFACE_TRESHOLD", "not a setting", "did you mean ARCFACE_THRESHOLD?"],
+        env={"ARCFACE_TRESHOLD": "0.5"},
+    ),
+    _worker(
+        "worker-unknown-variable-in-dotenv",
+        ["ARCFACE_MAX_BATCH", ".env", "did you mean ARCFACE_MAX_BATCH_SIZE?"],
+        dotenv="ARCFACE_MAX_BATCH=8\n",
+    ),
 ]
 
 
@@ -235,3 +301,74 @@ def test_version_and_worker_help_list_settings():
 
     for name in WorkerSettings.model_fields:
         assert f"ARCFACE_{name.upper()}" in help_.stdout
+
+
+@pytest.fixture(scope="module")
+def password_redis(tmp_path_factory):
+    """A redis-server that wants the password ``s3cret-pw`` (and knows an ACL user ``reader`` allowed only PING)."""
+    from tests.redis_server import RedisServer
+
+    server = RedisServer(
+        tmp_path_factory.mktemp("auth-redis"),
+        "--requirepass",
+        "s3cret-pw",
+        "--user",
+        "reader",
+        "on",
+        ">r3ader-pw",
+        "+ping",
+        password="s3cret-pw",
+    ).start()
+    yield server
+    server.stop()
+
+
+def _auth_urls(server) -> list[tuple[str, str]]:
+    return [
+        # Redis's reply (redis-py drops the WRONGPASS / NOAUTH prefix, turned into AuthenticationError)
+        (f"redis://:s3cret-wrong@127.0.0.1:{server.port}/0", "invalid username-password pair"),  # a wrong password
+        (f"redis://127.0.0.1:{server.port}/0", "Authentication required"),  # none given
+        (f"redis://nobody:s3cret-x@127.0.0.1:{server.port}/0", "invalid username-password pair"),  # no such user
+    ]
+
+
+@pytest.mark.parametrize("prog", ["arcface-producer", "arcface-worker"])
+def test_refused_password_is_reported_as_authentication_not_unreachable(prog, password_redis, tmp_path):
+    """A wrong or missing password exits 4 like an unreachable Redis, but the line says the credentials were
+    refused (never 'cannot reach'), names the reply, and never prints the password."""
+    for url, reply in _auth_urls(password_redis):
+        env = {
+            "ARCFACE_REDIS_URL": url,
+            "ARCFACE_QUEUE": "auth",
+            "ARCFACE_DATA_DIR": str(tmp_path / "data"),
+            "ARCFACE_MODEL_PATH": str(tmp_path / "never-loaded.h5"),
+        }
+        args = ["status", "some-job"] if prog == "arcface-producer" else []
+        proc = run(prog, *args, env=env, block=PRODUCER_ONLY if prog == "arcface-producer" else "")
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 4, (url, proc.stderr)
+        assert len(lines) == 1, proc.stderr
+        assert "refused the password or ACL user" in lines[0] and reply in lines[0], lines[0]
+        assert "ARCFACE_REDIS_URL" in lines[0] and "cannot reach" not in lines[0]
+        assert "s3cret" not in proc.stderr + proc.stdout
+        if prog == "arcface-worker":
+            assert '"event": "redis_auth_failed"' in lines[0]
+
+
+def test_library_raises_redis_auth_failed_for_refused_credentials_and_denied_commands(password_redis):
+    """``connect`` raises RedisAuthFailed (a RedisUnavailable) for refused credentials; a later command an ACL user
+    may not run is reported as denied to that user, through the same ``redis_errors`` helper the client uses."""
+    from producer.contract.errors import RedisAuthFailed, RedisUnavailable
+    from producer.redisconn import connect, redis_errors
+    from producer.settings import ProducerSettings
+
+    for url, reply in _auth_urls(password_redis):
+        with pytest.raises(RedisAuthFailed) as caught:
+            connect(ProducerSettings(redis_url=url))
+        assert isinstance(caught.value, RedisUnavailable) and caught.value.exit_code == 4
+        assert "Redis at redis://" in caught.value.message and reply in caught.value.message
+        assert "refused the password or ACL user" in caught.value.message and "s3cret" not in caught.value.message
+    reader = connect(ProducerSettings(redis_url=f"redis://reader:r3ader-pw@127.0.0.1:{password_redis.port}/0"))
+    with pytest.raises(RedisAuthFailed, match="denied the command to this ACL user while enqueueing: .*'set' command"):
+        with redis_errors("enqueueing"):
+            reader.set("x", 1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from producer.settings import NOT_SETTINGS  # variables read outside the settings classes (tests, demo)
 from tests.conftest import REPO
 
 README = REPO / "README.md"
@@ -13,14 +14,6 @@ DOCS = REPO / "docs"
 CONFIG_PAGE = DOCS / "configuration.md"
 README_MAX_LINES = 250
 NAME = re.compile(r"\bARCFACE_[A-Z0-9_]*[A-Z0-9]\b")  # ARCFACE_QUEUE; not the bare prefix ARCFACE_ or ARCFACE_*
-# Variables read outside the settings classes: by the tests and the demo, never by the service itself.
-NOT_SETTINGS = (
-    "ARCFACE_SHARED_DIR",
-    "ARCFACE_FAULTS_SCALE",
-    "ARCFACE_DEMO_FACES",
-    "ARCFACE_TEST_TIME_SCALE",
-    "ARCFACE_WIRE_GOLDEN_WRITE",
-)
 SETTINGS_ROW = re.compile(r"^\s*\|\s*`?ARCFACE_", re.MULTILINE)
 
 

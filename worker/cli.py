@@ -70,9 +70,7 @@ def _checked_settings() -> Any:
             f"{', '.join(missing)} not installed (a producer-only install): pip install 'arcface-service[worker]'"
         )
     port = settings.metrics_port
-    if port is not None:
-        if not 1 <= port <= 65535:
-            _config_exit(f"ARCFACE_METRICS_PORT={port}: not a TCP port (1-65535)")
+    if port is not None:  # within 1..65535 (the setting's bounds)
         try:
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -123,14 +121,15 @@ def _parse_args(argv: Sequence[str] | None) -> Any:
 
 
 def _connect(settings: Any, log: Any) -> Any:
-    """The Redis connection, or exit 4 with a ``redis_unreachable`` event."""
-    from producer.contract.errors import RedisUnavailable
+    """The Redis connection, or exit 4 with a ``redis_unreachable`` event (``redis_auth_failed`` when Redis
+    refused the password or ACL user)."""
+    from producer.contract.errors import RedisAuthFailed, RedisUnavailable
     from producer.redisconn import connect
 
     try:
         return connect(settings)
     except RedisUnavailable as exc:
-        log.error("redis_unreachable", error=str(exc))
+        log.error("redis_auth_failed" if isinstance(exc, RedisAuthFailed) else "redis_unreachable", error=str(exc))
         sys.exit(EXIT_REDIS)
 
 

@@ -120,22 +120,29 @@ def _norm(embedding: Any) -> float:
 
 def main() -> None:
     from producer.client.face_client import FaceClient
+    from producer.contract.errors import ArcFaceError
     from producer.redisconn import connect
-    from producer.settings import ProducerSettings
+    from producer.settings import ProducerSettings, load_settings
+    from worker.stdio import quiet_native_stderr
 
+    # The worker quiets TensorFlow itself (TF_CPP_MIN_LOG_LEVEL=3 unless set); it gets the user's value, if any.
+    env = dict(os.environ)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # this process loads TensorFlow too (the model's weights)
     faces = _faces()
-    settings = ProducerSettings()
+    try:
+        settings = load_settings(ProducerSettings)
+        connection = connect(settings)
+    except ArcFaceError as exc:
+        raise SystemExit(f"demo: {exc.message}") from None
     where = "embedded Redis under " + str(settings.data_dir) if settings.redis_url is None else "ARCFACE_REDIS_URL"
-    connection = connect(settings)
     print(f"demo: Redis: {where}")
-    model, trained = _model_path()
-    env = {
-        **os.environ,
-        "ARCFACE_MODEL_PATH": model,
-        "ARCFACE_ALLOWED_BATCH_SIZES": os.environ.get("ARCFACE_ALLOWED_BATCH_SIZES", "1,4,16"),
-        "ARCFACE_MAX_BATCH_SIZE": os.environ.get("ARCFACE_MAX_BATCH_SIZE", "16"),
-        "TF_CPP_MIN_LOG_LEVEL": "2",
-    }
+    with quiet_native_stderr():  # TensorFlow's banner; a CPU-only machine's CUDA probe is no error
+        model, trained = _model_path()
+    env.update(
+        ARCFACE_MODEL_PATH=model,
+        ARCFACE_ALLOWED_BATCH_SIZES=os.environ.get("ARCFACE_ALLOWED_BATCH_SIZES", "1,4,16"),
+        ARCFACE_MAX_BATCH_SIZE=os.environ.get("ARCFACE_MAX_BATCH_SIZE", "16"),
+    )
     print(f"demo: starting arcface-worker with model {model}")
     worker = subprocess.Popen([sys.executable, "-m", "worker.cli"], env=env, cwd=REPO)
     problems: list[str] = []

@@ -4,9 +4,10 @@
 when the file differs from what the settings say. One table per process: the settings producers and workers
 share (:class:`~producer.settings.CommonSettings`), the producer's own (:class:`~producer.settings.ProducerSettings`)
 and the worker's own (:class:`~worker.settings.WorkerSettings`). Each row is a field: its ``ARCFACE_*`` variable,
-type, default and ``Field(description=...)``; a field may give ``json_schema_extra={"doc_default": ...}`` where its
-real default depends on the machine (a per-user directory). It lives under ``worker/`` because it reads the worker's
-settings, and nothing under ``producer/`` imports ``worker/``.
+type with its bounds, default and ``Field(description=...)``; a field may give
+``json_schema_extra={"doc_default": ...}`` where its real default depends on the machine (a per-user directory).
+It lives under ``worker/`` because it reads the worker's settings, and nothing under ``producer/`` imports
+``worker/``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pydantic import SecretStr
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings
 
-from producer.settings import CommonSettings, ProducerSettings
+from producer.settings import NOT_SETTINGS, CommonSettings, ProducerSettings, accepted_range
 from worker.settings import WorkerSettings
 
 PREFIX = "ARCFACE_"
@@ -40,6 +41,13 @@ Every setting is an environment variable with the `{PREFIX}` prefix, or a line s
 file in the working directory. An empty value (`{PREFIX}QUEUE=`, as compose passes an unset `${{VAR:-}}`) means
 unset: the default applies. Each process checks its settings together when it starts: a bad value stops it
 with one line on stderr naming the variable and what it accepts (exit code 2, before any model is loaded).
+Every number has finite bounds (the type column): a value outside them is a typo or a unit mistake.
+
+A `{PREFIX}*` variable that is no setting (a typo) stops `arcface-worker` and `arcface-producer` the same way,
+naming the nearest setting; `FaceClient()`, which runs inside another service, warns instead
+(`UnknownSettingWarning`). Producers accept the worker's settings and workers the producer's (one `.env` may serve
+both). These are not settings, and accepted: {", ".join(f"`{n}`" for n in sorted(NOT_SETTINGS))} (read by the
+tests and the demo, listed in `producer/settings.py`).
 Defaults that more than one module needs (threshold, weights URL, batch shapes, image limits, input scale) are
 written once, in `producer/contract/defaults.py`. `arcface-worker --help` lists the worker's settings too.
 """
@@ -127,7 +135,9 @@ def render() -> str:
         for name, field in _fields(cls, base):
             if not field.description:
                 raise ValueError(f"{cls.__name__}.{name} has no Field(description=...): every setting needs one")
-            row = (f"`{PREFIX}{name.upper()}`", _type(field.annotation), _default(name, field), field.description)
+            bounds = accepted_range(field)
+            kind = _type(field.annotation) + (f", {bounds.removeprefix('a finite number ')}" if bounds else "")
+            row = (f"`{PREFIX}{name.upper()}`", kind, _default(name, field), field.description)
             out.append("| " + " | ".join(_cell(c) for c in row) + " |")
     return "\n".join(out) + "\n"
 

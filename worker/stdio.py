@@ -12,11 +12,14 @@ exceptions are logged as one ``uncaught_exception`` event instead of a multi-lin
 from __future__ import annotations
 
 import atexit
+import contextlib
 import faulthandler
 import os
 import re
 import sys
+import tempfile
 import threading
+from collections.abc import Iterator
 from types import TracebackType
 from typing import Any, TextIO
 
@@ -25,6 +28,8 @@ import structlog
 _ABSL = re.compile(r"^(?P<sev>[IWEF])\d{4} [\d:.]+\s+\d+ (?P<source>[^\]\s]+)\] ?(?P<message>.*)$")
 _ABSL_LEVELS = {"I": "debug", "W": "warning", "E": "error", "F": "critical"}
 _ABSL_PREINIT = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
+# TensorFlow probing for CUDA on a machine without a GPU logs at ERROR ("failed call to cuInit"): not an error here.
+_NO_GPU = "failed call to cuInit"
 
 log = structlog.get_logger("arcface.stdio")
 
@@ -36,7 +41,9 @@ def _emit(line: str, stream: str) -> None:
         log.debug("tensorflow_log", message=line, stream=stream)
         return
     m = _ABSL.match(line)
-    if m:
+    if m and _NO_GPU in m["message"]:
+        log.debug("tensorflow_log", message=m["message"], source=m["source"], stream=stream)
+    elif m:
         getattr(log, _ABSL_LEVELS[m["sev"]])("tensorflow_log", message=m["message"], source=m["source"], stream=stream)
     else:
         (log.info if stream == "stdout" else log.warning)("stray_output", message=line, stream=stream)
@@ -118,3 +125,25 @@ def _log_uncaught(
 def capture_stdio(fds: tuple[int, ...] = (1, 2)) -> TextIO:
     """Start capturing ``fds`` (see the module docstring); returns the stream the log renderer must write to."""
     return StdioCapture().start(fds)
+
+
+@contextlib.contextmanager
+def quiet_native_stderr() -> Iterator[None]:
+    """Descriptor 2 into a temporary file for the block (TensorFlow's import writes its absl banner there before
+    ``TF_CPP_MIN_LOG_LEVEL`` is read); what was written is replayed on stderr if the block raises."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            held.seek(0)
+            os.write(2, held.read())
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)

@@ -72,7 +72,7 @@ class FaceClient:
     """
 
     def __init__(self, settings: ProducerSettings | None = None, connection: redis.Redis | None = None) -> None:
-        self.settings = settings or load_settings(ProducerSettings)
+        self.settings = settings or load_settings(ProducerSettings, unknown="warn")
         if connection is None and self.settings.redis_url is None and self.settings.embedded_redis:
             announce_embedded(self.settings)
         self.connection: redis.Redis = connection or connect(self.settings, pooled=True)

@@ -13,6 +13,7 @@ exception                  when                                                 
 :class:`ResultNotKept`     the job keeps no result (``result_ttl``/``failure_ttl`` 0)     2
 :class:`ResultTimeout`     no result within the timeout (the job may still finish)       3
 :class:`RedisUnavailable`  Redis cannot be reached or refused the command                4
+:class:`RedisAuthFailed`   Redis refused the password or ACL user (a RedisUnavailable)   4
 :class:`ModelLoadError`    the worker's model or detector cannot be loaded               5
 =========================  ===========================================================  =========
 
@@ -104,6 +105,11 @@ class RedisUnavailable(ArcFaceError):
     exit_code = EXIT_REDIS
 
 
+class RedisAuthFailed(RedisUnavailable):
+    """Redis answered but refused the credentials: a wrong or missing password, an unknown or disabled ACL user,
+    or an ACL user not allowed to run the command. Retrying cannot help: fix ``ARCFACE_REDIS_URL``."""
+
+
 class ModelLoadError(ArcFaceError):
     """The worker cannot load its model or detector (missing, corrupt, wrong shapes, a failed download)."""
 
@@ -117,6 +123,7 @@ __all__ = [
     "JobFailed",
     "JobNotFound",
     "ModelLoadError",
+    "RedisAuthFailed",
     "RedisUnavailable",
     "ResultNotKept",
     "ResultTimeout",
