@@ -188,3 +188,18 @@ def test_an_id_orphaned_in_the_intermediate_list_goes_back_to_the_queue(redis_se
     parts.maintainer.recover_intermediate()
     assert parts.conn.lrange(parts.fence.keys.queue, 0, -1) == [job_id.encode()]
     assert parts.conn.llen(parts.fence.keys.intermediate) == 0
+
+
+def test_the_entry_of_a_job_gone_from_redis_is_dropped_with_its_liveness(redis_server) -> None:
+    parts = Parts(redis_server.client(), heartbeat_interval_s=0.2, execution_ttl_s=1)
+    job_id = parts.enqueue()
+    _started(parts, job_id, "dead")
+    member = f"{job_id}:dead"
+    parts.conn.zadd(parts.fence.keys.alive, {member: time.time() - 5})
+    parts.conn.delete(f"rq:job:{job_id}")  # expired or deleted while its worker was dead
+    parts.maintainer.recover_started()
+    time.sleep(2 * 0.2 + 0.05)
+    parts.maintainer.recover_started()
+    assert parts.conn.zscore(parts.fence.keys.started, member) is None
+    assert parts.conn.zscore(parts.fence.keys.alive, member) is None  # not seen again on every pass
+    assert parts.fence.expired_started(time.time()) == []

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING
 
 import numpy as np
 import redis
@@ -30,9 +31,12 @@ from worker.batching.rqfence import (
     timestamp,
     valid_job_id,
 )
-from worker.metrics import WorkerMetrics
-from worker.runtime import Runtime
 from worker.settings import WorkerSettings
+
+if TYPE_CHECKING:
+    from worker.metrics import WorkerMetrics
+    from worker.runtime import Runtime
+
 
 log = structlog.get_logger("arcface.batcher")
 _UNREADABLE_DATA = b'["<unreadable job>",null,[],{}]'

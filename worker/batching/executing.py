@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import structlog
@@ -21,9 +21,12 @@ from worker.batching.reading import Taken
 from worker.batching.scheduler import Scheduler
 from worker.inference.prepool import ProcessPreprocessor
 from worker.inference.preprocess import PreparedImage
-from worker.metrics import WorkerMetrics
-from worker.runtime import Runtime
 from worker.settings import WorkerSettings
+
+if TYPE_CHECKING:
+    from worker.metrics import WorkerMetrics
+    from worker.runtime import Runtime
+
 
 log = structlog.get_logger("arcface.batcher")
 
@@ -79,8 +82,9 @@ class Executor:
             except Exception as err:
                 broken.append((t, err))
         if to_processes:
-            assert self.procs is not None  # images go to processes only when there are
             try:
+                if self.procs is None:
+                    raise RuntimeError("images bound for preprocessing processes, but none are running")
                 futures = self.procs.submit([(ref.data_b64, ref.path) for _, _, ref in to_processes])
             except Exception as err:
                 broken.extend((t, err) for t in {id(t): t for t, _, _ in to_processes}.values())

@@ -69,6 +69,9 @@ class Heartbeat:
         self._thread = threading.Thread(target=self._loop, name="heartbeat", daemon=True)
 
     def start(self) -> None:
+        """Start beating (again, after :meth:`stop`: a worker's ``work`` may run more than once)."""
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="heartbeat", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -110,7 +113,7 @@ class Heartbeat:
                     pipe.hdel(key, STALLED_FIELD)
                 self.fence.refresh_started(pipe, members)
                 alive = pipe.execute()[0]
-        if not alive:
+        if not alive and not self._stop.is_set():  # a worker shutting down stays deregistered
             log.warning(
                 "worker_reregistered",
                 worker=self.worker.name,

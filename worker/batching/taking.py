@@ -10,7 +10,7 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from rq import Queue
@@ -23,8 +23,11 @@ from worker.batching.reading import Taken, classify, decode_id, pop_first, pop_m
 from worker.batching.retry import RedisRetry
 from worker.batching.rqfence import Fence, started_fields, timestamp
 from worker.batching.scheduler import Scheduler
-from worker.runtime import Runtime
 from worker.settings import WorkerSettings
+
+if TYPE_CHECKING:
+    from worker.runtime import Runtime
+
 
 log = structlog.get_logger("arcface.batcher")
 
@@ -138,8 +141,9 @@ class Taker:
             self.fence.drop_popped(drop)
             log.debug("stale_entries_dropped", count=len(drop))
         if failed:
-            outcomes = [self.completer.failure_outcome(t, t.failure, guard="popped") for t in failed if t.failure]
-            self.completer.complete(outcomes, failed)
+            refused = [(t, t.failure) for t in failed if t.failure is not None]
+            outcomes = [self.completer.failure_outcome(t, failure, guard="popped") for t, failure in refused]
+            self.completer.complete(outcomes, [t for t, _ in refused])
         if runnable:
             self._register(runnable, now)
         return len(runnable)
@@ -164,7 +168,11 @@ class Taker:
                 flags: list[int] = pipe.execute()[0]
                 return flags
 
-        flags = self.retry("register", write)
+        try:
+            flags = self.retry("register", write)
+        except Exception:  # not a Redis outage (those are waited out): the jobs were never ours
+            self.in_hand.release(jobs)
+            raise
         elsewhere = [t for t, ok in zip(jobs, flags, strict=True) if not ok]
         if elsewhere:
             self.in_hand.release(elsewhere)
