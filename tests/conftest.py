@@ -115,6 +115,7 @@ def worker_env(monkeypatch, arcface_h5, redis_server, queue_name, tmp_path):
     monkeypatch.setenv("ARCFACE_MODEL_PATH", str(arcface_h5))
     monkeypatch.setenv("ARCFACE_ALLOWED_BATCH_SIZES", "1,4,16")
     monkeypatch.setenv("ARCFACE_MAX_BATCH_SIZE", "16")  # a fixed cap: workers start without timing the sizes (auto)
+    monkeypatch.setenv("ARCFACE_PRECISION", "float32")  # a fixed precision: no bf16 measuring at each start
     monkeypatch.setenv("ARCFACE_DATA_DIR", str(tmp_path / "data"))
     return {
         "ARCFACE_REDIS_URL": redis_server.url,
@@ -122,6 +123,7 @@ def worker_env(monkeypatch, arcface_h5, redis_server, queue_name, tmp_path):
         "ARCFACE_MODEL_PATH": str(arcface_h5),
         "ARCFACE_ALLOWED_BATCH_SIZES": "1,4,16",
         "ARCFACE_MAX_BATCH_SIZE": "16",
+        "ARCFACE_PRECISION": "float32",
         "ARCFACE_DATA_DIR": str(tmp_path / "data"),
     }
 
