@@ -122,6 +122,7 @@ def worker_env(monkeypatch, arcface_h5, redis_server, queue_name, tmp_path):
         "ARCFACE_MODEL_PATH": str(arcface_h5),
         "ARCFACE_ALLOWED_BATCH_SIZES": "1,4,16",
         "ARCFACE_MAX_BATCH_SIZE": "16",  # a fixed cap: workers start without timing the sizes (auto)
+        "ARCFACE_PRECISION": "float32",  # a fixed precision: no bf16 measuring at each start
         "ARCFACE_DATA_DIR": str(tmp_path / "data"),
         "ARCFACE_WAIT_TIMEOUT": f"{patience(60):g}",
     }

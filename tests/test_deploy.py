@@ -150,7 +150,7 @@ def test_empty_arcface_variables_mean_unset(monkeypatch, tmp_path):
     defaults = WorkerSettings.model_fields
     assert s.model_path is None and s.metrics_port is None and s.redis_url is None and s.shared_root is None
     assert s.allowed_batch_sizes == defaults["allowed_batch_sizes"].default
-    assert (s.log_level, s.detect, s.precision, s.queue) == ("INFO", "none", "float32", "arcface")
+    assert (s.log_level, s.detect, s.precision, s.queue) == ("INFO", "none", "auto", "arcface")
     assert s.max_batch_size == defaults["max_batch_size"].default
 
 

@@ -169,10 +169,10 @@ def test_closing_fails_what_is_still_pending_and_stops_the_children(pool_of, slo
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
 
 
-def test_auto_is_one_process_a_usable_core_capped_by_a_container_quota(tmp_path, monkeypatch):
+def test_auto_is_one_process_a_usable_core_for_a_fast_model_capped_by_a_container_quota(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    from worker.inference.prepool import preprocess_processes, usable_cores
+    from worker.inference.prepool import FAST_MODEL_IMAGES_PER_S, preprocess_processes, usable_cores
 
     cores = len(os.sched_getaffinity(0))
     quota = tmp_path / "cpu.max"
@@ -183,10 +183,15 @@ def test_auto_is_one_process_a_usable_core_capped_by_a_container_quota(tmp_path,
     assert usable_cores(tmp_path / "absent") == cores
     settings = SimpleNamespace(preprocess_processes="auto", jpeg_decoder="pillow")
     monkeypatch.setattr("worker.inference.prepool.usable_cores", lambda: 1)
-    assert preprocess_processes(settings) == 0  # one core: threads
+    assert preprocess_processes(settings, gpu=True) == 0  # one core: threads
     monkeypatch.setattr("worker.inference.prepool.usable_cores", lambda: 16)
-    assert preprocess_processes(settings) == 8
-    assert preprocess_processes(SimpleNamespace(preprocess_processes="auto", jpeg_decoder="tensorflow")) == 0
+    assert preprocess_processes(settings, gpu=True) == 8  # a GPU serves the model: the CPU only feeds it
+    assert preprocess_processes(settings, model_images_per_s=FAST_MODEL_IMAGES_PER_S) == 8  # a fast model on the CPU
+    # the model on the CPU at tens of images/s: preprocessing is 1-3 % of the work, threads whatever the cores
+    assert preprocess_processes(settings, model_images_per_s=35.0) == 0
+    assert preprocess_processes(settings) == 0  # speed unknown (a fixed batch cap), no GPU
+    tf_decoder = SimpleNamespace(preprocess_processes="auto", jpeg_decoder="tensorflow")
+    assert preprocess_processes(tf_decoder, gpu=True) == 0
     assert preprocess_processes(SimpleNamespace(preprocess_processes=3, jpeg_decoder="tensorflow")) == 3
 
 

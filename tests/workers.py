@@ -33,6 +33,7 @@ class WorkerProcess:
     def __init__(self, env: dict[str, str], log_path: Path, *args: str, **overrides: str) -> None:
         self.log_path = log_path
         self.env = full_env = {
+            "ARCFACE_PRECISION": "float32",  # a fixed precision unless a test asks: no bf16 measuring at each start
             **os.environ,
             **env,
             "ARCFACE_LOG_FORMAT": "json",

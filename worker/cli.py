@@ -98,6 +98,7 @@ def publish_model(connection: Any, settings: Any, engine: Any) -> dict[str, Any]
         "threshold": float(model.threshold),
         "input_size": int(model.input_size),
         "detect": settings.detect,
+        "precision": engine.precision,
         "started_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
     }
     connection.set(model_info_key(settings.queue), json.dumps(info))
@@ -134,17 +135,18 @@ def _connect(settings: Any, log: Any) -> Any:
 
 
 def _load_models(settings: Any, log: Any) -> tuple[Any, Any, float]:
-    """Load and warm up the engine, then the detector; exit 5 with ``model_load_failed`` if either fails.
-    Returns (engine, detector, perf_counter when loading began) after logging ``engine_ready``."""
+    """Load the engine and decide its precision and batch cap (measured, remembered or set), then the detector; exit
+    5 with ``model_load_failed`` if either fails. Returns (engine, detector, perf_counter when loading began) after
+    logging ``engine_ready``."""
     import time
 
     from worker.inference.weights import WeightsError
-    from worker.runtime import load_detector, load_engine
+    from worker.runtime import load_detector, prepare_engine
 
     started = time.perf_counter()
     try:
-        engine = load_engine(settings)
-        warm_s, batch_rates = warm_up(engine, settings)
+        tuned = prepare_engine(settings)
+        engine = tuned.engine
         detector = load_detector(settings)
     except WeightsError as exc:
         log.error("model_load_failed", error=str(exc))
@@ -154,15 +156,32 @@ def _load_models(settings: Any, log: Any) -> tuple[Any, Any, float]:
             "model_load_failed", error=f"{settings.model_path or settings.model_url}: {type(exc).__name__}: {exc}"
         )
         sys.exit(EXIT_MODEL)
+    settings.preprocess_processes = _preprocess_processes(settings, tuned)
     log.info(
         "engine_ready",
+        precision=engine.precision,
+        precision_reason=tuned.precision.reason,
+        precision_speedup=tuned.precision.speedup,
+        precision_cosine_min=tuned.precision.cosine_min,
         allowed_batch_sizes=list(engine.allowed_batch_sizes),
         max_batch_size=settings.max_batch_size,
-        chosen="auto" if batch_rates else "setting",
-        images_per_s={str(k): round(v, 1) for k, v in batch_rates.items()},
-        warm_up_s=round(warm_s, 2),
+        chosen=tuned.batch_chosen,
+        images_per_s={str(k): v for k, v in tuned.batch_images_per_s.items()},
+        decision_cache=tuned.cache,
+        preprocess_processes=settings.preprocess_processes,
+        warm_up_s=round(tuned.warm_up_s, 2),
     )
     return engine, detector, started
+
+
+def _preprocess_processes(settings: Any, tuned: Any) -> int:
+    """``ARCFACE_PREPROCESS_PROCESSES`` resolved now that the model's device and speed are known (``auto``: see
+    :func:`worker.inference.prepool.preprocess_processes`)."""
+    from worker.inference.engine import has_gpu
+    from worker.inference.prepool import preprocess_processes
+
+    rate = tuned.batch_images_per_s.get(settings.max_batch_size)
+    return preprocess_processes(settings, gpu=has_gpu(), model_images_per_s=rate)
 
 
 def _package_version() -> str:
@@ -190,6 +209,7 @@ def _start_metrics(settings: Any, engine: Any, queue: Any, started: float, log: 
             "dim": str(engine.model.embedding_dim),
             "version": _package_version(),
             "max_batch_size": str(settings.max_batch_size),
+            "precision": engine.precision,
         },
     )
     metrics.model_load.set(time.perf_counter() - started)
@@ -277,22 +297,6 @@ def _quiet_output(settings: Any) -> Any:
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
         logging.getLogger("tensorflow").setLevel(logging.ERROR)
     return capture_stdio((1, 2) if json_logs(settings) else (2,))
-
-
-def warm_up(engine: Any, settings: Any) -> tuple[float, dict[int, float]]:
-    """Trace the batch sizes the worker will run; with ``ARCFACE_MAX_BATCH_SIZE=auto`` time them all and cap
-    batches at the fastest (sets ``settings.max_batch_size``). Returns (seconds, measured images/s)."""
-    import time
-
-    from worker.inference.engine import choose_batch_size, has_gpu
-
-    start = time.perf_counter()
-    if settings.max_batch_size == "auto":
-        rates = engine.time_batch_sizes()
-        settings.max_batch_size = choose_batch_size(rates, prefer_large=has_gpu())
-        return time.perf_counter() - start, rates
-    engine.warm_up_to(settings.max_batch_size)
-    return time.perf_counter() - start, {}
 
 
 def health(argv: Sequence[str] | None = None) -> None:

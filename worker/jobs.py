@@ -26,7 +26,7 @@ from producer.contract.keys import (
 )
 from producer.contract.rqjob import record_failure
 from producer.contract.wire import parse_request
-from worker.runtime import Runtime, load_detector, load_engine, load_gallery
+from worker.runtime import Runtime, load_detector, load_gallery, prepare_engine
 from worker.settings import WorkerSettings
 
 _runtime: Runtime | None = None
@@ -39,7 +39,7 @@ def runtime() -> Runtime:
         settings = WorkerSettings()
         from producer.redisconn import connect
 
-        engine = load_engine(settings)
+        engine = prepare_engine(settings).engine  # the same precision decision as arcface-worker's
         _runtime = Runtime(settings, engine, load_detector(settings), load_gallery(settings, connect(settings), engine))
     return _runtime
 

@@ -10,7 +10,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import structlog
@@ -38,12 +38,16 @@ from producer.contract.results import (
 )
 from producer.contract.wire import request_images
 from worker.inference.cache import download
+from worker.inference.decisions import DecisionCache, weights_digest
 from worker.inference.decode_checks import DecodeLimits
 from worker.inference.detect import BlazeFace, Face, align, pick, pick_all, square_crop
-from worker.inference.engine import Engine, configure_tensorflow, reduced_precision_policy
+from worker.inference.engine import Engine, configure_tensorflow, has_gpu, reduced_precision_policy
 from worker.inference.files import read_shared_file
 from worker.inference.model import load_face_model
+from worker.inference.precision import CpuInfo, ReducedUnavailable, cpu_info, read_cpuinfo, reduced_variant
+from worker.inference.prepool import usable_cores
 from worker.inference.preprocess import PreparedImage, decode_image, preprocess
+from worker.inference.tuning import Tuned, tune
 from worker.inference.weights import WeightsError, check_weights_file
 from worker.settings import WorkerSettings
 
@@ -67,14 +71,16 @@ def default_weights(settings: WorkerSettings, retries: int = 3, timeout_s: float
 
 
 def load_engine(settings: WorkerSettings) -> Engine:
-    """Load the configured model (downloading deepface's weights when no path is set) into an engine."""
+    """Load the configured model (downloading deepface's weights when no path is set) into an engine: float32, or
+    with ``ARCFACE_PRECISION=reduced`` the reduced path (a SavedModel, which cannot be rebuilt, stays float32 and
+    says why). ``auto`` loads float32; :func:`prepare_engine` decides."""
     configure_tensorflow(settings.intra_op_threads, settings.inter_op_threads)
     start = time.perf_counter()
-    path = settings.model_path or default_weights(settings)
-    precision = reduced_precision_policy() if settings.precision == "reduced" else "float32"
+    path = model_source(settings)
+    policy = reduced_precision_policy() if settings.precision == "reduced" else "float32"
     model = load_face_model(
         path,
-        precision=precision,
+        precision=policy,
         name=settings.model_name,
         scale=settings.input_scale,
         offset=settings.input_offset,
@@ -82,6 +88,11 @@ def load_engine(settings: WorkerSettings) -> Engine:
         mean=tuple(settings.input_mean) if settings.input_mean is not None else None,  # type: ignore[arg-type]
         bgr=settings.channel_order == "BGR",
     )
+    if policy != "float32" and model.precision == "float32":  # not ArcFace: rebuild the user's model
+        try:
+            model = reduced_variant(model, policy)
+        except ReducedUnavailable as exc:
+            log.warning("reduced_precision_unavailable", model=model.name, reason=str(exc), serving="float32")
     engine = Engine(model, settings.allowed_batch_sizes)
     log.info(
         "model_loaded",
@@ -89,10 +100,67 @@ def load_engine(settings: WorkerSettings) -> Engine:
         source=str(path),
         input_size=model.input_size,
         dim=model.embedding_dim,
-        precision=precision,
+        precision=model.precision,
         load_s=round(time.perf_counter() - start, 3),
     )
     return engine
+
+
+def model_source(settings: WorkerSettings) -> Path:
+    """The model file or folder: ``ARCFACE_MODEL_PATH``, else deepface's weights downloaded once."""
+    return settings.model_path or default_weights(settings)
+
+
+def decision_inputs(settings: WorkerSettings, engine: Engine, cpu: CpuInfo) -> dict[str, Any]:
+    """What a measured precision / batch-size decision depends on (its cache key): the weights, the TensorFlow and
+    Keras versions, the CPU, the GPUs, the usable cores and the settings that change speed or fidelity."""
+    import keras
+    import tensorflow as tf
+
+    return {
+        "weights_sha256": weights_digest(model_source(settings)),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "cpu_model": cpu.model,
+        "cpu_flags": sorted(cpu.flags),
+        "gpus": [g.name for g in tf.config.list_physical_devices("GPU")],
+        "usable_cores": usable_cores(),
+        "input_size": engine.model.input_size,
+        "settings": {
+            name: getattr(settings, name)
+            for name in (
+                "precision",
+                "max_batch_size",
+                "allowed_batch_sizes",
+                "intra_op_threads",
+                "inter_op_threads",
+                "input_scale",
+                "input_offset",
+                "input_mean",
+                "channel_order",
+                "threshold",
+            )
+        },
+    }
+
+
+def prepare_engine(settings: WorkerSettings, cpuinfo: Callable[[], str] = read_cpuinfo) -> Tuned:
+    """Load the model and decide what serves it (:func:`~worker.inference.tuning.tune`): precision and batch cap,
+    measured (``auto``) or set, remembered in ``ARCFACE_CACHE_DIR/decisions``. Sets ``settings.max_batch_size`` to
+    the cap. ``cpuinfo`` returns ``/proc/cpuinfo``'s text (tests give other CPUs)."""
+    engine = load_engine(settings)
+    cpu = cpu_info(cpuinfo)
+    tuned = tune(
+        engine,
+        precision_setting=settings.precision,
+        max_batch_setting=settings.max_batch_size,
+        cpu=cpu,
+        gpu=has_gpu(),
+        cache=DecisionCache(settings.cache_dir / "decisions"),
+        key_inputs=decision_inputs(settings, engine, cpu),
+    )
+    settings.max_batch_size = tuned.max_batch_size
+    return tuned
 
 
 def load_gallery(settings: WorkerSettings, connection: Any, engine: Engine) -> Any:
@@ -281,6 +349,7 @@ class Runtime:
             embedding_b64=encode_embedding(done.embeddings[0]),
             dim=int(done.embeddings.shape[1]),
             model=self.engine.model.name,
+            precision=self.engine.precision,
             ref=request.ref,
             face=done.faces[0],
             faces=every,
@@ -298,6 +367,7 @@ class Runtime:
             threshold=v.threshold,
             similar=v.similar,
             model=self.engine.model.name,
+            precision=self.engine.precision,
             ref=request.ref,
             face_a=done.faces[0],
             face_b=done.faces[1],
@@ -314,6 +384,7 @@ class Runtime:
             embeddings_b64=encode_matrix(rows),
             errors=errors,
             model=self.engine.model.name,
+            precision=self.engine.precision,
             ref=request.ref,
             faces=done.faces if self.detector is not None and any(done.faces) else None,
             timing=done.timing,
@@ -338,6 +409,7 @@ class Runtime:
             results=results,
             errors=errors,
             model=self.engine.model.name,
+            precision=self.engine.precision,
             ref=request.ref,
             timing=done.timing,
         ).model_dump(mode="json")

@@ -33,6 +33,12 @@ def decode_embedding(data: str) -> np.ndarray:
     return np.frombuffer(base64.b64decode(data), dtype="<f4").astype(np.float32)
 
 
+PRECISION_DOC = (
+    "the arithmetic the model computed in: float32, bfloat16 or float16 (last on the wire; null from older workers "
+    "and gallery jobs)"
+)
+
+
 class ResultBase(BaseModel):
     """What every embedding job's result carries besides its answer (these fields come first on the wire)."""
 
@@ -72,6 +78,7 @@ class EmbedResult(_Embedding, ResultBase):
     faces: list[FaceEmbedding] | None = Field(
         default=None, description="with faces='all': every face, largest first (the first is `face`)"
     )
+    precision: str | None = Field(default=None, description=PRECISION_DOC)
 
 
 class VerifyResult(ResultBase):
@@ -81,6 +88,7 @@ class VerifyResult(ResultBase):
     similar: bool = Field(description="distance <= threshold")
     face_a: dict[str, Any] | None = None
     face_b: dict[str, Any] | None = None
+    precision: str | None = Field(default=None, description=PRECISION_DOC)
 
 
 class ItemError(BaseModel):
@@ -107,6 +115,7 @@ class EmbedBatchResult(ResultBase):
     faces: list[dict[str, Any] | None] | None = Field(
         default=None, description="with detection: the face used for each image"
     )
+    precision: str | None = Field(default=None, description=PRECISION_DOC)
 
     @property
     def embeddings(self) -> np.ndarray:
@@ -142,6 +151,7 @@ class ItemsResult(ResultBase, Generic[R, E]):
 class VerifyBatchResult(ItemsResult[PairResult, ItemError]):
     kind: Literal["verify_batch"] = "verify_batch"
     threshold: float
+    precision: str | None = Field(default=None, description=PRECISION_DOC)
 
 
 AnyResult = Union[EmbedResult, VerifyResult, EmbedBatchResult, VerifyBatchResult]

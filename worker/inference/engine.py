@@ -1,16 +1,18 @@
 """The compiled, batched inference engine. Knows nothing of Redis or rq.
 
-A ``tf.function`` runs on a few fixed batch shapes (``allowed_batch_sizes``, TF Serving's term): a batch
-is zero-padded up to the next allowed size, so after warm-up nothing is ever traced again.
+One ``tf.function``, traced once for any batch size, runs on a few fixed batch shapes (``allowed_batch_sizes``,
+TF Serving's term): a batch is zero-padded up to the next allowed size, so the kernels (oneDNN, cuDNN) see only
+those shapes and nothing is ever traced again. The batch cap is chosen by :func:`choose_batch_size`.
 """
 
 from __future__ import annotations
 
 import bisect
+import functools
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -59,7 +61,15 @@ class Engine:
         self.allowed_batch_sizes = tuple(sorted(set(int(b) for b in allowed_batch_sizes)))
         self.max_batch_size = self.allowed_batch_sizes[-1]
         self.input_shape = (model.input_size, model.input_size, 3)
-        self._predict = tf.function(self._forward, autograph=False)
+        # one trace for every batch size (a trace per size cost ~0.8 s each on 2 cores, most of a start)
+        signature = [tf.TensorSpec((None, *self.input_shape), tf.float32)]
+        self._predict = tf.function(self._forward, autograph=False, input_signature=signature)
+        self._ran: set[int] = set()  # batch sizes run at least once (warm)
+
+    @property
+    def precision(self) -> str:
+        """The arithmetic the model computes in: ``float32``, ``bfloat16`` or ``float16``."""
+        return self.model.precision
 
     def _forward(self, x: tf.Tensor) -> tf.Tensor:
         if self.model.bgr:
@@ -75,7 +85,7 @@ class Engine:
 
     @property
     def trace_count(self) -> int:
-        """How many times the compiled predict has been traced (one per allowed size once warm)."""
+        """How many times the compiled predict has been traced (one, whatever the batch size)."""
         return int(self._predict.experimental_get_tracing_count())
 
     def padded_size(self, n: int) -> int:
@@ -90,25 +100,25 @@ class Engine:
         return time.perf_counter() - start
 
     def warm_up_to(self, cap: int) -> float:
-        """Trace and run the allowed sizes up to ``cap`` (the worker never runs larger batches)."""
+        """Run each allowed size up to ``cap`` (the worker never runs larger batches) that has not run yet."""
         start = time.perf_counter()
         for size in self.allowed_batch_sizes:
-            if size <= cap:
-                self._predict(tf.zeros((size, *self.input_shape), tf.float32)).numpy()
+            if size <= cap and size not in self._ran:
+                self._run(tf.zeros((size, *self.input_shape), tf.float32))
         return time.perf_counter() - start
 
-    def time_batch_sizes(self, min_seconds: float = 0.3) -> dict[int, float]:
-        """Images/s of each allowed size (traced first; each timed for at least ``min_seconds`` or one call)."""
-        rates: dict[int, float] = {}
-        for size in self.allowed_batch_sizes:
-            x = tf.random.uniform((size, *self.input_shape), 0.0, 255.0)
-            self._predict(x).numpy()
-            calls, start = 0, time.perf_counter()
-            while calls == 0 or time.perf_counter() - start < min_seconds:
-                self._predict(x).numpy()
-                calls += 1
-            rates[size] = size * calls / (time.perf_counter() - start)
-        return rates
+    def batch_seconds(self, sizes: Sequence[int], rounds: int) -> dict[int, list[float]]:
+        """Seconds of each of ``rounds`` runs of a batch of each size, interleaved (one of each size per round);
+        the inputs are fixed pseudo-random images, the same at every start."""
+        rng = np.random.default_rng(0)
+        inputs = {s: tf.constant(rng.uniform(0, 255, (s, *self.input_shape)).astype(np.float32)) for s in sizes}
+        calls: dict[Any, Callable[[], Any]] = {s: functools.partial(self._run, inputs[s]) for s in sizes}
+        return interleaved_seconds(calls, rounds)
+
+    def _run(self, x: tf.Tensor) -> np.ndarray:
+        out = self._predict(x).numpy()
+        self._ran.add(int(x.shape[0]))
+        return out
 
     def embed(self, batch: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
         """L2-normalised float32 embeddings ``[N, D]`` for preprocessed inputs ``[N, S, S, 3]`` (0..255)."""
@@ -121,7 +131,7 @@ class Engine:
             size = self.padded_size(len(chunk))
             if size != len(chunk):
                 chunk = np.concatenate([chunk, np.zeros((size - len(chunk), *self.input_shape), np.float32)])
-            out[start : start + self.max_batch_size] = self._predict(tf.constant(chunk)).numpy()[
+            out[start : start + self.max_batch_size] = self._run(tf.constant(chunk))[
                 : min(len(arr) - start, self.max_batch_size)
             ]
         return out
@@ -146,13 +156,42 @@ class Engine:
         return Verification(distance=d, threshold=t, similar=d <= t)
 
 
-def choose_batch_size(rates: dict[int, float], prefer_large: bool, tolerance: float = 0.03) -> int:
-    """The batch cap from measured images/s: the fastest size; with ``prefer_large`` (a GPU, where larger batches
-    also absorb bursts) the largest size within ``tolerance`` of the fastest."""
+BATCH_TOLERANCE = 0.10  # a larger batch is preferred while within 10 % of the fastest size's images/s
+CPU_BATCH_CANDIDATES = (8, 16, 32)
+
+
+def interleaved_seconds(calls: dict[Any, Callable[[], Any]], rounds: int) -> dict[Any, list[float]]:
+    """Run every call once per round, in turn, ``rounds`` times: the seconds of each run, by key. Interleaving
+    spreads a noisy neighbour's load over all candidates instead of one."""
+    seconds: dict[Any, list[float]] = {key: [] for key in calls}
+    for _ in range(rounds):
+        for key, call in calls.items():
+            start = time.perf_counter()
+            call()
+            seconds[key].append(time.perf_counter() - start)
+    return seconds
+
+
+def batch_candidates(allowed: Sequence[int], gpu: bool) -> tuple[int, ...]:
+    """The batch sizes worth timing: on a CPU the allowed ones among 8, 16 and 32 (smaller ones waste the
+    convolutions' vector width; beyond 32 images/s stays flat and one call takes seconds); on a GPU every allowed
+    size from 8 up. Where none qualifies, the largest allowed size alone."""
+    sizes = tuple(s for s in sorted(allowed) if s >= 8 and (gpu or s in CPU_BATCH_CANDIDATES))
+    return sizes or (max(allowed),)
+
+
+def batch_rates(seconds: dict[int, list[float]]) -> dict[int, float]:
+    """Images/s of each size from its fastest run (the run least disturbed by other work on the machine)."""
+    return {size: size / min(runs) for size, runs in seconds.items()}
+
+
+def choose_batch_size(seconds: dict[int, list[float]], tolerance: float = BATCH_TOLERANCE) -> int:
+    """The batch cap from timed runs (seconds per call, by batch size): the largest size whose images/s (from its
+    fastest run) is within ``tolerance`` of the fastest size's. Larger batches also absorb bursts, and on the flat
+    part of the curve the largest wins every time instead of whichever the noise favoured."""
+    rates = batch_rates(seconds)
     best = max(rates.values())
-    if prefer_large:
-        return max(size for size, rate in rates.items() if rate >= best * (1.0 - tolerance))
-    return max(rates, key=lambda size: rates[size])
+    return max(size for size, rate in rates.items() if rate >= best * (1.0 - tolerance))
 
 
 def has_gpu() -> bool:

@@ -101,13 +101,22 @@ class FaceModel:
     keras_model: keras.Model | None = None
     mean: tuple[float, float, float] | None = None  # subtracted per channel (in the model's channel order)
     bgr: bool = False
+    precision: str = "float32"  # what the network computes in: float32, bfloat16 or float16
 
 
 def _arcface(weights: dict[str, np.ndarray], source: str, precision: str, name: str) -> FaceModel:
     check_weight_values(weights, source)
     model = build_arcface(precision)
     assign_weights(model, weights, source)
-    return FaceModel(name=name, fn=model, input_size=INPUT_SIZE, embedding_dim=EMBEDDING_DIM, keras_model=model)
+    computes = {"mixed_bfloat16": "bfloat16", "mixed_float16": "float16"}.get(precision, "float32")
+    return FaceModel(
+        name=name,
+        fn=model,
+        input_size=INPUT_SIZE,
+        embedding_dim=EMBEDDING_DIM,
+        keras_model=model,
+        precision=computes,
+    )
 
 
 def _custom(model: Any, source: str, name: str) -> FaceModel:

@@ -450,15 +450,25 @@ def _resolve(future: Future, outcome: PreparedImage | JobFailure) -> bool:
     return True
 
 
-def preprocess_processes(settings: Any) -> int:
-    """How many preprocessing processes ``ARCFACE_PREPROCESS_PROCESSES`` asks for: ``auto`` is one a usable core
-    (at most 8) where there are two or more and JPEGs decode with Pillow (the tensorflow decoder would load
-    TensorFlow into every child); 0 keeps preprocessing on threads."""
+FAST_MODEL_IMAGES_PER_S = 150.0
+
+
+def preprocess_processes(settings: Any, gpu: bool = False, model_images_per_s: float | None = None) -> int:
+    """How many preprocessing processes ``ARCFACE_PREPROCESS_PROCESSES`` asks for; 0 keeps preprocessing on threads.
+
+    ``auto`` is one a usable core (at most 8) where the model is fast enough for preprocessing to matter (a GPU
+    serves it, or it measured at least :data:`FAST_MODEL_IMAGES_PER_S`), there are two or more cores and JPEGs
+    decode with Pillow (the tensorflow decoder would load TensorFlow into every child). A model on the CPU at tens
+    of images/s spends 1-3 % of an image's CPU time preprocessing: there threads do as well (docs/benchmarks.md:
+    end to end 0.94x of the raw engine on threads against 0.82x in processes; 64-image jobs 0.78x in processes on
+    an AVX-512 machine) without extra processes competing with TensorFlow for the cores.
+    """
     value = settings.preprocess_processes
     if value != "auto":
         return int(value)
+    fast = gpu or (model_images_per_s is not None and model_images_per_s >= FAST_MODEL_IMAGES_PER_S)
     cores = usable_cores()
-    fits = cores >= 2 and settings.jpeg_decoder == "pillow" and hasattr(os, "memfd_create")
+    fits = fast and cores >= 2 and settings.jpeg_decoder == "pillow" and hasattr(os, "memfd_create")
     return min(cores, 8) if fits else 0
 
 
