@@ -143,3 +143,43 @@ def test_ctrl_c_while_waiting_prints_the_job_id_and_exits_130(worker_env):
     assert body["status"] == "interrupted" and body["enqueued"] is True
     assert err.count("\n") == 1 and "Traceback" not in err and f"arcface-producer result {job_id}" in err
     assert cli(worker_env, "status", job_id).stdout.strip() == "queued"  # the job was not lost
+
+
+def test_a_fifo_or_a_device_given_as_an_image_is_refused_before_it_is_read(worker_env, tmp_path):
+    """A FIFO (which would block the read forever) and /dev/zero (endless) are refused at once, with exit 2, by
+    embed, by enroll --folder (a failed row each) and by bulk (a failed row each); nothing is enqueued."""
+    import csv
+
+    import redis
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    for image, kind in ((fifo, "a FIFO (named pipe)"), (Path("/dev/zero"), "a character device")):
+        proc = cli(worker_env, "embed", str(image), timeout=60)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr == f"arcface-producer: {image}: {kind}, not a regular file; give an image file\n"
+
+    folder = tmp_path / "people" / "alice"
+    folder.mkdir(parents=True)
+    os.mkfifo(folder / "1.jpg")
+    (folder / "2.jpg").symlink_to("/dev/zero")
+    out = tmp_path / "enrolled.csv"
+    enrolled = cli(worker_env, "enroll", "--folder", str(folder.parent), "--out", str(out), "--json", timeout=60)
+    assert enrolled.returncode == 1, enrolled.stderr
+    assert json.loads(enrolled.stdout)["failed"] == 2
+    rows = list(csv.DictReader(out.open()))
+    assert [(r["image"], r["error"]) for r in rows] == [
+        ("alice/1.jpg", "invalid_payload"),
+        ("alice/2.jpg", "invalid_payload"),
+    ]
+    assert "a FIFO (named pipe), not a regular file" in rows[0]["message"]
+    assert "a character device, not a regular file" in rows[1]["message"]
+
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("a,b,label\npeople/alice/1.jpg,people/alice/2.jpg,1\n")
+    bulk = cli(worker_env, "bulk", str(pairs), "--root", str(tmp_path), "--out", str(tmp_path / "r.csv"), timeout=60)
+    assert bulk.returncode == 1, bulk.stderr
+    (row,) = csv.DictReader((tmp_path / "r.csv").open())
+    assert row["error"] == "invalid_payload" and "a FIFO (named pipe), not a regular file" in row["message"]
+    assert "image b people/alice/2.jpg" in row["message"] and "a character device" in row["message"]
+    assert redis.Redis.from_url(worker_env["ARCFACE_REDIS_URL"]).llen(f"rq:queue:{worker_env['ARCFACE_QUEUE']}") == 0
