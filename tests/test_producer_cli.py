@@ -84,6 +84,23 @@ def test_cli_verify_human_output_and_failed_job_exit_1(worker_env, tmp_path):
     assert json.loads(cli(worker_env, "status", bad_id, "--json").stdout)["error"]["code"] == "image_decode_error"
 
 
+def test_client_error_is_none_for_a_job_that_did_not_fail(worker_env, tmp_path):
+    from producer.client.face_client import FaceClient
+    from producer.contract.codes import ErrorCode
+    from tests.test_contract import run_plain_rq_worker
+
+    client = FaceClient()
+    good = client.embed(face_paths()[0])
+    text = tmp_path / "note.png"
+    text.write_text("not an image at all")
+    bad = client.embed(text)
+    assert client.error(good) is None and client.error(bad) is None  # queued: not failed (yet)
+    run_plain_rq_worker(client)
+    assert client.status(good) == "finished" and client.error(good) is None
+    error = client.error(bad)
+    assert client.status(bad) == "failed" and error is not None and error.code is ErrorCode.IMAGE_DECODE_ERROR
+
+
 def test_cli_exit_codes_for_bad_input_timeout_and_redis_down(worker_env, tmp_path):
     missing = cli(worker_env, "embed", str(tmp_path / "nope.jpg"))
     assert missing.returncode == 2
