@@ -19,9 +19,7 @@ from producer.contract.errors import InputError, JobFailed
 from producer.contract.keys import ENROLL_FUNC, FORGET_FUNC
 from producer.settings import ProducerSettings
 from tests.conftest import REPO, face_paths
-from tests.workers import WorkerProcess
-
-OTHER_MODEL = {"ARCFACE_MODEL_NAME": "arcface-b", "ARCFACE_INPUT_SCALE": "0.002"}
+from tests.workers import OTHER_MODEL_ENV, WorkerProcess
 
 
 @pytest.fixture()
@@ -30,7 +28,7 @@ def two_models(worker_env, tmp_path):
     (``arcface-b``) on ``<q>-b``; one Redis, so one set of galleries. Yields their clients."""
     started: list[WorkerProcess] = []
     clients: list[FaceClient] = []
-    for name, extra in (("a", {}), ("b", OTHER_MODEL)):
+    for name, extra in (("a", {}), ("b", OTHER_MODEL_ENV)):
         env = {**worker_env, "ARCFACE_QUEUE": f"{worker_env['ARCFACE_QUEUE']}-{name}", **extra}
         started.append(WorkerProcess(env, tmp_path / f"{name}.log"))
         clients.append(FaceClient(ProducerSettings(queue=env["ARCFACE_QUEUE"])))
