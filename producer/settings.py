@@ -324,12 +324,20 @@ def load_settings(cls: type[S], unknown: Literal["refuse", "warn"] = "refuse") -
         raise ConfigError(variable, f"{variable}: {text}") from None
 
 
-_URL_SECRET = re.compile(r"(?P<scheme>rediss?|unix)://(?P<user>[^:@/\s]*):(?P<password>[^@\s]+)@")
+# Any scheme, any case (``redis://``, ``REDIS://``, ``redis+tls://``, ``http://``): the URLs a person mistypes are
+# the ones most likely to be printed back in an error. The user info ends at the last ``@`` before the host, as
+# URL parsers read it, so a password holding ``@`` is hidden whole.
+_URL_SECRET = re.compile(
+    r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*)://(?P<user>[^:/?#\s]*):(?P<password>[^/?#\s]+)@(?=[^@/?#\s]*(?:[/?#\s]|$))"
+)
+_QUERY_SECRET = re.compile(r"(?P<key>[?&]password=)[^&#\s]*", re.IGNORECASE)  # unix:///s.sock?password=...
 
 
 def redact(text: str) -> str:
-    """Hide the password in any Redis URL inside ``text``."""
-    return _URL_SECRET.sub(lambda m: f"{m['scheme']}://{m['user']}:***@", text)
+    """Hide the password of every URL inside ``text``, whatever its scheme (``user:***@``), and a ``password=``
+    query parameter (``unix:///run/redis.sock?password=***``)."""
+    text = _URL_SECRET.sub(lambda m: f"{m['scheme']}://{m['user']}:***@", text)
+    return _QUERY_SECRET.sub(lambda m: f"{m['key']}***", text)
 
 
 def _redact_processor(_logger: Any, _name: str, event: EventDict) -> EventDict:

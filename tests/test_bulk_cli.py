@@ -169,3 +169,91 @@ def test_progress_on_a_terminal_counts_rows_as_they_are_written(bulk_env, tmp_pa
     assert counts == sorted(counts) and len({c for c in counts if 0 < c < 60}) >= 2 and counts[-1] == 60, counts
     assert re.search(r"\d+ images embedded, 0 failed, [\d.]+ rows/s, ETA \w+", text), text[-500:]
     assert "accuracy at threshold 0.61" in text and len(rows) == 60
+
+
+def test_a_plot_format_matplotlib_cannot_write_is_refused_before_anything_is_enqueued(worker_env, tmp_path):
+    import redis
+
+    write_face_pairs(tmp_path / "pairs.csv", 4)
+    out = tmp_path / "r.csv"
+    for name, why in (
+        ("roc.txt", "matplotlib cannot write a .txt file; give a name ending in one of .avif, .eps"),
+        ("roc", "matplotlib cannot write a file without a suffix; give a name ending in one of"),
+    ):
+        plot = tmp_path / name
+        args = (str(tmp_path / "pairs.csv"), "--out", str(out), "--root", str(FACES), "--plot", str(plot))
+        proc = run_bulk_cli(worker_env, *args, timeout=patience(120))
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.startswith(f"arcface-producer: --plot {plot}: {why}") and proc.stderr.count("\n") == 1
+        assert not out.exists() and not plot.exists()
+    assert redis.Redis.from_url(worker_env["ARCFACE_REDIS_URL"]).llen(f"rq:queue:{worker_env['ARCFACE_QUEUE']}") == 0
+
+
+def test_a_wrong_root_stops_the_run_after_the_first_20_images_fail_for_one_reason(worker_env, tmp_path):
+    """--root at the wrong folder: the run stops once its first 20 images have all failed alike, naming the
+    reason, instead of failing every row one by one; a smaller run fails its rows and prints no rate."""
+    import redis
+
+    write_face_pairs(tmp_path / "pairs.csv", 60)  # 40 distinct images, none under tmp_path
+    wrong = tmp_path / "elsewhere"
+    wrong.mkdir()
+    proc = run_bulk_cli(
+        worker_env,
+        str(tmp_path / "pairs.csv"),
+        "--out",
+        str(tmp_path / "r.csv"),
+        "--root",
+        str(wrong),
+        "--threshold",
+        "0.6",
+        timeout=patience(120),
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == (
+        "arcface-producer: stopped early: the first 20 images all failed with invalid_payload for the same reason, "
+        f"e.g. {wrong}/amy/amy1.png: No such file or directory. Check --root (images are read relative to it) or, "
+        "with --shared-root, the workers' ARCFACE_SHARED_ROOT, and the paths of the pair file; then rerun\n"
+    )
+    assert redis.Redis.from_url(worker_env["ARCFACE_REDIS_URL"]).llen(f"rq:queue:{worker_env['ARCFACE_QUEUE']}") == 0
+
+    write_face_pairs(tmp_path / "few.csv", 3)  # fewer images than 20: every row fails, the run ends as usual
+    few = run_bulk_cli(
+        worker_env,
+        str(tmp_path / "few.csv"),
+        "--out",
+        str(tmp_path / "f.csv"),
+        "--root",
+        str(wrong),
+        "--threshold",
+        "0.6",
+        timeout=patience(120),
+    )
+    assert few.returncode == 1, few.stderr
+    assert few.stdout.startswith("pairs 3, failed 3 (see the error and message columns of ")
+    assert "0 images embedded, 0 results of interrupted jobs reused" in few.stdout and "None" not in few.stdout
+
+
+def test_a_run_whose_embeddings_come_from_two_models_is_stopped_naming_both(worker_env, tmp_path):
+    """The queue's worker is replaced by one of another model (same 512-d): the rerun with more pairs and the same
+    --out would mix the two models' embeddings; it stops, naming both, and writes no metric."""
+    from tests.workers import OTHER_MODEL_ENV, ready_worker
+
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("a,b,label\namy/amy1.png,amy/amy2.png,1\namy/amy1.png,raj/raj1.png,0\n")
+    args = (str(pairs), "--out", str(tmp_path / "r.csv"), "--root", str(FACES), "--json")
+    with ready_worker(worker_env, tmp_path / "a.log"):
+        first = run_bulk_cli(worker_env, *args, timeout=patience(300))
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout)["run"]["images_embedded"] == 3
+
+    with pairs.open("a") as f:
+        f.write("raj/raj1.png,raj/raj2.png,1\n")  # one image more, embedded by the other model
+    with ready_worker({**worker_env, **OTHER_MODEL_ENV}, tmp_path / "b.log"):
+        second = run_bulk_cli(worker_env, *args, timeout=patience(300))
+    assert second.returncode == 2, second.stderr
+    assert second.stderr.startswith(
+        "arcface-producer: stopped: two models answered this run's embed jobs: arcface (512-d) (e.g. amy/amy1.png) "
+        "and arcface-b (512-d) (e.g. raj/raj2.png); distances between their embeddings mean nothing."
+    ), second.stderr
+    body = json.loads(second.stdout)  # --json: the error, no summary
+    assert body["exit_code"] == 2 and "summary" not in body and body["error"].startswith("stopped: two models")

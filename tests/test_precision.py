@@ -13,6 +13,7 @@ import pytest
 import tensorflow as tf
 
 from tests.conftest import FACERES_SAVEDMODEL, face_paths, needs_shared
+from tests.patience import patience
 from worker.inference.decisions import DecisionCache, decision_key
 from worker.inference.engine import Engine, batch_candidates, choose_batch_size
 from worker.inference.model import load_face_model
@@ -247,16 +248,16 @@ def test_a_real_worker_stamps_its_precision_on_results_model_info_and_metrics(wo
     with ready_worker(env, tmp_path / "worker.log") as worker:
         client = worker.client()
         a, b = face_paths()[:2]
-        embed = client.result(client.embed(a), timeout=120)
-        verify = client.result(client.verify(a, b), timeout=120)
-        batch = client.result(client.embed_batch([a, b]), timeout=120)
+        embed = client.result(client.embed(a), timeout=patience(120))
+        verify = client.result(client.verify(a, b), timeout=patience(120))
+        batch = client.result(client.embed_batch([a, b]), timeout=patience(120))
         assert embed.precision == verify.precision == batch.precision == "bfloat16"
         assert embed.model == "arcface"  # the model's name is unchanged: jobs and galleries still match it
         info = json.loads(client.connection.get(model_info_key(worker_env["ARCFACE_QUEUE"])))
         assert info["precision"] == "bfloat16"
         ready = next(e for e in worker.events() if e.get("event") == "engine_ready")
         assert ready["precision"] == "bfloat16" and ready["precision_reason"] == "ARCFACE_PRECISION=reduced"
-        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=patience(10)).read().decode()
         assert 'precision="bfloat16"' in next(line for line in metrics.splitlines() if "arcface_worker_info{" in line)
     raw = json.loads(json.dumps(embed.model_dump(mode="json")))
     assert list(raw)[-1] == "precision"  # added last: the keys before it keep their order

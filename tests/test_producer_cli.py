@@ -85,6 +85,23 @@ def test_cli_verify_human_output_and_failed_job_exit_1(worker_env, tmp_path):
     assert json.loads(cli(worker_env, "status", bad_id, "--json").stdout)["error"]["code"] == "image_decode_error"
 
 
+def test_client_error_is_none_for_a_job_that_did_not_fail(worker_env, tmp_path):
+    from producer.client.face_client import FaceClient
+    from producer.contract.codes import ErrorCode
+    from tests.test_contract import run_plain_rq_worker
+
+    client = FaceClient()
+    good = client.embed(face_paths()[0])
+    text = tmp_path / "note.png"
+    text.write_text("not an image at all")
+    bad = client.embed(text)
+    assert client.error(good) is None and client.error(bad) is None  # queued: not failed (yet)
+    run_plain_rq_worker(client)
+    assert client.status(good) == "finished" and client.error(good) is None
+    error = client.error(bad)
+    assert client.status(bad) == "failed" and error is not None and error.code is ErrorCode.IMAGE_DECODE_ERROR
+
+
 def test_cli_exit_codes_for_bad_input_timeout_and_redis_down(worker_env, tmp_path):
     missing = cli(worker_env, "embed", str(tmp_path / "nope.jpg"))
     assert missing.returncode == 2
@@ -145,3 +162,47 @@ def test_ctrl_c_while_waiting_prints_the_job_id_and_exits_130(worker_env):
     assert body["status"] == "interrupted" and body["enqueued"] is True
     assert err.count("\n") == 1 and "Traceback" not in err and f"arcface-producer result {job_id}" in err
     assert cli(worker_env, "status", job_id).stdout.strip() == "queued"  # the job was not lost
+
+
+def test_a_fifo_or_a_device_given_as_an_image_is_refused_before_it_is_read(worker_env, tmp_path):
+    """A FIFO (which would block the read forever) and /dev/zero (endless) are refused at once, with exit 2, by
+    embed, by enroll --folder (a failed row each) and by bulk (a failed row each); nothing is enqueued."""
+    import csv
+
+    import redis
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    for image, kind in ((fifo, "a FIFO (named pipe)"), (Path("/dev/zero"), "a character device")):
+        proc = cli(worker_env, "embed", str(image), timeout=patience(60))
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr == f"arcface-producer: {image}: {kind}, not a regular file; give an image file\n"
+
+    folder = tmp_path / "people" / "alice"
+    folder.mkdir(parents=True)
+    os.mkfifo(folder / "1.jpg")
+    (folder / "2.jpg").symlink_to("/dev/zero")
+    out = tmp_path / "enrolled.csv"
+    enrolled = cli(
+        worker_env, "enroll", "--folder", str(folder.parent), "--out", str(out), "--json", timeout=patience(60)
+    )
+    assert enrolled.returncode == 1, enrolled.stderr
+    assert json.loads(enrolled.stdout)["failed"] == 2
+    rows = list(csv.DictReader(out.open()))
+    assert [(r["image"], r["error"]) for r in rows] == [
+        ("alice/1.jpg", "invalid_payload"),
+        ("alice/2.jpg", "invalid_payload"),
+    ]
+    assert "a FIFO (named pipe), not a regular file" in rows[0]["message"]
+    assert "a character device, not a regular file" in rows[1]["message"]
+
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("a,b,label\npeople/alice/1.jpg,people/alice/2.jpg,1\n")
+    bulk = cli(
+        worker_env, "bulk", str(pairs), "--root", str(tmp_path), "--out", str(tmp_path / "r.csv"), timeout=patience(60)
+    )
+    assert bulk.returncode == 1, bulk.stderr
+    (row,) = csv.DictReader((tmp_path / "r.csv").open())
+    assert row["error"] == "invalid_payload" and "a FIFO (named pipe), not a regular file" in row["message"]
+    assert "image b people/alice/2.jpg" in row["message"] and "a character device" in row["message"]
+    assert redis.Redis.from_url(worker_env["ARCFACE_REDIS_URL"]).llen(f"rq:queue:{worker_env['ARCFACE_QUEUE']}") == 0

@@ -21,6 +21,11 @@ if TYPE_CHECKING:
     from producer.client.face_client import FaceClient
 
 
+# Another model than the tests' default worker (``arcface``): another name and another input scale over the same
+# 512-d weights, so its embeddings differ while their dimension does not.
+OTHER_MODEL_ENV = {"ARCFACE_MODEL_NAME": "arcface-b", "ARCFACE_INPUT_SCALE": "0.002"}
+
+
 def queue_env(redis_url: str, prefix: str, **settings: str) -> dict[str, str]:
     """A worker's environment: ``ARCFACE_REDIS_URL``, a fresh ``ARCFACE_QUEUE`` (``<prefix>-<random>``) and
     ``settings`` (``ARCFACE_*`` names)."""

@@ -53,14 +53,16 @@ class BulkEnrollStats:
 
 def scan_folder(root: Path, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list[Item]:
     """``(subject, image)`` for every ``root/<subject>/<image>`` with an image suffix, sorted; ``image`` is the
-    path relative to ``root`` (``alice/1.jpg``), also the enrollment id. Hidden entries are skipped."""
+    path relative to ``root`` (``alice/1.jpg``), also the enrollment id. Hidden entries and directories are
+    skipped; anything else with an image suffix is listed (a FIFO or a device named ``x.jpg`` gets a failed row
+    when it is read, rather than being passed over in silence)."""
     root = Path(root)
     if not root.is_dir():
         raise InputError(ErrorCode.INVALID_PAYLOAD, f"{root}: not a directory (expected root/<subject>/<image>)")
     found = []
     for subject_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         for image in sorted(subject_dir.iterdir()):
-            if image.is_file() and not image.name.startswith(".") and image.suffix.lower() in suffixes:
+            if not image.is_dir() and not image.name.startswith(".") and image.suffix.lower() in suffixes:
                 found.append((subject_dir.name, f"{subject_dir.name}/{image.name}"))
     return found
 

@@ -8,6 +8,7 @@ from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from producer.bulk.output import BulkError
 from producer.client.face_client import FaceClient
 from producer.contract.codes import ErrorCode, JobError
 from producer.contract.errors import InputError, JobFailed, JobNotFound, ResultTimeout
@@ -15,6 +16,10 @@ from producer.contract.requests import EmbedBatchRequest, EmbedRequest
 
 if TYPE_CHECKING:
     from producer.bulk.run import BulkOptions, BulkStats, Sidecar
+
+EARLY_FAILURES = 20
+"""A run stops (:class:`BulkError`) when its first this-many images all fail for the same reason: a wrong
+``--root``, a shared root the workers do not have, a pair file of paths from elsewhere."""
 
 
 class EmbedJobs:
@@ -31,14 +36,19 @@ class EmbedJobs:
         self.fresh: set[str] = set()  # keys embedded (or failed) in this run
         self.seen: set[str] = set()  # keys already handled in this run
         self.batches: dict[str, tuple[Any, int]] = {}  # embed_batch job id -> (its result or error, rows left)
+        self.first: list[str] = []  # the run's first EARLY_FAILURES image keys, in the order they appear
+        self.first_decided = False  # one of them was embedded (or they failed for several reasons): no early stop
 
     def start(self, key: str) -> None:
         """The first time ``key`` appears in this run: reuse, resume or enqueue its embedding."""
         if key in self.seen:
             return
         self.seen.add(key)
+        if len(self.first) < EARLY_FAILURES:
+            self.first.append(key)
         if key in self.side.vectors:  # from the sidecar of an earlier run
             self.stats.images_reused += 1
+            self.first_decided = True
         elif key in self.side.jobs:  # queued by an interrupted run: wait for that job
             self.in_flight[key] = self.side.jobs[key]
             self.order.append(key)
@@ -54,6 +64,34 @@ class EmbedJobs:
         except InputError as exc:
             self.side.fail(key, exc.code.value, exc.message)
             self.fresh.add(key)
+            self.stop_if_the_first_all_failed()
+
+    def _path_of(self, key: str) -> str:
+        o = self.options
+        return key if o.shared_root else str((o.root / key) if o.root else Path(key))
+
+    def _reason(self, key: str) -> tuple[str, str]:
+        """The failure of ``key`` without the image's own name: the same reason reads the same for every image."""
+        code, message = self.side.errors[key]
+        return code, message.replace(self._path_of(key), "").replace(key, "")
+
+    def stop_if_the_first_all_failed(self) -> None:
+        """:class:`BulkError` once the run's first :data:`EARLY_FAILURES` images have all failed, for one reason."""
+        if self.first_decided or len(self.first) < EARLY_FAILURES:
+            return
+        if any(k in self.side.vectors for k in self.first):
+            self.first_decided = True
+            return
+        if not all(k in self.side.errors for k in self.first):
+            return  # some still in flight
+        self.first_decided = True
+        if len({self._reason(k) for k in self.first}) == 1:
+            code, message = self.side.errors[self.first[0]]
+            raise BulkError(
+                f"stopped early: the first {EARLY_FAILURES} images all failed with {code} for the same reason, "
+                f"e.g. {message}. Check --root (images are read relative to it) or, with --shared-root, the "
+                "workers' ARCFACE_SHARED_ROOT, and the paths of the pair file; then rerun"
+            )
 
     def submit(self, force: bool = False) -> None:
         """Enqueue the waiting requests in full chunks (all of them with ``force``)."""
@@ -78,12 +116,14 @@ class EmbedJobs:
         ids = self.client.submit_many(requests)
         return [(key, f"{jid}#{row}") for g, jid in zip(groups, ids, strict=True) for row, (key, _) in enumerate(g)]
 
-    def _embedding(self, ref: str) -> Any:
-        """The embedding a job reference stands for: an embed job's, or one row of an embed_batch job's (the
-        batch's result is read once and kept until its last row is taken)."""
+    def _embedding(self, ref: str) -> tuple[Any, str]:
+        """The embedding a job reference stands for, and the model that made it (``name (dim-d)``): an embed
+        job's, or one row of an embed_batch job's (the batch's result is read once and kept until its last row is
+        taken)."""
         jid, _, row = ref.partition("#")
         if not row:
-            return self.client.result_embed(jid, timeout=self.options.job_timeout_s).embedding
+            one = self.client.result_embed(jid, timeout=self.options.job_timeout_s)
+            return one.embedding, model_label(one.model, one.dim)
         if jid not in self.batches:
             try:
                 value: Any = self.client.result_embed_batch(jid, timeout=self.options.job_timeout_s)
@@ -99,7 +139,7 @@ class EmbedJobs:
         error = next((e for e in value.errors if e.index == int(row)), None)
         if error is not None:
             raise JobFailed(jid, JobError(code=error.code, message=error.message))
-        return value.embeddings[int(row)]
+        return value.embeddings[int(row)], model_label(value.model, value.dim)
 
     def collect_oldest(self) -> None:
         """Wait for the oldest job's embedding; a failure is recorded (an earlier run's job is retried)."""
@@ -108,7 +148,10 @@ class EmbedJobs:
         earlier = key in self.resumed
         self.resumed.discard(key)
         try:
-            self.side.add(key, self._embedding(jid))
+            vector, model = self._embedding(jid)
+            self.side.add(key, vector, model)
+            if key in self.first:
+                self.first_decided = True
             if earlier:
                 self.stats.jobs_resumed += 1
             else:
@@ -124,3 +167,9 @@ class EmbedJobs:
             message = f"no result within {self.options.job_timeout_s:g}s (job {jid})"
             self.side.fail(key, ErrorCode.JOB_TIMEOUT.value, message)
         self.fresh.add(key)
+        self.stop_if_the_first_all_failed()
+
+
+def model_label(model: str, dim: int) -> str:
+    """How a bulk run names the model of an embedding: ``arcface (512-d)``."""
+    return f"{model} ({dim}-d)"

@@ -67,6 +67,35 @@ def check_plot_available() -> None:
         )
 
 
+def check_plot_file(path: Path) -> str:
+    """The format ``--plot`` writes, from the file's suffix: one matplotlib can write here (tried on a small
+    figure with text, so a format that needs a missing tool such as LaTeX is refused too), checked before any job
+    is enqueued, not after the run."""
+    import io
+
+    check_plot_available()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    canvas = FigureCanvasAgg(Figure(figsize=(1, 1)))
+    canvas.figure.text(0.5, 0.5, "ROC 0.5")  # text, as the plot has: the formats that typeset it need their tools
+    formats = sorted(canvas.get_supported_filetypes())
+    fmt = Path(path).suffix[1:].lower()
+    if fmt not in formats:
+        given = f"a .{fmt} file" if fmt else "a file without a suffix"
+        raise BulkError(
+            f"--plot {path}: matplotlib cannot write {given}; give a name ending in one of "
+            f"{', '.join('.' + f for f in formats)} (.png for a picture)"
+        )
+    try:
+        canvas.figure.savefig(io.BytesIO(), format=fmt)
+    except Exception as exc:  # a backend's own failure (pgf without LaTeX, jpg without Pillow): its words
+        raise BulkError(
+            f"--plot {path}: matplotlib cannot write .{fmt} here ({type(exc).__name__}: {exc}); use .png, .pdf or .svg"
+        ) from None
+    return fmt
+
+
 def check_output_path(path: Path, flag: str) -> None:
     """An output file path whose directory exists and is writable, and that is not itself a directory."""
     path = Path(path)
@@ -80,7 +109,8 @@ def check_output_path(path: Path, flag: str) -> None:
 
 
 def plot(out_png: Path, results: Path, threshold: float) -> None:
-    """ROC curve and genuine/impostor distance histograms with the threshold marked (needs matplotlib)."""
+    """ROC curve and genuine/impostor distance histograms with the threshold marked (needs matplotlib), in the
+    format of ``out_png``'s suffix (:func:`check_plot_file`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -103,7 +133,7 @@ def plot(out_png: Path, results: Path, threshold: float) -> None:
     ax2.set(xlabel="cosine distance", ylabel="pairs", title="distances")
     ax2.legend()
     fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
+    fig.savefig(out_png, dpi=100, format=Path(out_png).suffix[1:].lower() or None)
     plt.close(fig)
 
 

@@ -114,6 +114,7 @@ class Sidecar:
         self.jobs: dict[str, str] = {}  # image key -> job id of an earlier run, not yet collected
         # image key -> (code, message); never persisted: retried next run
         self.errors: dict[str, tuple[str, str]] = {}
+        self.model: tuple[str, str] | None = None  # (model, an image it embedded): every embedding's must agree
         found_params = self._load(path) if path.exists() else None
         if found_params is not None and found_params != params:
             changed = sorted(k for k in set(params) | set(found_params) if params.get(k) != found_params.get(k))
@@ -137,6 +138,8 @@ class Sidecar:
                     elif "embedding_b64" in obj:
                         self.vectors[obj["image"]] = decode_embedding(obj["embedding_b64"])
                         self.jobs.pop(obj["image"], None)
+                        if isinstance(obj.get("model"), str):
+                            self._check_model(obj["image"], obj["model"])
                     elif "job_id" in obj:
                         self.jobs[obj["image"]] = obj["job_id"]
                 except (ValueError, KeyError, TypeError):
@@ -152,9 +155,24 @@ class Sidecar:
             self._out.write(json.dumps({"image": key, "job_id": job_id}) + "\n")
         self._out.flush()
 
-    def add(self, key: str, vector: np.ndarray) -> None:
+    def add(self, key: str, vector: np.ndarray, model: str) -> None:
+        """Keep ``key``'s embedding, made by ``model`` (``name (dim-d)``); :class:`BulkError` when an earlier
+        embedding of the run (or of the sidecar) was made by another model."""
+        self._check_model(key, model)
         self.vectors[key] = vector
-        self._write({"image": key, "embedding_b64": encode_embedding(vector)})
+        self._write({"image": key, "embedding_b64": encode_embedding(vector), "model": model})
+
+    def _check_model(self, key: str, model: str) -> None:
+        if self.model is None:
+            self.model = (model, key)
+            return
+        first, example = self.model
+        if model != first:
+            raise BulkError(
+                f"stopped: two models answered this run's embed jobs: {first} (e.g. {example}) and {model} "
+                f"(e.g. {key}); distances between their embeddings mean nothing. Serve one model per queue "
+                f"(ARCFACE_QUEUE), then rerun with a new --out (or delete {self.path} to start this one over)"
+            )
 
     def fail(self, key: str, code: str, message: str) -> None:
         self.errors[key] = (code, message)
@@ -196,7 +214,10 @@ class BulkRun:
 
     def run(self) -> BulkStats:
         """Embed every unique image, write every pair's row in file order; returns the run's stats.
-        :class:`BulkInterrupted` on Ctrl-C (the rows so far stay, queued jobs are in the sidecar)."""
+        :class:`BulkInterrupted` on Ctrl-C (the rows so far stay, queued jobs are in the sidecar).
+        :class:`~producer.bulk.output.BulkError` when two models answer the run's jobs (their distances mean
+        nothing together), or when its first :data:`~producer.bulk.jobs.EARLY_FAILURES` images all fail for
+        one reason (a wrong ``--root``)."""
         start = time.monotonic()
         total = self.pairs.validate()  # broken lines are reported before anything is enqueued
         side = Sidecar(self.sidecar_path, self._params())

@@ -76,7 +76,8 @@ def _add_run_options(bk: argparse.ArgumentParser) -> None:
         "--plot",
         default=None,
         metavar="FILE.png",
-        help="write ROC + distance histograms to this PNG (needs matplotlib)",
+        help="write ROC + distance histograms to this file, in the format its suffix names: .png, .pdf, .svg, ... "
+        "(needs matplotlib; checked before anything is enqueued)",
     )
     bk.add_argument(
         "--timeout",
@@ -91,13 +92,13 @@ def _add_run_options(bk: argparse.ArgumentParser) -> None:
 
 def _check(settings: ProducerSettings, args: argparse.Namespace) -> None:
     """Everything that can be refused is refused here, before one job is enqueued."""
-    from producer.bulk.output import BulkError, check_output_path, check_plot_available
+    from producer.bulk.output import BulkError, check_output_path, check_plot_file
     from producer.bulk.pairs import PairFile
 
     check_output_path(Path(args.out), "--out")
     if args.plot:
-        check_plot_available()
         check_output_path(Path(args.plot), "--plot")
+        check_plot_file(Path(args.plot))
     if args.root and not Path(args.root).is_dir():
         raise BulkError(f"--root {args.root}: not a directory")
     if args.shared_root:
@@ -166,7 +167,8 @@ def _print_summary(
     sm = summary
     print(
         f"pairs {sm.pairs}, failed {sm.failed} (see the error and message columns of {args.out}); this run: "
-        f"{stats.rows_cached} rows from earlier runs, {stats.images_embedded} images embedded ({rate} img/s), "
+        f"{stats.rows_cached} rows from earlier runs, {stats.images_embedded} images embedded"
+        f"{'' if rate is None else f' ({rate} img/s)'}, "
         f"{stats.jobs_resumed} results of interrupted jobs reused, {stats.images_reused} embeddings reused"
     )
     if sm.accuracy is None:

@@ -15,6 +15,7 @@ import redis
 from pydantic import ValidationError
 from rq import Queue, Retry
 from rq.exceptions import NoSuchJobError
+from rq.job import JobStatus
 from rq.results import Result
 
 from producer.client.images import ImageInput, image_ref
@@ -54,6 +55,7 @@ if TYPE_CHECKING:
 
 JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")  # what rq accepts as a job id (plus a length bound)
 R = TypeVar("R", EmbedResult, VerifyResult, EmbedBatchResult, VerifyBatchResult)
+_FAILED_STATUSES = frozenset({JobStatus.FAILED, JobStatus.STOPPED})  # the statuses a job has an error in
 
 
 class FaceClient:
@@ -251,9 +253,17 @@ class FaceClient:
             status = job.get_status(refresh=False)
         return str(status.value if hasattr(status, "value") else status)
 
-    def error(self, job_id: str, result: Result | None = None) -> JobError:
-        """The typed error of a failed job (from its meta; derived from rq's record if the worker died)."""
-        return job_error(self._job(job_id), result)
+    def error(self, job_id: str, result: Result | None = None) -> JobError | None:
+        """The typed error of a failed job (from its meta; derived from rq's record if the worker died); ``None``
+        for a job that has not failed (queued, started, finished). ``result``: the job's failed rq result, when
+        the caller already holds it (the status is then not read)."""
+        job = self._job(job_id)
+        if result is None:
+            with redis_errors("reading the job status"):
+                status = job.get_status(refresh=False)
+            if status not in _FAILED_STATUSES:
+                return None
+        return job_error(job, result)
 
     def model_info(self) -> dict[str, Any] | None:
         """What the workers of this queue serve, as they publish it at start (``arcface:model:<queue>``):
@@ -356,7 +366,7 @@ class FaceClient:
 
     def _error_or_unknown(self, job_id: str, result: Result) -> JobError:
         try:
-            return self.error(job_id, result)
+            return job_error(self._job(job_id), result)
         except JobNotFound:  # the job hash expired between the result and this read
             return JobError(code=ErrorCode.INTERNAL_ERROR, message="the job failed; its record has expired")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union, cast
 
@@ -56,12 +57,14 @@ def shared_path_ref(path: str, root: Path | None) -> ImageRef:
     except JobFailure as exc:
         raise InputError(exc.code, exc.message) from None
     if not target.is_file():
-        raise InputError(ErrorCode.PATH_NOT_ALLOWED, f"{rel}: no such file under the shared root {root}")
+        what = "not a regular file" if target.exists() else "no such file"
+        raise InputError(ErrorCode.PATH_NOT_ALLOWED, f"{rel}: {what} under the shared root {root}")
     return ImageRef(path=rel)
 
 
 def image_bytes(image: ImageInput, max_inline_bytes: int) -> bytes:
-    """The encoded bytes of an image input (a file's bytes, or a PNG of an array or a PIL image)."""
+    """The encoded bytes of an image input (a regular file's bytes, at most ``max_inline_bytes``; or a PNG of an
+    array or a PIL image)."""
     if isinstance(image, (str, os.PathLike)):
         return _file_bytes(Path(image), max_inline_bytes)
     if isinstance(image, (bytes, bytearray, memoryview)):
@@ -81,12 +84,76 @@ def image_bytes(image: ImageInput, max_inline_bytes: int) -> bytes:
     raise InputError(ErrorCode.INVALID_PAYLOAD, f"unsupported image type {type(image).__name__}")
 
 
+_OPEN_FLAGS = (
+    os.O_RDONLY
+    | getattr(os, "O_CLOEXEC", 0)
+    | getattr(os, "O_NONBLOCK", 0)  # a FIFO opens at once instead of waiting for a writer
+    | getattr(os, "O_NOCTTY", 0)
+    | getattr(os, "O_BINARY", 0)
+)
+_CHUNK = 1 << 20
+
+
+def _file_kind(mode: int) -> str:
+    """What a non-regular file is, in the words ``ls`` would use."""
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
 def _file_bytes(path: Path, limit: int) -> bytes:
+    """The bytes of the regular file ``path``, at most ``limit`` of them, read from one descriptor.
+
+    A FIFO, a device (``/dev/zero``), a socket or a directory is refused before anything is read (the file is
+    opened non-blocking, so a FIFO without a writer cannot hang the call); a file larger than ``limit``, or one
+    that grows past it while it is read, is refused with ``image_too_large`` after at most ``limit + 1`` bytes."""
     try:
-        size = path.stat().st_size
+        fd = os.open(path, _OPEN_FLAGS)
+    except OSError as exc:
+        raise InputError(ErrorCode.INVALID_PAYLOAD, f"{path}: {exc.strerror or exc}") from None
+    try:
+        mode, size = _fstat(fd, path)
+        if not stat.S_ISREG(mode):
+            raise InputError(
+                ErrorCode.INVALID_PAYLOAD, f"{path}: {_file_kind(mode)}, not a regular file; give an image file"
+            )
         if size > limit:
             raise InputError(ErrorCode.IMAGE_TOO_LARGE, f"{path}: {size} bytes, over the {limit}-byte inline limit")
-        return path.read_bytes()
+        return _read_at_most(fd, path, limit)
+    finally:
+        os.close(fd)
+
+
+def _fstat(fd: int, path: Path) -> tuple[int, int]:
+    try:
+        st = os.fstat(fd)
+    except OSError as exc:
+        raise InputError(ErrorCode.INVALID_PAYLOAD, f"{path}: {exc.strerror or exc}") from None
+    return st.st_mode, st.st_size
+
+
+def _read_at_most(fd: int, path: Path, limit: int) -> bytes:
+    """At most ``limit`` bytes from ``fd``; ``image_too_large`` as soon as byte ``limit + 1`` arrives."""
+    chunks: list[bytes] = []
+    total = 0
+    try:
+        while True:
+            chunk = os.read(fd, min(_CHUNK, limit + 1 - total))
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > limit:
+                raise InputError(
+                    ErrorCode.IMAGE_TOO_LARGE, f"{path}: grew past the {limit}-byte inline limit while it was read"
+                )
     except OSError as exc:
         raise InputError(ErrorCode.INVALID_PAYLOAD, f"{path}: {exc.strerror or exc}") from None
 

@@ -76,6 +76,12 @@ MAX_META_BYTES = 4096
 def _check_id(value: str, what: str) -> str:
     if not value or len(value) > 256 or _CONTROL.search(value) or value != value.strip():
         raise ValueError(f"{what} must be 1-256 characters without control characters or surrounding spaces")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate (JSON "\ud800", or bytes that are not UTF-8 on a command line)
+        raise ValueError(
+            f"{what} is not valid Unicode text: it holds a lone surrogate at character {exc.start}; send UTF-8 text"
+        ) from None
     return value
 
 
@@ -209,7 +215,7 @@ class ForgetRequest(_GalleryField):
 
     kind: Literal["forget"] = "forget"
     subject: SubjectId
-    enrollment_id: str | None = None
+    enrollment_id: EnrollmentId | None = None
     ref: str | None = Field(default=None, max_length=1024)
 
 

@@ -3,8 +3,10 @@ never in logs, the container's user."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -99,6 +101,42 @@ def test_password_and_acl_user_auth_work_and_never_reach_the_logs(tmp_path, smal
         )
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("http://:s3cret@127.0.0.1:1/0", "http://:***@127.0.0.1:1/0"),
+        ("REDIS://:s3cret@127.0.0.1:1/0", "REDIS://:***@127.0.0.1:1/0"),
+        ("redis+tls://alice:s3cret@127.0.0.1:1/0", "redis+tls://alice:***@127.0.0.1:1/0"),
+        ("Rediss://alice:s3@cret@127.0.0.1:1/0", "Rediss://alice:***@127.0.0.1:1/0"),  # '@' inside the password
+    ],
+)
+def test_a_refused_redis_url_is_shown_without_its_password_whatever_its_scheme(url, shown):
+    """An ARCFACE_REDIS_URL of another scheme (or case) is refused by both programs, and the error quotes it with
+    the password hidden."""
+    for program, prog in (("producer.cli", "arcface-producer"), ("worker.cli", "arcface-worker")):
+        args = ["status", "abc"] if program == "producer.cli" else ["--burst"]
+        proc = subprocess.run(
+            [sys.executable, "-m", program, *args],
+            env={**os.environ, "ARCFACE_REDIS_URL": url},
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=patience(120),
+        )
+        assert proc.returncode == 2, proc.stderr
+        assert "s3" not in proc.stderr and "cret" not in proc.stderr
+        assert proc.stderr.startswith(f"{prog}: ARCFACE_REDIS_URL={shown!r}: must be a redis://"), proc.stderr
+
+
+def test_redact_hides_every_password_of_a_text():
+    assert redact("REDIS://:pw@h:1/0, redis+tls://u:p@ss@h/1 and http://x:y@z") == (
+        "REDIS://:***@h:1/0, redis+tls://u:***@h/1 and http://x:***@z"
+    )
+    assert redact("unix:///run/redis.sock?db=0&password=pw") == "unix:///run/redis.sock?db=0&password=***"
+    for plain in ("redis://alice@host:6379/0", "redis://host:6379/0 then user:name@example.org", "a:b@c"):
+        assert redact(plain) == plain  # no password: nothing changes
 
 
 def _wait(ping, timeout: float = patience(10)) -> None:

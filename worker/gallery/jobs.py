@@ -166,6 +166,7 @@ def _complete_one(store: GalleryStore, item: GalleryItem) -> Result:
         return _enroll_batch(store, item)
     if isinstance(req, ForgetRequest):
         _single(item, 0)
+        store.check_model(req.gallery)  # the gallery belongs to its model's workers, for forgetting too
         forgot = store.forget(req.gallery, req.subject, req.enrollment_id)
         named: dict[str, Any] = {"gallery": req.gallery, "subject": req.subject, "enrollment_id": req.enrollment_id}
         return ForgetResult(**named, ref=req.ref, **asdict(forgot)).model_dump(mode="json")

@@ -189,6 +189,14 @@ class GalleryStore(GalleryMirror):
         if binding is not None:
             self._check_binding(gallery, binding, dim)
 
+    def check_model(self, gallery: str) -> None:
+        """``gallery_model_mismatch`` when ``gallery`` exists bound to another model than this worker's: a change
+        that embeds nothing (forget) is refused through a worker of another model as an enroll is; nothing when
+        the gallery does not exist (yet)."""
+        binding = self._binding(gallery)
+        if binding is not None:
+            self._check_binding(gallery, binding, binding[1])
+
     def _check_binding(self, gallery: str, binding: tuple[str, int], dim: int) -> None:
         model, gdim = binding
         if (self.model is not None and model != self.model) or gdim != dim:
