@@ -151,6 +151,23 @@ def test_a_dead_workers_job_is_requeued_only_on_the_second_sighting_two_heartbea
     assert parts.conn.hget(f"rq:job:{job_id}", "retries_left") == b"0"
 
 
+def test_a_dead_workers_jobs_requeued_in_one_pass_are_logged_in_one_line(redis_server) -> None:
+    from structlog.testing import capture_logs
+
+    parts = Parts(redis_server.client(), heartbeat_interval_s=0.2, execution_ttl_s=1)
+    ids = [parts.enqueue() for _ in range(3)]
+    for job_id in ids:
+        parts.conn.hset(f"rq:job:{job_id}", "retries_left", "1")
+        _started(parts, job_id, "dead")
+        parts.conn.zadd(parts.fence.keys.alive, {f"{job_id}:dead": time.time() - 5})
+    with capture_logs() as logs:
+        parts.maintainer.recover_started()
+        time.sleep(2 * 0.2 + 0.05)
+        parts.maintainer.recover_started()
+    lines = [e for e in logs if e["event"] == "jobs_requeued"]
+    assert [(e["count"], sorted(e["job_ids"])) for e in lines] == [(3, sorted(ids))]
+
+
 def test_a_job_in_this_workers_hand_is_never_recovered_by_it(redis_server) -> None:
     parts = Parts(redis_server.client(), heartbeat_interval_s=0.2, execution_ttl_s=1)
     job_id = parts.enqueue()

@@ -129,7 +129,7 @@ def test_rq_info_polling_through_a_stall_longer_than_the_ttl_runs_every_job_exac
         assert entries == [b"1"], (jid, entries)  # one entry: a success (Result.Type.SUCCESSFUL)
         assert conn.hget(f"rq:job:{jid}", "retries_left") in (None, b"3"), jid  # no retry spent
     events = [e.get("event") for w in workers for e in w.events()]
-    assert [e for e in events if e in ("job_failed", "job_requeued", "outcome_skipped", "loop_error")] == []
+    assert [e for e in events if e in ("job_failed", "jobs_requeued", "outcome_skipped", "loop_error")] == []
     kw = dict(connection=conn, serializer=JSONSerializer, job_class=SafeJob)
     assert set(FinishedJobRegistry(queue, **kw).get_job_ids()) == set(jobs)
     assert FailedJobRegistry(queue, **kw).get_job_ids() == []

@@ -188,11 +188,16 @@ class Maintainer:
                 self._suspects[member] = (score, mono)
             elif mono - prev[1] >= self.settings.heartbeat_interval_s * 2:
                 ready.append(member)
+        requeued: list[str] = []
         for member in ready:
             self._suspects.pop(member, None)
-            self._recover(member)
+            if self._recover(member):
+                requeued.append(split_member(member))
+        if requeued:  # one line for a dead worker's jobs, however many it held
+            log.warning("jobs_requeued", reason="worker died", count=len(requeued), job_ids=requeued[:100])
 
-    def _recover(self, member: str) -> None:
+    def _recover(self, member: str) -> bool:
+        """Re-queue (True) or fail ``member``'s job, or drop an entry whose job is gone."""
         job_id = split_member(member)
 
         fields: dict[bytes, bytes] = self.connection.hgetall(job_key(job_id)) if valid_job_id(job_id) else {}  # type: ignore[assignment]
@@ -204,7 +209,7 @@ class Maintainer:
         if t is None or t.job is None:
             # gone, or unreadable: just drop the entry
             self.fence.drop_started(member)
-            return
+            return False
         job = t.job
         if job.retries_left and job.retries_left > 0:
             interval = job.get_retry_interval()
@@ -217,9 +222,7 @@ class Maintainer:
                 fields_out["enqueued_at"] = timestamp(utcnow())
                 o = Outcome("expired", "requeue", job_id, member, 0, fields_out, None, self.fence.keys.queue)
             applied = self.fence.apply([o], time.time(), self.identity.key, self.identity.name)
-            if applied and applied[0]:
-                log.warning("job_requeued", job_id=job_id, reason="worker died", retries_left=job.retries_left - 1)
-            return
+            return bool(applied and applied[0])
         t.member, t.execution_id = member, member.rsplit(":", 1)[-1]
         failure = JobFailure(
             ErrorCode.WORKER_DIED, "the worker running this job died (its heartbeat expired) and no retries are left"
@@ -227,6 +230,7 @@ class Maintainer:
         o = self.completer.failure_outcome(t, failure, guard="expired")
         if self.fence.apply([o], time.time(), self.identity.key, self.identity.name)[0]:
             log.info("job_failed", job_id=job_id, code=failure.code.value, error=failure.message)
+        return False
 
     def recover_intermediate(self) -> None:
         """Ids left in the intermediate list by a worker that died between pop and registration go back to the
@@ -239,6 +243,7 @@ class Maintainer:
         # (a job already started or finished is dropped when popped again).
         orphan_after_s = max(2 * self.settings.heartbeat_interval_s, float(self.settings.execution_ttl_s))
         present = set()
+        requeued: list[str] = []
         for raw in entries:
             jid = decode_id(raw)
             key = raw.decode("latin-1")
@@ -249,7 +254,9 @@ class Maintainer:
             if mono - first >= orphan_after_s:
                 self.fence.requeue_orphan(raw)
                 self._intermediate_seen.pop(key, None)
-                log.warning("intermediate_requeued", job_id=key[:200])
+                requeued.append(key[:200])
+        if requeued:
+            log.warning("intermediate_requeued", count=len(requeued), job_ids=requeued[:100])
         self._intermediate_seen = {key: v for key, v in self._intermediate_seen.items() if key in present}
 
     def enqueue_scheduled(self) -> None:
