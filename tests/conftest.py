@@ -179,3 +179,18 @@ def pool_of(tmp_path: Path) -> Iterator:
     yield make
     for pool in pools:
         pool.close()
+
+
+def embedding_tolerance(precision: str | None) -> float:
+    """How far a worker's embedding may lie from the float32 reference engine's, by the precision that served it
+    (the result says): float32 runs the same kernels; a reduced path is kept only at cosine >= 0.9995 to float32."""
+    return 1e-4 if precision in (None, "float32") else 0.05
+
+
+def assert_close_to_float32(got: np.ndarray, expected: np.ndarray, precision: str | None) -> None:
+    """``got`` (a worker's embedding) agrees with the float32 reference ``expected`` as its precision promises."""
+    if precision in (None, "float32"):
+        assert float(np.max(np.abs(got - expected))) < 1e-4, precision
+    else:
+        cosine = float(np.dot(got, expected) / (np.linalg.norm(got) * np.linalg.norm(expected)))
+        assert cosine >= 0.9995, (precision, cosine)

@@ -220,3 +220,26 @@ def test_the_entry_of_a_job_gone_from_redis_is_dropped_with_its_liveness(redis_s
     assert parts.conn.zscore(parts.fence.keys.started, member) is None
     assert parts.conn.zscore(parts.fence.keys.alive, member) is None  # not seen again on every pass
     assert parts.fence.expired_started(time.time()) == []
+
+
+def test_the_worker_leaves_rqs_command_channel_at_once_even_when_the_reader_takes_the_reply_first(redis_server) -> None:
+    # rq's order (UNSUBSCRIBE, then stop the reader) let a reader that took the reply first block in
+    # get_message(timeout=60), and redis-py's stop() joined it: a SIGTERM'd worker took a minute to exit
+    from worker.batching.worker import BatchWorker
+
+    conn = redis_server.client()
+    queue = Queue(f"unsub-{uuid.uuid4().hex[:8]}", connection=conn, serializer=JSONSerializer, job_class=SafeJob)
+    worker = BatchWorker(queue, None, WorkerSettings())  # type: ignore[arg-type]  # no model: nothing runs
+    worker.subscribe()
+    time.sleep(0.3)
+    send = worker.pubsub.unsubscribe
+
+    def reader_first(*args: Any) -> Any:
+        out = send(*args)
+        time.sleep(0.3)  # the reader thread takes the reply before this thread goes on, as on a loaded machine
+        return out
+
+    worker.pubsub.unsubscribe = reader_first
+    started = time.monotonic()
+    worker.unsubscribe()
+    assert time.monotonic() - started < 5 and not worker.pubsub_thread.is_alive()

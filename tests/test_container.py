@@ -27,6 +27,7 @@ import pytest
 import redis
 
 from tests.compose_env import service_environment
+from tests.conftest import assert_close_to_float32, embedding_tolerance
 from tests.container_images import IMAGES, PODMAN, TIMINGS, ULIMITS, run
 from tests.container_support import (
     container_logs,
@@ -76,13 +77,16 @@ def check_embed_and_verify(redis_host: str, data: Path, reference_engine) -> Non
     embed = run_producer(redis_host, data, "embed", "/data/amy1.png", "--wait")
     got = np.asarray(embed["result"]["embedding"], dtype=np.float32)
     ref = reference_engine.embed_images([(data / n).read_bytes() for n in ("amy1.png", "amy2.png", "sheldon1.png")])
-    assert embed["status"] == "finished" and float(np.max(np.abs(got - ref[0]))) < 1e-4
+    precision = embed["result"].get("precision")  # the compose environment leaves precision at auto
+    assert embed["status"] == "finished"
+    assert_close_to_float32(got, ref[0], precision)
     same = run_producer(redis_host, data, "verify", "/data/amy1.png", "/data/amy2.png", "--wait")
     other = run_producer(
         redis_host, data, "verify", "/data/amy1.png", "/data/sheldon1.png", "--path", "--wait"
     )  # read from /data
-    assert abs(same["result"]["distance"] - (1.0 - float(ref[0] @ ref[1]))) < 1e-4
-    assert abs(other["result"]["distance"] - (1.0 - float(ref[0] @ ref[2]))) < 1e-4
+    tolerance = embedding_tolerance(precision)
+    assert abs(same["result"]["distance"] - (1.0 - float(ref[0] @ ref[1]))) < tolerance
+    assert abs(other["result"]["distance"] - (1.0 - float(ref[0] @ ref[2]))) < tolerance
 
 
 def check_health_and_metrics(name: str, metrics_port: int) -> None:

@@ -9,9 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-
-from tests.conftest import REPO
+from tests.conftest import REPO, assert_close_to_float32
 from tests.patience import patience
 
 
@@ -284,9 +282,9 @@ def test_worker_with_empty_model_path_serves_with_the_default_weights_from_the_d
         worker.wait_for("worker_started", patience(120))
         client = FaceClient(ProducerSettings(redis_url=redis_server.url, queue=queue_name))
         image = FACES / "amy" / "amy1.png"
-        got = client.result_embed(client.embed(image), timeout=patience(60)).embedding
+        served = client.result_embed(client.embed(image), timeout=patience(60))
         expected = engine.embed_images([image.read_bytes()])[0]
-        assert float(np.max(np.abs(got - expected))) < 1e-4
+        assert_close_to_float32(served.embedding, expected, served.precision)  # the default precision is auto
         worker.proc.send_signal(signal.SIGTERM)
         assert worker.proc.wait(patience(60)) == 0
     finally:

@@ -10,17 +10,25 @@ from tests.conftest import REPO
 
 
 def test_a_cpu_only_machines_cuda_probe_is_not_an_error_event():
+    import logging
+
+    import structlog
     from structlog.testing import capture_logs
 
     from worker.stdio import _emit
 
-    with capture_logs() as logs:
-        _emit(
-            "E0000 00:00:1796698850.665614   18284 cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUDA error: "
-            "Failed call to cuInit: UNKNOWN ERROR (303)",
-            "stderr",
-        )
-        _emit("E0000 00:00:1796698850.665614   18284 other.cc:1] a real error", "stderr")
+    saved = structlog.get_config()  # another test in this process may have set the level to info
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
+    try:
+        with capture_logs() as logs:
+            _emit(
+                "E0000 00:00:1796698850.665614   18284 cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUDA "
+                "error: Failed call to cuInit: UNKNOWN ERROR (303)",
+                "stderr",
+            )
+            _emit("E0000 00:00:1796698850.665614   18284 other.cc:1] a real error", "stderr")
+    finally:
+        structlog.configure(**saved)
     assert [(e["log_level"], e["source"]) for e in logs] == [("debug", "cuda_platform.cc:52"), ("error", "other.cc:1")]
 
 
